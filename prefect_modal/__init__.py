@@ -1,0 +1,13 @@
+"""prefect-modal: run Prefect flows and tasks in Modal Sandboxes.
+
+Per-step mode: ``@flow(task_runner=ModalTaskRunner())`` runs each task call in
+its own sandbox.  Pipeline mode: a work pool of type ``modal`` runs each flow
+run whole in one sandbox.  With no Modal credentials, both use the local
+Modal-compatible server in :mod:`prefect_modal.local`.
+"""
+
+from prefect_modal.credentials import ModalCredentials
+from prefect_modal.settings import SandboxSpec
+
+__all__ = ["ModalCredentials", "SandboxSpec"]
+__version__ = "0.1.0"

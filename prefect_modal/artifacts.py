@@ -1,0 +1,204 @@
+"""Sandbox records kept as Prefect artifacts.
+
+Prefect keeps artifacts with the run they belong to, shows them in the UI next
+to its logs, and serves them to any process with API access.  So a sandbox id
+written here is what lets the CLI, a restarted worker, or a person in the UI
+find, inspect and cancel a sandbox long after the process that started it is
+gone.  Records are table artifacts with one row per field: readable in the UI,
+and parsed back by `read_sandbox_artifacts`.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import Any, Literal
+from uuid import UUID
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import ArtifactCreate
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    ArtifactFilterKey,
+    ArtifactFilterType,
+)
+from prefect.client.schemas.objects import Artifact
+from prefect.client.schemas.sorting import ArtifactSort
+from pydantic import BaseModel, Field, field_validator
+
+#: Every key of ours starts with this, so our artifacts can be told apart.
+KEY_PREFIX = "modal-sandbox-"
+ARTIFACT_TYPE = "table"
+_PAGE = 200
+
+SandboxStatus = Literal[
+    "starting", "running", "succeeded", "failed", "terminated", "timeout", "crashed", "unknown"
+]
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class SandboxArtifact(BaseModel):
+    """What we remember about one sandbox.  Never holds a secret value."""
+
+    sandbox_id: str
+    sandbox_name: str | None = None
+    app_name: str
+    target: Literal["local", "modal"]
+    flow_run_id: UUID | None = None
+    task_run_id: UUID | None = None
+    task_name: str | None = None
+    attempt: int | None = None
+    mode: Literal["per_step", "pipeline"]
+    resources: dict[str, Any] = Field(default_factory=dict)
+    status: SandboxStatus = "running"
+    exit_code: int | None = None
+    started_at: datetime = Field(default_factory=_now)
+    ended_at: datetime | None = None
+    link: str | None = None
+
+    @field_validator("resources", mode="before")
+    @classmethod
+    def _resources(cls, value: Any) -> Any:
+        return json.loads(value) if isinstance(value, str) else value
+
+    @field_validator("attempt", "exit_code", mode="before")
+    @classmethod
+    def _ints(cls, value: Any) -> Any:
+        return None if value in ("", "None") else value
+
+    @property
+    def key(self) -> str:
+        if self.task_run_id is not None:
+            return task_artifact_key(self.task_run_id)
+        if self.flow_run_id is not None:
+            return flow_artifact_key(self.flow_run_id)
+        raise ValueError("a sandbox artifact belongs to a task run or a flow run")
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per field, nested values as JSON text so every cell renders."""
+        data = self.model_dump(mode="json")
+        return [
+            {"field": name, "value": json.dumps(value) if isinstance(value, dict | list) else value}
+            for name, value in data.items()
+        ]
+
+    @classmethod
+    def from_rows(cls, rows: list[dict[str, Any]]) -> SandboxArtifact:
+        return cls.model_validate({row["field"]: row["value"] for row in rows})
+
+    def summary_row(self) -> dict[str, Any]:
+        """The row of the flow-level table: what a person scans for."""
+        res = self.resources
+        return {
+            "task": self.task_name or "(flow run)",
+            "attempt": self.attempt,
+            "sandbox_id": self.sandbox_id,
+            "status": self.status,
+            "exit_code": self.exit_code,
+            "gpu": res.get("gpu"),
+            "cpu": res.get("cpu"),
+            "memory_mib": res.get("memory_mib"),
+            "image": res.get("image"),
+            "started_at": self.started_at.isoformat(),
+            "ended_at": self.ended_at.isoformat() if self.ended_at else None,
+            "link": self.link,
+        }
+
+
+def _short(run_id: UUID | str) -> str:
+    return str(run_id).replace("-", "")[:8]
+
+
+def task_artifact_key(task_run_id: UUID | str) -> str:
+    """Prefect keys are `^[a-z0-9-]*$`; eight hex digits keep them readable."""
+    return f"{KEY_PREFIX}{_short(task_run_id)}"
+
+
+def flow_artifact_key(flow_run_id: UUID | str) -> str:
+    return f"{KEY_PREFIX}flow-{_short(flow_run_id)}"
+
+
+def summary_artifact_key(flow_run_id: UUID | str) -> str:
+    return f"modal-sandboxes-{_short(flow_run_id)}"
+
+
+def write_sandbox_artifact(record: SandboxArtifact) -> None:
+    """Write (a new version of) the record's artifact on its task or flow run.
+
+    Called at sandbox start and again at its end, so the UI shows a running
+    sandbox's id while it runs, and the final status and exit code afterwards.
+    """
+    description = (
+        f"Modal sandbox `{record.sandbox_id}` ({record.status}"
+        + (f", exit code {record.exit_code}" if record.exit_code is not None else "")
+        + f") in app `{record.app_name}` on {record.target}."
+        + (f" See: `{record.link}`" if record.link else "")
+    )
+    with get_client(sync_client=True) as client:
+        client.create_artifact(
+            ArtifactCreate(
+                key=record.key,
+                type=ARTIFACT_TYPE,
+                description=description,
+                data=json.dumps(record.rows()),
+                flow_run_id=record.flow_run_id,
+                task_run_id=record.task_run_id,
+            )
+        )
+
+
+def write_flow_summary(flow_run_id: UUID, records: list[SandboxArtifact]) -> None:
+    """The flow-level table: every sandbox the run used, one row each."""
+    if not records:
+        return
+    with get_client(sync_client=True) as client:
+        client.create_artifact(
+            ArtifactCreate(
+                key=summary_artifact_key(flow_run_id),
+                type=ARTIFACT_TYPE,
+                description=f"Modal sandboxes of flow run {flow_run_id} ({len(records)}).",
+                data=json.dumps([r.summary_row() for r in records]),
+                flow_run_id=flow_run_id,
+            )
+        )
+
+
+def read_sandbox_artifacts(flow_run_id: UUID | str) -> list[SandboxArtifact]:
+    """The latest record of every sandbox of a flow run (tasks' and its own)."""
+    body = {
+        "artifacts": ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(str(flow_run_id))]),
+            key=ArtifactFilterKey(like_=KEY_PREFIX),
+            type=ArtifactFilterType(any_=[ARTIFACT_TYPE]),
+        ).model_dump(mode="json", exclude_unset=True),
+        "sort": ArtifactSort.CREATED_DESC.value,
+        "limit": _PAGE,
+    }
+    artifacts: list[Artifact] = []
+    with get_client(sync_client=True) as client:
+        while True:  # the API pages at 200; a 200-task map writes twice that
+            # Posted directly: Prefect 3.8's client sends `null` for filters it
+            # was not given (rejected), and empty task-run filters drop every
+            # artifact that has no task run (a pipeline sandbox's).
+            response = client.request(
+                "POST", "/artifacts/filter", json={**body, "offset": len(artifacts)}
+            )
+            page = Artifact.model_validate_list(response.json())
+            artifacts.extend(page)
+            if len(page) < _PAGE:
+                break
+    latest: dict[str, SandboxArtifact] = {}
+    for artifact in artifacts:
+        if not artifact.key or not artifact.key.startswith(KEY_PREFIX):
+            continue
+        rows: Any = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+        try:
+            record = SandboxArtifact.from_rows(rows)
+        except (ValueError, KeyError, TypeError):
+            continue  # not one of ours after all; never fail a status call on it
+        latest.setdefault(record.sandbox_id, record)
+    return sorted(latest.values(), key=lambda r: r.started_at)

@@ -1,0 +1,396 @@
+"""The only module that calls the modal SDK.
+
+Everything above it (task runner, worker, CLI) speaks in `SandboxSpec`s, names
+and ids; everything Modal-specific (clients, apps, images, secrets, volumes,
+sandbox handles, log streams) is created and consumed here.  That keeps a
+Modal client upgrade to one file, and it is why the rest of the package can be
+tested for its own logic while this file is tested against the local server
+with the real client.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import modal
+import modal.config
+import modal.exception
+from grpclib import GRPCError, Status
+from modal_proto import api_pb2
+
+from prefect_modal.settings import SandboxSpec
+
+#: Packages the default image always has: the per-step bootstrap needs
+#: cloudpickle to read its payload; nothing else of ours is needed remotely.
+BASE_PIP_PACKAGES: tuple[str, ...] = ("cloudpickle",)
+
+#: How many trailing output lines a handle keeps for error messages.
+TAIL_LINES = 40
+
+NotFoundError = modal.exception.NotFoundError
+AlreadyExistsError = modal.exception.AlreadyExistsError
+SandboxTimeoutError = modal.exception.SandboxTimeoutError
+SandboxTerminatedError = modal.exception.SandboxTerminatedError
+AuthError = modal.exception.AuthError
+
+
+def connect(
+    server_url: str | None = None,
+    token_id: str | None = None,
+    token_secret: str | None = None,
+) -> modal.Client:
+    """Open a `modal.Client` for a token pair, or for Modal's ambient config.
+
+    Never the process-wide `Client.from_env()` singleton: a process may talk to
+    the local server and to Modal (or two workspaces) at once.
+    """
+    url = server_url or modal.config.config["server_url"]
+    if not (token_id and token_secret):
+        token_id = modal.config.config.get("token_id")
+        token_secret = modal.config.config.get("token_secret")
+    if not (token_id and token_secret):
+        raise AuthError(
+            "No Modal token found. Run `modal token new`, set MODAL_TOKEN_ID and "
+            "MODAL_TOKEN_SECRET, or save a ModalCredentials block and pass it."
+        )
+    client = modal.Client(url, api_pb2.CLIENT_TYPE_CLIENT, (token_id, token_secret))
+    client.__enter__()
+    return client
+
+
+def verify(client: modal.Client) -> None:
+    """Make one cheap authenticated call so bad credentials fail here, early.
+
+    Raises `AuthError` when the server refuses the token.  A server that does
+    not implement the hello call (an older local server) counts as reachable.
+    """
+    try:
+        client.hello()
+    except GRPCError as exc:
+        if exc.status != Status.UNIMPLEMENTED:
+            raise
+
+
+def server_url(client: modal.Client) -> str:
+    """The control-plane URL a client was opened for."""
+    return str(client.server_url)
+
+
+def lookup_app(spec: SandboxSpec, client: modal.Client) -> modal.App:
+    """The app the sandbox belongs to, created on first use."""
+    return modal.App.lookup(
+        spec.effective_app_name,
+        create_if_missing=True,
+        client=client,
+        environment_name=spec.modal_environment,
+    )
+
+
+def build_image(spec: SandboxSpec) -> modal.Image:
+    """The image a sandbox runs: a registry image, or debian_slim with our Python.
+
+    A registry image gets `add_python` left to the user (their image decides);
+    the default image pins the local Python minor version so that cloudpickled
+    functions load (pickles are not portable across minor versions).
+    """
+    packages = [*BASE_PIP_PACKAGES, *(spec.pip_packages or [])]
+    image: modal.Image
+    if spec.image:
+        secret = (
+            modal.Secret.from_name(spec.registry_secret, environment_name=spec.modal_environment)
+            if spec.registry_secret
+            else None
+        )
+        image = modal.Image.from_registry(spec.image, secret=secret)
+        if spec.pip_packages:
+            image = image.pip_install(*spec.pip_packages)
+        return image
+    return modal.Image.debian_slim(python_version=spec.effective_python_version).pip_install(
+        *packages
+    )
+
+
+def resolve_secrets(
+    spec: SandboxSpec, extra_secret_env: dict[str, str] | None = None
+) -> list[modal.Secret]:
+    """Named secrets, plus secret-looking env values sent as one `Secret.from_dict`."""
+    secrets = [
+        modal.Secret.from_name(name, environment_name=spec.modal_environment)
+        for name in spec.secrets or []
+    ]
+    values = {**spec.secret_env(), **(extra_secret_env or {})}
+    if values:
+        secrets.append(modal.Secret.from_dict(values))  # type: ignore[arg-type]
+    return secrets
+
+
+def resolve_volumes(spec: SandboxSpec) -> dict[str | Any, modal.Volume]:
+    return {
+        path: modal.Volume.from_name(
+            name, create_if_missing=True, environment_name=spec.modal_environment
+        )
+        for path, name in (spec.volumes or {}).items()
+    }
+
+
+def create_sandbox(
+    spec: SandboxSpec,
+    command: Sequence[str],
+    *,
+    client: modal.Client,
+    name: str | None = None,
+    tags: dict[str, str] | None = None,
+    extra_env: dict[str, str] | None = None,
+    extra_secret_env: dict[str, str] | None = None,
+    app: modal.App | None = None,
+    image: modal.Image | None = None,
+) -> modal.Sandbox:
+    """Create one sandbox running `command`, named and tagged so it can be found again.
+
+    `extra_env` / `extra_secret_env` are the caller's additions (e.g. Prefect's
+    API URL / API key); secrets always travel as a `modal.Secret`.
+    Raises `AlreadyExistsError` when a sandbox of that name is running.
+    """
+    kwargs = spec.sandbox_kwargs()
+    env = {**(kwargs.pop("env") or {}), **(extra_env or {})}
+    kwargs.pop("secrets")
+    kwargs.pop("volumes")
+    return modal.Sandbox.create(
+        *command,
+        app=app or lookup_app(spec, client),
+        image=image or build_image(spec),
+        name=name,
+        tags=tags,
+        env=env or None,  # type: ignore[arg-type]
+        secrets=resolve_secrets(spec, extra_secret_env),
+        volumes=resolve_volumes(spec),
+        client=client,
+        **kwargs,
+    )
+
+
+def from_id(sandbox_id: str, client: modal.Client) -> modal.Sandbox:
+    return modal.Sandbox.from_id(sandbox_id, client=client)
+
+
+def from_name(
+    app_name: str, name: str, client: modal.Client, environment_name: str | None = None
+) -> modal.Sandbox | None:
+    """The running sandbox of that name, or None: how a restarted process finds its work."""
+    try:
+        return modal.Sandbox.from_name(
+            app_name, name, environment_name=environment_name, client=client
+        )
+    except NotFoundError:
+        return None
+
+
+def list_sandboxes(
+    tags: dict[str, str],
+    client: modal.Client,
+    app: modal.App | None = None,
+) -> list[modal.Sandbox]:
+    """Running sandboxes carrying at least `tags` (optionally in one app)."""
+    return list(modal.Sandbox.list(app_id=app.app_id if app else None, tags=tags, client=client))
+
+
+def terminate(sandbox: modal.Sandbox) -> None:
+    """Terminate, tolerating a sandbox that has already finished or vanished."""
+    try:
+        sandbox.terminate()
+    except NotFoundError:
+        pass
+
+
+def terminate_by_id(sandbox_id: str, client: modal.Client) -> bool:
+    """Terminate a sandbox by id; False if Modal no longer knows it."""
+    try:
+        terminate(from_id(sandbox_id, client))
+    except NotFoundError:
+        return False
+    return True
+
+
+@dataclass
+class OutputTail:
+    """The last lines a sandbox printed, kept for crash messages."""
+
+    limit: int = TAIL_LINES
+    lines: deque[str] = field(default_factory=deque)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, line: str) -> None:
+        with self._lock:
+            self.lines.append(line)
+            while len(self.lines) > self.limit:
+                self.lines.popleft()
+
+    def text(self) -> str:
+        with self._lock:
+            return "\n".join(self.lines)
+
+
+def iter_lines(chunks: Iterable[str]) -> Iterator[str]:
+    """Re-split a stream of text chunks into lines (chunks cut lines anywhere)."""
+    pending = ""
+    for chunk in chunks:
+        pending += chunk
+        *complete, pending = pending.split("\n")
+        yield from complete
+    if pending:
+        yield pending
+
+
+def stream_output(
+    sandbox: modal.Sandbox,
+    on_line: Callable[[str, str], None],
+    tail: OutputTail | None = None,
+) -> list[threading.Thread]:
+    """Follow stdout and stderr in two daemon threads, one callback per line.
+
+    `on_line(stream_name, line)` gets "stdout" or "stderr".  Returns the
+    threads; join them after `wait()` to be sure every line was delivered.
+    """
+
+    def follow(name: str, reader: Any) -> None:
+        try:
+            for line in iter_lines(reader):
+                if tail is not None:
+                    tail.add(line)
+                on_line(name, line)
+        except Exception as exc:  # a dropped stream must not kill the caller
+            on_line("stderr", f"[prefect-modal] output stream {name} ended early: {exc}")
+
+    threads = [
+        threading.Thread(target=follow, args=("stdout", sandbox.stdout), daemon=True),
+        threading.Thread(target=follow, args=("stderr", sandbox.stderr), daemon=True),
+    ]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def dashboard_url(sandbox_id: str, app_name: str, server_url: str | None = None) -> str:
+    """Where a person looks at a sandbox: Modal's dashboard, or the CLI for the local server."""
+    if server_url and "modal.com" not in server_url:
+        return f"prefect-modal logs {sandbox_id}"
+    return f"https://modal.com/apps?sandbox={sandbox_id}&app={app_name}"
+
+
+# -- used by the worker (pipeline mode) ------------------------------------------
+
+
+def poll(sandbox: modal.Sandbox) -> int | None:
+    """The exit code, or None while the sandbox runs (one cheap call)."""
+    return sandbox.poll()
+
+
+def list_in_app(
+    app_name: str,
+    tags: dict[str, str],
+    client: modal.Client,
+    environment_name: str | None = None,
+) -> list[modal.Sandbox]:
+    """Running sandboxes of one app carrying at least `tags`.
+
+    Scoped to an app because listing a whole environment is deprecated by Modal;
+    an app that does not exist yet simply has no sandboxes.
+    """
+    try:
+        app = modal.App.lookup(
+            app_name, create_if_missing=False, client=client, environment_name=environment_name
+        )
+    except NotFoundError:
+        return []
+    return list_sandboxes(tags, client, app=app)
+
+
+def read_output_tail(sandbox: modal.Sandbox, limit: int = TAIL_LINES) -> str:
+    """The last lines of a *finished* sandbox's stdout and stderr (blocks on a running one).
+
+    Used to explain a crash found after the fact, when nobody streamed the output.
+    """
+    parts: list[str] = []
+    for name, reader in (("stdout", sandbox.stdout), ("stderr", sandbox.stderr)):
+        tail = OutputTail(limit=limit)
+        try:
+            for line in iter_lines([reader.read()]):
+                tail.add(line)
+        except Exception as exc:  # output can expire on Modal; the exit code still counts
+            tail.add(f"[prefect-modal] {name} could not be read: {exc}")
+        if tail.lines:
+            parts.append(f"--- {name} ---\n{tail.text()}")
+    return "\n".join(parts)
+
+
+# -- per-step calls: one short sandbox per task call ----------------------------------
+
+_prepared_lock = threading.Lock()
+_prepared: dict[tuple[Any, ...], tuple[modal.Client, modal.App, modal.Image]] = {}
+
+
+def prepare(spec: SandboxSpec, client: modal.Client) -> tuple[modal.App, modal.Image]:
+    """The app and image for `spec`, looked up once per client and reused.
+
+    A per-step runner creates hundreds of sandboxes from a handful of specs; a
+    hydrated `modal.Image` / `modal.App` skips the lookup RPCs on every later
+    create, which is most of the per-task cost on a fast server.
+    """
+    key = (
+        id(client),
+        spec.effective_app_name,
+        spec.modal_environment,
+        spec.image,
+        spec.registry_secret,
+        spec.effective_python_version,
+        tuple(spec.pip_packages or ()),
+    )
+    with _prepared_lock:
+        hit = _prepared.get(key)
+        if hit is not None and hit[0] is client:
+            return hit[1], hit[2]
+    app, image = lookup_app(spec, client), build_image(spec)
+    with _prepared_lock:
+        _prepared[key] = (client, app, image)
+    return app, image
+
+
+def sandbox_id(sandbox: modal.Sandbox) -> str:
+    return str(sandbox.object_id)
+
+
+def send_stdin(sandbox: modal.Sandbox, data: bytes) -> None:
+    """Write `data` to the sandbox's stdin, then close it (the bootstrap reads to a size)."""
+    sandbox.stdin.write(data)
+    sandbox.stdin.write_eof()
+    sandbox.stdin.drain()
+
+
+def follow_stderr(sandbox: modal.Sandbox, on_line: Callable[[str], None]) -> None:
+    """Call `on_line` for each stderr line until the stream ends (blocking)."""
+    for line in iter_lines(sandbox.stderr):
+        on_line(line)
+
+
+def read_stdout(sandbox: modal.Sandbox) -> str:
+    """All of stdout (blocking until it ends): for a process that has exited, at once."""
+    return "".join(sandbox.stdout)
+
+
+def wait_returncode(sandbox: modal.Sandbox) -> int | None:
+    """Block until the sandbox ends; its exit code (137 terminated, 124 timed out)."""
+    sandbox.wait(raise_on_termination=False)
+    return sandbox.returncode
+
+
+def returncode_by_id(sandbox_id: str, client: modal.Client) -> int | None:
+    """None while the sandbox runs, else its exit code.  Raises NotFoundError."""
+    return from_id(sandbox_id, client).poll()
+
+
+def sandbox_tags(sandbox: modal.Sandbox) -> dict[str, str]:
+    return dict(sandbox.get_tags())
