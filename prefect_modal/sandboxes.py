@@ -76,8 +76,17 @@ def verify(client: modal.Client) -> None:
 
 
 def server_url(client: modal.Client) -> str:
-    """The control-plane URL a client was opened for."""
-    return str(client.server_url)
+    """The control-plane URL a client was opened for.
+
+    The synchronicity wrapper (`modal.Client`) does not expose the wrapped
+    `_Client`'s attributes, so read it from the implementation object.
+    """
+    url = getattr(client, "server_url", None)
+    if url is None:
+        from modal._utils.async_utils import synchronizer
+
+        url = synchronizer._translate_in(client).server_url
+    return str(url)
 
 
 def lookup_app(spec: SandboxSpec, client: modal.Client) -> modal.App:

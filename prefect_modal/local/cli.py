@@ -1,0 +1,94 @@
+"""``prefect-modal local serve``: run the local Modal server until interrupted.
+
+Prints the ``export`` lines a shell needs (``eval "$(... serve)"`` does not work
+since the command keeps running: copy them, or have a parent process read the
+``READY <url>`` line that follows them on stdout). SIGINT and SIGTERM stop the
+server and kill every sandbox it started.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .embedded import LocalModal
+
+DEFAULT_STATE_DIR = Path("~/.prefect-modal/local")
+
+local_app = typer.Typer(
+    name="local",
+    help="Run a local, Modal-compatible server whose sandboxes are processes on this machine.",
+    no_args_is_help=True,
+)
+
+
+def _load_secrets(path: Path | None) -> dict[str, dict[str, str]]:
+    if path is None:
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise typer.BadParameter(f"cannot read secrets file {str(path)!r}: {exc}") from None
+    if not isinstance(data, dict) or not all(
+        isinstance(v, dict) and all(isinstance(x, str) for x in v.values()) for v in data.values()
+    ):
+        raise typer.BadParameter(
+            f"secrets file {str(path)!r} must be a JSON object of "
+            '{"secret-name": {"ENV_VAR": "value", ...}, ...}'
+        )
+    return data
+
+
+@local_app.callback()
+def _group() -> None:
+    """Local Modal server commands (a callback keeps `serve` a subcommand)."""
+
+
+@local_app.command("serve")
+def serve(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0 picks a free one).")] = 0,
+    state_dir: Annotated[
+        Path, typer.Option(help="Where sandbox roots, volumes and sandboxes.json live.")
+    ] = DEFAULT_STATE_DIR,
+    secrets_file: Annotated[
+        Path | None,
+        typer.Option(help='JSON {"secret-name": {"KEY": "value"}} served to modal.Secret.from_name.'),
+    ] = None,
+    refuse_gpu: Annotated[
+        bool, typer.Option("--refuse-gpu", help="Fail gpu= requests instead of running them on CPU.")
+    ] = False,
+) -> None:
+    """Serve Modal's API on 127.0.0.1 until SIGINT/SIGTERM."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    secrets = _load_secrets(secrets_file)
+    lm = LocalModal(port=port, state_dir=state_dir.expanduser(), secrets=secrets, refuse_gpu=refuse_gpu)
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    lm.start()
+    try:
+        for key, value in lm.env.items():
+            print(f"export {key}={shlex.quote(value)}")
+        print(f"# state: {lm.state_dir}")
+        print(f"READY {lm.url}", flush=True)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        lm.stop()
+        print("stopped", file=sys.stderr, flush=True)
+
+
+def main() -> None:
+    local_app()

@@ -1,0 +1,158 @@
+"""Everything the local server remembers: apps, images, secrets, volumes, sandboxes.
+
+All of it lives on the server's event loop thread (no locks needed); only
+`Registry.records()` is read from other threads, through the loop. The sandbox
+listing is mirrored to ``<state_dir>/sandboxes.json`` after every change, once
+per loop iteration at most, so another process (the CLI) can read it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import ids
+from .records import SandboxRecord, write_listing
+from .runtime import LocalSandbox
+
+log = logging.getLogger("prefect_modal.local")
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+@dataclass
+class ImageInfo:
+    id: str
+    description: str
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class SecretInfo:
+    id: str
+    name: str | None
+    values: dict[str, str] = field(repr=False)
+
+
+@dataclass
+class VolumeInfo:
+    id: str
+    name: str
+    path: Path
+
+
+class Registry:
+    """The server's state; owned by the event loop thread."""
+
+    def __init__(self, state_dir: Path, secrets: dict[str, dict[str, str]] | None = None) -> None:
+        self.state_dir = state_dir
+        self.apps: dict[tuple[str, str], str] = {}
+        self.app_names: dict[str, str] = {}
+        self.environments: dict[str, str] = {}
+        self.images: dict[str, ImageInfo] = {}
+        self._image_keys: dict[bytes, str] = {}
+        self.secrets_by_name: dict[str, SecretInfo] = {}
+        self.secrets_by_id: dict[str, SecretInfo] = {}
+        self.volumes_by_name: dict[str, VolumeInfo] = {}
+        self.volumes_by_id: dict[str, VolumeInfo] = {}
+        self.sandboxes: dict[str, LocalSandbox] = {}
+        self.by_task: dict[str, LocalSandbox] = {}
+        self._flush_scheduled = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        for name, values in (secrets or {}).items():
+            self.define_secret(name, values)
+
+    # ----- apps / environments --------------------------------------------
+
+    def app_get_or_create(self, name: str, environment: str, create: bool) -> str | None:
+        key = (environment or "main", name)
+        app_id = self.apps.get(key)
+        if app_id is None and create:
+            app_id = ids.new_id("ap")
+            self.apps[key] = app_id
+            self.app_names[app_id] = name
+        return app_id
+
+    def ephemeral_app(self, name: str) -> str:
+        app_id = ids.new_id("ap")
+        self.app_names[app_id] = name
+        return app_id
+
+    def environment_id(self, name: str) -> str:
+        key = name or "main"
+        if key not in self.environments:
+            self.environments[key] = ids.new_id("en")
+        return self.environments[key]
+
+    # ----- images ----------------------------------------------------------
+
+    def image_get_or_create(self, key: bytes, description: str, env: dict[str, str]) -> ImageInfo:
+        """Images are recorded, never built: the same definition gets the same id."""
+        image_id = self._image_keys.get(key)
+        if image_id is None:
+            image_id = ids.new_id("im")
+            self._image_keys[key] = image_id
+            self.images[image_id] = ImageInfo(image_id, description, env)
+        return self.images[image_id]
+
+    # ----- secrets ---------------------------------------------------------
+
+    def define_secret(self, name: str, values: dict[str, str]) -> SecretInfo:
+        if not _NAME_RE.match(name):
+            raise ValueError(f"invalid secret name {name!r}: use letters, digits, '.', '_' or '-'")
+        old = self.secrets_by_name.get(name)
+        info = SecretInfo(old.id if old else ids.new_id("st"), name, {str(k): str(v) for k, v in values.items()})
+        self.secrets_by_name[name] = info
+        self.secrets_by_id[info.id] = info
+        return info
+
+    def anonymous_secret(self, values: dict[str, str]) -> SecretInfo:
+        info = SecretInfo(ids.new_id("st"), None, dict(values))
+        self.secrets_by_id[info.id] = info
+        return info
+
+    # ----- volumes ---------------------------------------------------------
+
+    def volume_get_or_create(self, name: str, create: bool) -> VolumeInfo | None:
+        info = self.volumes_by_name.get(name)
+        path = self.state_dir / "volumes" / name
+        if info is None and (create or path.is_dir()):
+            path.mkdir(parents=True, exist_ok=True)
+            info = VolumeInfo(ids.new_id("vo"), name, path)
+            self.volumes_by_name[name] = info
+            self.volumes_by_id[info.id] = info
+        return info
+
+    # ----- sandboxes -------------------------------------------------------
+
+    def add_sandbox(self, sb: LocalSandbox) -> None:
+        self.sandboxes[sb.id] = sb
+        self.by_task[sb.task_id] = sb
+        self.changed()
+
+    def running_with_name(self, app_id: str, name: str) -> LocalSandbox | None:
+        for sb in self.sandboxes.values():
+            if sb.spec.app_id == app_id and sb.spec.name == name and not sb.done.is_set():
+                return sb
+        return None
+
+    def records(self) -> list[SandboxRecord]:
+        return [sb.record() for sb in self.sandboxes.values()]
+
+    def changed(self) -> None:
+        """Schedule one listing write for this loop iteration."""
+        if self._flush_scheduled:
+            return
+        self._flush_scheduled = True
+        loop = self.loop or asyncio.get_running_loop()
+        loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        try:
+            write_listing(self.state_dir / "sandboxes.json", self.records())
+        except OSError as exc:
+            log.warning("could not write the sandbox listing: %s", exc.strerror)

@@ -1,0 +1,405 @@
+"""What runs inside a per-step sandbox: read a pickled call, run it, send back the outcome.
+
+This file is sent to the sandbox as the *source* of ``python -c`` (see
+``bootstrap_command``), because prefect_modal is not in the user's image.  So it
+imports nothing but the standard library (cloudpickle only when a payload needs
+it), keeps to syntax old Pythons parse, and never imports Prefect: the sandbox
+needs no route to the Prefect API and the per-task cost stays one process start.
+
+The protocol (one call per process):
+
+* stdin: one JSON header line (protocol, nonce, expected Python ``X.Y``, payload
+  size, result size limit, log level), then exactly ``size`` bytes of
+  ``cloudpickle.dumps((fn, args, kwargs))``.
+* the private channel: fd 1 as the sandbox started, duplicated before any user
+  code runs; fd 1 is then pointed at a pipe whose lines the bootstrap re-emits
+  on stderr with a marker.  User prints, subprocesses and C extensions can
+  therefore never write into the channel.  On it go frames
+  ``<nonce> <KIND> <n>\\n<n base64 chars>\\n<nonce> END\\n``: ``HELLO`` first (our
+  Python version, JSON), then one of ``OK`` (pickled result), ``RAISE`` (pickled
+  exception info with the remote traceback) or ``ERROR`` (JSON: the bootstrap
+  itself could not do its job, e.g. a Python version mismatch).
+* stderr: every line is the user's output.  Lines that start with ``MARK`` carry
+  their origin: ``\\x1fO\\x1f`` stdout (INFO), ``\\x1fL<levelno>\\x1f`` a ``logging``
+  record at that level, ``\\x1fB\\x1f`` a bootstrap notice.  Unmarked lines are raw
+  stderr (WARNING on the Prefect side).
+
+The same file is imported by the runner for the frame and line helpers below,
+so both ends of the protocol live in one place.
+"""
+
+import binascii
+import os
+import sys
+import threading
+
+PROTOCOL = 1
+MARK = "\x1f"
+STDOUT_TAG = MARK + "O" + MARK
+BOOTSTRAP_TAG = MARK + "B" + MARK
+EXIT_BOOTSTRAP_FAILED = 3
+
+_write_lock = threading.Lock()
+
+
+# -- helpers shared with the runner (pure functions, no I/O) ---------------------
+
+
+def encode_frame(nonce, kind, data):
+    """One frame for the private channel; `data` is bytes."""
+    text = binascii.b2a_base64(data, newline=False).decode("ascii")
+    return f"\n{nonce} {kind} {len(text)}\n{text}\n{nonce} END\n"
+
+
+def decode_frames(nonce, text):
+    """All frames carrying `nonce` in `text`, as a list of (kind, bytes), in order.
+
+    Anything else on the channel is ignored; a frame cut short (the sandbox was
+    killed while writing) is dropped rather than half-read.
+    """
+    frames = []
+    prefix = nonce + " "
+    lines = text.split("\n")
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith(prefix):
+            parts = line.split(" ")
+            if len(parts) == 3 and parts[2].isdigit() and i + 2 < len(lines):
+                body, end = lines[i + 1], lines[i + 2]
+                if end == nonce + " END" and len(body) == int(parts[2]):
+                    frames.append((parts[1], binascii.a2b_base64(body)))
+                    i += 3
+                    continue
+        i += 1
+    return frames
+
+
+def classify_line(line):
+    """Split one stderr line into (origin, levelno, text): origin is
+    "stdout", "log", "bootstrap" or "stderr"."""
+    if line.startswith(MARK):
+        end = line.find(MARK, 1)
+        if end > 1:
+            tag, text = line[1:end], line[end + 1 :]
+            if tag == "O":
+                return "stdout", 20, text
+            if tag == "B":
+                return "bootstrap", 10, text
+            if tag[:1] == "L" and tag[1:].isdigit():
+                return "log", int(tag[1:]), text
+    return "stderr", 30, line
+
+
+def make_header(nonce, size, python, max_result_bytes, log_level=20):
+    """The first stdin line: ``key=value`` words (no JSON: the bootstrap avoids `json`'s
+    import cost, which is a measurable share of a trivial task)."""
+    fields = {
+        "protocol": PROTOCOL,
+        "nonce": nonce,
+        "size": int(size),
+        "python": python,
+        "max_result_bytes": int(max_result_bytes),
+        "log_level": int(log_level),
+    }
+    return (
+        "prefect-modal " + " ".join("{}={}".format(*kv) for kv in fields.items()) + "\n"
+    ).encode()
+
+
+def parse_fields(text):
+    """``key=value`` words back into a dict of strings (header and HELLO frame)."""
+    return dict(word.split("=", 1) for word in text.split() if "=" in word)
+
+
+def encode_error(reason, message):
+    return (reason + "\n" + message).encode("utf-8")
+
+
+def decode_error(data):
+    """(reason, message) of an ERROR frame."""
+    reason, _, message = data.decode("utf-8", "replace").partition("\n")
+    return reason, message
+
+
+# -- the sandbox side -----------------------------------------------------------
+
+
+def _emit_line(tag, text):
+    """Write marked lines to fd 2 in one write each, so lines never interleave mid-way."""
+    data = "".join(tag + part + "\n" for part in text.split("\n")).encode("utf-8", "replace")
+    with _write_lock:
+        try:
+            os.write(2, data)
+        except OSError:
+            pass
+
+
+def _pump_stdout(read_fd):
+    """Re-emit everything written to fd 1 (by anyone) as marked lines on stderr."""
+    pending = b""
+    with os.fdopen(read_fd, "rb", buffering=0) as pipe:
+        while True:
+            chunk = pipe.read(65536)
+            if not chunk:
+                break
+            pending += chunk
+            *complete, pending = pending.split(b"\n")
+            if complete:
+                _emit_line(STDOUT_TAG, b"\n".join(complete).decode("utf-8", "replace"))
+    if pending:
+        _emit_line(STDOUT_TAG, pending.decode("utf-8", "replace"))
+
+
+def _write_frame(fd, nonce, kind, data):
+    payload = encode_frame(nonce, kind, data).encode("ascii")
+    view = memoryview(payload)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _install_logging(level):
+    """A root handler that marks each record with its level, so INFO stays INFO."""
+    import logging
+
+    class MarkedHandler(logging.Handler):
+        def emit(self, record):
+            try:
+                text = self.format(record)
+                if record.name and record.name != "root":
+                    text = f"[{record.name}] {text}"
+                _emit_line(f"{MARK}L{record.levelno}{MARK}", text)
+            except Exception:
+                self.handleError(record)
+
+    root = logging.getLogger()
+    root.addHandler(MarkedHandler())
+    root.setLevel(level)
+
+
+def _dumps(obj):
+    """Plain pickle when it can (cloudpickle's import is the largest fixed cost of a
+    trivial task), cloudpickle when it is loaded anyway or the object needs it."""
+    import pickle
+
+    if "cloudpickle" not in sys.modules:
+        try:
+            return pickle.dumps(obj, protocol=pickle.DEFAULT_PROTOCOL)
+        except Exception:
+            pass
+    try:
+        import cloudpickle
+    except ImportError:
+        return pickle.dumps(obj, protocol=pickle.DEFAULT_PROTOCOL)
+    return cloudpickle.dumps(obj, protocol=pickle.DEFAULT_PROTOCOL)
+
+
+def _exception_info(exc, tb_text):
+    """What the runner needs to rebuild the exception: the object if it pickles
+    and loads back, and always its type name, message and traceback text."""
+    info = {
+        "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+        "message": str(exc),
+        "traceback": tb_text,
+        "base": None,
+        "exception": None,
+    }
+    if isinstance(exc, KeyboardInterrupt):
+        info["base"] = "KeyboardInterrupt"
+    elif isinstance(exc, SystemExit):
+        info["base"] = "SystemExit"
+        info["message"] = repr(exc.code)
+    elif not isinstance(exc, Exception):
+        info["base"] = "BaseException"
+    else:
+        try:
+            import pickle
+
+            data = _dumps(exc)
+            pickle.loads(data)  # an exception that pickles but cannot load is no use
+            info["exception"] = data
+        except Exception:
+            pass
+    return info
+
+
+class _LateSite:
+    """Run `site` only if an import misses.
+
+    The bootstrap starts with ``python -S``: processing every ``.pth`` file of
+    an image costs tens of milliseconds per task, and plain site-packages
+    (added by `_fast_site`) is all most calls need.  The first module that no
+    finder can locate triggers the full `site.main()` (``.pth`` files,
+    sitecustomize), and the search is repeated, so nothing behaves differently.
+    """
+
+    def find_spec(self, name, path=None, target=None):
+        if self not in sys.meta_path:
+            return None
+        sys.meta_path.remove(self)
+        import site
+
+        site.main()
+        for finder in list(sys.meta_path):
+            find = getattr(finder, "find_spec", None)
+            if find is not None:
+                spec = find(name, path, target)
+                if spec is not None:
+                    return spec
+        return None
+
+
+def _fast_site():
+    """The cheap part of `site`: site-packages (a venv's too) on sys.path, exit()/quit().
+
+    A venv is recognised as `site.venv` does, by ``pyvenv.cfg`` next to the
+    interpreter or one level up, without reading any ``.pth`` file.
+    """
+    if not sys.flags.no_site:
+        return
+    import site
+
+    prefixes = [sys.prefix]
+    exe_dir = os.path.dirname(os.path.abspath(sys.executable))
+    for conf in (
+        os.path.join(exe_dir, "pyvenv.cfg"),
+        os.path.join(os.path.dirname(exe_dir), "pyvenv.cfg"),
+    ):
+        if os.path.isfile(conf):
+            with open(conf, encoding="utf-8") as f:
+                text = f.read().replace(" ", "").lower()
+            venv = os.path.dirname(conf)
+            prefixes = [venv] + (
+                [sys.prefix] if "include-system-site-packages=true" in text else []
+            )
+            sys.prefix = sys.exec_prefix = venv
+            break
+    for directory in site.getsitepackages(prefixes):
+        if os.path.isdir(directory) and directory not in sys.path:
+            sys.path.append(directory)
+    site.setquit()
+    sys.meta_path.append(_LateSite())
+
+
+def main():
+    _fast_site()
+    import types
+
+    stdin = sys.stdin.buffer
+    header_line = stdin.readline()
+    try:
+        header = parse_fields(header_line.decode("utf-8"))
+        nonce = header["nonce"]
+    except Exception:
+        sys.stderr.write("prefect-modal bootstrap: no call header on stdin; exiting\n")
+        sys.exit(EXIT_BOOTSTRAP_FAILED)
+
+    channel = os.dup(1)  # the private channel; not inherited by user subprocesses
+    mine = "{}.{}".format(*sys.version_info[:2])
+    hello = {"python": sys.version.split()[0], "protocol": PROTOCOL, "pid": os.getpid()}
+    _write_frame(
+        channel, nonce, "HELLO", " ".join("{}={}".format(*kv) for kv in hello.items()).encode()
+    )
+
+    def fail(reason, message):
+        _write_frame(channel, nonce, "ERROR", encode_error(reason, message))
+        os._exit(EXIT_BOOTSTRAP_FAILED)
+
+    if header.get("protocol") != str(PROTOCOL):
+        fail(
+            "protocol",
+            "bootstrap protocol {!r}, runner sent {!r}".format(PROTOCOL, header.get("protocol")),
+        )
+    if header.get("python") != mine:
+        fail(
+            "python-version",
+            "the sandbox runs Python {} but the flow runs Python {}; cloudpickled "
+            "functions load only on the same minor version".format(
+                hello["python"], header.get("python")
+            ),
+        )
+
+    payload = b""
+    size = int(header["size"])
+    while len(payload) < size:
+        chunk = stdin.read(size - len(payload))
+        if not chunk:
+            fail("payload", f"stdin closed after {len(payload)} of {size} payload bytes")
+        payload += chunk
+
+    # From here on fd 1 belongs to the user; our channel is `channel`.
+    sys.stdout.flush()
+    read_fd, write_fd = os.pipe()
+    os.dup2(write_fd, 1)
+    os.close(write_fd)
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:  # a replaced sys.stdout may lack it
+        reconfigure(line_buffering=True)
+    pump = threading.Thread(target=_pump_stdout, args=(read_fd,), daemon=True)
+    pump.start()
+    _install_logging(int(header.get("log_level") or 20))
+
+    try:
+        import pickle
+
+        fn, args, kwargs = pickle.loads(payload)
+    except Exception as exc:
+        missing = getattr(exc, "name", None) if isinstance(exc, ImportError) else None
+        hint = (
+            f"module {missing!r} is not installed in the sandbox image; add it with "
+            "SandboxSpec(pip_packages=[...]) or use an image that has it"
+            if missing
+            else f"{type(exc).__name__}: {exc}"
+        )
+        fail("load", "could not load the task's function and arguments: " + hint)
+
+    kind = "OK"
+    try:
+        result = fn(*args, **kwargs)
+        if isinstance(result, types.CoroutineType):
+            import asyncio
+
+            result = asyncio.run(result)
+        body = _dumps(result)
+        limit = int(header.get("max_result_bytes") or 0)
+        if limit and len(body) > limit:
+            kind = "ERROR"
+            message = (
+                f"the task's result is {len(body)} bytes pickled, over the limit of {limit} bytes"
+            )
+            body = encode_error("too-large", message)
+    except BaseException as exc:  # KeyboardInterrupt / SystemExit travel too
+        import traceback
+
+        kind = "RAISE"
+        try:
+            tb = exc.__traceback__.tb_next if exc.__traceback__ else None  # drop our frame
+            text = "".join(traceback.format_exception(type(exc), exc, tb))
+            body = _dumps(_exception_info(exc, text))
+        except Exception as again:  # the info dict is plain data; this is a last resort
+            body = _dumps(
+                {
+                    "type": "Exception",
+                    "message": repr(again),
+                    "traceback": "",
+                    "base": None,
+                    "exception": None,
+                }
+            )
+
+    # Let the user's last output reach stderr before the outcome is sent.
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except Exception:
+        pass
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)  # closes our end of the pipe: the pump sees EOF
+    pump.join(timeout=5)
+    _write_frame(channel, nonce, kind, body)
+    os._exit({"OK": 0, "RAISE": 1}.get(kind, EXIT_BOOTSTRAP_FAILED))
+
+
+if __name__ == "__main__":
+    main()

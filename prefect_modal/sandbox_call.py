@@ -1,0 +1,693 @@
+"""One task call in one sandbox: create it, send the call, stream its output, read the outcome.
+
+`ModalTaskRunner` hands Prefect's engine a task whose function builds a
+`SandboxCall` and runs it, so everything Prefect does around a call (states,
+retries, caching, timeouts, hooks) is untouched.  The engine thread only waits
+on an event, in short slices: Prefect delivers a task timeout by raising an
+exception *asynchronously* in that thread, which lands only between Python
+bytecodes, and a cancelled flow needs the sandbox gone at once.  All blocking
+Modal calls happen in one driver thread per call.
+
+Nothing here imports `modal`: sandboxes go through `prefect_modal.sandboxes`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import pickle
+import secrets
+import site
+import sys
+import sysconfig
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextvars import copy_context
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+from uuid import UUID
+
+import cloudpickle
+
+from prefect_modal import remote, sandboxes
+from prefect_modal.artifacts import SandboxArtifact, write_sandbox_artifact
+from prefect_modal.settings import DEFAULT_TIMEOUT_SECONDS, SandboxSpec
+
+#: The Python minor version the payload is pickled with; the sandbox must match.
+LOCAL_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
+
+#: Largest pickled result a sandbox may send back through its output stream.
+#: Bigger results belong in Prefect result storage (persist to S3/GCS and
+#: return a reference) or on a Modal volume, not in a log stream.
+DEFAULT_MAX_RESULT_BYTES = 64 * 1024 * 1024
+
+#: Seconds added to a task's `timeout_seconds` for the sandbox's own lifetime:
+#: Prefect's timeout fires first; Modal's lifetime is the backstop for a flow
+#: process that died and can no longer terminate anything.
+LIFETIME_GRACE_SECONDS = 30
+
+#: How often the engine thread wakes up to let Prefect's timeout land.
+_WAIT_SLICE = 0.1
+
+#: How often a call waiting for a free sandbox slot looks for cancellation.
+_SLOT_SLICE = 0.25
+
+#: A sandbox still running this long after its start gets a "running" artifact,
+#: so the UI and `status` show it; shorter ones get only their final record,
+#: which halves the API writes of a map of small tasks.
+RUNNING_RECORD_AFTER_S = 2.0
+
+#: Output lines kept for the message of a sandbox that died without a result.
+TAIL_LINES = 20
+
+logger = logging.getLogger("prefect_modal.task_runner")
+
+EXIT_MEANINGS = {
+    137: "terminated (SIGKILL): killed from outside, out of memory, or cancelled",
+    124: "timed out: the sandbox reached its lifetime",
+    127: "command not found: the image has no `python` on PATH",
+    3: "the prefect-modal bootstrap could not start the call",
+}
+
+
+# -- errors a task run can end with ----------------------------------------------
+
+
+class SandboxCallError(RuntimeError):
+    """A sandbox ended without sending the call's outcome back."""
+
+
+class SandboxCrashedError(SandboxCallError):
+    """The sandbox died (killed, OOM, crashed interpreter) before reporting a result."""
+
+
+class ResultTooLargeError(SandboxCallError):
+    """The task's result is over the runner's `max_result_bytes`."""
+
+
+class PythonVersionMismatchError(SandboxCallError):
+    """The image's Python is not the flow's Python minor version."""
+
+
+class SandboxImageError(SandboxCallError):
+    """The image lacks something the call needs (cloudpickle, the user's packages)."""
+
+
+class RemoteTraceback(Exception):
+    """The traceback text of an exception raised in a sandbox (set as `__cause__`)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class RemoteError(Exception):
+    """An exception raised remotely whose own type could not travel back."""
+
+
+class RemoteKeyboardInterrupt(KeyboardInterrupt):
+    """KeyboardInterrupt raised by the task in its sandbox: the task crashes, not the flow."""
+
+
+class RemoteSystemExit(SystemExit):
+    """SystemExit raised by the task in its sandbox: the task crashes, not the flow."""
+
+
+REMOTE_INTERRUPTS = (RemoteKeyboardInterrupt, RemoteSystemExit)
+
+
+# -- pickling the user's code by value ---------------------------------------------
+
+
+def _installed_roots() -> tuple[str, ...]:
+    roots = set(site.getsitepackages()) | {site.getusersitepackages()}
+    paths = sysconfig.get_paths()
+    roots |= {paths.get("stdlib", ""), paths.get("platstdlib", ""), paths.get("purelib", "")}
+    roots |= {paths.get("platlib", "")}
+    return tuple(os.path.realpath(r) + os.sep for r in roots if r)
+
+
+_INSTALLED = _installed_roots()
+_by_value_lock = threading.Lock()
+_by_value_seen: dict[str, bool] = {}
+_modules_scanned = 0
+
+
+def _is_user_module(module: Any) -> bool:
+    path = getattr(module, "__file__", None)
+    return bool(path) and not os.path.realpath(str(path)).startswith(_INSTALLED)
+
+
+def register_user_modules() -> None:
+    """Pickle the user's own modules by value: everything imported that is not installed.
+
+    Code under site-packages or the standard library is in the image (or must
+    be, via pip_packages); anything else (a helper module next to the flow, the
+    user's project package, a test module) would fail to import remotely, so
+    cloudpickle sends what the call references from it by value.  `__main__`
+    is always by value in cloudpickle.  Scans only when new modules appeared.
+    """
+    global _modules_scanned
+    with _by_value_lock:
+        if len(sys.modules) == _modules_scanned:
+            return
+        for name, module in list(sys.modules.items()):
+            top = name.partition(".")[0]
+            if top in _by_value_seen or top == "__main__" or module is None:
+                continue
+            top_module = sys.modules.get(top)
+            user = top_module is not None and _is_user_module(top_module)
+            _by_value_seen[top] = user
+            if user:
+                cloudpickle.register_pickle_by_value(top_module)
+        _modules_scanned = len(sys.modules)
+
+
+def dumps_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+    """cloudpickle `(fn, args, kwargs)`, the user's modules by value; a clear error if it can't."""
+    register_user_modules()
+    try:
+        return cloudpickle.dumps((fn, args, kwargs), protocol=pickle.DEFAULT_PROTOCOL)
+    except Exception as exc:
+        raise TypeError(
+            f"{getattr(fn, '__qualname__', fn)!r} and its arguments must be picklable to run "
+            f"in a Modal sandbox, but pickling failed: {type(exc).__name__}: {exc}. Pass "
+            "plain data (or run this task in the flow's process with modal_options(local=True))."
+        ) from exc
+
+
+# -- what a call knows about its task run --------------------------------------------
+
+
+@dataclass(frozen=True)
+class CallInfo:
+    """The Prefect side of a call: who it is for, for names, tags, logs and artifacts."""
+
+    task_run_id: UUID
+    flow_run_id: UUID | None
+    task_name: str
+    attempt: int
+    timeout_seconds: float | None = None
+
+    @property
+    def sandbox_name(self) -> str:
+        """Deterministic: one name per (flow run, task run, attempt), unique within an app."""
+        flow = self.flow_run_id.hex[:8] if self.flow_run_id else "noflow"
+        return f"pf-{flow}-{self.task_run_id.hex}-{self.attempt}"
+
+    @property
+    def tags(self) -> dict[str, str]:
+        tags = {
+            "prefect.task-run-id": str(self.task_run_id),
+            "prefect.attempt": str(self.attempt),
+            "prefect.task-name": self.task_name[:60],
+            "prefect-modal.mode": "per_step",
+        }
+        if self.flow_run_id:
+            tags["prefect.flow-run-id"] = str(self.flow_run_id)
+        return tags
+
+
+# -- shared state: in-flight calls, artifact writing -------------------------------------
+
+
+class ArtifactWriter:
+    """Writes sandbox records to Prefect in the background, in order.
+
+    A record is written when a sandbox starts and again when it ends; on the
+    task's critical path that would be two API round trips per task, so one
+    thread writes them while the task goes on, and `flush()` waits at the end
+    of the flow run.  A failed write is logged, never fatal to a task.
+    """
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefect-modal-artifacts")
+        self._pending: set[Future[None]] = set()
+        self._lock = threading.Lock()
+
+    def write(self, record: SandboxArtifact) -> None:
+        snapshot = record.model_copy()
+        context = copy_context()  # Prefect's settings (API URL) live in context vars
+        future = self._pool.submit(context.run, self._write, snapshot)
+        with self._lock:
+            self._pending.add(future)
+        future.add_done_callback(self._forget)
+
+    def _forget(self, future: Future[None]) -> None:
+        with self._lock:
+            self._pending.discard(future)
+
+    @staticmethod
+    def _write(record: SandboxArtifact) -> None:
+        try:
+            write_sandbox_artifact(record)
+        except Exception as exc:
+            logger.warning(
+                "prefect-modal: could not write the artifact of %s: %s", record.sandbox_id, exc
+            )
+
+    def flush(self, timeout: float | None = None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                pending = list(self._pending)
+            if not pending:
+                return
+            for future in pending:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    future.result(timeout=left)
+                except Exception:
+                    return
+
+
+class CallRegistry:
+    """The calls in flight for one runner and all its duplicates and copies in this process.
+
+    Prefect cancels a flow run by calling `cancel_all()` on the flow's *template*
+    runner, while the calls were started by its duplicate; both find them here.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._calls: set[SandboxCall] = set()
+
+    def add(self, call: SandboxCall) -> None:
+        with self._lock:
+            self._calls.add(call)
+
+    def discard(self, call: SandboxCall) -> None:
+        with self._lock:
+            self._calls.discard(call)
+
+    def active(self, owner: object | None = None) -> list[SandboxCall]:
+        with self._lock:
+            return [c for c in self._calls if owner is None or c.owner is owner]
+
+    def cancel_all(self, reason: str, owner: object | None = None) -> list[threading.Thread]:
+        """Terminate every in-flight sandbox (of `owner`, or all); returns at once."""
+        return [t for c in self.active(owner) if (t := c.cancel(reason)) is not None]
+
+
+_registries: dict[str, CallRegistry] = {}
+_registries_lock = threading.Lock()
+
+
+def registry_for(family: str) -> CallRegistry:
+    with _registries_lock:
+        return _registries.setdefault(family, CallRegistry())
+
+
+def _terminate_everything_left() -> None:
+    """At interpreter exit (Ctrl-C of the flow process), leave no sandbox running."""
+    threads = []
+    for registry in list(_registries.values()):
+        threads += registry.cancel_all("the flow process is exiting")
+    for t in threads:
+        t.join(timeout=5)
+
+
+import atexit  # noqa: E402 - registered next to the function it runs
+
+atexit.register(_terminate_everything_left)
+
+
+# -- one call ------------------------------------------------------------------------
+
+
+@dataclass
+class CallEnvironment:
+    """What a call borrows from its runner."""
+
+    client: Any
+    target_kind: str
+    server_url: str
+    registry: CallRegistry
+    semaphore: threading.BoundedSemaphore
+    artifacts: ArtifactWriter
+    on_record: Callable[[SandboxArtifact], None]
+    owner: object
+    max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES
+    log_level: int = logging.INFO
+
+
+@dataclass
+class _Outcome:
+    value: Any = None
+    error: BaseException | None = None
+    cancelled: str | None = None
+
+
+@dataclass(eq=False)
+class SandboxCall:
+    """One call of a task's function in one sandbox."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    spec: SandboxSpec
+    info: CallInfo
+    env: CallEnvironment
+    run_logger: Any
+    nonce: str = field(default_factory=lambda: secrets.token_hex(16))
+
+    def __post_init__(self) -> None:
+        self.owner = self.env.owner
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._sandbox: Any = None
+        self._cancel_reason: str | None = None
+        self._terminator: threading.Thread | None = None
+        self._outcome = _Outcome()
+        self._tail: list[str] = []
+        self.record: SandboxArtifact | None = None
+        self._finished = False
+        self._running_timer: threading.Timer | None = None
+
+    # -- the engine thread ---------------------------------------------------------
+
+    def run(self) -> Any:
+        """Run the call and return what the function returned (or raise what it raised)."""
+        payload = dumps_call(self.fn, self.args, self.kwargs)
+        header = remote.make_header(
+            self.nonce, len(payload), LOCAL_PYTHON, self.env.max_result_bytes, self.env.log_level
+        )
+        self.env.registry.add(self)
+        driving = False
+        try:
+            while not self.env.semaphore.acquire(timeout=_SLOT_SLICE):
+                if self._cancel_reason:
+                    return self._cancelled_state()
+            driver = threading.Thread(
+                target=copy_context().run,
+                args=(self._drive, header + payload),
+                name=f"prefect-modal-{self.info.sandbox_name}",
+                daemon=True,
+            )
+            driving = True  # from here on the driver releases the slot and the registry
+            driver.start()
+            deadline = self._deadline()
+            while not self._done.wait(_WAIT_SLICE):
+                if deadline is not None and time.monotonic() > deadline:
+                    self.cancel("timeout")
+                    raise TimeoutError(
+                        f"Task run exceeded timeout of {self.info.timeout_seconds} second(s); "
+                        f"sandbox {self.sandbox_id} terminated"
+                    )
+        except BaseException:
+            # Prefect's timeout (raised into this thread), Ctrl-C, a cancelled flow:
+            # whatever ends the wait ends the sandbox.
+            self.cancel("interrupted")
+            raise
+        finally:
+            if not driving:
+                self.env.registry.discard(self)
+        return self._result()
+
+    def _deadline(self) -> float | None:
+        if not self.info.timeout_seconds:
+            return None
+        # A little after Prefect's own, which normally fires first with its own message.
+        return time.monotonic() + self.info.timeout_seconds + 1.0
+
+    @property
+    def sandbox_id(self) -> str | None:
+        return self.record.sandbox_id if self.record else None
+
+    def cancel(self, reason: str) -> threading.Thread | None:
+        """Ask the sandbox to go away; never blocks (termination runs in a thread)."""
+        with self._lock:
+            if self._cancel_reason is None:
+                self._cancel_reason = reason
+            if self._done.is_set() or self._sandbox is None or self._terminator is not None:
+                return self._terminator
+            sandbox = self._sandbox
+            self._terminator = threading.Thread(
+                target=self._terminate, args=(sandbox,), name="prefect-modal-terminate", daemon=True
+            )
+        self._terminator.start()
+        return self._terminator
+
+    @staticmethod
+    def _terminate(sandbox: Any) -> None:
+        try:
+            sandboxes.terminate(sandbox)
+        except Exception as exc:
+            logger.warning("prefect-modal: terminating a sandbox failed: %s", exc)
+
+    # -- the driver thread -------------------------------------------------------
+
+    def _drive(self, stdin_data: bytes) -> None:
+        started = False
+        try:
+            if self._cancel_reason:
+                self._outcome = _Outcome(cancelled=self._cancel_reason)
+                return
+            spec = self._call_spec()
+            app, image = sandboxes.prepare(spec, self.env.client)
+            attached = False
+            try:
+                sandbox = sandboxes.create_sandbox(
+                    spec,
+                    bootstrap_command(),
+                    client=self.env.client,
+                    name=self.info.sandbox_name,
+                    tags=self.info.tags,
+                    app=app,
+                    image=image,
+                )
+            except sandboxes.AlreadyExistsError:
+                # A restarted flow process finds its attempt still running: follow
+                # that sandbox instead of starting the same attempt twice.
+                sandbox = sandboxes.from_name(
+                    spec.effective_app_name,
+                    self.info.sandbox_name,
+                    self.env.client,
+                    environment_name=spec.modal_environment,
+                )
+                if sandbox is None:
+                    raise
+                attached = True
+            started = True
+            with self._lock:
+                self._sandbox = sandbox
+                cancel_now = self._cancel_reason is not None
+            self._start_record(sandbox, spec)
+            if cancel_now:
+                self._terminate(sandbox)
+            elif not attached:
+                try:
+                    sandboxes.send_stdin(sandbox, stdin_data)
+                except Exception:
+                    if not self._cancel_reason:
+                        raise  # else: it was terminated under us; the outcome says so
+            sandboxes.follow_stderr(sandbox, self._on_line)
+            returncode = sandboxes.wait_returncode(sandbox)
+            output = sandboxes.read_stdout(sandbox)
+            self._outcome = self._interpret(returncode, output)
+            self._finish_record(returncode)
+        except BaseException as exc:
+            if self._cancel_reason and self._cancel_reason != "timeout":
+                self._outcome = _Outcome(cancelled=self._cancel_reason)
+            else:
+                self._outcome = _Outcome(error=exc)
+            if started:
+                self._finish_record(None)
+        finally:
+            self.env.semaphore.release()
+            self.env.registry.discard(self)
+            self._done.set()
+
+    def _call_spec(self) -> SandboxSpec:
+        """The spec with the sandbox's lifetime capped to the task's timeout (plus grace)."""
+        if not self.info.timeout_seconds:
+            return self.spec
+        lifetime = math.ceil(self.info.timeout_seconds) + LIFETIME_GRACE_SECONDS
+        return self.spec.merged_with(
+            SandboxSpec(timeout=min(lifetime, self.spec.timeout or DEFAULT_TIMEOUT_SECONDS))
+        )
+
+    def _on_line(self, line: str) -> None:
+        origin, level, text = remote.classify_line(line)
+        if origin == "bootstrap":
+            self.run_logger.debug(text)
+            return
+        self._tail.append(text)
+        if len(self._tail) > TAIL_LINES:
+            del self._tail[0]
+        self.run_logger.log(level, text)
+
+    # -- records -------------------------------------------------------------------
+
+    def _start_record(self, sandbox: Any, spec: SandboxSpec) -> None:
+        sid = sandboxes.sandbox_id(sandbox)
+        self.record = SandboxArtifact(
+            sandbox_id=sid,
+            sandbox_name=self.info.sandbox_name,
+            app_name=spec.effective_app_name,
+            target=self.env.target_kind,  # type: ignore[arg-type]
+            flow_run_id=self.info.flow_run_id,
+            task_run_id=self.info.task_run_id,
+            task_name=self.info.task_name,
+            attempt=self.info.attempt,
+            mode="per_step",
+            resources=spec.describe(),
+            status="running",
+            link=sandboxes.dashboard_url(sid, spec.effective_app_name, self.env.server_url),
+        )
+        self.run_logger.info(
+            "Running in Modal sandbox %s (%s)", sid, _resource_summary(spec.describe())
+        )
+        timer = threading.Timer(
+            RUNNING_RECORD_AFTER_S, copy_context().run, args=(self._write_running_record,)
+        )
+        timer.daemon = True
+        timer.start()
+        self._running_timer = timer
+
+    def _write_running_record(self) -> None:
+        with self._lock:
+            if self._done.is_set() or self._finished or self.record is None:
+                return
+            record = self.record
+        self.env.artifacts.write(record)
+
+    def _finish_record(self, returncode: int | None) -> None:
+        with self._lock:
+            self._finished = True
+        if self._running_timer is not None:
+            self._running_timer.cancel()
+        if self.record is None:
+            return
+        outcome = self._outcome
+        if outcome.cancelled or returncode == 137:
+            status = "terminated"
+        elif returncode == 124 or isinstance(outcome.error, TimeoutError):
+            status = "timeout"
+        elif isinstance(outcome.error, SandboxCrashedError) or returncode is None:
+            status = "crashed"
+        elif outcome.error is not None:
+            status = "failed"
+        else:
+            status = "succeeded"
+        self.record = self.record.model_copy(
+            update={
+                "status": status,
+                "exit_code": returncode,
+                "ended_at": datetime.now(timezone.utc),
+            }
+        )
+        self.env.artifacts.write(self.record)
+        self.env.on_record(self.record)
+
+    # -- reading the outcome ---------------------------------------------------------
+
+    def _interpret(self, returncode: int | None, output: str) -> _Outcome:
+        frames = dict(remote.decode_frames(self.nonce, output))
+        if "OK" in frames:
+            return _Outcome(value=cloudpickle.loads(frames["OK"]))
+        if "RAISE" in frames:
+            return _Outcome(error=self._remote_exception(cloudpickle.loads(frames["RAISE"])))
+        if "ERROR" in frames:
+            return _Outcome(error=self._bootstrap_error(frames["ERROR"]))
+        if self._cancel_reason == "timeout":
+            return _Outcome(
+                error=TimeoutError(
+                    f"Task run exceeded timeout of {self.info.timeout_seconds} second(s)"
+                )
+            )
+        if self._cancel_reason:
+            return _Outcome(cancelled=self._cancel_reason)
+        meaning = EXIT_MEANINGS.get(returncode or 0, "")
+        tail = "\n".join(self._tail[-TAIL_LINES:]) or "(no output)"
+        message = (
+            f"Modal sandbox {self.sandbox_id} ended with exit code {returncode}"
+            + (f" ({meaning})" if meaning else "")
+            + f" before returning a result. Last output lines:\n{tail}"
+        )
+        if returncode == 124:
+            return _Outcome(error=TimeoutError(message))
+        return _Outcome(error=SandboxCrashedError(message))
+
+    def _remote_exception(self, info: dict[str, Any]) -> BaseException:
+        where = f"Remote traceback (Modal sandbox {self.sandbox_id}):\n{info.get('traceback', '')}"
+        base = info.get("base")
+        exc: BaseException
+        if base == "KeyboardInterrupt":
+            exc = RemoteKeyboardInterrupt(f"KeyboardInterrupt in sandbox {self.sandbox_id}")
+        elif base == "SystemExit":
+            exc = RemoteSystemExit(info.get("message"))
+        else:
+            exc = RemoteError(f"{info.get('type')}: {info.get('message')}")
+            if info.get("exception") is not None:
+                try:
+                    exc = cloudpickle.loads(info["exception"])
+                except Exception:  # its class exists only remotely
+                    pass
+        exc.__cause__ = RemoteTraceback(where)
+        add_note = getattr(exc, "add_note", None)
+        if add_note is not None:  # Python 3.11+: shown with the exception, kept by pickle
+            add_note(where)
+        return exc
+
+    def _bootstrap_error(self, data: bytes) -> BaseException:
+        reason, message = remote.decode_error(data)
+        if reason == "python-version":
+            return PythonVersionMismatchError(
+                f"Modal sandbox {self.sandbox_id}: {message}. Use an image with Python "
+                f"{LOCAL_PYTHON} (e.g. 'python:{LOCAL_PYTHON}-slim'), or leave `image` unset: the "
+                "default image matches this Python."
+            )
+        if reason == "too-large":
+            return ResultTooLargeError(
+                f"{message} (ModalTaskRunner(max_result_bytes=...)). Return a smaller value: "
+                "write large data to a Modal volume (SandboxSpec(volumes={'/data': 'my-volume'})) "
+                "or to object storage and return its path, or persist results with Prefect "
+                "result storage from inside the task."
+            )
+        if reason == "load":
+            return SandboxImageError(f"Modal sandbox {self.sandbox_id}: {message}")
+        return SandboxCallError(f"Modal sandbox {self.sandbox_id}: {message}")
+
+    def _cancelled_state(self) -> Any:
+        from prefect.states import Cancelled
+
+        where = f" (sandbox {self.sandbox_id} terminated)" if self.sandbox_id else ""
+        return Cancelled(message=f"Task run cancelled: {self._cancel_reason}{where}")
+
+    def _result(self) -> Any:
+        outcome = self._outcome
+        if outcome.cancelled:
+            return self._cancelled_state()
+        if outcome.error is not None:
+            raise outcome.error
+        return outcome.value
+
+
+def _resource_summary(described: dict[str, Any]) -> str:
+    keys = ("gpu", "cpu", "memory_mib", "image", "timeout")
+    return ", ".join(f"{k}={described[k]}" for k in keys if described.get(k) is not None)
+
+
+_source_cache: list[str] = []
+
+
+def bootstrap_command() -> list[str]:
+    """``python -S -c <remote.py>``: -S skips `.pth` processing (the bootstrap does
+    the cheap part of `site` itself and the rest on the first missed import)."""
+    return ["python", "-S", "-c", _bootstrap_source()]
+
+
+def _bootstrap_source() -> str:
+    """The text of `remote.py`, sent as `python -c` so the image needs no prefect_modal."""
+    if not _source_cache:
+        with open(remote.__file__, encoding="utf-8") as f:
+            _source_cache.append(f.read())
+    return _source_cache[0]

@@ -1,0 +1,215 @@
+"""Background services the demo (and tests) start: Prefect server, local Modal, worker.
+
+Each runs as its own process group on 127.0.0.1, with its output in a log
+file, and is stopped by its pid (its group), never by name: a user may have
+their own Prefect server or worker running, and we must not touch it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+
+VENV_BIN = Path(sys.executable).parent
+
+
+class ServiceError(RuntimeError):
+    """A service did not come up; the message says which, and where its log is."""
+
+
+def free_port() -> int:
+    """A port nobody listens on now (bound on 127.0.0.1 only)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def pid_alive(pid: int) -> bool:
+    """True if `pid` runs and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def tool(name: str) -> str:
+    """A console script of this environment (prefect, prefect-modal)."""
+    candidate = VENV_BIN / name
+    return str(candidate) if candidate.exists() else name
+
+
+@dataclass
+class Service:
+    """One started process group, its log, and how to reach it."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    url: str | None = None
+    env: dict[str, str] = field(default_factory=dict, repr=False)
+    _log: IO[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 15) -> None:
+        """SIGTERM the group, SIGKILL what is left after `timeout`, reap the leader."""
+        if self.process.poll() is None:
+            _signal_group(self.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                _signal_group(self.pid, signal.SIGKILL)
+                self.process.wait(10)
+        _signal_group(self.pid, signal.SIGKILL)  # stragglers of the group
+        if self._log is not None:
+            self._log.close()
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def spawn(name: str, cmd: list[str], env: Mapping[str, str], log_dir: Path) -> Service:
+    """Start `cmd` in its own process group, output to `<log_dir>/<name>.log`."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    log = log_path.open("ab")
+    process = subprocess.Popen(
+        cmd,
+        env=dict(env),
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own group: stopped as a whole, by pid
+    )
+    return Service(name=name, process=process, log_path=log_path, _log=log)
+
+
+def _wait_until(service: Service, ready: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if service.process.poll() is not None:
+            service.stop()
+            raise ServiceError(
+                f"{service.name} exited with code {service.process.returncode} before {what}. "
+                f"Its log ({service.log_path}) ends with:\n{service.log_tail()}"
+            )
+        if ready():
+            return
+        time.sleep(0.2)
+    service.stop()
+    raise ServiceError(
+        f"{service.name} did not {what} within {timeout:.0f}s. "
+        f"Its log ({service.log_path}) ends with:\n{service.log_tail()}"
+    )
+
+
+def prefect_env(home: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """An environment with its own PREFECT_HOME (own SQLite database, own profile)."""
+    env = dict(base if base is not None else os.environ)
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_API_HOST="127.0.0.1",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def start_prefect_server(
+    home: Path, port: int | None = None, timeout: float = 90, ui: bool = True
+) -> Service:
+    """`prefect server start` on 127.0.0.1 with its own home and database."""
+    port = port or free_port()
+    env = prefect_env(home)
+    env["PREFECT_SERVER_UI_ENABLED"] = "true" if ui else "false"
+    env.pop("PREFECT_API_URL", None)
+    # The UI asks /ui-settings where the API is; that answer comes from settings,
+    # not from `--port`, and would default to :4200 (someone else's server).
+    env["PREFECT_SERVER_API_PORT"] = str(port)
+    env["PREFECT_UI_API_URL"] = f"http://127.0.0.1:{port}/api"
+    cmd = [tool("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    service = spawn("prefect-server", cmd, env, home / "logs")
+    service.url = f"http://127.0.0.1:{port}/api"
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(f"{service.url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    _wait_until(service, healthy, timeout, "answered /api/health")
+    return service
+
+
+def start_local_modal(state_dir: Path, port: int | None = None, timeout: float = 30) -> Service:
+    """`prefect-modal local serve` in its own process; `.env` reaches it.
+
+    A process of its own (not a thread of ours) so that a worker or flow that
+    is killed leaves the sandboxes running, as they would on Modal.
+    """
+    port = port or free_port()
+    cmd = [
+        sys.executable, "-m", "prefect_modal.local", "serve",
+        "--port", str(port), "--state-dir", str(state_dir),
+    ]  # fmt: skip
+    service = spawn("local-modal", cmd, os.environ, state_dir / "logs")
+    exports: dict[str, str] = {}
+
+    def ready() -> bool:
+        text = service.log_path.read_text(errors="replace") if service.log_path.exists() else ""
+        for line in text.splitlines():
+            if line.startswith("export ") and "=" in line:
+                key, _, value = line[len("export ") :].partition("=")
+                exports[key.strip()] = value.strip().strip("'\"")
+        return any(line.startswith("READY ") for line in text.splitlines())
+
+    _wait_until(service, ready, timeout, "printed READY")
+    service.url = exports.get("MODAL_SERVER_URL", f"http://127.0.0.1:{port}")
+    service.env = exports
+    return service
+
+
+def start_worker(
+    pool: str,
+    env: Mapping[str, str],
+    log_dir: Path,
+    worker_type: str = "modal",
+    timeout: float = 60,
+) -> Service:
+    """`prefect worker start --pool P`; ready once it has polled the pool."""
+    cmd = [tool("prefect"), "worker", "start", "--pool", pool, "--type", worker_type]
+    service = spawn(f"worker-{pool}", cmd, env, log_dir)
+
+    def polling() -> bool:
+        return "started!" in service.log_tail(200) or "Worker" in service.log_tail(200)
+
+    _wait_until(service, polling, timeout, "started polling its work pool")
+    return service

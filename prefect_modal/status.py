@@ -1,0 +1,156 @@
+"""Which sandboxes a flow run has, how they are doing, and ending the ones left running.
+
+Two sources, because each can miss what the other knows: the artifacts the
+runner (or worker) wrote on the run, which survive the sandbox and hold its
+resources and final status; and Modal's own list of running sandboxes tagged
+with the flow run id, which also finds a sandbox whose start record never
+reached Prefect (the process died in between).  The CLI, the worker and the
+`terminate_sandboxes` hook all use these functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+from prefect_modal.artifacts import SandboxArtifact, read_sandbox_artifacts
+from prefect_modal.credentials import ModalCredentials
+
+#: Tag every prefect-modal sandbox carries (see `CallInfo.tags` and the worker).
+FLOW_RUN_TAG = "prefect.flow-run-id"
+
+_EXIT_STATUS = {0: "succeeded", 137: "terminated", 124: "timeout"}
+
+
+@dataclass(frozen=True)
+class SandboxReport:
+    """One sandbox of a flow run: what the record says and what Modal says now."""
+
+    sandbox_id: str
+    live_status: str  # "running", "succeeded", "failed", "terminated", "timeout", "gone"
+    returncode: int | None
+    record: SandboxArtifact | None
+
+    @property
+    def running(self) -> bool:
+        return self.live_status == "running"
+
+    def row(self) -> dict[str, Any]:
+        rec = self.record
+        return {
+            "sandbox_id": self.sandbox_id,
+            "task": rec.task_name if rec else None,
+            "attempt": rec.attempt if rec else None,
+            "status": self.live_status,
+            "exit_code": self.returncode,
+            "recorded_status": rec.status if rec else None,
+            "gpu": rec.resources.get("gpu") if rec else None,
+            "link": rec.link if rec else None,
+        }
+
+
+def _live(sandbox_id: str, client: Any) -> tuple[str, int | None]:
+    from prefect_modal import sandboxes
+
+    try:
+        code = sandboxes.returncode_by_id(sandbox_id, client)
+    except sandboxes.NotFoundError:
+        return "gone", None
+    if code is None:
+        return "running", None
+    return _EXIT_STATUS.get(code, "failed"), code
+
+
+def _running_by_tag(flow_run_id: UUID, client: Any) -> list[str]:
+    from prefect_modal import sandboxes
+
+    found = sandboxes.list_sandboxes({FLOW_RUN_TAG: str(flow_run_id)}, client)
+    return [sandboxes.sandbox_id(sb) for sb in found]
+
+
+def flow_run_sandboxes(
+    flow_run_id: UUID | str,
+    credentials: ModalCredentials | None = None,
+    client: Any = None,
+) -> list[SandboxReport]:
+    """Every sandbox of a flow run (its tasks' and its own), with its live status.
+
+    `client` (a modal.Client) overrides the target chosen from `credentials`.
+    """
+    run_id = UUID(str(flow_run_id))
+    if client is None:
+        from prefect_modal.targets import resolve_target
+
+        client = resolve_target(credentials).client
+    records = {r.sandbox_id: r for r in read_sandbox_artifacts(run_id)}
+    ids = list(records)
+    ids += [sid for sid in _running_by_tag(run_id, client) if sid not in records]
+    reports = []
+    for sid in ids:
+        status, code = _live(sid, client)
+        reports.append(
+            SandboxReport(
+                sandbox_id=sid, live_status=status, returncode=code, record=records.get(sid)
+            )
+        )
+    return reports
+
+
+def terminate_sandboxes(
+    flow: Any = None,
+    flow_run: Any = None,
+    state: Any = None,
+    *,
+    flow_run_id: UUID | str | None = None,
+    credentials: ModalCredentials | None = None,
+    client: Any = None,
+) -> list[str]:
+    """Terminate every sandbox a flow run left running; returns their ids.
+
+    Has the signature of a flow state hook, so it can be given as is::
+
+        @flow(task_runner=ModalTaskRunner(), on_cancellation=[terminate_sandboxes],
+              on_crashed=[terminate_sandboxes])
+
+    or called with `flow_run_id=` from a script, the CLI or the worker.
+    """
+    run_id = flow_run_id or (flow_run.id if flow_run is not None else None)
+    if run_id is None:
+        from prefect.context import FlowRunContext
+
+        ctx = FlowRunContext.get()
+        if ctx is None or ctx.flow_run is None:
+            raise ValueError("terminate_sandboxes needs a flow run: pass flow_run_id=")
+        run_id = ctx.flow_run.id
+    from prefect_modal import sandboxes
+
+    if client is None and credentials is None and flow is not None:
+        client = _client_of_flow(flow)
+    running = [r.sandbox_id for r in flow_run_sandboxes(run_id, credentials, client) if r.running]
+    if client is None:
+        from prefect_modal.targets import resolve_target
+
+        client = resolve_target(credentials).client
+    return [sid for sid in running if sandboxes.terminate_by_id(sid, client)]
+
+
+def _client_of_flow(flow: Any) -> Any:
+    """The client of the flow's ModalTaskRunner, so the hook reaches the same Modal."""
+    runner = getattr(flow, "task_runner", None)
+    target = getattr(runner, "target", None)
+    if callable(target):
+        try:
+            return target().client
+        except Exception:
+            return None
+    return None
+
+
+def summarize(reports: Iterable[SandboxReport]) -> dict[str, int]:
+    """Counts by live status, e.g. {'running': 2, 'succeeded': 10}."""
+    counts: dict[str, int] = {}
+    for r in reports:
+        counts[r.live_status] = counts.get(r.live_status, 0) + 1
+    return counts

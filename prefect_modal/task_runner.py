@@ -1,0 +1,459 @@
+"""`ModalTaskRunner`: each submitted task call runs in its own Modal Sandbox.
+
+The Prefect task engine stays in the flow's process, in a thread, exactly as
+with `ThreadPoolTaskRunner` (which this class extends): states, retries,
+caching, timeouts, hooks, result persistence and upstream lineage are
+Prefect's own.  Only the call of the user's function travels: `submit()` hands
+the engine a copy of the task whose function, when called, runs a
+`SandboxCall` (see `sandbox_call.py`).  So a cache hit starts no sandbox, and a
+retry is a new sandbox.
+
+Why not a sandbox that runs Prefect's engine itself: importing Prefect and
+talking to the API from the sandbox costs about 2 s per task and needs an API
+route and key inside the sandbox; this costs one Python start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import functools
+import inspect
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Iterable
+from contextvars import copy_context
+from typing import TYPE_CHECKING, Any, TypeVar
+from uuid import UUID
+
+from prefect.client.schemas.objects import RunInput
+from prefect.futures import PrefectConcurrentFuture, PrefectFuture, PrefectFutureList
+from prefect.logging.loggers import get_run_logger
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+from typing_extensions import ParamSpec, Self
+
+from prefect_modal.artifacts import SandboxArtifact, write_flow_summary
+from prefect_modal.credentials import ModalCredentials
+from prefect_modal.options import ModalOptions, options_for
+from prefect_modal.sandbox_call import (
+    DEFAULT_MAX_RESULT_BYTES,
+    REMOTE_INTERRUPTS,
+    ArtifactWriter,
+    CallEnvironment,
+    CallInfo,
+    SandboxCall,
+    registry_for,
+)
+from prefect_modal.settings import SandboxSpec
+
+if TYPE_CHECKING:
+    from prefect.tasks import Task
+
+    from prefect_modal.targets import Target
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: Sandboxes running at once per flow run when nothing says otherwise.  Modal
+#: scales far beyond it; on the local server every sandbox is a process here.
+DEFAULT_MAX_PARALLELISM = 32
+
+#: Engine threads when `max_workers` is unset: enough that tasks waiting for a
+#: sandbox slot never starve the engine, bounded so a 10k-task map does not
+#: start 10k threads.
+DEFAULT_MAX_WORKERS = 256
+
+
+def _new_task_run_id() -> UUID:
+    try:
+        from prefect._internal.uuid7 import uuid7
+
+        return uuid7()
+    except ImportError:  # pragma: no cover - older Prefect
+        return uuid.uuid4()
+
+
+class ModalTaskRunner(ThreadPoolTaskRunner[R]):
+    """Run each submitted task call in its own Modal Sandbox, with its own resources.
+
+    Example::
+
+        from prefect import flow, task
+        from prefect_modal import ModalTaskRunner, SandboxSpec, modal_options
+
+        @modal_options(gpu="A100", memory="32GiB")
+        @task
+        def train(data): ...
+
+        @modal_options(local=True)          # runs in the flow's own process
+        @task
+        def report(model): ...
+
+        @flow(task_runner=ModalTaskRunner(SandboxSpec(cpu=2), max_parallelism=16))
+        def pipeline():
+            report(train.submit(load.submit()))
+
+    Args:
+        spec: sandbox settings for every task (a task's `modal_options` merge
+            over it field by field).
+        max_parallelism: most sandboxes running at once for one flow run.
+        credentials: a `ModalCredentials` block; default: Modal's own config
+            (`modal token new`, MODAL_TOKEN_*), else the local Modal server,
+            started on demand.  `PREFECT_MODAL_TARGET=local|modal` forces either.
+        default_local: True runs tasks in the flow's process unless they say
+            `modal_options(local=False)` (send only the GPU steps to Modal).
+        max_workers: engine threads (Prefect's ThreadPoolTaskRunner setting).
+        max_result_bytes: largest pickled return value a sandbox may send back.
+        log_level: level of the `logging` root logger inside the sandbox.
+
+    Only *submitted* calls (`task.submit`, `task.map`) go to the runner; a task
+    called directly inside a flow runs in the flow's process, as in Prefect.
+    """
+
+    def __init__(
+        self,
+        spec: SandboxSpec | None = None,
+        max_parallelism: int = DEFAULT_MAX_PARALLELISM,
+        credentials: ModalCredentials | None = None,
+        default_local: bool = False,
+        max_workers: int | None = None,
+        max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
+        log_level: int = logging.INFO,
+        _family: str | None = None,
+    ) -> None:
+        if isinstance(spec, dict):
+            spec = SandboxSpec(**spec)
+        if spec is not None and not isinstance(spec, SandboxSpec):
+            raise TypeError(f"spec must be a SandboxSpec, not {type(spec).__name__}")
+        if (
+            isinstance(max_parallelism, bool)
+            or not isinstance(max_parallelism, int)
+            or max_parallelism < 1
+        ):
+            raise ValueError(
+                f"max_parallelism={max_parallelism!r} must be a whole number of 1 or more."
+            )
+        if isinstance(max_result_bytes, bool) or max_result_bytes < 1:
+            raise ValueError(f"max_result_bytes={max_result_bytes!r} must be 1 or more bytes.")
+        super().__init__(max_workers=max_workers or max(DEFAULT_MAX_WORKERS, max_parallelism))
+        self.spec = spec or SandboxSpec()
+        self.max_parallelism = max_parallelism
+        self.credentials = credentials
+        self.default_local = default_local
+        self.max_result_bytes = max_result_bytes
+        self.log_level = log_level
+        self._requested_workers = max_workers
+        # One family per user-created runner: its duplicates and unpickled copies
+        # share it, so `cancel_all()` on the template reaches the duplicate's calls.
+        self._family = _family or uuid.uuid4().hex
+        self._init_runtime()
+
+    def _init_runtime(self) -> None:
+        self._target: Target | None = None
+        self._target_lock = threading.Lock()
+        self._semaphore = threading.BoundedSemaphore(self.max_parallelism)
+        self._artifacts: ArtifactWriter | None = None
+        self._records: list[SandboxArtifact] = []
+        self._records_lock = threading.Lock()
+
+    @property
+    def name(self) -> str:
+        return "modal"
+
+    # -- the TaskRunner contract -------------------------------------------------------
+
+    def duplicate(self) -> Self:
+        return type(self)(
+            spec=self.spec,
+            max_parallelism=self.max_parallelism,
+            credentials=self.credentials,
+            default_local=self.default_local,
+            max_workers=self._requested_workers,
+            max_result_bytes=self.max_result_bytes,
+            log_level=self.log_level,
+            _family=self._family,
+        )
+
+    def __eq__(self, value: object) -> bool:
+        if not isinstance(value, ModalTaskRunner):
+            return False
+        return (
+            self.spec == value.spec
+            and self.max_parallelism == value.max_parallelism
+            and self.credentials == value.credentials
+            and self.default_local == value.default_local
+            and self._max_workers == value._max_workers
+            and self.max_result_bytes == value.max_result_bytes
+            and self.log_level == value.log_level
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, compared by configuration
+
+    def __repr__(self) -> str:
+        return (
+            f"ModalTaskRunner(spec={self.spec!r}, max_parallelism={self.max_parallelism}, "
+            f"default_local={self.default_local})"
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Runners are cloudpickled with their flow: ship configuration only.
+        state = super().__getstate__()
+        for name in (
+            "_target",
+            "_target_lock",
+            "_semaphore",
+            "_artifacts",
+            "_records",
+            "_records_lock",
+            "_executor",
+            "_cancel_events",
+        ):
+            state.pop(name, None)
+        state["_started"] = False
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._executor = None
+        self._cancel_events = {}
+        self._init_runtime()
+
+    def __enter__(self) -> Self:
+        super().__enter__()
+        self._artifacts = ArtifactWriter()
+        return self
+
+    def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
+        """Normal exit: like ThreadPoolTaskRunner, running calls finish, queued ones are
+        cancelled.  Exit by an exception (cancelled, crashed, Ctrl-C): this runner's
+        sandboxes are terminated and nothing waits for them."""
+        for event in self._cancel_events.values():
+            event.set()
+        if exc_type is not None:
+            self._terminate_own(f"the flow run ended with {exc_type.__name__}")
+        if self._executor is not None:
+            self._executor.shutdown(wait=exc_type is None, cancel_futures=True)
+            self._executor = None
+        try:
+            self._finish_records(timeout=30 if exc_type is None else 3)
+        finally:
+            TaskRunner.__exit__(self, exc_type, exc_value, traceback)
+
+    def cancel_all(self) -> None:
+        """Terminate every in-flight sandbox of this runner and its duplicates, at once.
+
+        Prefect calls this on the flow's template runner when a flow run is
+        cancelled; termination requests go out in background threads so the
+        cancellation never waits on Modal.
+        """
+        registry_for(self._family).cancel_all("the flow run was cancelled")
+        for event in self._cancel_events.values():
+            event.set()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    def _terminate_own(self, reason: str) -> None:
+        registry_for(self._family).cancel_all(reason, owner=self)
+
+    # -- submit / map ------------------------------------------------------------------
+
+    def submit(  # type: ignore[override]
+        self,
+        task: Task[Any, Any],
+        parameters: dict[str, Any],
+        wait_for: Iterable[PrefectFuture[Any]] | None = None,
+        dependencies: dict[str, set[RunInput]] | None = None,
+    ) -> PrefectConcurrentFuture[Any]:
+        """Submit a task call: a sandbox runs the function, the engine runs here."""
+        if not self._started or self._executor is None:
+            raise RuntimeError("Task runner is not started")
+        from prefect.context import FlowRunContext
+        from prefect.task_engine import run_task_async, run_task_sync
+
+        options = self.options_for(task)
+        runnable = task if options.local else self._remote_task(task, options.spec or self.spec)
+
+        task_run_id = _new_task_run_id()
+        cancel_event = threading.Event()
+        self._cancel_events[task_run_id] = cancel_event
+        context = copy_context()
+        where = "the flow's process" if options.local else "a Modal sandbox"
+        flow_run_ctx = FlowRunContext.get()
+        (get_run_logger(flow_run_ctx) if flow_run_ctx else self.logger).debug(
+            f"Submitting task {task.name} to {where}..."
+        )
+        submit_kwargs: dict[str, Any] = dict(
+            task=runnable,
+            task_run_id=task_run_id,
+            parameters=parameters,
+            wait_for=wait_for,
+            return_type="state",
+            dependencies=dependencies,
+            context=dict(cancel_event=cancel_event),
+        )
+        if task.isasync:
+            future = self._executor.submit(
+                context.run,
+                _contain_remote_interrupts,
+                asyncio.run,
+                run_task_async(**submit_kwargs),
+            )
+        else:
+            future = self._executor.submit(
+                context.run,  # type: ignore[arg-type]
+                _contain_remote_interrupts,
+                run_task_sync,
+                **submit_kwargs,
+            )
+        with self._submission_lock:
+            self._active_submission_count += 1
+        future.add_done_callback(self._on_executor_future_done)
+        return PrefectConcurrentFuture(task_run_id=task_run_id, wrapped_future=future)
+
+    def map(  # type: ignore[override]
+        self,
+        task: Task[Any, Any],
+        parameters: dict[str, Any],
+        wait_for: Iterable[PrefectFuture[Any]] | None = None,
+    ) -> PrefectFutureList[PrefectConcurrentFuture[Any]]:
+        # Validate the merged spec once, before any of the mapped calls starts.
+        self.options_for(task)
+        return super().map(task, parameters, wait_for)  # type: ignore[arg-type]
+
+    def options_for(self, task: Task[Any, Any]) -> ModalOptions:
+        """What one submit of `task` gets: runner spec < task's options < `with` blocks."""
+        opts = options_for(task)
+        local = self.default_local if opts.local is None else opts.local
+        spec = self.spec.merged_with(opts.spec) if opts.spec else self.spec
+        return ModalOptions(spec=spec, local=local)
+
+    # -- the remote function -------------------------------------------------------------
+
+    def _remote_task(self, task: Task[Any, Any], spec: SandboxSpec) -> Task[Any, Any]:
+        """A copy of `task` whose function runs in a sandbox; everything else is Prefect's.
+
+        A shallow copy keeps the task's key, name, source (for cache keys),
+        retries, hooks and result settings; only `fn` changes.
+        """
+        remote = copy.copy(task)
+        remote.fn = _remote_function(task.fn, spec, self)
+        return remote
+
+    def _environment(self) -> CallEnvironment:
+        target = self.target()
+        if self._artifacts is None:  # used outside `with runner:` by a direct call
+            self._artifacts = ArtifactWriter()
+        return CallEnvironment(
+            client=target.client,
+            target_kind=target.kind,
+            server_url=target.server_url,
+            registry=registry_for(self._family),
+            semaphore=self._semaphore,
+            artifacts=self._artifacts,
+            on_record=self._remember,
+            owner=self,
+            max_result_bytes=self.max_result_bytes,
+            log_level=self.log_level,
+        )
+
+    def target(self) -> Target:
+        """The Modal this runner talks to, resolved on first use (not when built or unpickled)."""
+        with self._target_lock:
+            if self._target is None:
+                from prefect_modal.targets import resolve_target
+
+                self._target = resolve_target(self.credentials)
+            return self._target
+
+    # -- records ------------------------------------------------------------------------
+
+    def _remember(self, record: SandboxArtifact) -> None:
+        with self._records_lock:
+            self._records.append(record)
+
+    def records(self) -> list[SandboxArtifact]:
+        """Final records of the sandboxes this runner instance ran, in finishing order."""
+        with self._records_lock:
+            return list(self._records)
+
+    def _finish_records(self, timeout: float) -> None:
+        """Wait for the artifact writes, then write the flow run's table of sandboxes."""
+        if self._artifacts is not None:
+            self._artifacts.flush(timeout=timeout)
+        by_flow: dict[UUID, list[SandboxArtifact]] = {}
+        for record in self.records():
+            if record.flow_run_id is not None:
+                by_flow.setdefault(record.flow_run_id, []).append(record)
+        for flow_run_id, records in by_flow.items():
+            try:
+                write_flow_summary(flow_run_id, sorted(records, key=lambda r: r.started_at))
+            except Exception as exc:
+                self.logger.warning("prefect-modal: could not write the sandbox summary: %s", exc)
+
+
+def _contain_remote_interrupts(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run the engine; a KeyboardInterrupt/SystemExit raised *in a sandbox* ends the task
+    Crashed (the engine has recorded it) without tearing down the flow process."""
+    try:
+        return fn(*args, **kwargs)
+    except REMOTE_INTERRUPTS as exc:
+        from prefect._internal.states import exception_to_crashed_state_sync
+
+        return exception_to_crashed_state_sync(exc)
+
+
+def _call_for(
+    fn: Callable[..., Any], spec: SandboxSpec, runner: ModalTaskRunner, args: Any, kwargs: Any
+) -> SandboxCall:
+    from prefect.context import TaskRunContext
+
+    ctx = TaskRunContext.get()
+    if ctx is None:  # pragma: no cover - the engine always sets it
+        raise RuntimeError("a ModalTaskRunner task function ran outside a Prefect task run")
+    task_run = ctx.task_run
+    info = CallInfo(
+        task_run_id=task_run.id,
+        flow_run_id=task_run.flow_run_id,
+        task_name=ctx.task.name,
+        attempt=max(1, task_run.run_count),
+        timeout_seconds=ctx.task.timeout_seconds,
+    )
+    return SandboxCall(
+        fn=fn,
+        args=tuple(args),
+        kwargs=dict(kwargs),
+        spec=spec,
+        info=info,
+        env=runner._environment(),
+        run_logger=get_run_logger(ctx),
+    )
+
+
+def _remote_function(
+    fn: Callable[..., Any], spec: SandboxSpec, runner: ModalTaskRunner
+) -> Callable[..., Any]:
+    """The stand-in for `fn` the engine calls: same signature (via `__wrapped__`),
+    same sync/async nature; the body runs in a sandbox."""
+    if inspect.iscoroutinefunction(fn):
+
+        @functools.wraps(fn)
+        async def call_in_sandbox_async(*args: Any, **kwargs: Any) -> Any:
+            call = _call_for(fn, spec, runner, args, kwargs)
+            try:
+                return await asyncio.to_thread(call.run)
+            except BaseException:  # asyncio cancellation: Prefect's timeout or shutdown
+                call.cancel("interrupted")
+                raise
+
+        return call_in_sandbox_async
+
+    @functools.wraps(fn)
+    def call_in_sandbox(*args: Any, **kwargs: Any) -> Any:
+        return _call_for(fn, spec, runner, args, kwargs).run()
+
+    return call_in_sandbox
+
+
+__all__ = ["DEFAULT_MAX_PARALLELISM", "ModalTaskRunner"]

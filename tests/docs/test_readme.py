@@ -1,0 +1,158 @@
+"""Every code block of the README runs, so the README cannot rot.
+
+The first block (set-up, main job, tests) is what `.ci/run` executes line by
+line; here we check its shape.  Every other block runs against a real Prefect
+server and the local Modal server, in README order, as a user would type it:
+python blocks as scripts, bash blocks in bash, long-running commands
+(`prefect worker start`) in the background until the module ends.  A block
+preceded by `<!-- readme-test: not run (REASON) -->` is reported as skipped
+with that reason (e.g. `modal token new`, which needs an account).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from prefect_modal.services import Service, spawn, start_local_modal, start_prefect_server
+
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
+NOT_RUN = re.compile(r"<!--\s*readme-test:\s*not run\s*\((?P<reason>[^)]*)\)\s*-->")
+BACKGROUND = ("prefect worker start",)
+
+
+@dataclass
+class Block:
+    lang: str
+    code: str
+    line: int
+    not_run: str | None = None
+
+    @property
+    def id(self) -> str:
+        return f"L{self.line}-{self.lang}"
+
+
+def readme_blocks() -> list[Block]:
+    blocks: list[Block] = []
+    lines = README.read_text().splitlines()
+    i = 0
+    while i < len(lines):
+        opening = re.match(r"^```(\w*)\s*$", lines[i])
+        if not opening:
+            i += 1
+            continue
+        start = i
+        i += 1
+        body: list[str] = []
+        while i < len(lines) and not lines[i].startswith("```"):
+            body.append(lines[i])
+            i += 1
+        previous = next((ln for ln in reversed(lines[:start]) if ln.strip()), "")
+        marker = NOT_RUN.search(previous)
+        blocks.append(
+            Block(
+                lang=opening.group(1),
+                code="\n".join(body) + "\n",
+                line=start + 1,
+                not_run=marker.group("reason") if marker else None,
+            )
+        )
+        i += 1
+    return blocks
+
+
+BLOCKS = readme_blocks()
+
+
+def test_first_block_is_the_three_commands_ci_runs() -> None:
+    first = BLOCKS[0]
+    commands = [ln for ln in first.code.splitlines() if ln.strip() and not ln.startswith("#")]
+    assert len(commands) == 3, commands
+    assert "pip install" in commands[0] and "constraints.txt" in commands[0]
+    assert commands[1].endswith("prefect-modal demo")
+    assert commands[2].endswith("pytest")
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "README.md" in ci and 'bash -c "${steps[2]}"' in ci
+
+
+@dataclass
+class Session:
+    """Servers and background commands the README's blocks share, in order."""
+
+    env: dict[str, str]
+    workdir: Path
+    background: list[Service] = field(default_factory=list)
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Session]:
+    workdir = tmp_path_factory.mktemp("readme")
+    home = workdir / "home"
+    home.mkdir()
+    prefect = start_prefect_server(workdir / "prefect", ui=False)
+    modal = start_local_modal(workdir / "modal")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MODAL_"))}
+    env.update(modal.env)
+    env.update(
+        HOME=str(home),
+        MODAL_CONFIG_PATH=str(home / ".modal.toml"),
+        PREFECT_HOME=str(workdir / "prefect"),
+        PREFECT_API_URL=str(prefect.url),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        PYTHONUNBUFFERED="1",
+    )
+    state = Session(env=env, workdir=workdir)
+    try:
+        yield state
+    finally:
+        for service in [*reversed(state.background), modal, prefect]:
+            service.stop()
+        for service in [*state.background, modal, prefect]:
+            assert service.process.poll() is not None, f"{service.name} still running"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("block", BLOCKS[1:], ids=[b.id for b in BLOCKS[1:]])
+def test_readme_block_runs(block: Block, session: Session) -> None:
+    if block.not_run:
+        pytest.skip(f"README line {block.line}: {block.not_run}")
+    if block.lang == "python":
+        script = session.workdir / f"block_{block.line}.py"
+        script.write_text(block.code)
+        cmd = [sys.executable, str(script)]
+        result = subprocess.run(
+            cmd, cwd=session.workdir, env=session.env, capture_output=True, text=True, timeout=240
+        )
+    elif block.lang == "bash":
+        foreground = []
+        for line in block.code.splitlines():
+            if line.strip().startswith(BACKGROUND):
+                name = f"readme-L{block.line}"
+                service = spawn(name, ["bash", "-c", line], session.env, session.workdir)
+                session.background.append(service)
+            else:
+                foreground.append(line)
+        result = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", "\n".join(foreground)],
+            cwd=ROOT,
+            env=session.env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    else:
+        pytest.fail(f"README line {block.line}: a ```{block.lang} block; tag it python or bash")
+    assert result.returncode == 0, (
+        f"README block at line {block.line} failed ({result.returncode}):\n"
+        f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )

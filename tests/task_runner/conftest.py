@@ -1,0 +1,75 @@
+"""Fixtures for the ModalTaskRunner tests: one Prefect API and one local Modal server
+per session, and runners pointed at that server.
+
+Each test runs its own flow run, and every sandbox carries its flow run id as a
+tag, so tests share the servers and still count only their own sandboxes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from prefect_modal import ModalCredentials, ModalTaskRunner
+from prefect_modal.local import LocalModal, SandboxRecord
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Prefect's own test harness: a temporary API server and database for the session."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect-home")))
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield str(PREFECT_API_URL.value())
+
+
+@pytest.fixture(scope="session")
+def modal_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalModal]:
+    with LocalModal(
+        state_dir=tmp_path_factory.mktemp("runner-local-modal"),
+        secrets={"runner-secret": {"NAMED_SECRET_VALUE": "n4med-s3cret"}},
+    ) as lm:
+        yield lm
+
+
+@pytest.fixture
+def credentials(modal_server: LocalModal) -> ModalCredentials:
+    """A block pointing at the session's local server (so no auto-started server)."""
+    token_id, token_secret = (
+        modal_server.env["MODAL_TOKEN_ID"],
+        modal_server.env["MODAL_TOKEN_SECRET"],
+    )
+    return ModalCredentials(
+        token_id=token_id, token_secret=token_secret, server_url=modal_server.url
+    )
+
+
+@pytest.fixture
+def make_runner(prefect_api: str, credentials: ModalCredentials) -> Callable[..., ModalTaskRunner]:
+    def make(**kwargs: Any) -> ModalTaskRunner:
+        kwargs.setdefault("credentials", credentials)
+        return ModalTaskRunner(**kwargs)
+
+    return make
+
+
+def sandboxes_of(server: LocalModal, flow_run_id: Any) -> list[SandboxRecord]:
+    """Every sandbox the server ran for one flow run (found by our tag, as status.py does)."""
+    return [s for s in server.sandboxes() if s.tags.get("prefect.flow-run-id") == str(flow_run_id)]
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s")

@@ -1,0 +1,56 @@
+"""per_step mode through the worker: one sandbox for the flow run, one per task call."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from worker_helpers import (
+    MAIN_POOL,
+    ModalServer,
+    deploy,
+    flow_run_logs,
+    start_run,
+    wait_final,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def test_per_step_one_sandbox_for_flow_plus_one_per_task(
+    api: Any, main_worker: Any, modal_server: ModalServer
+) -> None:
+    dep = deploy(
+        api,
+        MAIN_POOL,
+        "flows.py:fan_out",
+        "fan-out",
+        job_variables={
+            "mode": "per_step",
+            "max_parallelism": 2,
+            "cpu": 0.25,
+            "env": {"TASK_SETTING": "on"},
+        },
+    )
+    run_id = start_run(api, dep, n=2)
+    run = wait_final(api, run_id, timeout=120)
+    assert run.state.is_completed(), run.state
+
+    [flow_sandbox] = modal_server.for_run(run_id)
+    assert flow_sandbox.tags["prefect-modal-mode"] == "per_step"
+    tasks = [
+        r for r in modal_server.sandboxes() if r.tags.get("prefect.flow-run-id") == str(run_id)
+    ]
+    assert len(tasks) == 2, [r.tags for r in modal_server.sandboxes()]
+    assert all(t.id != flow_sandbox.id and t.cpu == 0.25 for t in tasks)
+    # The job's own env reaches the tasks; Prefect's API settings do not need to.
+    assert all("TASK_SETTING" in t.env_names for t in tasks)
+    # The tasks' prints come back as the task runs' logs.
+    wait_for(
+        lambda: all(
+            any(f"TASK-PRINT double {i}" in m for m in flow_run_logs(api, run_id)) for i in (0, 1)
+        ),
+        30,
+        "the tasks' prints in the run's logs",
+    )
