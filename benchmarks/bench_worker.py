@@ -110,6 +110,7 @@ def wait_until(predicate: Any, timeout: float, what: str) -> Any:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5, help="measured runs per worker")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir (logs) for a look")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-worker-"))
@@ -232,7 +233,10 @@ def main() -> None:
         report(timings, args.runs)
     finally:
         procs.stop_all()
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            print(f"logs kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def _healthy(url: str, proc: subprocess.Popen[Any]) -> bool:

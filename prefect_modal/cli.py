@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from prefect_modal import tags
 from prefect_modal.demo import REPO_FLOWS, run_demo
 from prefect_modal.local.cli import local_app
 
@@ -170,7 +171,7 @@ def logs(
     # base64) and its stderr carries the user's output with origin markers
     # (see `remote.py`): show the user's lines, unmarked, where they were printed.
     try:
-        task_sandbox = "prefect.task-run-id" in sandboxes.sandbox_tags(sandbox)
+        task_sandbox = tags.TASK_RUN in sandboxes.sandbox_tags(sandbox)
     except Exception:
         task_sandbox = False
 
@@ -239,7 +240,8 @@ def cancel(
                 if state is not None and state.is_completed():
                     outcome = "Completed (it finished before it could be cancelled)"
                 else:
-                    client.set_flow_run_state(run_id, Cancelled(message=message), force=True)
+                    if state is None or not state.is_cancelled():  # e.g. a worker did it
+                        client.set_flow_run_state(run_id, Cancelled(message=message), force=True)
                     outcome = "Cancelled"
     except Exception as exc:
         exit_with_error(

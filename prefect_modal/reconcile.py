@@ -169,8 +169,28 @@ class Reconciler:
             return
         runs = await self._read_runs(FlowRunFilter(id=FlowRunFilterId(any_=list(entries))))
         for run in runs:
-            if run.state is not None and run.state.type == StateType.CANCELLING:
-                self._start(self.worker.cancel_in_flight, entries[run.id])
+            state, entry = run.state, entries[run.id]
+            if state is None:
+                continue
+            if state.type in (StateType.CANCELLING, StateType.CANCELLED):
+                self._start(self.worker.cancel_in_flight, entry)
+            elif state.is_final():
+                # The engine reported the end but its sandbox lingers (a stuck
+                # non-daemon thread, a child process): reap it after a grace.
+                first = self._final_first_seen.setdefault(entry.sandbox_id or "", time.monotonic())
+                if time.monotonic() - first >= FINAL_GRACE_SECONDS and entry.sandbox is not None:
+                    from prefect_modal import sandboxes
+
+                    self.logger.info(
+                        "Terminating sandbox %s: its flow run %s is %s since %.0f s.",
+                        entry.sandbox_id,
+                        run.id,
+                        state.name,
+                        FINAL_GRACE_SECONDS,
+                    )
+                    entry.reaped = True
+                    await self.worker.in_thread(sandboxes.terminate, entry.sandbox)
+                    self._final_first_seen.pop(entry.sandbox_id or "", None)
 
     async def _read_runs(self, flow_run_filter: FlowRunFilter, **filters: Any) -> list[FlowRun]:
         # Prefect 3.8's client sends null sort/limit when not given, which its

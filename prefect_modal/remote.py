@@ -1,24 +1,27 @@
 """What runs inside a per-step sandbox: read a pickled call, run it, send back the outcome.
 
-This file is sent to the sandbox as the *source* of ``python -c`` (see
-``bootstrap_command``), because prefect_modal is not in the user's image.  So it
-imports nothing but the standard library (cloudpickle only when a payload needs
-it), keeps to syntax old Pythons parse, and never imports Prefect: the sandbox
-needs no route to the Prefect API and the per-task cost stays one process start.
+This file is sent to the sandbox as the *source* of ``python -S -c`` (see
+``sandbox_call.bootstrap_command``), because prefect_modal is not in the user's
+image.  So it imports nothing but the standard library (cloudpickle only when a
+payload needs it, as unpickling by-value code does), and never imports
+Prefect: the sandbox needs no route to the Prefect API and the per-task cost
+stays one process start.  ``-S`` skips `.pth` processing; `_fast_site` does the
+cheap part of `site` and `_LateSite` the rest on the first import that misses.
 
 The protocol (one call per process):
 
-* stdin: one JSON header line (protocol, nonce, expected Python ``X.Y``, payload
-  size, result size limit, log level), then exactly ``size`` bytes of
-  ``cloudpickle.dumps((fn, args, kwargs))``.
+* stdin: one header line of ``key=value`` words (protocol, nonce, expected
+  Python ``X.Y``, payload size, result size limit, log level), then exactly
+  ``size`` bytes of ``cloudpickle.dumps((fn, args, kwargs))``.
 * the private channel: fd 1 as the sandbox started, duplicated before any user
   code runs; fd 1 is then pointed at a pipe whose lines the bootstrap re-emits
   on stderr with a marker.  User prints, subprocesses and C extensions can
   therefore never write into the channel.  On it go frames
   ``<nonce> <KIND> <n>\\n<n base64 chars>\\n<nonce> END\\n``: ``HELLO`` first (our
-  Python version, JSON), then one of ``OK`` (pickled result), ``RAISE`` (pickled
-  exception info with the remote traceback) or ``ERROR`` (JSON: the bootstrap
-  itself could not do its job, e.g. a Python version mismatch).
+  Python version, before any user code; the version check happens here), then
+  one of ``OK`` (pickled result), ``RAISE`` (pickled exception info with the
+  remote traceback) or ``ERROR`` (``reason\\nmessage``: the bootstrap could not
+  do its job: Python version mismatch, unloadable payload, result too large).
 * stderr: every line is the user's output.  Lines that start with ``MARK`` carry
   their origin: ``\\x1fO\\x1f`` stdout (INFO), ``\\x1fL<levelno>\\x1f`` a ``logging``
   record at that level, ``\\x1fB\\x1f`` a bootstrap notice.  Unmarked lines are raw
@@ -73,6 +76,16 @@ def decode_frames(nonce, text):
                     continue
         i += 1
     return frames
+
+
+def hello_nonce(text):
+    """The nonce of the first HELLO frame in `text`: how a process that attaches to a
+    sandbox started by an earlier one reads that call's outcome."""
+    for line in text.split("\n"):
+        parts = line.split(" ")
+        if len(parts) == 3 and parts[1] == "HELLO" and parts[2].isdigit():
+            return parts[0]
+    return None
 
 
 def classify_line(line):

@@ -34,6 +34,7 @@ from uuid import UUID
 import cloudpickle
 
 from prefect_modal import remote, sandboxes
+from prefect_modal import tags as tag_keys
 from prefect_modal.artifacts import SandboxArtifact, write_sandbox_artifact
 from prefect_modal.settings import DEFAULT_TIMEOUT_SECONDS, SandboxSpec
 
@@ -135,6 +136,13 @@ def _installed_roots() -> tuple[str, ...]:
 
 
 _INSTALLED = _installed_roots()
+
+#: Never by value, wherever they are installed (an editable checkout of ours, say):
+#: pickling the runner's own classes by value would drag its locks and clients
+#: into every payload, and breaks Prefect's cloudpickling of the runner itself.
+_NEVER_BY_VALUE = frozenset(
+    {"prefect_modal", "prefect", "modal", "modal_proto", "cloudpickle", "pytest", "_pytest"}
+)
 _by_value_lock = threading.Lock()
 _by_value_seen: dict[str, bool] = {}
 _modules_scanned = 0
@@ -160,7 +168,9 @@ def register_user_modules() -> None:
             return
         for name, module in list(sys.modules.items()):
             top = name.partition(".")[0]
-            if top in _by_value_seen or top == "__main__" or module is None:
+            if top in _by_value_seen or top == "__main__" or top in _NEVER_BY_VALUE:
+                continue
+            if module is None:
                 continue
             top_module = sys.modules.get(top)
             user = top_module is not None and _is_user_module(top_module)
@@ -205,13 +215,13 @@ class CallInfo:
     @property
     def tags(self) -> dict[str, str]:
         tags = {
-            "prefect.task-run-id": str(self.task_run_id),
-            "prefect.attempt": str(self.attempt),
-            "prefect.task-name": self.task_name[:60],
-            "prefect-modal.mode": "per_step",
+            tag_keys.TASK_RUN: str(self.task_run_id),
+            tag_keys.ATTEMPT: str(self.attempt),
+            tag_keys.TASK_NAME: self.task_name[:60],
+            tag_keys.MODE: "per_step",
         }
         if self.flow_run_id:
-            tags["prefect.flow-run-id"] = str(self.flow_run_id)
+            tags[tag_keys.FLOW_RUN] = str(self.flow_run_id)
         return tags
 
 
@@ -482,7 +492,21 @@ class SandboxCall:
             self._start_record(sandbox, spec)
             if cancel_now:
                 self._terminate(sandbox)
-            elif not attached:
+            elif attached:
+                # The earlier process may have died before sending its call: send ours.
+                # If it did send one, the bootstrap has read its payload and never
+                # reads stdin again, so this is harmless (and may be refused).
+                self.run_logger.warning(
+                    "Attempt %s of this task run is already running in sandbox %s "
+                    "(started by an earlier process): following it instead of starting it again",
+                    self.info.attempt,
+                    sandboxes.sandbox_id(sandbox),
+                )
+                try:
+                    sandboxes.send_stdin(sandbox, stdin_data)
+                except Exception:
+                    pass
+            else:
                 try:
                     sandboxes.send_stdin(sandbox, stdin_data)
                 except Exception:
@@ -491,7 +515,7 @@ class SandboxCall:
             sandboxes.follow_stderr(sandbox, self._on_line)
             returncode = sandboxes.wait_returncode(sandbox)
             output = sandboxes.read_stdout(sandbox)
-            self._outcome = self._interpret(returncode, output)
+            self._outcome = self._interpret(returncode, output, attached)
             self._finish_record(returncode)
         except BaseException as exc:
             if self._cancel_reason and self._cancel_reason != "timeout":
@@ -589,8 +613,9 @@ class SandboxCall:
 
     # -- reading the outcome ---------------------------------------------------------
 
-    def _interpret(self, returncode: int | None, output: str) -> _Outcome:
-        frames = dict(remote.decode_frames(self.nonce, output))
+    def _interpret(self, returncode: int | None, output: str, attached: bool = False) -> _Outcome:
+        nonce = (remote.hello_nonce(output) or self.nonce) if attached else self.nonce
+        frames = dict(remote.decode_frames(nonce, output))
         if "OK" in frames:
             return _Outcome(value=cloudpickle.loads(frames["OK"]))
         if "RAISE" in frames:

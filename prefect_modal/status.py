@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
+from prefect_modal import tags
 from prefect_modal.artifacts import SandboxArtifact, read_sandbox_artifacts
 from prefect_modal.credentials import ModalCredentials
+from prefect_modal.settings import DEFAULT_APP_NAME
 
 #: Tag every prefect-modal sandbox carries (see `CallInfo.tags` and the worker).
-FLOW_RUN_TAG = "prefect.flow-run-id"
+FLOW_RUN_TAG = tags.FLOW_RUN
 
 _EXIT_STATUS = {0: "succeeded", 137: "terminated", 124: "timeout"}
 
@@ -63,11 +65,17 @@ def _live(sandbox_id: str, client: Any) -> tuple[str, int | None]:
     return _EXIT_STATUS.get(code, "failed"), code
 
 
-def _running_by_tag(flow_run_id: UUID, client: Any) -> list[str]:
+def _running_by_tag(flow_run_id: UUID, client: Any, app_names: Iterable[str]) -> list[str]:
+    """Running sandboxes tagged with the run, looked for app by app (Modal
+    deprecates listing a whole environment)."""
     from prefect_modal import sandboxes
 
-    found = sandboxes.list_sandboxes({FLOW_RUN_TAG: str(flow_run_id)}, client)
-    return [sandboxes.sandbox_id(sb) for sb in found]
+    found: list[str] = []
+    for app_name in dict.fromkeys(app_names):
+        for sb in sandboxes.list_in_app(app_name, {FLOW_RUN_TAG: str(flow_run_id)}, client):
+            if sandboxes.sandbox_id(sb) not in found:
+                found.append(sandboxes.sandbox_id(sb))
+    return found
 
 
 def flow_run_sandboxes(
@@ -86,7 +94,8 @@ def flow_run_sandboxes(
         client = resolve_target(credentials).client
     records = {r.sandbox_id: r for r in read_sandbox_artifacts(run_id)}
     ids = list(records)
-    ids += [sid for sid in _running_by_tag(run_id, client) if sid not in records]
+    apps = [DEFAULT_APP_NAME, *(r.app_name for r in records.values())]
+    ids += [sid for sid in _running_by_tag(run_id, client, apps) if sid not in records]
     reports = []
     for sid in ids:
         status, code = _live(sid, client)

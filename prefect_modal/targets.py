@@ -80,7 +80,13 @@ def resolve_target(credentials: ModalCredentials | None = None) -> Target:
             "set MODAL_TOKEN_ID and MODAL_TOKEN_SECRET, or pass a ModalCredentials block."
         )
     creds = credentials or ModalCredentials()
-    key = ("modal", creds.server_url, creds.token_id)
+    # Ambient values are part of the key: a process whose MODAL_* variables
+    # change (a test pointed at another server) must not keep the old client.
+    key = (
+        "modal",
+        creds.server_url or os.environ.get("MODAL_SERVER_URL"),
+        creds.token_id or os.environ.get("MODAL_TOKEN_ID"),
+    )
     with _lock:
         if key not in _targets:
             _targets[key] = _connect(creds)

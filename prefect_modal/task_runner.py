@@ -21,6 +21,7 @@ import functools
 import inspect
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from contextvars import copy_context
@@ -31,7 +32,7 @@ from prefect.client.schemas.objects import RunInput
 from prefect.futures import PrefectConcurrentFuture, PrefectFuture, PrefectFutureList
 from prefect.logging.loggers import get_run_logger
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
-from typing_extensions import ParamSpec, Self
+from typing_extensions import Self
 
 from prefect_modal.artifacts import SandboxArtifact, write_flow_summary
 from prefect_modal.credentials import ModalCredentials
@@ -52,12 +53,15 @@ if TYPE_CHECKING:
 
     from prefect_modal.targets import Target
 
-P = ParamSpec("P")
 R = TypeVar("R")
 
 #: Sandboxes running at once per flow run when nothing says otherwise.  Modal
 #: scales far beyond it; on the local server every sandbox is a process here.
 DEFAULT_MAX_PARALLELISM = 32
+
+#: Longest a runner leaving by an exception waits for its engine threads to record
+#: the final states of the tasks whose sandboxes it just terminated.
+EXIT_GRACE_SECONDS = 10.0
 
 #: Engine threads when `max_workers` is unset: enough that tasks waiting for a
 #: sandbox slot never starve the engine, bounded so a 10k-task map does not
@@ -232,9 +236,14 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
             event.set()
         if exc_type is not None:
             self._terminate_own(f"the flow run ended with {exc_type.__name__}")
-        if self._executor is not None:
-            self._executor.shutdown(wait=exc_type is None, cancel_futures=True)
-            self._executor = None
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=exc_type is None, cancel_futures=True)
+            if exc_type is not None:
+                # Terminated sandboxes end in about a second; let their engine threads
+                # record the final states before the process exits (Prefect's API
+                # client is gone once the interpreter shuts down), but never hang on them.
+                _join_threads(getattr(executor, "_threads", ()), EXIT_GRACE_SECONDS)
         try:
             self._finish_records(timeout=30 if exc_type is None else 3)
         finally:
@@ -273,13 +282,20 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
         from prefect.task_engine import run_task_async, run_task_sync
 
         options = self.options_for(task)
-        runnable = task if options.local else self._remote_task(task, options.spec or self.spec)
+        local = options.local or _is_generator(task)
+        if local and not options.local:
+            self.logger.warning(
+                "Task %r is a generator: its values stream to the engine one by one, which a "
+                "sandbox call cannot do; it runs in the flow's process.",
+                task.name,
+            )
+        runnable = task if local else self._remote_task(task, options.spec or self.spec)
 
         task_run_id = _new_task_run_id()
         cancel_event = threading.Event()
         self._cancel_events[task_run_id] = cancel_event
         context = copy_context()
-        where = "the flow's process" if options.local else "a Modal sandbox"
+        where = "the flow's process" if local else "a Modal sandbox"
         flow_run_ctx = FlowRunContext.get()
         (get_run_logger(flow_run_ctx) if flow_run_ctx else self.logger).debug(
             f"Submitting task {task.name} to {where}..."
@@ -391,6 +407,16 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
                 write_flow_summary(flow_run_id, sorted(records, key=lambda r: r.started_at))
             except Exception as exc:
                 self.logger.warning("prefect-modal: could not write the sandbox summary: %s", exc)
+
+
+def _is_generator(task: Task[Any, Any]) -> bool:
+    return bool(getattr(task, "isgenerator", False) or getattr(task, "isasyncgenerator", False))
+
+
+def _join_threads(threads: Iterable[threading.Thread], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for thread in list(threads):
+        thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _contain_remote_interrupts(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -43,7 +43,7 @@ from prefect.exceptions import InfrastructureNotFound
 from prefect.workers.base import BaseJobConfiguration, BaseWorker, BaseWorkerResult
 from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from prefect_modal import resources
+from prefect_modal import resources, tags
 from prefect_modal.credentials import ModalCredentials
 from prefect_modal.settings import SandboxSpec
 
@@ -64,12 +64,12 @@ SPEC_FIELDS: tuple[str, ...] = tuple(name for name in SandboxSpec.model_fields i
 IMAGE_FIELDS = ("image", "registry_secret", "python_version", "pip_packages")
 
 #: Tag names on every sandbox the worker starts: how it is found again.
-TAG_FLOW_RUN = "prefect-flow-run-id"
-TAG_DEPLOYMENT = "prefect-deployment-id"
-TAG_WORK_POOL = "prefect-work-pool-id"
-TAG_WORKER = "prefect-worker-name"
-TAG_ROLE = "prefect-modal-role"
-TAG_MODE = "prefect-modal-mode"
+TAG_FLOW_RUN = tags.FLOW_RUN
+TAG_DEPLOYMENT = tags.DEPLOYMENT
+TAG_WORK_POOL = tags.WORK_POOL
+TAG_WORKER = tags.WORKER
+TAG_ROLE = tags.ROLE
+TAG_MODE = tags.MODE
 ROLE_FLOW = "flow-run"
 
 PIPELINE_COMMAND = "python -m prefect.engine"
@@ -431,6 +431,7 @@ class InFlight:
     started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     cancel_started: bool = False
     cancelled_by_worker: bool = False
+    reaped: bool = False  # terminated by the watcher after its run was final
     finished: anyio.Event = field(default_factory=anyio.Event)
     cancel_done: anyio.Event = field(default_factory=anyio.Event)
     exit_code: int | None = None
@@ -617,7 +618,7 @@ class ModalWorker(BaseWorker[ModalWorkerJobConfiguration, Any, ModalWorkerResult
             with anyio.move_on_after(30):
                 await entry.cancel_done.wait()
         status = "succeeded" if exit_code == 0 else "failed"
-        if entry.cancelled_by_worker:
+        if entry.cancelled_by_worker or entry.reaped:
             status = "terminated"
         elif exit_code == 124:
             status = "timeout"
@@ -633,7 +634,8 @@ class ModalWorker(BaseWorker[ModalWorkerJobConfiguration, Any, ModalWorkerResult
                 )
         await self._write_artifact(entry, flow_run.id, status, exit_code)
         entry.exit_code = exit_code
-        return exit_code
+        # A sandbox we reaped after its run ended did its job: no crash to report.
+        return 0 if entry.reaped else exit_code
 
     async def _current_state(self, flow_run_id: UUID) -> Any:
         try:

@@ -1,36 +1,52 @@
-"""Shared fixtures: an isolated HOME and the embedded local Modal server.
+"""Shared fixtures: an isolated modal configuration and the embedded local Modal server.
 
-The modal client reads ``~/.modal.toml`` (or ``MODAL_CONFIG_PATH``) and
-``MODAL_*`` variables; tests must never see a developer's real profile or
-token, so every test gets its own HOME and a scrubbed ``MODAL_*`` environment.
+The modal client reads ``~/.modal.toml`` (or ``MODAL_CONFIG_PATH``) and the
+active profile *once, when ``modal`` is imported*, and ``MODAL_*`` variables on
+every call. Tests must never see a developer's real profile or token, so this
+module points ``MODAL_CONFIG_PATH`` at an empty file and drops ``MODAL_*``
+variables before anything imports ``modal``, and every test runs with the
+``MODAL_*`` environment scrubbed again and its own HOME (monkeypatch restores
+both afterwards).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import sys
+import tempfile
 from pathlib import Path
 
-import pytest
+_MODAL_CONFIG_DIR = tempfile.mkdtemp(prefix="prefect-modal-tests-")
+os.environ["MODAL_CONFIG_PATH"] = str(Path(_MODAL_CONFIG_DIR) / ".modal.toml")
+for _key in [k for k in os.environ if k.startswith("MODAL_") and k != "MODAL_CONFIG_PATH"]:
+    del os.environ[_key]
+if "modal.config" in sys.modules:  # imported earlier (a plugin?): forget what it read
+    sys.modules["modal.config"]._user_config = {}  # type: ignore[attr-defined]
 
-from prefect_modal.local import LocalModal
+from collections.abc import Iterator  # noqa: E402
+
+import pytest  # noqa: E402
+
+from prefect_modal.local import LocalModal  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _isolated_modal_config(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    home = tmp_path_factory.mktemp("home")
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("MODAL_CONFIG_PATH", str(home / ".modal.toml"))
+def _isolated_modal_env(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Per test: a fresh HOME (no ~/.modal.toml, no ~/.prefect-modal) and no MODAL_* variables."""
+    monkeypatch.setenv("HOME", str(tmp_path_factory.mktemp("home")))
     for key in list(os.environ):
         if key.startswith("MODAL_") and key != "MODAL_CONFIG_PATH":
             monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MODAL_CONFIG_PATH", str(Path(_MODAL_CONFIG_DIR) / ".modal.toml"))
 
 
 @pytest.fixture(scope="session")
 def local_modal_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalModal]:
-    """One server for the whole session (cheap tests share it)."""
+    """One server for the whole session, for tests that only need *a* server."""
     state = tmp_path_factory.mktemp("local-modal-session")
-    with LocalModal(state_dir=state, secrets={"test-secret": {"TEST_SECRET_VALUE": "s3cr3t-session"}}) as lm:
+    with LocalModal(state_dir=state) as lm:
         yield lm
 
 
@@ -39,7 +55,8 @@ def local_modal(tmp_path: Path) -> Iterator[LocalModal]:
     """A fresh local Modal server for one test, stopped (no process left) afterwards.
 
     ``local_modal.client`` is a modal.Client for it; ``local_modal.env`` is what
-    a child process needs (MODAL_SERVER_URL + token pair).
+    a child process needs (MODAL_SERVER_URL + token pair). Its state (sandbox
+    roots, volumes, sandboxes.json) is under ``tmp_path / "local-modal"``.
     """
     with LocalModal(state_dir=tmp_path / "local-modal") as lm:
         yield lm

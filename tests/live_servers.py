@@ -129,10 +129,31 @@ def pointed_at(servers: LiveServers, monkeypatch: pytest.MonkeyPatch) -> Iterato
     for key, value in servers.modal_env.items():
         monkeypatch.setenv(key, value)
     with temporary_settings(updates={PREFECT_API_URL: servers.api_url}):
-        yield
+        try:
+            yield
+        finally:
+            _drain_prefect_workers()
 
 
-def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.2) -> T:
+def _drain_prefect_workers() -> None:
+    """Send this process's queued logs and events while their server is still up.
+
+    Prefect keeps one background worker per API URL; one left with items for a
+    server that the fixture then stops makes the interpreter wait at exit.
+    """
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        try:
+            worker.drain_all(timeout=15, at_exit=False)
+        except Exception:  # best effort: never fail a test on housekeeping
+            pass
+
+
+def wait_for(
+    predicate: Callable[[], T | None], timeout: float, what: str, interval: float = 0.2
+) -> T:
     """Poll until `predicate()` is truthy; its value, or an AssertionError naming `what`."""
     deadline = time.monotonic() + timeout
     while True:

@@ -32,7 +32,9 @@ class Credentials:
     """The token pair clients must present, and the key that signs router JWTs."""
 
     token_id: str = field(default_factory=lambda: "ak-local-" + secrets.token_hex(8))
-    token_secret: str = field(default_factory=lambda: "as-local-" + secrets.token_hex(16), repr=False)
+    token_secret: str = field(
+        default_factory=lambda: "as-local-" + secrets.token_hex(16), repr=False
+    )
     _key: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
 
     def check_tokens(self, token_id: str | None, token_secret: str | None) -> bool:

@@ -60,16 +60,23 @@ def serve(
     ] = DEFAULT_STATE_DIR,
     secrets_file: Annotated[
         Path | None,
-        typer.Option(help='JSON {"secret-name": {"KEY": "value"}} served to modal.Secret.from_name.'),
+        typer.Option(
+            help='JSON {"secret-name": {"KEY": "value"}} served to modal.Secret.from_name.'
+        ),
     ] = None,
     refuse_gpu: Annotated[
-        bool, typer.Option("--refuse-gpu", help="Fail gpu= requests instead of running them on CPU.")
+        bool,
+        typer.Option("--refuse-gpu", help="Fail gpu= requests instead of running them on CPU."),
     ] = False,
 ) -> None:
     """Serve Modal's API on 127.0.0.1 until SIGINT/SIGTERM."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     secrets = _load_secrets(secrets_file)
-    lm = LocalModal(port=port, state_dir=state_dir.expanduser(), secrets=secrets, refuse_gpu=refuse_gpu)
+    lm = LocalModal(
+        port=port, state_dir=state_dir.expanduser(), secrets=secrets, refuse_gpu=refuse_gpu
+    )
     stop = threading.Event()
 
     def _on_signal(signum: int, _frame: object) -> None:

@@ -10,6 +10,7 @@ server's thread, and `stop()` kills every process group it started.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import secrets as _secrets
 import shutil
@@ -57,7 +58,9 @@ class LocalModal:
         self._host = host
         self._port = port
         self._own_state_dir = state_dir is None
-        self.state_dir = Path(state_dir) if state_dir else Path(tempfile.mkdtemp(prefix="prefect-modal-local-"))
+        self.state_dir = (
+            Path(state_dir) if state_dir else Path(tempfile.mkdtemp(prefix="prefect-modal-local-"))
+        )
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.credentials = Credentials()
         self._server_uid = _secrets.token_hex(6)
@@ -81,9 +84,12 @@ class LocalModal:
             return self
         self._thread = threading.Thread(target=self._run, name="prefect-modal-local", daemon=True)
         self._thread.start()
+        atexit.register(self.stop)  # a forgotten server still kills its sandboxes at exit
         self._ready.wait(30)
         if self._error is not None:
-            raise RuntimeError(f"the local Modal server failed to start: {self._error}") from self._error
+            raise RuntimeError(
+                f"the local Modal server failed to start: {self._error}"
+            ) from self._error
         if self._bound_port is None:
             raise RuntimeError("the local Modal server did not start within 30 s")
         return self
@@ -108,7 +114,9 @@ class LocalModal:
         server = Server([ControlPlane(self._ctx), Router(self._ctx)])
         grpclib.events.listen(server, grpclib.events.RecvRequest, self._ctx.on_request)
         await server.start(self._host, self._port)
-        sockets = server._server.sockets if server._server else []  # grpclib keeps the asyncio server
+        sockets = (
+            server._server.sockets if server._server else []
+        )  # grpclib keeps the asyncio server
         self._bound_port = sockets[0].getsockname()[1]
         host = "[::1]" if self._host == "::1" else self._host
         self._ctx.url = f"http://{host}:{self._bound_port}"
@@ -122,9 +130,11 @@ class LocalModal:
     async def _shutdown(self, server: Server) -> None:
         running = [sb for sb in self.registry.sandboxes.values() if not sb.done.is_set()]
         await asyncio.gather(*(sb.kill_now() for sb in running), return_exceptions=True)
+        await self._ctx.sweeper.drain()
         processes.kill_tree(None, f"{self._server_uid}:")
         await asyncio.gather(
-            *(sb.drain_background() for sb in self.registry.sandboxes.values()), return_exceptions=True
+            *(sb.drain_background() for sb in self.registry.sandboxes.values()),
+            return_exceptions=True,
         )
         server.close()
         try:
@@ -138,6 +148,7 @@ class LocalModal:
         if self._stopped:
             return
         self._stopped = True
+        atexit.unregister(self.stop)
         if self._client is not None:
             try:
                 self._client.close()
@@ -170,7 +181,9 @@ class LocalModal:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}" if self._host != "::1" else f"http://[::1]:{self.port}"
+        return (
+            f"http://127.0.0.1:{self.port}" if self._host != "::1" else f"http://[::1]:{self.port}"
+        )
 
     @property
     def env(self) -> dict[str, str]:
@@ -185,7 +198,9 @@ class LocalModal:
     def client(self) -> Any:
         """A `modal.Client` bound to this server (not the process-wide ``from_env`` singleton)."""
         if self._client is None:
-            self._client = make_client(self.url, self.credentials.token_id, self.credentials.token_secret)
+            self._client = make_client(
+                self.url, self.credentials.token_id, self.credentials.token_secret
+            )
         return self._client
 
     def _call(self, coro_fn: Any) -> Any:

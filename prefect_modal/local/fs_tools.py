@@ -9,7 +9,9 @@ against the sandbox's root directory on the host (see `runtime.SandboxPaths`).
 
 Commands (JSON, one key): ``ReadFile``, ``WriteFile`` (data on stdin),
 ``ListFiles``, ``MakeDirectory``, ``Remove``, ``Stat``. ``Watch`` answers
-``NotSupported``.
+``NotSupported``. Paths cannot climb out of the root with ``..``, but symlinks
+(volumes are symlinks) are followed: this is an emulation, not a sandbox
+boundary.
 """
 
 from __future__ import annotations

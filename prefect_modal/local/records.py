@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +46,11 @@ class SandboxRecord:
     root: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # not dataclasses.asdict: it deep-copies, and the listing is rewritten on every change
+        d = {name: getattr(self, name) for name in _FIELDS}
+        d["tags"], d["volumes"] = dict(self.tags), dict(self.volumes)
+        d["env_names"], d["secret_names"] = list(self.env_names), list(self.secret_names)
+        return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SandboxRecord:
@@ -55,21 +58,20 @@ class SandboxRecord:
         return cls(**known)
 
 
+_FIELDS = tuple(f.name for f in fields(SandboxRecord))
+
+
 def write_listing(path: Path, records: list[SandboxRecord]) -> None:
     """Atomically replace ``path`` with the JSON listing (readers never see half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = json.dumps({"sandboxes": [r.to_dict() for r in records]}, indent=1)
-    fd, tmp = tempfile.mkstemp(prefix=".sandboxes.", suffix=".json", dir=path.parent)
+    payload = json.dumps({"sandboxes": [r.to_dict() for r in records]}).encode()
+    # one writer (the server's loop thread), so a fixed temp name is enough
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+        os.write(fd, payload)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)  # the caller creates the directory once
 
 
 def read_listing(path: Path) -> list[SandboxRecord]:

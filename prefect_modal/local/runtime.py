@@ -46,6 +46,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from modal_proto import api_pb2
 
@@ -116,7 +117,7 @@ class ExecProcess:
         self.done = asyncio.Event()
         self.code: int | None = None
         self.signal: int | None = None
-        self.proc: asyncio.subprocess.Process | None = None
+        self.child: processes.Child | None = None
         self.stdin_offset = 0
         self.stdin_closed = False
         self.fs_command: tuple[str, dict[str, object]] | None = None
@@ -140,31 +141,27 @@ class ExecProcess:
                 if eof:
                     self.stdin_closed = True
                 return
-            proc = self.proc
-            if proc is None or proc.stdin is None or self.stdin_closed:
+            if self.child is None or self.stdin_closed:
                 return
-            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                if data:
-                    proc.stdin.write(data)
-                    await proc.stdin.drain()
-                self.stdin_offset += len(data)
-                if eof:
-                    self.stdin_closed = True
-                    proc.stdin.close()
+            self.stdin_offset += len(data)
+            self.stdin_closed = eof
+            await self.child.write_stdin(data, eof)
 
 
-async def _pump(stream: asyncio.StreamReader | None, buf: OutputBuffer) -> None:
-    """Copy a pipe into a buffer until EOF."""
-    try:
-        if stream is None:
-            return
-        while True:
-            chunk = await stream.read(_PUMP_CHUNK)
-            if not chunk:
-                return
-            buf.append(chunk)
-    finally:
-        buf.close()
+async def _drain_pipes(child: processes.Child, marker: str | None) -> None:
+    """After the process exited: collect the rest of its output, then release the pipes.
+
+    If something that escaped the process group still holds a pipe, kill every
+    process with the sandbox's marker; if even that does not close it, give up
+    on the pipe (the output so far is kept).
+    """
+    pending = [f for f in child.pipes_closed if not f.done()]
+    if pending:
+        _done, still = await asyncio.wait(pending, timeout=_EOF_GRACE_S)
+        if still and marker:
+            await asyncio.to_thread(processes.kill_tree, None, marker)
+            await asyncio.wait(still, timeout=_EOF_GRACE_S)
+    child.close()
 
 
 class LocalSandbox:
@@ -179,6 +176,7 @@ class LocalSandbox:
         paths: SandboxPaths,
         marker: str,
         on_change: Callable[[], None],
+        sweeper: processes.Sweeper | None = None,
     ) -> None:
         self.spec = spec
         self.id = sandbox_id
@@ -186,6 +184,7 @@ class LocalSandbox:
         self.paths = paths
         self.marker = marker
         self._on_change = on_change
+        self._sweeper = sweeper
         self.tags = dict(spec.tags)
         self.created_at = time.time()
         self.finished_at: float | None = None
@@ -196,7 +195,7 @@ class LocalSandbox:
         self.stderr = OutputBuffer()
         self.done = asyncio.Event()
         self.execs: dict[str, ExecProcess] = {}
-        self._proc: asyncio.subprocess.Process | None = None
+        self._child: processes.Child | None = None
         self._kill_reason: str | None = None
         self._kill_requested = asyncio.Event()
         self._last_activity = time.monotonic()
@@ -247,7 +246,9 @@ class LocalSandbox:
         if self.status == "timeout":
             return g(status=g.GENERIC_STATUS_TIMEOUT, exitcode=124, exception="Sandbox timed out")
         if self.status == "terminated":
-            return g(status=g.GENERIC_STATUS_TERMINATED, exitcode=137, exception="Sandbox terminated")
+            return g(
+                status=g.GENERIC_STATUS_TERMINATED, exitcode=137, exception="Sandbox terminated"
+            )
         code = self.returncode if self.returncode is not None else -1
         status = g.GENERIC_STATUS_SUCCESS if code == 0 else g.GENERIC_STATUS_FAILURE
         return g(status=status, exitcode=code)
@@ -279,10 +280,9 @@ class LocalSandbox:
         return env
 
     def _prepare_dirs(self) -> None:
-        fs = self.paths.fs
-        fs.mkdir(parents=True, exist_ok=True)
-        self.paths.resolve("/root").mkdir(parents=True, exist_ok=True)
-        self.paths.resolve("/tmp").mkdir(parents=True, exist_ok=True)
+        self.paths.fs.mkdir(parents=True)  # a fresh id: the directory cannot exist yet
+        os.mkdir(self.paths.resolve("/root"))
+        os.mkdir(self.paths.resolve("/tmp"))
         for mount_path, (_name, host_dir) in self.spec.volumes.items():
             host_dir.mkdir(parents=True, exist_ok=True)
             link = self.paths.resolve(mount_path)
@@ -290,7 +290,8 @@ class LocalSandbox:
             if link.is_symlink() or link.exists():
                 continue
             link.symlink_to(host_dir, target_is_directory=True)
-        self.paths.resolve(self.spec.workdir or "/").mkdir(parents=True, exist_ok=True)
+        if self.spec.workdir and self.spec.workdir != "/":
+            self.paths.resolve(self.spec.workdir).mkdir(parents=True, exist_ok=True)
 
     def _rlimit_as(self) -> int | None:
         limit = self.spec.memory_max_mib
@@ -300,7 +301,6 @@ class LocalSandbox:
 
     async def start(self) -> None:
         """Spawn the entrypoint and supervise it; never raises for a bad command."""
-        self._prepare_dirs()
         self._env = self._build_env()
         if self.spec.gpu:
             self.stderr.append(
@@ -309,19 +309,24 @@ class LocalSandbox:
             )
         args = self.spec.args or [shutil.which("sleep") or "sleep", "infinity"]
         try:
-            self._proc = await processes.spawn(
+            self._prepare_dirs()
+            popen = processes.spawn(
                 args,
                 env=self._env,
                 cwd=str(self.paths.resolve(self.spec.workdir or "/")),
                 rlimit_as_bytes=self._rlimit_as(),
             )
         except OSError as exc:
-            self.stderr.append(f"[prefect-modal local] cannot start {args[0]!r}: {exc.strerror}\n".encode())
+            self.stderr.append(
+                f"[prefect-modal local] cannot start {args[0]!r}: {exc.strerror}\n".encode()
+            )
             self.stdout.close()
             self.stderr.close()
             self._finish("exited", 127 if isinstance(exc, FileNotFoundError) else 126)
             return
-        self.pid = self._proc.pid
+        self._child = processes.Child(popen)
+        await self._child.attach(self.stdout, self.stderr)
+        self.pid = popen.pid
         self._on_change()
         self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
 
@@ -342,17 +347,13 @@ class LocalSandbox:
         return best
 
     async def _supervise(self) -> None:
-        proc = self._proc
-        assert proc is not None
-        pumps = [
-            asyncio.ensure_future(_pump(proc.stdout, self.stdout)),
-            asyncio.ensure_future(_pump(proc.stderr, self.stderr)),
-        ]
-        waiter = asyncio.ensure_future(proc.wait())
+        child = self._child
+        assert child is not None
+        exited = asyncio.ensure_future(child.wait_exited())
         kill_wait = asyncio.ensure_future(self._kill_requested.wait())
         reason: str | None = None
         try:
-            while not waiter.done():
+            while not exited.done():
                 deadline, _why = self._next_deadline()
                 delay = deadline - time.monotonic()
                 if delay <= 0:
@@ -360,36 +361,42 @@ class LocalSandbox:
                     break
                 # with an idle timeout, look again every second (activity moves the deadline)
                 cap = 1.0 if self.spec.idle_timeout_s else 3600.0
-                await asyncio.wait({waiter, kill_wait}, timeout=min(delay, cap), return_when="FIRST_COMPLETED")
-                if waiter.done():
+                await asyncio.wait(
+                    {exited, kill_wait}, timeout=min(delay, cap), return_when="FIRST_COMPLETED"
+                )
+                if exited.done():
                     break
                 if kill_wait.done():
                     reason = self._kill_reason or "terminated"
                     break
+            if reason is None and self._kill_requested.is_set():
+                reason = self._kill_reason or "terminated"  # killed before we looked
             if reason is not None:
-                await asyncio.to_thread(processes.kill_tree, proc.pid, self.marker)
-            else:
-                processes.killpg(proc.pid)  # the container goes away with its entrypoint
-            await waiter
-            done, _ = await asyncio.wait(pumps, timeout=_EOF_GRACE_S)
-            if len(done) < len(pumps):  # something still holds the pipes open
-                await asyncio.to_thread(processes.kill_tree, proc.pid, self.marker)
-                done, pending = await asyncio.wait(pumps, timeout=_EOF_GRACE_S)
-                for p in pending:
-                    p.cancel()
+                await asyncio.to_thread(processes.kill_tree, child.pid, self.marker)
+            await exited
+            # still a zombie, so the group id is still ours: the container goes away with
+            # its entrypoint, then the entrypoint is reaped
+            processes.killpg(child.pid)
+            raw = child.reap()
+            await _drain_pipes(child, self.marker)
         except asyncio.CancelledError:
-            processes.kill_tree(proc.pid, self.marker)
+            processes.kill_tree(child.pid, self.marker)
             raise
         finally:
+            exited.cancel()
             kill_wait.cancel()
             self.stdout.close()
             self.stderr.close()
         if reason is None:
-            self._finish("exited", _exit_code(proc.returncode))
+            self._finish("exited", _exit_code(raw))
         else:
             self._finish(reason, 124 if reason == "timeout" else 137)
-        # stragglers that left the group and closed the pipes (daemons) go too
-        task = asyncio.ensure_future(asyncio.to_thread(processes.kill_tree, None, self.marker))
+        # stragglers that left the group and closed the pipes (daemons) go too, soon
+        if self._sweeper is not None:
+            self._sweeper.add(self.marker)
+
+    def _spawn_background(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -419,8 +426,8 @@ class LocalSandbox:
     async def kill_now(self) -> None:
         """Server shutdown: kill synchronously, then let the supervisor record it."""
         self._kill_reason = self._kill_reason or "terminated"
-        processes.kill_tree(self.pid, self.marker)
         self._kill_requested.set()
+        processes.kill_tree(self.pid, self.marker)
         if self._supervisor is not None:
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(self._supervisor), 3)
@@ -444,16 +451,10 @@ class LocalSandbox:
     # ----- stdin -----------------------------------------------------------
 
     async def _write_stdin(self, data: bytes, eof: bool) -> None:
-        proc = self._proc
-        if proc is None or proc.stdin is None or self._stdin_closed:
+        if self._child is None or self._stdin_closed:
             return
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            if data:
-                proc.stdin.write(data)
-                await proc.stdin.drain()
-            if eof:
-                self._stdin_closed = True
-                proc.stdin.close()
+        self._stdin_closed = eof
+        await self._child.write_stdin(data, eof)
 
     async def stdin_write_at(self, offset: int, data: bytes, eof: bool) -> None:
         """V2: write at a byte offset; a retried write's overlap is dropped."""
@@ -501,16 +502,25 @@ class LocalSandbox:
         cwd = self.paths.resolve(workdir or self.spec.workdir or "/")
         try:
             cwd.mkdir(parents=True, exist_ok=True)
-            ex.proc = await processes.spawn(
-                args, env=full_env, cwd=str(cwd), rlimit_as_bytes=self._rlimit_as(),
-                stdout=stdout, stderr=stderr, merge_stderr=merge_stderr,
+            popen = processes.spawn(
+                args,
+                env=full_env,
+                cwd=str(cwd),
+                rlimit_as_bytes=self._rlimit_as(),
+                stdout=stdout,
+                stderr=stderr,
+                merge_stderr=merge_stderr,
             )
         except OSError as exc:
-            ex.stderr.append(f"[prefect-modal local] cannot start {args[0]!r}: {exc.strerror}\n".encode())
+            ex.stderr.append(
+                f"[prefect-modal local] cannot start {args[0]!r}: {exc.strerror}\n".encode()
+            )
             ex.stdout.close()
             ex.stderr.close()
             ex.finish(code=127 if isinstance(exc, FileNotFoundError) else 126)
             return ex
+        ex.child = processes.Child(popen)
+        await ex.child.attach(ex.stdout, ex.stderr)
         self._running_execs += 1
         task = asyncio.ensure_future(self._supervise_exec(ex, timeout_s))
         self._background.add(task)
@@ -518,25 +528,27 @@ class LocalSandbox:
         return ex
 
     async def _supervise_exec(self, ex: ExecProcess, timeout_s: float | None) -> None:
-        proc = ex.proc
-        assert proc is not None
-        pumps = [
-            asyncio.ensure_future(_pump(proc.stdout, ex.stdout)),
-            asyncio.ensure_future(_pump(proc.stderr, ex.stderr)),
-        ]
+        child = ex.child
+        assert child is not None
+        exited = asyncio.ensure_future(child.wait_exited())
         try:
             try:
-                await asyncio.wait_for(proc.wait(), timeout_s if timeout_s else None)
+                await asyncio.wait_for(asyncio.shield(exited), timeout_s if timeout_s else None)
             except asyncio.TimeoutError:
-                processes.killpg(proc.pid)
-                await proc.wait()
-            raw = proc.returncode
-            if raw is not None and raw < 0:
+                processes.killpg(child.pid)
+                await exited
+            raw = child.reap()
+            if raw < 0:
                 ex.finish(sig=-raw)
             else:
                 ex.finish(code=raw)
-            await asyncio.wait(pumps)
+            # output of an exec'd command may outlive it (a background child): keep
+            # reading until the pipes close (the sandbox's end closes them at the latest)
+            if child.pipes_closed:
+                await asyncio.wait(child.pipes_closed)
+            child.close()
         finally:
+            exited.cancel()
             self._running_execs -= 1
             self.touch()
 
@@ -544,7 +556,9 @@ class LocalSandbox:
         try:
             ex.fs_command = fs_tools.parse_command(args[1] if len(args) > 1 else "")
         except (ValueError, TypeError):
-            ex.stderr.append(b'{"error_kind": "InvalidArgument", "message": "bad fs-tools command"}')
+            ex.stderr.append(
+                b'{"error_kind": "InvalidArgument", "message": "bad fs-tools command"}'
+            )
             ex.stdout.close()
             ex.stderr.close()
             ex.finish(code=2)
@@ -557,7 +571,9 @@ class LocalSandbox:
         if ex.done.is_set() or ex.fs_command is None:
             return
         name, params = ex.fs_command
-        res = await asyncio.to_thread(fs_tools.run, name, params, self.paths.resolve, bytes(ex.fs_stdin))
+        res = await asyncio.to_thread(
+            fs_tools.run, name, params, self.paths.resolve, bytes(ex.fs_stdin)
+        )
         ex.stdout.append(res.stdout)
         ex.stderr.append(res.stderr)
         ex.stdout.close()

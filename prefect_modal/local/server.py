@@ -34,7 +34,7 @@ from modal_proto import task_command_router_pb2 as sr_pb2
 from modal_proto.api_grpc import ModalClientBase
 from modal_proto.task_command_router_grpc import TaskCommandRouterBase
 
-from . import ids
+from . import ids, processes
 from .auth import Credentials
 from .runtime import (
     DEFAULT_TIMEOUT_S,
@@ -82,7 +82,8 @@ def guarded(fn: Handler) -> Handler:
         except Exception as exc:
             log.warning("local server error in %s: %s", fn.__name__, type(exc).__name__)
             raise GRPCError(
-                Status.FAILED_PRECONDITION, f"local Modal server error in {fn.__name__}: {type(exc).__name__}"
+                Status.FAILED_PRECONDITION,
+                f"local Modal server error in {fn.__name__}: {type(exc).__name__}",
             ) from None
 
     return wrapper
@@ -90,7 +91,9 @@ def guarded(fn: Handler) -> Handler:
 
 def _unimplemented(name: str) -> Handler:
     async def handler(self: Any, stream: Stream[Any, Any]) -> None:
-        raise GRPCError(Status.UNIMPLEMENTED, f"{name} is not implemented by the local Modal server")
+        raise GRPCError(
+            Status.UNIMPLEMENTED, f"{name} is not implemented by the local Modal server"
+        )
 
     handler.__name__ = name
     return handler
@@ -104,7 +107,9 @@ def finalize_servicer(cls: type) -> type:
         for name, member in vars(base).items():
             if getattr(member, "__isabstractmethod__", False) and name in vars(cls):
                 impl = vars(cls)[name]
-                if not getattr(impl, "__isabstractmethod__", False) and not hasattr(impl, "__wrapped__"):
+                if not getattr(impl, "__isabstractmethod__", False) and not hasattr(
+                    impl, "__wrapped__"
+                ):
                     setattr(cls, name, guarded(impl))
     abc.update_abstractmethods(cls)
     return cls
@@ -151,6 +156,7 @@ class ServerContext:
         self.refuse_gpu = refuse_gpu
         self.server_uid = server_uid
         self.url = ""
+        self.sweeper = processes.Sweeper()
         self._warned_versions: set[str] = set()
 
     # ----- auth hook -------------------------------------------------------
@@ -165,7 +171,11 @@ class ServerContext:
                 fail(Status.UNAUTHENTICATED, "missing or invalid command router token")
             return
         version = str(md.get("x-modal-client-version", ""))
-        if version and version not in VERIFIED_CLIENT_VERSIONS and version not in self._warned_versions:
+        if (
+            version
+            and version not in VERIFIED_CLIENT_VERSIONS
+            and version not in self._warned_versions
+        ):
             self._warned_versions.add(version)
             msg = (
                 f"modal client {version} connected; the local Modal server is verified with "
@@ -217,17 +227,24 @@ class ServerContext:
             fail(Status.NOT_FOUND, f"App {app_id!r} not found (was the local server restarted?)")
         timeout = d.timeout_secs or DEFAULT_TIMEOUT_S
         if timeout > MAX_TIMEOUT_S:
-            fail(Status.INVALID_ARGUMENT, f"timeout={timeout}s is above the maximum of {MAX_TIMEOUT_S}s (24 h)")
+            fail(
+                Status.INVALID_ARGUMENT,
+                f"timeout={timeout}s is above the maximum of {MAX_TIMEOUT_S}s (24 h)",
+            )
         gpu = _gpu_string(d.resources.gpu_config) if d.HasField("resources") else None
         if gpu and self.refuse_gpu:
             fail(
                 Status.FAILED_PRECONDITION,
                 f"gpu={gpu!r} was requested, but this local Modal server was started with "
-                "refuse_gpu=True (--refuse-gpu): it has no GPUs. Run on Modal, or drop the gpu request.",
+                "refuse_gpu=True (--refuse-gpu): it has no GPUs. "
+                "Run on Modal, or drop the gpu request.",
             )
         name = d.name or None
         if name is not None and reg.running_with_name(app_id, name) is not None:
-            fail(Status.ALREADY_EXISTS, f"a running Sandbox named {name!r} already exists in this app")
+            fail(
+                Status.ALREADY_EXISTS,
+                f"a running Sandbox named {name!r} already exists in this app",
+            )
 
         image = reg.images.get(d.image_id)
         env: dict[str, str] = dict(image.env) if image else {}
@@ -297,10 +314,11 @@ class ServerContext:
             paths=SandboxPaths(reg.state_dir / "sandboxes" / sandbox_id),
             marker=f"{self.server_uid}:{sandbox_id}",
             on_change=reg.changed,
+            sweeper=self.sweeper,
         )
         reg.add_sandbox(sb)
         await sb.start()
-        log.info(
+        log.debug(
             "sandbox %s started (v%d, app %s, name %s, argv[0] %s)",
             sandbox_id,
             version,
@@ -355,20 +373,32 @@ class ServerContext:
                 continue
             found.append(sb)
         found.sort(key=lambda s: s.created_at, reverse=True)
-        return api_pb2.SandboxListResponse(sandboxes=[self.sandbox_info(s) for s in found[:_LIST_PAGE]])
+        return api_pb2.SandboxListResponse(
+            sandboxes=[self.sandbox_info(s) for s in found[:_LIST_PAGE]]
+        )
 
-    def from_name(self, req: api_pb2.SandboxGetFromNameRequest) -> api_pb2.SandboxGetFromNameResponse:
+    def from_name(
+        self, req: api_pb2.SandboxGetFromNameRequest
+    ) -> api_pb2.SandboxGetFromNameResponse:
         reg = self.registry
         app_id = reg.app_get_or_create(req.app_name, req.environment_name, create=False)
         if app_id is None:
             fail(Status.NOT_FOUND, f"App {req.app_name!r} not found")
         sb = reg.running_with_name(app_id, req.sandbox_name)
         if sb is None and req.include_terminated:
-            named = [s for s in reg.sandboxes.values() if s.spec.app_id == app_id and s.spec.name == req.sandbox_name]
+            named = [
+                s
+                for s in reg.sandboxes.values()
+                if s.spec.app_id == app_id and s.spec.name == req.sandbox_name
+            ]
             sb = max(named, key=lambda s: s.created_at) if named else None
         if sb is None:
-            fail(Status.NOT_FOUND, f"Sandbox {req.sandbox_name!r} not found in app {req.app_name!r}")
-        return api_pb2.SandboxGetFromNameResponse(sandbox_id=sb.id, metadata=self.handle_metadata(sb))
+            fail(
+                Status.NOT_FOUND, f"Sandbox {req.sandbox_name!r} not found in app {req.app_name!r}"
+            )
+        return api_pb2.SandboxGetFromNameResponse(
+            sandbox_id=sb.id, metadata=self.handle_metadata(sb)
+        )
 
 
 @finalize_servicer
@@ -381,11 +411,17 @@ class ControlPlane(ModalClientBase):
 
     async def ClientHello(self, stream: Stream[Any, api_pb2.ClientHelloResponse]) -> None:
         await stream.recv_message()
-        await stream.send_message(api_pb2.ClientHelloResponse(image_builder_version=IMAGE_BUILDER_VERSION))
+        await stream.send_message(
+            api_pb2.ClientHelloResponse(image_builder_version=IMAGE_BUILDER_VERSION)
+        )
 
-    async def AuthTokenGet(self, stream: Stream[api_pb2.AuthTokenGetRequest, api_pb2.AuthTokenGetResponse]) -> None:
+    async def AuthTokenGet(
+        self, stream: Stream[api_pb2.AuthTokenGetRequest, api_pb2.AuthTokenGetResponse]
+    ) -> None:
         await stream.recv_message()
-        await stream.send_message(api_pb2.AuthTokenGetResponse(token=self.ctx.creds.mint_jwt("client")))
+        await stream.send_message(
+            api_pb2.AuthTokenGetResponse(token=self.ctx.creds.mint_jwt("client"))
+        )
 
     async def AppGetOrCreate(
         self, stream: Stream[api_pb2.AppGetOrCreateRequest, api_pb2.AppGetOrCreateResponse]
@@ -406,11 +442,16 @@ class ControlPlane(ModalClientBase):
             app_id = self.reg.app_get_or_create(req.app_name, req.environment_name, create)
         if app_id is None:
             fail(Status.NOT_FOUND, f"App {req.app_name!r} not found; use create_if_missing=True")
-        md = api_pb2.AppHandleMetadata(app_id=app_id, environment_name=req.environment_name or "main")
+        md = api_pb2.AppHandleMetadata(
+            app_id=app_id, environment_name=req.environment_name or "main"
+        )
         await stream.send_message(api_pb2.AppGetOrCreateResponse(app_id=app_id, handle_metadata=md))
 
     async def EnvironmentGetOrCreate(
-        self, stream: Stream[api_pb2.EnvironmentGetOrCreateRequest, api_pb2.EnvironmentGetOrCreateResponse]
+        self,
+        stream: Stream[
+            api_pb2.EnvironmentGetOrCreateRequest, api_pb2.EnvironmentGetOrCreateResponse
+        ],
     ) -> None:
         req = await stream.recv_message()
         assert req is not None
@@ -419,7 +460,9 @@ class ControlPlane(ModalClientBase):
             name=req.deployment_name or "main",
             settings=api_pb2.EnvironmentSettings(image_builder_version=IMAGE_BUILDER_VERSION),
         )
-        await stream.send_message(api_pb2.EnvironmentGetOrCreateResponse(environment_id=env_id, metadata=md))
+        await stream.send_message(
+            api_pb2.EnvironmentGetOrCreateResponse(environment_id=env_id, metadata=md)
+        )
 
     async def ImageGetOrCreate(
         self, stream: Stream[api_pb2.ImageGetOrCreateRequest, api_pb2.ImageGetOrCreateResponse]
@@ -452,7 +495,9 @@ class ControlPlane(ModalClientBase):
             api_pb2.ImageGetOrCreateResponse(
                 image_id=info.id,
                 result=g(status=g.GENERIC_STATUS_SUCCESS),
-                metadata=api_pb2.ImageMetadata(image_builder_version=req.builder_version or IMAGE_BUILDER_VERSION),
+                metadata=api_pb2.ImageMetadata(
+                    image_builder_version=req.builder_version or IMAGE_BUILDER_VERSION
+                ),
             )
         )
 
@@ -465,7 +510,9 @@ class ControlPlane(ModalClientBase):
             fail(Status.NOT_FOUND, f"Image {req.image_id!r} not found")
         g = api_pb2.GenericResult
         await stream.send_message(
-            api_pb2.ImageJoinStreamingResponse(result=g(status=g.GENERIC_STATUS_SUCCESS), eof=True, entry_id="1")
+            api_pb2.ImageJoinStreamingResponse(
+                result=g(status=g.GENERIC_STATUS_SUCCESS), eof=True, entry_id="1"
+            )
         )
 
     async def SecretGetOrCreate(
@@ -475,14 +522,18 @@ class ControlPlane(ModalClientBase):
         assert req is not None
         ot = req.object_creation_type
         values = dict(req.env_dict)
-        if ot in (api_pb2.OBJECT_CREATION_TYPE_EPHEMERAL, api_pb2.OBJECT_CREATION_TYPE_ANONYMOUS_OWNED_BY_APP):
+        if ot in (
+            api_pb2.OBJECT_CREATION_TYPE_EPHEMERAL,
+            api_pb2.OBJECT_CREATION_TYPE_ANONYMOUS_OWNED_BY_APP,
+        ):
             info = self.reg.anonymous_secret(values)
         elif ot == api_pb2.OBJECT_CREATION_TYPE_UNSPECIFIED:
             found = self.reg.secrets_by_name.get(req.deployment_name)
             if found is None:
                 fail(
                     Status.NOT_FOUND,
-                    f"Secret {req.deployment_name!r} not found on the local Modal server; define it with "
+                    f"Secret {req.deployment_name!r} not found on the local Modal server; "
+                    "define it with "
                     "LocalModal(secrets=...), LocalModal.define_secret() or `serve --secrets-file`",
                 )
             missing = [k for k in req.required_keys if k not in found.values]
@@ -510,9 +561,15 @@ class ControlPlane(ModalClientBase):
         assert req is not None
         name = req.deployment_name
         if not _NAME_RE.match(name):
-            fail(Status.INVALID_ARGUMENT, f"invalid volume name {name!r}: use letters, digits, '.', '_' or '-'")
+            fail(
+                Status.INVALID_ARGUMENT,
+                f"invalid volume name {name!r}: use letters, digits, '.', '_' or '-'",
+            )
         ot = req.object_creation_type
-        if ot == api_pb2.OBJECT_CREATION_TYPE_CREATE_FAIL_IF_EXISTS and name in self.reg.volumes_by_name:
+        if (
+            ot == api_pb2.OBJECT_CREATION_TYPE_CREATE_FAIL_IF_EXISTS
+            and name in self.reg.volumes_by_name
+        ):
             fail(Status.ALREADY_EXISTS, f"Volume {name!r} already exists")
         create = ot != api_pb2.OBJECT_CREATION_TYPE_UNSPECIFIED
         info = self.reg.volume_get_or_create(name, create)
@@ -520,7 +577,9 @@ class ControlPlane(ModalClientBase):
             fail(Status.NOT_FOUND, f"Volume {name!r} not found; use create_if_missing=True")
         version = req.version or api_pb2.VOLUME_FS_VERSION_V2
         md = api_pb2.VolumeMetadata(name=name, version=version)
-        await stream.send_message(api_pb2.VolumeGetOrCreateResponse(volume_id=info.id, version=version, metadata=md))
+        await stream.send_message(
+            api_pb2.VolumeGetOrCreateResponse(volume_id=info.id, version=version, metadata=md)
+        )
 
     # ----- sandboxes -------------------------------------------------------
 
@@ -543,13 +602,19 @@ class ControlPlane(ModalClientBase):
             )
         )
 
-    async def SandboxCreate(self, stream: Stream[api_pb2.SandboxCreateRequest, api_pb2.SandboxCreateResponse]) -> None:
+    async def SandboxCreate(
+        self, stream: Stream[api_pb2.SandboxCreateRequest, api_pb2.SandboxCreateResponse]
+    ) -> None:
         req = await stream.recv_message()
         assert req is not None
         sb = await self.ctx.create_sandbox(1, req.app_id, req.definition, list(req.tags), [])
-        await stream.send_message(api_pb2.SandboxCreateResponse(sandbox_id=sb.id, metadata=self.ctx.handle_metadata(sb)))
+        await stream.send_message(
+            api_pb2.SandboxCreateResponse(sandbox_id=sb.id, metadata=self.ctx.handle_metadata(sb))
+        )
 
-    async def _task_id(self, stream: Stream[api_pb2.SandboxGetTaskIdRequest, api_pb2.SandboxGetTaskIdResponse]) -> None:
+    async def _task_id(
+        self, stream: Stream[api_pb2.SandboxGetTaskIdRequest, api_pb2.SandboxGetTaskIdResponse]
+    ) -> None:
         req = await stream.recv_message()
         assert req is not None
         sb = self.ctx.sandbox(req.sandbox_id)
@@ -571,7 +636,10 @@ class ControlPlane(ModalClientBase):
 
     async def SandboxGetCommandRouterAccess(
         self,
-        stream: Stream[api_pb2.SandboxGetCommandRouterAccessRequest, api_pb2.SandboxGetCommandRouterAccessResponse],
+        stream: Stream[
+            api_pb2.SandboxGetCommandRouterAccessRequest,
+            api_pb2.SandboxGetCommandRouterAccessResponse,
+        ],
     ) -> None:
         req = await stream.recv_message()
         assert req is not None
@@ -587,7 +655,9 @@ class ControlPlane(ModalClientBase):
 
     async def TaskGetCommandRouterAccess(
         self,
-        stream: Stream[api_pb2.TaskGetCommandRouterAccessRequest, api_pb2.TaskGetCommandRouterAccessResponse],
+        stream: Stream[
+            api_pb2.TaskGetCommandRouterAccessRequest, api_pb2.TaskGetCommandRouterAccessResponse
+        ],
     ) -> None:
         req = await stream.recv_message()
         assert req is not None
@@ -597,17 +667,23 @@ class ControlPlane(ModalClientBase):
         url, jwt = self.ctx.router_access(sb)
         await stream.send_message(api_pb2.TaskGetCommandRouterAccessResponse(url=url, jwt=jwt))
 
-    async def _wait(self, stream: Stream[api_pb2.SandboxWaitRequest, api_pb2.SandboxWaitResponse]) -> None:
+    async def _wait(
+        self, stream: Stream[api_pb2.SandboxWaitRequest, api_pb2.SandboxWaitResponse]
+    ) -> None:
         req = await stream.recv_message()
         assert req is not None
         sb = self.ctx.sandbox(req.sandbox_id)
         await sb.wait(min(max(req.timeout, 0.0), _MAX_WAIT_S))
         await stream.send_message(self.ctx.wait_response(sb))
 
-    async def SandboxWait(self, stream: Stream[api_pb2.SandboxWaitRequest, api_pb2.SandboxWaitResponse]) -> None:
+    async def SandboxWait(
+        self, stream: Stream[api_pb2.SandboxWaitRequest, api_pb2.SandboxWaitResponse]
+    ) -> None:
         await self._wait(stream)
 
-    async def SandboxWaitV2(self, stream: Stream[api_pb2.SandboxWaitRequest, api_pb2.SandboxWaitResponse]) -> None:
+    async def SandboxWaitV2(
+        self, stream: Stream[api_pb2.SandboxWaitRequest, api_pb2.SandboxWaitResponse]
+    ) -> None:
         await self._wait(stream)
 
     async def _terminate(
@@ -622,7 +698,7 @@ class ControlPlane(ModalClientBase):
             resp.existing_result.CopyFrom(existing)
         else:
             await sb.terminate()
-            log.info("sandbox %s terminated", sb.id)
+            log.debug("sandbox %s terminated", sb.id)
         await stream.send_message(resp)
 
     async def SandboxTerminate(
@@ -635,12 +711,16 @@ class ControlPlane(ModalClientBase):
     ) -> None:
         await self._terminate(stream)
 
-    async def SandboxList(self, stream: Stream[api_pb2.SandboxListRequest, api_pb2.SandboxListResponse]) -> None:
+    async def SandboxList(
+        self, stream: Stream[api_pb2.SandboxListRequest, api_pb2.SandboxListResponse]
+    ) -> None:
         req = await stream.recv_message()
         assert req is not None
         await stream.send_message(self.ctx.list_page(req))
 
-    async def SandboxListV2(self, stream: Stream[api_pb2.SandboxListRequest, api_pb2.SandboxListResponse]) -> None:
+    async def SandboxListV2(
+        self, stream: Stream[api_pb2.SandboxListRequest, api_pb2.SandboxListResponse]
+    ) -> None:
         req = await stream.recv_message()
         assert req is not None
         await stream.send_message(self.ctx.list_page(req))
@@ -659,7 +739,9 @@ class ControlPlane(ModalClientBase):
         assert req is not None
         await stream.send_message(self.ctx.from_name(req))
 
-    async def _tags_get(self, stream: Stream[api_pb2.SandboxTagsGetRequest, api_pb2.SandboxTagsGetResponse]) -> None:
+    async def _tags_get(
+        self, stream: Stream[api_pb2.SandboxTagsGetRequest, api_pb2.SandboxTagsGetResponse]
+    ) -> None:
         req = await stream.recv_message()
         assert req is not None
         sb = self.ctx.sandbox(req.sandbox_id)
@@ -676,7 +758,9 @@ class ControlPlane(ModalClientBase):
 
         await stream.send_message(empty_pb2.Empty())
 
-    async def SandboxTagsGet(self, stream: Stream[api_pb2.SandboxTagsGetRequest, api_pb2.SandboxTagsGetResponse]) -> None:
+    async def SandboxTagsGet(
+        self, stream: Stream[api_pb2.SandboxTagsGetRequest, api_pb2.SandboxTagsGetResponse]
+    ) -> None:
         await self._tags_get(stream)
 
     async def SandboxTagsGetV2(
@@ -690,7 +774,9 @@ class ControlPlane(ModalClientBase):
     async def SandboxTagsSetV2(self, stream: Stream[api_pb2.SandboxTagsSetRequest, Any]) -> None:
         await self._tags_set(stream)
 
-    async def SandboxGetLogs(self, stream: Stream[api_pb2.SandboxGetLogsRequest, api_pb2.TaskLogsBatch]) -> None:
+    async def SandboxGetLogs(
+        self, stream: Stream[api_pb2.SandboxGetLogsRequest, api_pb2.TaskLogsBatch]
+    ) -> None:
         """V1 logs: text batches keyed by byte offset (``entry_id``), then one ``eof`` batch."""
         req = await stream.recv_message()
         assert req is not None
@@ -719,20 +805,26 @@ class ControlPlane(ModalClientBase):
                 cut = utf8_safe_end(buf.data, offset, end)
                 if cut == offset:  # one incomplete character so far
                     if not buf.closed:
-                        if not await buf.wait_for_more(size, max(deadline - time.monotonic(), 0.001)):
+                        if not await buf.wait_for_more(
+                            size, max(deadline - time.monotonic(), 0.001)
+                        ):
                             return
                         continue
                     cut = size
                 text = bytes(buf.data[offset:cut]).decode("utf-8", errors="replace")
                 item = api_pb2.TaskLogs(data=text, file_descriptor=fd, timestamp=time.time())
                 await stream.send_message(
-                    api_pb2.TaskLogsBatch(items=[item], entry_id=str(cut), task_id=sb.task_id, sandbox_id=sb.id)
+                    api_pb2.TaskLogsBatch(
+                        items=[item], entry_id=str(cut), task_id=sb.task_id, sandbox_id=sb.id
+                    )
                 )
                 offset = cut
                 continue
             if buf.closed:
                 await stream.send_message(
-                    api_pb2.TaskLogsBatch(eof=True, entry_id=str(offset), task_id=sb.task_id, sandbox_id=sb.id)
+                    api_pb2.TaskLogsBatch(
+                        eof=True, entry_id=str(offset), task_id=sb.task_id, sandbox_id=sb.id
+                    )
                 )
                 return
 
@@ -767,9 +859,15 @@ class Router(TaskCommandRouterBase):
         req = await stream.recv_message()
         assert req is not None
         sb = self.ctx.check_router_task(stream, req.task_id)
-        buf = sb.stderr if req.file_descriptor == sr_pb2.SANDBOX_STDIO_FILE_DESCRIPTOR_STDERR else sb.stdout
+        buf = (
+            sb.stderr
+            if req.file_descriptor == sr_pb2.SANDBOX_STDIO_FILE_DESCRIPTOR_STDERR
+            else sb.stdout
+        )
         async for start, chunk in buf.follow(req.offset):
-            await stream.send_message(sr_pb2.SandboxStdioReadV2Response(data=chunk, starting_offset=start))
+            await stream.send_message(
+                sr_pb2.SandboxStdioReadV2Response(data=chunk, starting_offset=start)
+            )
 
     async def SandboxStdinWriteV2(
         self, stream: Stream[sr_pb2.SandboxStdinWriteV2Request, sr_pb2.SandboxStdinWriteV2Response]
@@ -781,7 +879,10 @@ class Router(TaskCommandRouterBase):
         await stream.send_message(sr_pb2.SandboxStdinWriteV2Response())
 
     async def SandboxWaitUntilReady(
-        self, stream: Stream[sr_pb2.SandboxWaitUntilReadyTcrRequest, sr_pb2.SandboxWaitUntilReadyTcrResponse]
+        self,
+        stream: Stream[
+            sr_pb2.SandboxWaitUntilReadyTcrRequest, sr_pb2.SandboxWaitUntilReadyTcrResponse
+        ],
     ) -> None:
         req = await stream.recv_message()
         assert req is not None
@@ -794,14 +895,21 @@ class Router(TaskCommandRouterBase):
         req = await stream.recv_message()
         assert req is not None
         self.ctx.check_router_task(stream, req.task_id)
-        await stream.send_message(sr_pb2.TaskReloadVolumesResponse())  # volumes are live directories
+        await stream.send_message(
+            sr_pb2.TaskReloadVolumesResponse()
+        )  # volumes are live directories
 
-    async def TaskExecStart(self, stream: Stream[sr_pb2.TaskExecStartRequest, sr_pb2.TaskExecStartResponse]) -> None:
+    async def TaskExecStart(
+        self, stream: Stream[sr_pb2.TaskExecStartRequest, sr_pb2.TaskExecStartResponse]
+    ) -> None:
         req = await stream.recv_message()
         assert req is not None
         sb = self.ctx.check_router_task(stream, req.task_id)
         if sb.done.is_set():
-            fail(Status.FAILED_PRECONDITION, f"Sandbox {sb.id} has already finished; cannot exec in it")
+            fail(
+                Status.FAILED_PRECONDITION,
+                f"Sandbox {sb.id} has already finished; cannot exec in it",
+            )
         if not req.command_args:
             fail(Status.INVALID_ARGUMENT, "exec needs a command")
         env: dict[str, str] = {}
@@ -835,7 +943,9 @@ class Router(TaskCommandRouterBase):
         )
         await stream.send_message(sr_pb2.TaskExecStartResponse())
 
-    async def TaskExecPoll(self, stream: Stream[sr_pb2.TaskExecPollRequest, sr_pb2.TaskExecPollResponse]) -> None:
+    async def TaskExecPoll(
+        self, stream: Stream[sr_pb2.TaskExecPollRequest, sr_pb2.TaskExecPollResponse]
+    ) -> None:
         req = await stream.recv_message()
         assert req is not None
         ex = _exec_or_404(self.ctx.check_router_task(stream, req.task_id), req.exec_id)
@@ -847,7 +957,9 @@ class Router(TaskCommandRouterBase):
                 resp.code = ex.code if ex.code is not None else -1
         await stream.send_message(resp)
 
-    async def TaskExecWait(self, stream: Stream[sr_pb2.TaskExecWaitRequest, sr_pb2.TaskExecWaitResponse]) -> None:
+    async def TaskExecWait(
+        self, stream: Stream[sr_pb2.TaskExecWaitRequest, sr_pb2.TaskExecWaitResponse]
+    ) -> None:
         req = await stream.recv_message()
         assert req is not None
         ex = _exec_or_404(self.ctx.check_router_task(stream, req.task_id), req.exec_id)
@@ -865,7 +977,11 @@ class Router(TaskCommandRouterBase):
         req = await stream.recv_message()
         assert req is not None
         ex = _exec_or_404(self.ctx.check_router_task(stream, req.task_id), req.exec_id)
-        buf = ex.stderr if req.file_descriptor == sr_pb2.TASK_EXEC_STDIO_FILE_DESCRIPTOR_STDERR else ex.stdout
+        buf = (
+            ex.stderr
+            if req.file_descriptor == sr_pb2.TASK_EXEC_STDIO_FILE_DESCRIPTOR_STDERR
+            else ex.stdout
+        )
         async for _start, chunk in buf.follow(req.offset):
             await stream.send_message(sr_pb2.TaskExecStdioReadResponse(data=chunk))
 
@@ -886,7 +1002,10 @@ class Router(TaskCommandRouterBase):
         await stream.send_message(sr_pb2.TaskExecStdinWriteResponse())
 
     async def TaskExecStdinWriteStream(
-        self, stream: Stream[sr_pb2.TaskExecStdinWriteStreamRequest, sr_pb2.TaskExecStdinWriteStreamResponse]
+        self,
+        stream: Stream[
+            sr_pb2.TaskExecStdinWriteStreamRequest, sr_pb2.TaskExecStdinWriteStreamResponse
+        ],
     ) -> None:
         first = await stream.recv_message()
         if first is None or not first.HasField("start"):
@@ -911,5 +1030,7 @@ class Router(TaskCommandRouterBase):
         assert req is not None
         ex = _exec_or_404(self.ctx.check_router_task(stream, req.task_id), req.exec_id)
         await stream.send_message(
-            sr_pb2.TaskExecStdinStatusResponse(num_bytes_written=ex.stdin_offset, closed=ex.stdin_closed)
+            sr_pb2.TaskExecStdinStatusResponse(
+                num_bytes_written=ex.stdin_offset, closed=ex.stdin_closed
+            )
         )

@@ -21,6 +21,7 @@ from .runtime import LocalSandbox
 log = logging.getLogger("prefect_modal.local")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+LISTING_FINISHED_KEPT = 500  # finished sandboxes kept in sandboxes.json (all stay in memory)
 
 
 @dataclass
@@ -49,6 +50,7 @@ class Registry:
 
     def __init__(self, state_dir: Path, secrets: dict[str, dict[str, str]] | None = None) -> None:
         self.state_dir = state_dir
+        state_dir.mkdir(parents=True, exist_ok=True)
         self.apps: dict[tuple[str, str], str] = {}
         self.app_names: dict[str, str] = {}
         self.environments: dict[str, str] = {}
@@ -60,7 +62,6 @@ class Registry:
         self.volumes_by_id: dict[str, VolumeInfo] = {}
         self.sandboxes: dict[str, LocalSandbox] = {}
         self.by_task: dict[str, LocalSandbox] = {}
-        self._flush_scheduled = False
         self.loop: asyncio.AbstractEventLoop | None = None
         for name, values in (secrets or {}).items():
             self.define_secret(name, values)
@@ -104,7 +105,9 @@ class Registry:
         if not _NAME_RE.match(name):
             raise ValueError(f"invalid secret name {name!r}: use letters, digits, '.', '_' or '-'")
         old = self.secrets_by_name.get(name)
-        info = SecretInfo(old.id if old else ids.new_id("st"), name, {str(k): str(v) for k, v in values.items()})
+        info = SecretInfo(
+            old.id if old else ids.new_id("st"), name, {str(k): str(v) for k, v in values.items()}
+        )
         self.secrets_by_name[name] = info
         self.secrets_by_id[info.id] = info
         return info
@@ -129,9 +132,9 @@ class Registry:
     # ----- sandboxes -------------------------------------------------------
 
     def add_sandbox(self, sb: LocalSandbox) -> None:
+        """Register a sandbox (its start, right after, writes the listing)."""
         self.sandboxes[sb.id] = sb
         self.by_task[sb.task_id] = sb
-        self.changed()
 
     def running_with_name(self, app_id: str, name: str) -> LocalSandbox | None:
         for sb in self.sandboxes.values():
@@ -143,16 +146,20 @@ class Registry:
         return [sb.record() for sb in self.sandboxes.values()]
 
     def changed(self) -> None:
-        """Schedule one listing write for this loop iteration."""
-        if self._flush_scheduled:
-            return
-        self._flush_scheduled = True
-        loop = self.loop or asyncio.get_running_loop()
-        loop.call_soon(self.flush)
+        """Rewrite the listing now, so it is current when the RPC that changed it answers."""
+        self.flush()
+
+    def listing_records(self) -> list[SandboxRecord]:
+        """What sandboxes.json shows: every running sandbox and the latest finished ones."""
+        running = [sb for sb in self.sandboxes.values() if not sb.done.is_set()]
+        finished = [sb for sb in self.sandboxes.values() if sb.done.is_set()][
+            -LISTING_FINISHED_KEPT:
+        ]
+        keep = {sb.id for sb in running} | {sb.id for sb in finished}
+        return [sb.record() for sb in self.sandboxes.values() if sb.id in keep]
 
     def flush(self) -> None:
-        self._flush_scheduled = False
         try:
-            write_listing(self.state_dir / "sandboxes.json", self.records())
+            write_listing(self.state_dir / "sandboxes.json", self.listing_records())
         except OSError as exc:
             log.warning("could not write the sandbox listing: %s", exc.strerror)

@@ -15,9 +15,13 @@ from collections.abc import AsyncIterator
 
 MAX_CHUNK = 1 << 20  # bytes per message sent to a client
 MAX_LINES = 64  # lines per message (see `chunk_end`)
+COALESCE_BYTES = 64 * 1024  # while output is flowing, let a message collect this much ...
+COALESCE_S = 0.005  # ... or wait this long: each message costs the client ~1 ms
 
 
-def chunk_end(data: bytes | bytearray, offset: int, max_chunk: int = MAX_CHUNK, max_lines: int = MAX_LINES) -> int:
+def chunk_end(
+    data: bytes | bytearray, offset: int, max_chunk: int = MAX_CHUNK, max_lines: int = MAX_LINES
+) -> int:
     """Where the message starting at ``offset`` should end.
 
     The modal client splits text output into lines with ``buf.split("\\n", 1)``
@@ -79,11 +83,28 @@ class OutputBuffer:
                 return False
         return True
 
-    async def follow(self, offset: int, max_chunk: int = MAX_CHUNK) -> AsyncIterator[tuple[int, bytes]]:
+    async def wait_for_size(self, size: int, timeout: float) -> None:
+        """Wait until the buffer holds ``size`` bytes, is closed, or ``timeout`` passes."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while len(self.data) < size and not self.closed:
+            left = end - loop.time()
+            if left <= 0:
+                return
+            try:
+                await asyncio.wait_for(self._changed.wait(), left)
+            except asyncio.TimeoutError:
+                return
+
+    async def follow(
+        self, offset: int, max_chunk: int = MAX_CHUNK
+    ) -> AsyncIterator[tuple[int, bytes]]:
         """Yield ``(start_offset, data)`` from ``offset`` until EOF; never an empty chunk."""
         offset = max(0, offset)
         while True:
             await self.wait_for_more(offset)
+            if not self.closed and len(self.data) - offset < COALESCE_BYTES:
+                await self.wait_for_size(offset + COALESCE_BYTES, COALESCE_S)
             if len(self.data) > offset:
                 end = chunk_end(self.data, offset, max_chunk)
                 chunk = bytes(self.data[offset:end])

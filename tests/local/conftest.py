@@ -22,7 +22,9 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
 
 @pytest.fixture
 def app(local_modal: LocalModal) -> Any:
-    return modal.App.lookup(f"t-{uuid.uuid4().hex[:10]}", create_if_missing=True, client=local_modal.client)
+    return modal.App.lookup(
+        f"t-{uuid.uuid4().hex[:10]}", create_if_missing=True, client=local_modal.client
+    )
 
 
 def assert_backend(sandbox_id: str, backend: str) -> None:

@@ -35,7 +35,9 @@ def test_app_lookup(local_modal: LocalModal) -> None:
     c = local_modal.client
     a = modal.App.lookup("lookup-app", create_if_missing=True, client=c)
     b = modal.App.lookup("lookup-app", create_if_missing=True, client=c)
-    other_env = modal.App.lookup("lookup-app", create_if_missing=True, environment_name="dev", client=c)
+    other_env = modal.App.lookup(
+        "lookup-app", create_if_missing=True, environment_name="dev", client=c
+    )
     assert a.app_id == b.app_id and a.app_id.startswith("ap-")
     assert other_env.app_id != a.app_id
     with pytest.raises(modal.exception.NotFoundError):
@@ -57,7 +59,13 @@ def test_images_are_recorded(local_modal: LocalModal, app: Any, backend: str) ->
 
 
 def test_create_wait_returncode_and_output(local_modal: LocalModal, app: Any, backend: str) -> None:
-    sb = _create(local_modal, app, PY, "-c", "import sys; print('out'); print('err', file=sys.stderr); sys.exit(3)")
+    sb = _create(
+        local_modal,
+        app,
+        PY,
+        "-c",
+        "import sys; print('out'); print('err', file=sys.stderr); sys.exit(3)",
+    )
     assert_backend(sb.object_id, backend)
     sb.wait()
     assert sb.returncode == 3
@@ -73,7 +81,8 @@ def test_env_secrets_and_clean_environment(
     monkeypatch.setenv("SERVER_ONLY_VAR", "leak")
     local_modal.define_secret("named", {"NAMED_KEY": "named-value"})
     code = (
-        "import os, json; keys = ['FOO', 'DICT_KEY', 'NAMED_KEY', 'SERVER_ONLY_VAR', 'PYTHONUNBUFFERED'];"
+        "import os, json;"
+        "keys = ['FOO', 'DICT_KEY', 'NAMED_KEY', 'SERVER_ONLY_VAR', 'PYTHONUNBUFFERED'];"
         "print(json.dumps({k: os.environ.get(k) for k in keys} | {'HOME': os.environ['HOME']}))"
     )
     sb = _create(
@@ -83,18 +92,27 @@ def test_env_secrets_and_clean_environment(
         "-c",
         code,
         env={"FOO": "bar"},
-        secrets=[modal.Secret.from_dict({"DICT_KEY": "dict-value"}), modal.Secret.from_name("named")],
+        secrets=[
+            modal.Secret.from_dict({"DICT_KEY": "dict-value"}),
+            modal.Secret.from_name("named"),
+        ],
     )
     sb.wait()
     got = json.loads(sb.stdout.read())
-    assert got["FOO"] == "bar" and got["DICT_KEY"] == "dict-value" and got["NAMED_KEY"] == "named-value"
+    assert (
+        got["FOO"] == "bar"
+        and got["DICT_KEY"] == "dict-value"
+        and got["NAMED_KEY"] == "named-value"
+    )
     assert got["SERVER_ONLY_VAR"] is None, "the server's environment must not leak into sandboxes"
     assert got["PYTHONUNBUFFERED"] == "1"
     rec = _record(local_modal, sb.object_id)
     assert got["HOME"] == str(Path(rec.root) / "root")
     assert rec.secret_names == ["named"]
     assert {"FOO", "DICT_KEY"} <= set(rec.env_names)
-    assert "dict-value" not in json.dumps(rec.to_dict()) and "named-value" not in json.dumps(rec.to_dict())
+    assert "dict-value" not in json.dumps(rec.to_dict()) and "named-value" not in json.dumps(
+        rec.to_dict()
+    )
 
 
 def test_secret_from_name_missing(local_modal: LocalModal, app: Any, backend: str) -> None:
@@ -194,26 +212,49 @@ def test_list_tags_and_paging(
 ) -> None:
     from prefect_modal.local import server
 
-    monkeypatch.setattr(server, "_LIST_PAGE", 2)  # force several pages: before_timestamp must be honoured
-    sbs = [_create(local_modal, app, "sleep", "60", tags={"run": "r1", "i": str(i)}) for i in range(5)]
+    monkeypatch.setattr(
+        server, "_LIST_PAGE", 2
+    )  # force several pages: before_timestamp must be honoured
+    sbs = [
+        _create(local_modal, app, "sleep", "60", tags={"run": "r1", "i": str(i)}) for i in range(5)
+    ]
     other = _create(local_modal, app, "sleep", "60", tags={"run": "r2"})
-    listed = {s.object_id for s in modal.Sandbox.list(app_id=app.app_id, tags={"run": "r1"}, client=local_modal.client)}
+    listed = {
+        s.object_id
+        for s in modal.Sandbox.list(
+            app_id=app.app_id, tags={"run": "r1"}, client=local_modal.client
+        )
+    }
     assert listed == {s.object_id for s in sbs}
-    everything = {s.object_id for s in modal.Sandbox.list(app_id=app.app_id, client=local_modal.client)}
+    everything = {
+        s.object_id for s in modal.Sandbox.list(app_id=app.app_id, client=local_modal.client)
+    }
     assert everything == listed | {other.object_id}
     sbs[0].set_tags({"run": "moved"})
     assert sbs[0].get_tags() == {"run": "moved"}
     assert _record(local_modal, sbs[0].object_id).tags == {"run": "moved"}
-    after = {s.object_id for s in modal.Sandbox.list(app_id=app.app_id, tags={"run": "r1"}, client=local_modal.client)}
+    after = {
+        s.object_id
+        for s in modal.Sandbox.list(
+            app_id=app.app_id, tags={"run": "r1"}, client=local_modal.client
+        )
+    }
     assert after == {s.object_id for s in sbs[1:]}
     sbs[1].terminate()
     sbs[1].wait(raise_on_termination=False)
-    running = {s.object_id for s in modal.Sandbox.list(app_id=app.app_id, tags={"run": "r1"}, client=local_modal.client)}
+    running = {
+        s.object_id
+        for s in modal.Sandbox.list(
+            app_id=app.app_id, tags={"run": "r1"}, client=local_modal.client
+        )
+    }
     assert sbs[1].object_id not in running
 
 
 def test_stdin(local_modal: LocalModal, app: Any, backend: str) -> None:
-    sb = _create(local_modal, app, PY, "-c", "import sys\nfor line in sys.stdin: print('got', line.strip())")
+    sb = _create(
+        local_modal, app, PY, "-c", "import sys\nfor line in sys.stdin: print('got', line.strip())"
+    )
     sb.stdin.write(b"hello\n")
     sb.stdin.drain()
     sb.stdin.write("wörld\n")
@@ -235,7 +276,10 @@ def test_stdout_iterate_late_and_replay(local_modal: LocalModal, app: Any, backe
 
 
 def test_workdir_and_local_root(local_modal: LocalModal, app: Any, backend: str) -> None:
-    code = "import os; open('here.txt', 'w').write('x'); print(os.getcwd()); print(os.environ['MODAL_LOCAL_ROOT'])"
+    code = (
+        "import os; open('here.txt', 'w').write('x');"
+        "print(os.getcwd()); print(os.environ['MODAL_LOCAL_ROOT'])"
+    )
     sb = _create(local_modal, app, PY, "-c", code, workdir="/srv/app")
     sb.wait()
     cwd, root = sb.stdout.read().split()
@@ -247,7 +291,10 @@ def test_workdir_and_local_root(local_modal: LocalModal, app: Any, backend: str)
 def test_volumes(local_modal: LocalModal, app: Any, backend: str) -> None:
     vol = modal.Volume.from_name("shared-vol", create_if_missing=True)
     w = _create(
-        local_modal, app, PY, "-c",
+        local_modal,
+        app,
+        PY,
+        "-c",
         "import os; open(os.environ['MODAL_LOCAL_ROOT'] + '/data/f.txt', 'w').write('42')",
         volumes={"/data": vol},
     )
@@ -267,13 +314,17 @@ def test_resources_are_recorded(local_modal: LocalModal, app: Any, backend: str)
     assert (rec.cpu, rec.memory_mib, rec.region, rec.cloud) == (2.0, 1024, "us-east", "aws")
 
 
-def test_memory_limit_is_enforced_when_asked(local_modal: LocalModal, app: Any, backend: str) -> None:
+def test_memory_limit_is_enforced_when_asked(
+    local_modal: LocalModal, app: Any, backend: str
+) -> None:
     # a (request, limit) pair sets RLIMIT_AS to max(2*limit, limit+1GiB); 3 GiB must fail
     code = "b = bytearray(3 * 1024**3); print('allocated')"
     sb = _create(local_modal, app, PY, "-c", code, memory=(128, 512))
     sb.wait()
     assert sb.returncode != 0 and "MemoryError" in sb.stderr.read()
-    ok = _create(local_modal, app, PY, "-c", "b = bytearray(200 * 1024**2); print('ok')", memory=(128, 512))
+    ok = _create(
+        local_modal, app, PY, "-c", "b = bytearray(200 * 1024**2); print('ok')", memory=(128, 512)
+    )
     ok.wait()
     assert ok.stdout.read() == "ok\n"
 
@@ -287,7 +338,13 @@ def test_bad_command(local_modal: LocalModal, app: Any, backend: str) -> None:
 
 def test_exec(local_modal: LocalModal, app: Any, backend: str) -> None:
     sb = _create(local_modal, app, "sleep", "60", env={"BASE": "b"})
-    p = sb.exec(PY, "-c", "import os, sys; print(os.environ['BASE'], os.environ['X']); print('e', file=sys.stderr); sys.exit(4)", env={"X": "x"})
+    p = sb.exec(
+        PY,
+        "-c",
+        "import os, sys; print(os.environ['BASE'], os.environ['X']);"
+        "print('e', file=sys.stderr); sys.exit(4)",
+        env={"X": "x"},
+    )
     assert p.wait() == 4
     assert p.stdout.read() == "b x\n" and p.stderr.read() == "e\n"
     cat = sb.exec(PY, "-c", "import sys; print(sys.stdin.read().upper())", workdir="/tmp")

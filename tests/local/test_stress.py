@@ -59,7 +59,9 @@ def test_100mb_multibyte_stdout_intact(local_modal: LocalModal, app: Any, backen
     assert sb.returncode == 0
     assert size >= 100 * 1024 * 1024 - 64 * 1024
     assert live.hexdigest() == expected
-    again = modal.Sandbox.from_id(sb.object_id, client=local_modal.client)  # after exit, from offset 0
+    again = modal.Sandbox.from_id(
+        sb.object_id, client=local_modal.client
+    )  # after exit, from offset 0
     assert hashlib.sha256(again.stdout.read().encode()).hexdigest() == expected
 
 
@@ -70,7 +72,11 @@ def test_50_sandboxes_at_once(local_modal: LocalModal, app: Any) -> None:
     async def run_all() -> list[tuple[str, int, str]]:
         async def one(i: int) -> tuple[str, int, str]:
             sb = await modal.Sandbox.create.aio(
-                "python", "-c", f"import sys; print({i}); sys.exit({i % 7})", app=app, client=local_modal.client
+                "python",
+                "-c",
+                f"import sys; print({i}); sys.exit({i % 7})",
+                app=app,
+                client=local_modal.client,
             )
             await sb.wait.aio(raise_on_termination=False)
             return sb.object_id, sb.returncode, await sb.stdout.read.aio()
@@ -112,7 +118,7 @@ TREE = (
 def test_terminate_kills_whole_tree(local_modal: LocalModal, app: Any, backend: str) -> None:
     sb = modal.Sandbox.create("sh", "-c", TREE, app=app, client=local_modal.client)
     pids = _spawned_pids(sb, 3)
-    main = [r.pid for r in local_modal.sandboxes() if r.id == sb.object_id][0]
+    main = next(r.pid for r in local_modal.sandboxes() if r.id == sb.object_id)
     assert main is not None and all(pid_alive(p) for p in pids)
     sb.terminate()
     assert sb.poll() == 137
@@ -124,7 +130,9 @@ def test_terminate_kills_whole_tree(local_modal: LocalModal, app: Any, backend: 
 
 @pytest.mark.timeout(60)
 def test_main_exit_tears_down_the_container(local_modal: LocalModal, app: Any) -> None:
-    sb = modal.Sandbox.create("sh", "-c", "sleep 1000 & echo $!; exit 5", app=app, client=local_modal.client)
+    sb = modal.Sandbox.create(
+        "sh", "-c", "sleep 1000 & echo $!; exit 5", app=app, client=local_modal.client
+    )
     (child,) = _spawned_pids(sb, 1)
     sb.wait()
     assert sb.returncode == 5

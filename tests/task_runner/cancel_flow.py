@@ -35,6 +35,9 @@ def main_flow() -> dict:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["sleepers"]:  # for the Ctrl-C test: runs until interrupted
+        cancel_me(4)
+        sys.exit(0)
     out = main_flow()
     assert out["pid"] != os.getpid(), out
     print(f"RESULT {out['x']} {out['sandbox']}")

@@ -405,3 +405,81 @@ def test_python_version_mismatch_is_reported(make_runner, monkeypatch):
     exc = f()[0].result(raise_on_failure=False)
     assert isinstance(exc, sandbox_call.PythonVersionMismatchError)
     assert "Python 3.99" in str(exc) and "the sandbox runs Python 3." in str(exc)
+
+
+def test_an_attempt_already_running_is_followed_not_started_twice(
+    make_runner, modal_server, monkeypatch
+):
+    """A restarted flow process finds its attempt's sandbox by name and reads its outcome."""
+    import uuid
+
+    import cloudpickle
+
+    from prefect_modal import remote, sandboxes
+    from prefect_modal import task_runner as task_runner_module
+
+    task_run_id = uuid.uuid4()
+    monkeypatch.setattr(task_runner_module, "_new_task_run_id", lambda: task_run_id)
+
+    def earlier_process_call() -> str:
+        time.sleep(3)  # still running when the "restarted" process submits
+        return "result of the earlier process"
+
+    @task
+    def answer() -> str:
+        return "result of a second start"
+
+    @flow(task_runner=make_runner())
+    def f():
+        run_id = get_run_context().flow_run.id
+        info = sandbox_call.CallInfo(
+            task_run_id=task_run_id, flow_run_id=run_id, task_name="answer", attempt=1
+        )
+        spec = SandboxSpec()
+        app, image = sandboxes.prepare(spec, modal_server.client)
+        earlier = sandboxes.create_sandbox(
+            spec,
+            sandbox_call.bootstrap_command(),
+            client=modal_server.client,
+            name=info.sandbox_name,
+            tags=info.tags,
+            app=app,
+            image=image,
+        )
+        payload = cloudpickle.dumps((earlier_process_call, (), {}))
+        header = remote.make_header("earliernonce", len(payload), sandbox_call.LOCAL_PYTHON, 10**6)
+        sandboxes.send_stdin(earlier, header + payload)
+        return answer.submit().result(), str(run_id)
+
+    result, run_id = f()
+    assert result == "result of the earlier process"
+    records = sandboxes_of(modal_server, run_id)
+    assert len(records) == 1 and records[0].tags["prefect.task-run-id"] == str(task_run_id)
+
+
+def test_registry_image_reaches_the_server(make_runner, modal_server):
+    @modal_options(image="python:3.11-slim", pip_packages=["cloudpickle"])
+    @task
+    def in_image() -> int:
+        return 1
+
+    @flow(task_runner=make_runner())
+    def f():
+        return in_image.submit().result(), flow_run_id()
+
+    value, run_id = f()
+    (record,) = sandboxes_of(modal_server, run_id)
+    assert value == 1 and "python:3.11-slim" in record.image
+
+
+def test_generator_task_runs_in_the_flow_process(make_runner):
+    @task
+    def numbers():
+        yield os.getpid()
+        yield os.getpid()
+
+    @flow(task_runner=make_runner())
+    def f():
+        return list(numbers.submit().result())
+
+    assert f() == [os.getpid(), os.getpid()]

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import cloudpickle
+import pytest
 from conftest import sandboxes_of, wait_until
 from prefect import flow, task
 from prefect.client.orchestration import get_client
@@ -113,7 +115,12 @@ def test_flow_cancellation_terminates_all_in_flight_sandboxes(prefect_api, modal
             client.set_flow_run_state(run.id, Cancelling(), force=True)
         wait_until(lambda: not running(), timeout=30, interval=0.05)
         gone_after = time.monotonic() - requested
-        proc.wait(60)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            output = proc.communicate()[0][-5000:]
+            raise AssertionError("flow process did not exit:\n" + output) from None
         with get_client(sync_client=True) as client:
             final = wait_until(
                 lambda: (s := client.read_flow_run(run.id).state) and s.is_final() and s, timeout=30
@@ -126,6 +133,48 @@ def test_flow_cancellation_terminates_all_in_flight_sandboxes(prefect_api, modal
     assert len(records) == 8 and {r.status for r in records} == {"terminated"}, output[-3000:]
     assert gone_after < 5, f"sandboxes still running {gone_after:.1f} s after the cancel request"
     assert final.is_cancelled(), (final, output[-3000:])
+
+
+def test_ctrl_c_of_the_flow_process_leaves_no_sandbox(prefect_api, modal_server, tmp_path):
+    env = {
+        **os.environ,
+        **modal_server.env,
+        "PREFECT_API_URL": prefect_api,
+        "HOME": str(tmp_path),
+        "MODAL_CONFIG_PATH": str(tmp_path / ".modal.toml"),
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+    }
+    before = {r.id for r in modal_server.sandboxes()}
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "cancel_flow.py"), "sleepers"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+    def mine():
+        return [
+            r
+            for r in modal_server.sandboxes()
+            if r.id not in before and r.tags.get("prefect.task-name", "").startswith("sleepy")
+        ]
+
+    try:
+        wait_until(lambda: len([r for r in mine() if r.status == "running"]) == 4, timeout=90)
+        proc.send_signal(signal.SIGINT)
+        interrupted = time.monotonic()
+        wait_until(lambda: all(r.status != "running" for r in mine()), timeout=30)
+        gone_after = time.monotonic() - interrupted
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        output = proc.communicate()[0]
+    assert {r.status for r in mine()} == {"terminated"}, output[-3000:]
+    assert gone_after < 5
+    assert proc.returncode != 0
 
 
 def test_cancel_all_on_the_template_reaches_the_duplicates_calls(make_runner, modal_server):
@@ -363,3 +412,30 @@ def test_function_defined_in_main_runs(prefect_api, modal_server, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert result and result[0].split()[1] == "42" and result[0].split()[2].startswith("sb-")
+
+
+def test_zero_config_starts_a_local_server_with_a_notice(prefect_api, caplog, monkeypatch):
+    """No credentials anywhere (HOME and MODAL_* are isolated): the local server, with one line."""
+    from prefect_modal import targets
+
+    monkeypatch.delenv("PREFECT_MODAL_TARGET", raising=False)
+    if targets.local_server() is not None:
+        pytest.skip("a local server was already started in this process by another test")
+
+    @task
+    def where() -> str | None:
+        return os.environ.get("MODAL_SANDBOX_ID")
+
+    @flow(task_runner=ModalTaskRunner())
+    def f():
+        return where.submit().result()
+
+    with caplog.at_level(logging.WARNING, logger="prefect_modal"):
+        sandbox_id = f()
+    assert sandbox_id and sandbox_id.startswith("sb-")
+    notices = [
+        r.getMessage() for r in caplog.records if "no Modal credentials found" in r.getMessage()
+    ]
+    assert len(notices) == 1 and "modal token new" in notices[0]
+    server = targets.local_server()
+    assert server is not None and sandbox_id in {r.id for r in server.sandboxes()}

@@ -15,6 +15,8 @@ from worker_helpers import (
     wait_for,
 )
 
+from prefect_modal import tags
+
 pytestmark = pytest.mark.slow
 
 
@@ -38,9 +40,11 @@ def test_per_step_one_sandbox_for_flow_plus_one_per_task(
     assert run.state.is_completed(), run.state
 
     [flow_sandbox] = modal_server.for_run(run_id)
-    assert flow_sandbox.tags["prefect-modal-mode"] == "per_step"
+    assert flow_sandbox.tags[tags.MODE] == "per_step"
     tasks = [
-        r for r in modal_server.sandboxes() if r.tags.get("prefect.flow-run-id") == str(run_id)
+        r
+        for r in modal_server.sandboxes()
+        if r.tags.get(tags.FLOW_RUN) == str(run_id) and tags.TASK_RUN in r.tags
     ]
     assert len(tasks) == 2, [r.tags for r in modal_server.sandboxes()]
     assert all(t.id != flow_sandbox.id and t.cpu == 0.25 for t in tasks)

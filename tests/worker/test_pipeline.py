@@ -19,6 +19,7 @@ from worker_helpers import (
     wait_for,
 )
 
+from prefect_modal import tags
 from prefect_modal.artifacts import read_sandbox_artifacts
 
 pytestmark = pytest.mark.slow
@@ -38,8 +39,8 @@ def test_deploy_and_run_completes_with_artifact_and_sandbox_logs(
     # pool's and the pool's memory (deployment job variables override the pool's).
     [record] = modal_server.for_run(run_id)
     assert record.name == f"prefect-{run_id}"
-    assert record.tags["prefect-deployment-id"] == str(dep)
-    assert record.tags["prefect-work-pool-id"] == str(api.read_work_pool(POOL).id)
+    assert record.tags[tags.DEPLOYMENT] == str(dep)
+    assert record.tags[tags.WORK_POOL] == str(api.read_work_pool(POOL).id)
     assert record.cpu == 0.5 and record.memory_mib == 1024
     assert run.infrastructure_pid == record.id
 

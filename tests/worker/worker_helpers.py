@@ -23,6 +23,7 @@ from uuid import UUID
 
 import httpx
 
+from prefect_modal import tags
 from prefect_modal.local import SandboxRecord, make_client, read_listing
 
 VENV_BIN = Path(sys.executable).parent
@@ -116,8 +117,8 @@ class ModalServer:
         return [
             r
             for r in self.sandboxes()
-            if r.tags.get("prefect-flow-run-id") == str(flow_run_id)
-            and (role is None or r.tags.get("prefect-modal-role") == role)
+            if r.tags.get(tags.FLOW_RUN) == str(flow_run_id)
+            and (role is None or r.tags.get(tags.ROLE) == role)
         ]
 
     @property
