@@ -20,21 +20,25 @@ import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-import httpx
+from prefect_modal.services import (
+    Service,
+    isolated_env,
+    spawn,
+    start_local_modal,
+    start_prefect_server,
+    tool,
+    wait_ready,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-PREFECT = str(Path(sys.executable).parent / "prefect")
 
 FLOW_SOURCE = """
 from prefect import flow
@@ -47,66 +51,6 @@ def trivial() -> int:
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def clean_env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MODAL_"))}
-    env.update(
-        HOME=str(home),
-        MODAL_CONFIG_PATH=str(home / ".modal.toml"),
-        PREFECT_HOME=str(home / ".prefect"),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_SERVER_UI_ENABLED="false",
-        PYTHONUNBUFFERED="1",
-    )
-    return env
-
-
-class Processes:
-    """Everything started here, stopped by pid (process group) at the end."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen[Any]] = []
-
-    def start(
-        self, args: list[str], env: dict[str, str], log: Path, **kw: Any
-    ) -> subprocess.Popen[Any]:
-        proc = subprocess.Popen(
-            args,
-            env=env,
-            stdout=kw.pop("stdout", log.open("wb")),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            **kw,
-        )
-        self.procs.append(proc)
-        return proc
-
-    def stop_all(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(10)
-
-
-def wait_until(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise RuntimeError(f"timed out waiting for {what}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5, help="measured runs per worker")
@@ -116,51 +60,33 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-worker-"))
     (work / "flows").mkdir()
     (work / "flows" / "trivial.py").write_text(FLOW_SOURCE)
-    procs = Processes()
+    services: list[Service] = []  # everything started here, stopped by pid at the end
+    cleanup = ExitStack()
     try:
-        # Prefect server
-        port = free_port()
-        api_url = f"http://127.0.0.1:{port}/api"
-        server_env = clean_env(work / "server") | {
+        server_env = isolated_env(work / "server") | {
             "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{work}/prefect.db",
             "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
             "PREFECT_LOGGING_LEVEL": "WARNING",
         }
-        server = procs.start(
-            [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            server_env,
-            work / "server.log",
-        )
-        wait_until(lambda: _healthy(f"{api_url}/health", server), 180, "the Prefect server")
+        server = start_prefect_server(work / "server", timeout=180, ui=False, base=server_env)
+        services.append(server)
+        assert server.url is not None
+        api_url = server.url
 
         # Local Modal server (standalone, as a user would run it)
-        modal_proc = procs.start(
-            [
-                sys.executable,
-                "-m",
-                "prefect_modal.local",
-                "serve",
-                "--port",
-                "0",
-                "--state-dir",
-                str(work / "modal-state"),
-            ],
-            clean_env(work / "modal"),
-            work / "modal.log",
-            stdout=subprocess.PIPE,
-            text=True,
+        modal = start_local_modal(
+            work / "modal-state", timeout=60, env=isolated_env(work / "modal")
         )
-        modal_env: dict[str, str] = {}
-        assert modal_proc.stdout is not None
-        for line in modal_proc.stdout:
-            if line.startswith("export "):
-                key, _, value = line[7:].strip().partition("=")
-                modal_env[key] = value.strip("'")
-            if line.startswith("READY"):
-                break
+        services.append(modal)
+        modal_env = modal.env
 
+        # prefect_modal imported prefect, which read its settings then, before this URL
+        # was known: point this process's clients at the server explicitly.
         os.environ["PREFECT_API_URL"] = api_url
         from prefect.client.orchestration import get_client
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        cleanup.enter_context(temporary_settings(updates={PREFECT_API_URL: api_url}))
         from prefect.client.schemas.actions import WorkPoolCreate
 
         from prefect_modal.worker import ModalWorker
@@ -209,17 +135,19 @@ def main() -> None:
         for pool, extra in (("modal", modal_env), ("process", {})):
             home = work / f"worker-{pool}"
             home.mkdir()
-            log = home / "worker.log"
-            procs.start(
-                [PREFECT, "worker", "start", "--pool", f"bench-{pool}", "--type", pool],
-                clean_env(home) | worker_env | extra,
-                log,
-                cwd=str(home),
+            worker = spawn(
+                "worker",
+                [tool("prefect"), "worker", "start", "--pool", f"bench-{pool}", "--type", pool],
+                isolated_env(home) | worker_env | extra,
+                home,
+                cwd=home,
             )
-            wait_until(
-                lambda log=log: "started!" in log.read_text(errors="replace"),
+            services.append(worker)
+            wait_ready(
+                worker,
+                lambda w=worker: "started!" in w.log_path.read_text(errors="replace"),
                 120,
-                f"the {pool} worker",
+                "start polling its work pool",
             )
 
         timings: dict[str, list[float]] = {"modal": [], "process": []}
@@ -232,20 +160,13 @@ def main() -> None:
 
         report(timings, args.runs)
     finally:
-        procs.stop_all()
+        cleanup.close()
+        for service in reversed(services):
+            service.stop(timeout=20)
         if args.keep:
             print(f"logs kept in {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-
-
-def _healthy(url: str, proc: subprocess.Popen[Any]) -> bool:
-    if proc.poll() is not None:
-        raise RuntimeError("the Prefect server exited")
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def _time_run(client: Any, deployment_id: Any) -> float:

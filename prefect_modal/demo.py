@@ -158,7 +158,7 @@ def _create_pool_and_deployments(flows_dir: Path) -> list[tuple[str, str]]:
     return deployments
 
 
-def _summary_tables(runs: list[RunSummary], ui_url: str | None) -> list[Table]:
+def _summary_tables(runs: list[RunSummary]) -> list[Table]:
     """Two tables: the flow runs, then every sandbox they used (one row each)."""
     from prefect_modal.artifacts import read_sandbox_artifacts
 
@@ -168,19 +168,19 @@ def _summary_tables(runs: list[RunSummary], ui_url: str | None) -> list[Table]:
         except Exception as exc:  # the table must print even if the API hiccups
             run.error = (run.error or "") + f" (could not read sandbox artifacts: {exc})"
     flows = Table(title="Flow runs")
-    for column in ("flow", "mode", "state", "seconds", "sandboxes", "flow run"):
+    for column in ("flow", "mode", "state", "seconds", "sandboxes"):
         flows.add_column(column, overflow="fold")
     boxes = Table(title="Sandboxes")
-    for column in ("flow", "task", "sandbox", "status", "gpu", "cpu", "MiB"):
+    for column in ("flow", "task", "sandbox", "status", "gpu", "cpu", "MiB", "seconds"):
         boxes.add_column(column, overflow="fold")
     for run in runs:
         state = run.state if run.ok else f"[red]{run.state}[/red] {run.error or ''}"
-        link = f"{ui_url}/runs/flow-run/{run.flow_run_id}" if ui_url else str(run.flow_run_id)
-        flows.add_row(
-            run.flow, run.mode, state, f"{run.seconds:.1f}", str(len(run.sandboxes)), link
-        )
+        flows.add_row(run.flow, run.mode, state, f"{run.seconds:.1f}", str(len(run.sandboxes)))
         for box in run.sandboxes:
             status = box.status + (f" ({box.exit_code})" if box.exit_code not in (None, 0) else "")
+            seconds = (
+                f"{(box.ended_at - box.started_at).total_seconds():.1f}" if box.ended_at else "-"
+            )
             boxes.add_row(
                 run.flow,
                 box.task_name or "(whole run)",
@@ -189,6 +189,7 @@ def _summary_tables(runs: list[RunSummary], ui_url: str | None) -> list[Table]:
                 str(box.resources.get("gpu") or "-"),
                 str(box.resources.get("cpu") or "-"),
                 str(box.resources.get("memory_mib") or "-"),
+                seconds,
             )
     return [flows, boxes]
 
@@ -201,7 +202,8 @@ def run_demo(
     console: Console | None = None,
 ) -> int:
     """Run the demo; return the exit code (0 when every run completed)."""
-    console = console or Console()
+    # Piped or in CI, rich falls back to 80 columns and folds every sandbox id.
+    console = console or Console(width=None if sys.stdout.isatty() else 140)
     if not (flows_dir / "hello.py").exists():
         console.print(
             f"[red]No example flows in {flows_dir}.[/red] Run the demo from a clone of the "
@@ -260,8 +262,12 @@ def _print_summary(
     console: Console, runs: list[RunSummary], env: dict[str, str], ui_url: str | None
 ) -> None:
     with _environ(env):
-        for table in _summary_tables(runs, ui_url):
+        for table in _summary_tables(runs):
             console.print(table)
+    if ui_url:
+        console.print("Look at them in the Prefect UI:")
+        for run in runs:
+            console.print(f"  {run.flow} ({run.mode}): {ui_url}/runs/flow-run/{run.flow_run_id}")
 
 
 def _run_all(

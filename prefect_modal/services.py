@@ -75,10 +75,12 @@ class Service:
         except OSError:
             return ""
 
-    def stop(self, timeout: float = 15) -> None:
-        """SIGTERM the group, SIGKILL what is left after `timeout`, reap the leader."""
+    def stop(self, timeout: float = 15, sig: int = signal.SIGTERM) -> None:
+        """`sig` (SIGTERM) to the group, SIGKILL what is left after `timeout`, reap the leader.
+
+        `sig=signal.SIGKILL` stops it as a crash would: no cleanup runs."""
         if self.process.poll() is None:
-            _signal_group(self.pid, signal.SIGTERM)
+            _signal_group(self.pid, sig)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -96,8 +98,10 @@ def _signal_group(pid: int, sig: int) -> None:
         pass
 
 
-def spawn(name: str, cmd: list[str], env: Mapping[str, str], log_dir: Path) -> Service:
-    """Start `cmd` in its own process group, output to `<log_dir>/<name>.log`."""
+def spawn(
+    name: str, cmd: list[str], env: Mapping[str, str], log_dir: Path, cwd: Path | None = None
+) -> Service:
+    """Start `cmd` (in `cwd`) in its own process group, output to `<log_dir>/<name>.log`."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     log = log_path.open("ab")
@@ -108,11 +112,14 @@ def spawn(name: str, cmd: list[str], env: Mapping[str, str], log_dir: Path) -> S
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,  # its own group: stopped as a whole, by pid
+        cwd=cwd,
     )
     return Service(name=name, process=process, log_path=log_path, _log=log)
 
 
-def _wait_until(service: Service, ready: Any, timeout: float, what: str) -> None:
+def wait_ready(service: Service, ready: Any, timeout: float, what: str) -> None:
+    """Poll `ready()` until true; if `service` exits first or `timeout` passes, stop it
+    and raise ServiceError with the end of its log."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if service.process.poll() is not None:
@@ -131,6 +138,24 @@ def _wait_until(service: Service, ready: Any, timeout: float, what: str) -> None
     )
 
 
+def isolated_env(home: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """`base` (os.environ) without any PREFECT_* or MODAL_* setting, and with its own HOME,
+    Modal config and Prefect home under `home`: no developer profile or token leaks in."""
+    env = {
+        k: v
+        for k, v in (base if base is not None else os.environ).items()
+        if not k.startswith(("PREFECT_", "MODAL_"))
+    }
+    env.update(
+        HOME=str(home),
+        MODAL_CONFIG_PATH=str(home / ".modal.toml"),
+        PREFECT_HOME=str(home / ".prefect"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
 def prefect_env(home: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
     """An environment with its own PREFECT_HOME (own SQLite database, own profile)."""
     env = dict(base if base is not None else os.environ)
@@ -144,11 +169,16 @@ def prefect_env(home: Path, base: Mapping[str, str] | None = None) -> dict[str, 
 
 
 def start_prefect_server(
-    home: Path, port: int | None = None, timeout: float = 90, ui: bool = True
+    home: Path,
+    port: int | None = None,
+    timeout: float = 90,
+    ui: bool = True,
+    base: Mapping[str, str] | None = None,
 ) -> Service:
-    """`prefect server start` on 127.0.0.1 with its own home and database."""
+    """`prefect server start` on 127.0.0.1 with its own home and database; its
+    environment is `base` (os.environ) with `prefect_env`'s settings."""
     port = port or free_port()
-    env = prefect_env(home)
+    env = prefect_env(home, base)
     env["PREFECT_SERVER_UI_ENABLED"] = "true" if ui else "false"
     env.pop("PREFECT_API_URL", None)
     # The UI asks /ui-settings where the API is; that answer comes from settings,
@@ -165,12 +195,18 @@ def start_prefect_server(
         except httpx.HTTPError:
             return False
 
-    _wait_until(service, healthy, timeout, "answered /api/health")
+    wait_ready(service, healthy, timeout, "answered /api/health")
     return service
 
 
-def start_local_modal(state_dir: Path, port: int | None = None, timeout: float = 30) -> Service:
-    """`prefect-modal local serve` in its own process; `.env` reaches it.
+def start_local_modal(
+    state_dir: Path,
+    port: int | None = None,
+    timeout: float = 30,
+    env: Mapping[str, str] | None = None,
+) -> Service:
+    """`prefect-modal local serve` in its own process (environment `env`, default
+    os.environ); `.env` reaches it.
 
     A process of its own (not a thread of ours) so that a worker or flow that
     is killed leaves the sandboxes running, as they would on Modal.
@@ -180,7 +216,7 @@ def start_local_modal(state_dir: Path, port: int | None = None, timeout: float =
         sys.executable, "-m", "prefect_modal.local", "serve",
         "--port", str(port), "--state-dir", str(state_dir),
     ]  # fmt: skip
-    service = spawn("local-modal", cmd, os.environ, state_dir / "logs")
+    service = spawn("local-modal", cmd, env if env is not None else os.environ, state_dir / "logs")
     exports: dict[str, str] = {}
 
     def ready() -> bool:
@@ -191,7 +227,7 @@ def start_local_modal(state_dir: Path, port: int | None = None, timeout: float =
                 exports[key.strip()] = value.strip().strip("'\"")
         return any(line.startswith("READY ") for line in text.splitlines())
 
-    _wait_until(service, ready, timeout, "printed READY")
+    wait_ready(service, ready, timeout, "printed READY")
     service.url = exports.get("MODAL_SERVER_URL", f"http://127.0.0.1:{port}")
     service.env = exports
     return service
@@ -211,5 +247,5 @@ def start_worker(
     def polling() -> bool:
         return "started!" in service.log_tail(200) or "Worker" in service.log_tail(200)
 
-    _wait_until(service, polling, timeout, "started polling its work pool")
+    wait_ready(service, polling, timeout, "started polling its work pool")
     return service

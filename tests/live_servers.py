@@ -13,22 +13,25 @@ conftest puts `tests/` on sys.path).
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 from prefect_modal.local import SandboxRecord, read_listing
-from prefect_modal.services import Service, pid_alive, start_local_modal, start_prefect_server
+from prefect_modal.services import (
+    Service,
+    isolated_env,
+    pid_alive,
+    start_local_modal,
+    start_prefect_server,
+)
 
 #: The tag every prefect-modal sandbox carries (see `prefect_modal.status`).
 FLOW_RUN_TAG = "prefect.flow-run-id"
-
-T = TypeVar("T")
 
 
 @dataclass
@@ -64,15 +67,10 @@ class LiveServers:
     def child_env(self, home: Path, modal: bool = True) -> dict[str, str]:
         """Environment of a child process (the CLI, a flow): isolated HOME and Prefect
         home, pointed at these servers; `modal=False` leaves out every Modal setting."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MODAL_"))}
         home.mkdir(parents=True, exist_ok=True)
+        env = isolated_env(home)
         env.update(
-            HOME=str(home),
-            MODAL_CONFIG_PATH=str(home / ".modal.toml"),
-            PREFECT_HOME=str(home / ".prefect"),
             PREFECT_API_URL=self.api_url,
-            PREFECT_SERVER_ANALYTICS_ENABLED="false",
-            PYTHONUNBUFFERED="1",
             COLUMNS="250",  # rich tables: full ids on one line each
             NO_COLOR="1",
         )
@@ -149,20 +147,6 @@ def _drain_prefect_workers() -> None:
             worker.drain_all(timeout=15, at_exit=False)
         except Exception:  # best effort: never fail a test on housekeeping
             pass
-
-
-def wait_for(
-    predicate: Callable[[], T | None], timeout: float, what: str, interval: float = 0.2
-) -> T:
-    """Poll until `predicate()` is truthy; its value, or an AssertionError naming `what`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 def flow_run_id_of(state: Any) -> str:

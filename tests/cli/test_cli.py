@@ -19,20 +19,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from live_servers import LiveServers, flow_run_id_of, pointed_at, wait_for
+from live_servers import LiveServers, flow_run_id_of, pointed_at
 from prefect import flow, task
+from waiting import wait_for
 
 from prefect_modal import ModalTaskRunner
 from prefect_modal.local import SandboxRecord
 from prefect_modal.services import (
     Service,
     ServiceError,
-    _wait_until,
     free_port,
     pid_alive,
     spawn,
     start_local_modal,
     tool,
+    wait_ready,
 )
 
 PREFECT_MODAL = tool("prefect-modal")
@@ -349,7 +350,7 @@ def test_a_service_that_dies_is_reported_with_its_log(tmp_path: Path) -> None:
         tmp_path,
     )
     with pytest.raises(ServiceError, match="doomed exited with code 3") as err:
-        _wait_until(service, lambda: False, 60, "became ready")
+        wait_ready(service, lambda: False, 60, "became ready")
     assert "bad config: port taken" in str(err.value)
     assert str(tmp_path / "doomed.log") in str(err.value)
     assert not pid_alive(service.pid)

@@ -8,14 +8,13 @@ tag, so tests share the servers and still count only their own sandboxes.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 from prefect_modal import ModalCredentials, ModalTaskRunner
-from prefect_modal.local import LocalModal, SandboxRecord
+from prefect_modal.local import LocalModal
 
 
 @pytest.fixture(scope="session")
@@ -58,18 +57,3 @@ def make_runner(prefect_api: str, credentials: ModalCredentials) -> Callable[...
         return ModalTaskRunner(**kwargs)
 
     return make
-
-
-def sandboxes_of(server: LocalModal, flow_run_id: Any) -> list[SandboxRecord]:
-    """Every sandbox the server ran for one flow run (found by our tag, as status.py does)."""
-    return [s for s in server.sandboxes() if s.tags.get("prefect.flow-run-id") == str(flow_run_id)]
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout} s")

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import sandboxes_of, wait_until
 from prefect import flow, task
 from prefect.cache_policies import INPUTS
 from prefect.client.orchestration import get_client
@@ -17,6 +16,7 @@ from prefect.context import get_run_context
 from prefect.states import StateType
 from pydantic import ValidationError
 from runner_helpers import scale
+from runner_support import sandboxes_of, wait_until
 
 from prefect_modal import SandboxSpec, modal_options, sandbox_call
 

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import cloudpickle
 import pytest
-from conftest import sandboxes_of, wait_until
 from prefect import flow, task
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
 from prefect.context import get_run_context
 from prefect.futures import as_completed, wait
 from prefect.states import Cancelling
+from runner_support import sandboxes_of, wait_until
 
 from prefect_modal import ModalTaskRunner, SandboxSpec, modal_options
 from prefect_modal.artifacts import read_sandbox_artifacts, summary_artifact_key

@@ -9,9 +9,6 @@ as on Modal.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,85 +17,44 @@ import pytest
 from worker_helpers import (
     API_KEY,
     MAIN_POOL,
-    PREFECT,
     ModalServer,
     PrefectServer,
     WorkerProcess,
-    _wait_http,
     base_env,
     create_pool,
-    free_port,
     pid_alive,
-    stop_process,
+    stop_service,
 )
+
+from prefect_modal.services import start_local_modal, start_prefect_server
 
 
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
     home = tmp_path_factory.mktemp("prefect-server")
-    port = free_port()
     env = base_env(home) | {
         "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
         "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
         "PREFECT_LOGGING_LEVEL": "WARNING",
     }
-    log = (home / "server.log").open("wb")
-    proc = subprocess.Popen(
-        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}/api"
+    service = start_prefect_server(home, timeout=120, ui=False, base=env)
     try:
-        _wait_http(f"{url}/health", proc, 120, "prefect server")
-        yield PrefectServer(url=url, proc=proc, home=home)
+        yield PrefectServer(service=service, home=home)
     finally:
-        stop_process(proc)
+        stop_service(service)
 
 
 @pytest.fixture(scope="session")
 def modal_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModalServer]:
     home = tmp_path_factory.mktemp("modal-server")
     state = home / "state"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "prefect_modal.local",
-            "serve",
-            "--port",
-            "0",
-            "--state-dir",
-            str(state),
-        ],
-        env=base_env(home),
-        stdout=subprocess.PIPE,
-        stderr=(home / "server.log").open("wb"),
-        start_new_session=True,
-        text=True,
-    )
-    env: dict[str, str] = {}
-    url = ""
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError("local Modal server exited before READY")
-        if line.startswith("export "):
-            key, _, value = line[len("export ") :].strip().partition("=")
-            env[key] = value.strip("'")
-        if line.startswith("READY "):
-            url = line.split()[1]
-            break
-    server = ModalServer(url=url, env=env, state_dir=state, proc=proc)
+    service = start_local_modal(state, timeout=60, env=base_env(home))
+    server = ModalServer(service=service, state_dir=state)
     try:
         yield server
     finally:
         pids = [r.pid for r in server.sandboxes() if r.pid]
-        stop_process(proc)
+        stop_service(service)
         for pid in pids:  # the server kills its sandboxes when it stops
             assert not pid_alive(pid), f"sandbox process {pid} outlived the local server"
 
@@ -143,7 +99,7 @@ def worker_factory(
         worker = WorkerProcess(
             pool=pool,
             name=name or f"worker-{pool}",
-            log_path=home / "worker.log",
+            home=home,
             env=env,
             with_type=with_type,
         )

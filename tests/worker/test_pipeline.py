@@ -90,7 +90,13 @@ def test_sandbox_killed_from_outside_is_crashed_with_exit_code(
 
     dep = deploy(api, POOL, "flows.py:sleepy", "sleepy")
     run_id = start_run(api, dep, seconds=120)
-    wait_for(lambda: api.read_flow_run(run_id).state.is_running(), 60, "the run to start")
+    # Wait for the flow's own first line, so the crash message has user output to show
+    # (Running is set by the engine before the flow body starts).
+    wait_for(
+        lambda: any("SLEEPY-START" in m for m in flow_run_logs(api, run_id)),
+        60,
+        "the flow to print SLEEPY-START",
+    )
     [record] = modal_server.for_run(run_id)
     # Like `modal sandbox terminate`: from outside the worker.
     assert sandboxes.terminate_by_id(record.id, modal_server.client)

@@ -9,25 +9,19 @@ as on Modal.
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-import httpx
+from waiting import wait_for
 
 from prefect_modal import tags
 from prefect_modal.local import SandboxRecord, make_client, read_listing
+from prefect_modal.services import Service, isolated_env, pid_alive, spawn, tool, wait_ready
 
-VENV_BIN = Path(sys.executable).parent
-PREFECT = str(VENV_BIN / "prefect")
+PREFECT = tool("prefect")
 FLOWS_DIR = Path(__file__).parent / "flows"
 MAIN_POOL = "modal-main"
 #: The shared worker's Prefect API key: the OSS server ignores it, the sandbox
@@ -35,66 +29,26 @@ MAIN_POOL = "modal-main"
 API_KEY = "pnu_worker-test-api-key-0123456789"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie is dead for our purposes.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
-
-
-def stop_process(
-    proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 20
-) -> None:
+def stop_service(service: Service, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
     """Stop a process we started (its process group), then make sure it is gone."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-    try:  # leftovers of its group (e.g. a server's children)
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    assert not pid_alive(proc.pid), f"process {proc.pid} survived"
+    service.stop(timeout, sig=sig)
+    assert not pid_alive(service.pid), f"{service.name} (pid {service.pid}) survived"
 
 
 def base_env(home: Path) -> dict[str, str]:
     """A clean environment: no developer HOME, Modal profile or Prefect profile."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MODAL_"))}
-    env.update(
-        HOME=str(home),
-        MODAL_CONFIG_PATH=str(home / ".modal.toml"),
-        PREFECT_HOME=str(home / ".prefect"),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_SERVER_UI_ENABLED="false",
-        PYTHONUNBUFFERED="1",
-    )
-    return env
+    return isolated_env(home) | {"PREFECT_SERVER_UI_ENABLED": "false"}
 
 
 @dataclass
 class PrefectServer:
-    url: str
-    proc: subprocess.Popen[Any]
+    service: Service
     home: Path
+
+    @property
+    def url(self) -> str:
+        assert self.service.url is not None
+        return self.service.url
 
     def env(self, home: Path) -> dict[str, str]:
         return base_env(home) | {"PREFECT_API_URL": self.url}
@@ -102,11 +56,19 @@ class PrefectServer:
 
 @dataclass
 class ModalServer:
-    url: str
-    env: dict[str, str]
+    service: Service
     state_dir: Path
-    proc: subprocess.Popen[Any]
     _client: Any = None
+
+    @property
+    def url(self) -> str:
+        assert self.service.url is not None
+        return self.service.url
+
+    @property
+    def env(self) -> dict[str, str]:
+        """MODAL_SERVER_URL and the token pair, as the server printed them."""
+        return self.service.env
 
     def sandboxes(self) -> list[SandboxRecord]:
         return read_listing(self.state_dir / "sandboxes.json")
@@ -132,34 +94,26 @@ class ModalServer:
 
 @dataclass
 class WorkerProcess:
+    """`prefect worker start` run in `home`, its output in `home/worker.log`."""
+
     pool: str
     name: str
-    log_path: Path
-    proc: subprocess.Popen[Any] | None = None
+    home: Path
     env: dict[str, str] = field(default_factory=dict)
     with_type: bool = True
+    service: Service | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.home / "worker.log"
 
     def start(self, timeout: float = 60) -> WorkerProcess:
         args = [PREFECT, "worker", "start", "--pool", self.pool, "--name", self.name]
         if self.with_type:
             args += ["--type", "modal"]
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            args,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            cwd=str(self.log_path.parent),
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if "started!" in self.log():
-                return self
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited early:\n{self.log()[-3000:]}")
-            time.sleep(0.3)
-        raise RuntimeError(f"worker did not start:\n{self.log()[-3000:]}")
+        self.service = spawn("worker", args, self.env, self.home, cwd=self.home)
+        wait_ready(self.service, lambda: "started!" in self.log(), timeout, "start")
+        return self
 
     def log(self) -> str:
         try:
@@ -169,26 +123,12 @@ class WorkerProcess:
 
     def kill(self) -> None:
         """SIGKILL, as a crashed machine would: no cleanup runs."""
-        assert self.proc is not None
-        stop_process(self.proc, sig=signal.SIGKILL)
+        assert self.service is not None
+        stop_service(self.service, sig=signal.SIGKILL)
 
     def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc)
-
-
-def _wait_http(url: str, proc: subprocess.Popen[Any], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"{what} did not become ready in {timeout}s")
+        if self.service is not None:
+            stop_service(self.service)
 
 
 # -- helpers for tests -----------------------------------------------------------
@@ -238,18 +178,6 @@ def deploy(
 
 def start_run(api: Any, deployment_id: UUID, **parameters: Any) -> UUID:
     return api.create_flow_run_from_deployment(deployment_id, parameters=parameters).id
-
-
-def wait_for(
-    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.25
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def wait_final(api: Any, flow_run_id: UUID, timeout: float = 90) -> Any:
