@@ -125,7 +125,7 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Session]:
 @pytest.mark.parametrize("block", BLOCKS[1:], ids=[b.id for b in BLOCKS[1:]])
 def test_readme_block_runs(block: Block, session: Session) -> None:
     if block.not_run:
-        pytest.skip(f"README line {block.line}: {block.not_run}")
+        pytest.skip(reason=f"README line {block.line}: {block.not_run}")
     if block.lang == "python":
         script = session.workdir / f"block_{block.line}.py"
         script.write_text(block.code)

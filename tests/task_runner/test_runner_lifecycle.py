@@ -420,7 +420,7 @@ def test_zero_config_starts_a_local_server_with_a_notice(prefect_api, caplog, mo
 
     monkeypatch.delenv("PREFECT_MODAL_TARGET", raising=False)
     if targets.local_server() is not None:
-        pytest.skip("a local server was already started in this process by another test")
+        pytest.skip(reason="a local server was already started in this process by another test")
 
     @task
     def where() -> str | None:
