@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from typing import Any, Literal
 from uuid import UUID
 
-from prefect.client.orchestration import get_client
+from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.actions import ArtifactCreate
 from prefect.client.schemas.filters import (
     ArtifactFilter,
@@ -126,11 +126,15 @@ def summary_artifact_key(flow_run_id: UUID | str) -> str:
     return f"modal-sandboxes-{_short(flow_run_id)}"
 
 
-def write_sandbox_artifact(record: SandboxArtifact) -> None:
+def write_sandbox_artifact(
+    record: SandboxArtifact, client: SyncPrefectClient | None = None
+) -> None:
     """Write (a new version of) the record's artifact on its task or flow run.
 
     Called at sandbox start and again at its end, so the UI shows a running
     sandbox's id while it runs, and the final status and exit code afterwards.
+    Pass an open ``client`` when writing many: opening one costs ten times the
+    write itself (see `sandbox_call.ArtifactWriter`).
     """
     description = (
         f"Modal sandbox `{record.sandbox_id}` ({record.status}"
@@ -138,17 +142,19 @@ def write_sandbox_artifact(record: SandboxArtifact) -> None:
         + f") in app `{record.app_name}` on {record.target}."
         + (f" See: `{record.link}`" if record.link else "")
     )
-    with get_client(sync_client=True) as client:
-        client.create_artifact(
-            ArtifactCreate(
-                key=record.key,
-                type=ARTIFACT_TYPE,
-                description=description,
-                data=json.dumps(record.rows()),
-                flow_run_id=record.flow_run_id,
-                task_run_id=record.task_run_id,
-            )
-        )
+    artifact = ArtifactCreate(
+        key=record.key,
+        type=ARTIFACT_TYPE,
+        description=description,
+        data=json.dumps(record.rows()),
+        flow_run_id=record.flow_run_id,
+        task_run_id=record.task_run_id,
+    )
+    if client is not None:
+        client.create_artifact(artifact)
+        return
+    with get_client(sync_client=True) as fresh:
+        fresh.create_artifact(artifact)
 
 
 def write_flow_summary(flow_run_id: UUID, records: list[SandboxArtifact]) -> None:

@@ -19,6 +19,7 @@ from typing import Annotated
 
 import typer
 
+from . import forkserver
 from .embedded import LocalModal
 
 DEFAULT_STATE_DIR = Path("~/.prefect-modal/local")
@@ -68,6 +69,14 @@ def serve(
         bool,
         typer.Option("--refuse-gpu", help="Fail gpu= requests instead of running them on CPU."),
     ] = False,
+    fork_server: Annotated[
+        bool,
+        typer.Option(
+            help="Start `python -c` sandboxes by forking a warm interpreter (fast); "
+            "--no-fork-server execs a fresh one each time. Default: on, unless "
+            "PREFECT_MODAL_LOCAL_FORK_SERVER=0.",
+        ),
+    ] = True,
 ) -> None:
     """Serve Modal's API on 127.0.0.1 until SIGINT/SIGTERM."""
     logging.basicConfig(
@@ -75,7 +84,11 @@ def serve(
     )
     secrets = _load_secrets(secrets_file)
     lm = LocalModal(
-        port=port, state_dir=state_dir.expanduser(), secrets=secrets, refuse_gpu=refuse_gpu
+        port=port,
+        state_dir=state_dir.expanduser(),
+        secrets=secrets,
+        refuse_gpu=refuse_gpu,
+        fork_server=fork_server and forkserver.enabled_by_default(),
     )
     stop = threading.Event()
 

@@ -23,7 +23,7 @@ from typing import Any
 import grpclib.events
 from grpclib.server import Server
 
-from . import processes
+from . import forkserver, processes
 from .auth import Credentials
 from .records import SandboxRecord
 from .server import ControlPlane, Router, ServerContext
@@ -52,6 +52,7 @@ class LocalModal:
         secrets: dict[str, dict[str, str]] | None = None,
         refuse_gpu: bool = False,
         host: str = "127.0.0.1",
+        fork_server: bool | None = None,
     ) -> None:
         if host not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError(f"host={host!r}: the local Modal server binds to loopback only")
@@ -66,7 +67,11 @@ class LocalModal:
         self._server_uid = _secrets.token_hex(6)
         self.registry = Registry(self.state_dir, secrets)
         self._ctx = ServerContext(
-            self.registry, self.credentials, refuse_gpu=refuse_gpu, server_uid=self._server_uid
+            self.registry,
+            self.credentials,
+            refuse_gpu=refuse_gpu,
+            server_uid=self._server_uid,
+            fork_server=forkserver.enabled_by_default() if fork_server is None else fork_server,
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -131,6 +136,8 @@ class LocalModal:
         running = [sb for sb in self.registry.sandboxes.values() if not sb.done.is_set()]
         await asyncio.gather(*(sb.kill_now() for sb in running), return_exceptions=True)
         await self._ctx.sweeper.drain()
+        if self._ctx.forkserver is not None:
+            await self._ctx.forkserver.close()
         processes.kill_tree(None, f"{self._server_uid}:")
         await asyncio.gather(
             *(sb.drain_background() for sb in self.registry.sandboxes.values()),

@@ -39,8 +39,12 @@ import shutil
 import signal
 import subprocess
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from .streams import OutputBuffer
+
+if TYPE_CHECKING:
+    from .forkserver import ForkedProcess
 
 MARKER_ENV = "PREFECT_MODAL_LOCAL_MARKER"
 log = logging.getLogger("prefect_modal.local")
@@ -83,6 +87,20 @@ def _setpriv() -> str | None:
     return path if "--pdeathsig" in out else None
 
 
+def with_pdeathsig(
+    args: Sequence[str], env: Mapping[str, str], rlimit_as_bytes: int | None = None
+) -> tuple[list[str], Callable[[], None] | None]:
+    """``(argv, preexec_fn)`` that start ``args`` so it dies with this thread (see above)."""
+    setpriv = None if rlimit_as_bytes else _setpriv()
+    if setpriv is None:
+        return list(args), make_preexec(rlimit_as_bytes)
+    # setpriv execs the command by PATH lookup in *its* environment: resolve it here
+    exe = args[0] if "/" in args[0] else shutil.which(args[0], path=env.get("PATH", ""))
+    if exe is None:
+        raise FileNotFoundError(2, "No such file or directory", args[0])
+    return [setpriv, "--pdeathsig", "KILL", "--", exe, *args[1:]], None
+
+
 def spawn(
     args: Sequence[str],
     *,
@@ -103,16 +121,7 @@ def spawn(
     """
     pipe, null = subprocess.PIPE, subprocess.DEVNULL
     err = subprocess.STDOUT if merge_stderr else (pipe if stderr else null)
-    setpriv = None if rlimit_as_bytes else _setpriv()
-    if setpriv is not None:
-        # setpriv execs the command by PATH lookup in *its* environment: resolve it here
-        exe = args[0] if "/" in args[0] else shutil.which(args[0], path=env.get("PATH", ""))
-        if exe is None:
-            raise FileNotFoundError(2, "No such file or directory", args[0])
-        argv = [setpriv, "--pdeathsig", "KILL", "--", exe, *args[1:]]
-        preexec = None
-    else:
-        argv, preexec = list(args), make_preexec(rlimit_as_bytes)
+    argv, preexec = with_pdeathsig(args, env, rlimit_as_bytes)
     return subprocess.Popen(
         argv,
         stdin=pipe if stdin else null,
@@ -164,7 +173,7 @@ class _IntoBuffer(asyncio.Protocol):
 class Child:
     """A started process, its output pipes feeding buffers, driven by the event loop."""
 
-    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+    def __init__(self, popen: subprocess.Popen[bytes] | ForkedProcess) -> None:
         self.popen = popen
         self.pid = popen.pid
         self.returncode: int | None = None
@@ -196,6 +205,10 @@ class Child:
         group safely, then `reap`. A pidfd wakes the loop at exit; kernels
         without pidfds get a gentle poll.
         """
+        reported = getattr(self.popen, "exited", None)
+        if reported is not None:  # forked by a zygote, which reports the exit (forkserver)
+            await reported
+            return
         loop = asyncio.get_running_loop()
         try:
             fd = os.pidfd_open(self.pid)

@@ -61,9 +61,20 @@ class SandboxRecord:
 _FIELDS = tuple(f.name for f in fields(SandboxRecord))
 
 
-def write_listing(path: Path, records: list[SandboxRecord]) -> None:
-    """Atomically replace ``path`` with the JSON listing (readers never see half a file)."""
-    payload = json.dumps({"sandboxes": [r.to_dict() for r in records]}).encode()
+def record_json(record: SandboxRecord) -> str:
+    """One record as JSON text: the unit `write_listing` joins (and callers may cache)."""
+    return json.dumps(record.to_dict())
+
+
+def write_listing(path: Path, records: list[SandboxRecord] | list[str]) -> None:
+    """Atomically replace ``path`` with the JSON listing (readers never see half a file).
+
+    ``records`` may be given already encoded (`record_json`): the server rewrites
+    the listing on every change, and re-encoding hundreds of unchanged records
+    each time made a 200-task map quadratic.
+    """
+    parts = [r if isinstance(r, str) else record_json(r) for r in records]
+    payload = ('{"sandboxes": [' + ", ".join(parts) + "]}").encode()
     # one writer (the server's loop thread), so a fixed temp name is enough
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -41,6 +41,7 @@ import os
 import posixpath
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -51,6 +52,7 @@ from typing import Any
 from modal_proto import api_pb2
 
 from . import fs_tools, processes
+from .forkserver import ForkedProcess, ForkServer
 from .records import SandboxRecord
 from .streams import OutputBuffer
 
@@ -177,6 +179,7 @@ class LocalSandbox:
         marker: str,
         on_change: Callable[[], None],
         sweeper: processes.Sweeper | None = None,
+        forkserver: ForkServer | None = None,
     ) -> None:
         self.spec = spec
         self.id = sandbox_id
@@ -185,6 +188,7 @@ class LocalSandbox:
         self.marker = marker
         self._on_change = on_change
         self._sweeper = sweeper
+        self._forkserver = forkserver
         self.tags = dict(spec.tags)
         self.created_at = time.time()
         self.finished_at: float | None = None
@@ -237,6 +241,10 @@ class LocalSandbox:
             task_id=self.task_id,
             root=str(self.paths.fs),
         )
+
+    def listing_key(self) -> tuple[object, ...]:
+        """The parts of `record` that change after creation (the listing caches the rest)."""
+        return (self.pid, self.status, self.returncode, self.finished_at, tuple(self.tags.items()))
 
     def result(self) -> api_pb2.GenericResult | None:
         """The GenericResult the client turns into a return code, or None while running."""
@@ -308,14 +316,18 @@ class LocalSandbox:
                 "runs on CPU, there is no GPU emulation.\n".encode()
             )
         args = self.spec.args or [shutil.which("sleep") or "sleep", "infinity"]
+        cwd = str(self.paths.resolve(self.spec.workdir or "/"))
+        popen: subprocess.Popen[bytes] | ForkedProcess | None = None
         try:
             self._prepare_dirs()
-            popen = processes.spawn(
-                args,
-                env=self._env,
-                cwd=str(self.paths.resolve(self.spec.workdir or "/")),
-                rlimit_as_bytes=self._rlimit_as(),
-            )
+            if self._forkserver is not None:
+                popen = await self._forkserver.spawn(
+                    args, env=self._env, cwd=cwd, rlimit_as_bytes=self._rlimit_as()
+                )
+            if popen is None:
+                popen = processes.spawn(
+                    args, env=self._env, cwd=cwd, rlimit_as_bytes=self._rlimit_as()
+                )
         except OSError as exc:
             self.stderr.append(
                 f"[prefect-modal local] cannot start {args[0]!r}: {exc.strerror}\n".encode()

@@ -36,6 +36,7 @@ from modal_proto.task_command_router_grpc import TaskCommandRouterBase
 
 from . import ids, processes
 from .auth import Credentials
+from .forkserver import ForkServer
 from .runtime import (
     DEFAULT_TIMEOUT_S,
     MAX_TIMEOUT_S,
@@ -150,6 +151,7 @@ class ServerContext:
         *,
         refuse_gpu: bool,
         server_uid: str,
+        fork_server: bool = True,
     ) -> None:
         self.registry = registry
         self.creds = creds
@@ -157,6 +159,7 @@ class ServerContext:
         self.server_uid = server_uid
         self.url = ""
         self.sweeper = processes.Sweeper()
+        self.forkserver = ForkServer(registry.state_dir) if fork_server else None
         self._warned_versions: set[str] = set()
 
     # ----- auth hook -------------------------------------------------------
@@ -315,6 +318,7 @@ class ServerContext:
             marker=f"{self.server_uid}:{sandbox_id}",
             on_change=reg.changed,
             sweeper=self.sweeper,
+            forkserver=self.forkserver,
         )
         reg.add_sandbox(sb)
         await sb.start()

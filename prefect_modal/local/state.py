@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import ids
-from .records import SandboxRecord, write_listing
+from .records import SandboxRecord, record_json, write_listing
 from .runtime import LocalSandbox
 
 log = logging.getLogger("prefect_modal.local")
@@ -62,6 +62,8 @@ class Registry:
         self.volumes_by_id: dict[str, VolumeInfo] = {}
         self.sandboxes: dict[str, LocalSandbox] = {}
         self.by_task: dict[str, LocalSandbox] = {}
+        # sandbox id -> (what its record depended on, the record's JSON): see `flush`
+        self._listing_cache: dict[str, tuple[tuple[object, ...], str]] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         for name, values in (secrets or {}).items():
             self.define_secret(name, values)
@@ -151,15 +153,28 @@ class Registry:
 
     def listing_records(self) -> list[SandboxRecord]:
         """What sandboxes.json shows: every running sandbox and the latest finished ones."""
-        running = [sb for sb in self.sandboxes.values() if not sb.done.is_set()]
-        finished = [sb for sb in self.sandboxes.values() if sb.done.is_set()][
-            -LISTING_FINISHED_KEPT:
-        ]
-        keep = {sb.id for sb in running} | {sb.id for sb in finished}
-        return [sb.record() for sb in self.sandboxes.values() if sb.id in keep]
+        return [sb.record() for sb in self._listed()]
+
+    def _listed(self) -> list[LocalSandbox]:
+        finished = [sb for sb in self.sandboxes.values() if sb.done.is_set()]
+        keep = {sb.id for sb in finished[-LISTING_FINISHED_KEPT:]}
+        return [sb for sb in self.sandboxes.values() if not sb.done.is_set() or sb.id in keep]
+
+    def _encoded(self, sb: LocalSandbox) -> str:
+        """The record's JSON, re-encoded only when something it shows has changed."""
+        key = sb.listing_key()
+        cached = self._listing_cache.get(sb.id)
+        if cached is None or cached[0] != key:
+            cached = (key, record_json(sb.record()))
+            self._listing_cache[sb.id] = cached
+        return cached[1]
 
     def flush(self) -> None:
+        listed = self._listed()
+        if len(self._listing_cache) > 2 * len(listed):
+            ids_listed = {sb.id for sb in listed}
+            self._listing_cache = {k: v for k, v in self._listing_cache.items() if k in ids_listed}
         try:
-            write_listing(self.state_dir / "sandboxes.json", self.listing_records())
+            write_listing(self.state_dir / "sandboxes.json", [self._encoded(sb) for sb in listed])
         except OSError as exc:
             log.warning("could not write the sandbox listing: %s", exc.strerror)

@@ -1,0 +1,210 @@
+"""The fork server's own program: a warm Python that forks into sandbox processes.
+
+Not imported by the server: `forkserver` sends this file's text as the source of
+``python [-S] -c``, so it runs in exactly the interpreter, flags and locale a
+sandbox's ``python [-S] -c <code>`` would get.  Standard library only.
+
+Life of the zygote:
+
+1. It imports the modules it is told to preload (``argv[2]``, JSON: module
+   names and the directories to find them in; the directories are taken off
+   ``sys.path`` again, so a ``-S`` program still has the path it would have).
+2. It says ``ready`` on fd 0, a SOCK_SEQPACKET socket to the server, and
+   serves requests there: one JSON message plus the three fds of the new
+   process's stdin, stdout and stderr (SCM_RIGHTS).
+3. For each request it forks.  The parent answers ``{"id", "pid"}``; the child
+   becomes the program: its own session, ``PR_SET_PDEATHSIG`` (it dies with
+   the zygote, which dies with the server), the given fds on 0-2 and nothing
+   else open, the rlimit, cwd and environment of the request, a pristine
+   ``__main__``, ``sys.argv`` as ``python -c`` sets it, then the code.
+4. On SIGCHLD it kills what is left of the exited child's process group
+   (while the unreaped child still holds the group id) and reaps it, and
+   sends ``{"exit": pid, "code": n}`` (``-N`` for signal N, as Popen does).
+
+It exits when the server closes the socket.  What differs from a fresh
+interpreter: the preloaded modules are already in ``sys.modules``, and every
+child shares the zygote's str hash seed (``random`` reseeds itself at fork).
+"""
+
+import json
+import os
+import select
+import signal
+import socket
+import sys
+
+FILENAME = "<prefect-modal-zygote>"
+MAX_REQUEST = 1 << 20
+_CODE_CACHE_SIZE = 16
+
+
+def _preload(spec):
+    added = [d for d in spec.get("paths", []) if d not in sys.path]
+    sys.path.extend(added)
+    for name in spec.get("modules", []):
+        try:
+            __import__(name)
+        except Exception:  # a module that is not there is simply not warm
+            pass
+    for d in added:
+        sys.path.remove(d)
+    # Objects that exist now are never collected in a child: a collection would
+    # touch (and so copy) every page the child shares with the zygote.
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
+def _send(sock, message):
+    try:
+        sock.send(json.dumps(message).encode())
+    except OSError:
+        os._exit(0)  # the server is gone
+
+
+def _compiled(cache, source):
+    """Compile once per distinct source (a sandbox's ``-c`` code is usually the same)."""
+    code = cache.get(source)
+    if code is None:
+        try:
+            code = compile(source, "<string>", "exec")
+        except (SyntaxError, ValueError):
+            return None  # the child compiles again and reports it as python -c does
+        if len(cache) >= _CODE_CACHE_SIZE:
+            cache.pop(next(iter(cache)))
+        cache[source] = code
+    return code
+
+
+def _reap(sock):
+    while True:
+        try:
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return
+        if info is None or not info.si_pid:
+            return
+        pid = info.si_pid
+        try:
+            os.killpg(pid, signal.SIGKILL)  # the container goes with its entrypoint
+        except OSError:
+            pass
+        _, status = os.waitpid(pid, 0)
+        _send(sock, {"exit": pid, "code": os.waitstatus_to_exitcode(status)})
+
+
+def _child(request, fds, main_attrs, code, libc):
+    """In the forked child: become the requested program; returns what to run."""
+    zygote = os.getppid()
+    try:
+        os.setsid()
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != zygote:
+            os._exit(137)
+        for target, fd in zip((0, 1, 2), fds, strict=True):
+            os.dup2(fd, target)
+        os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        limit = request.get("rlimit_as")
+        if limit:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+    except BaseException as exc:
+        try:
+            os.write(2, f"[prefect-modal local] cannot start the process: {exc}\n".encode())
+        finally:
+            os._exit(126)
+    argv = request["argv"]
+    sys.argv = ["-c", *argv[request["code_index"] + 1 :]]
+    sys.orig_argv = list(argv)
+    main = sys.modules["__main__"].__dict__
+    main.clear()
+    main.update(main_attrs)
+    return code if code is not None else argv[request["code_index"]]
+
+
+def serve(main_attrs):
+    """The zygote's loop; returns only in a forked child, with the code it must run."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    sock = socket.socket(fileno=os.dup(0))
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    cache: dict[str, object] = {}
+    _send(sock, {"ready": os.getpid()})
+    while True:
+        ready, _, _ = select.select([sock.fileno(), wake_r], [], [])
+        if wake_r in ready:
+            try:
+                while os.read(wake_r, 512):
+                    pass
+            except BlockingIOError:
+                pass
+            _reap(sock)
+        if sock.fileno() not in ready:
+            continue
+        try:
+            message, fds, _flags, _addr = socket.recv_fds(sock, MAX_REQUEST, 3)
+        except OSError:
+            os._exit(0)
+        if not message:
+            os._exit(0)  # the server closed its end
+        request = json.loads(message)
+        code = _compiled(cache, request["argv"][request["code_index"]])
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            for fd in fds:
+                os.close(fd)
+            _send(sock, {"id": request["id"], "error": str(exc)})
+            continue
+        if pid == 0:
+            return _child(request, fds, main_attrs, code, libc)
+        for fd in fds:
+            os.close(fd)
+        _send(sock, {"id": request["id"], "pid": pid})
+
+
+def run(code):
+    """Run the child's code as ``python -c`` would: tracebacks without our frames,
+    exit status 1 for an uncaught exception, 130 for KeyboardInterrupt."""
+    main = sys.modules["__main__"].__dict__
+    try:
+        if isinstance(code, str):
+            code = compile(code, "<string>", "exec")
+        exec(code, main)
+    except SystemExit:
+        raise
+    except BaseException as exc:
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_frame.f_code.co_filename == FILENAME:
+            tb = tb.tb_next
+        # the hook prints the exception's own traceback: give it the trimmed one
+        sys.excepthook(type(exc), exc.with_traceback(tb), tb)
+        raise SystemExit(130 if isinstance(exc, KeyboardInterrupt) else 1) from None
+
+
+def main():
+    main_attrs = dict(sys.modules["__main__"].__dict__)
+    for name in list(main_attrs):
+        if not name.startswith("__"):
+            del main_attrs[name]  # the launcher's own names (``sys``)
+    _preload(json.loads(sys.argv[2]))  # argv: -c, this file's text, the preload spec
+    run(serve(main_attrs))
+
+
+if __name__ == "_prefect_modal_zygote":  # how `forkserver` runs it; importing runs nothing
+    main()
