@@ -304,6 +304,57 @@ def test_output_streams_into_task_logs_with_levels(make_runner):
     assert any(m.startswith("Running in Modal sandbox sb-") for m in levels)
 
 
+def test_artifact_writer_keeps_one_client_and_drops_stale_running_records(
+    prefect_api: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opening a Prefect client costs ten times a write: the writer thread keeps one
+    until `flush()`; a "running" record whose sandbox has finished is not sent."""
+    import threading
+
+    import prefect.client.orchestration as orchestration
+
+    from prefect_modal.artifacts import SandboxArtifact
+    from prefect_modal.sandbox_call import ArtifactWriter
+
+    opened: list[object] = []  # clients asked for by the writer's thread (not Prefect's own)
+    real_get_client = orchestration.get_client
+
+    def counting_get_client(*args: object, **kwargs: object) -> object:
+        client = real_get_client(*args, **kwargs)  # type: ignore[call-overload]
+        if threading.current_thread().name.startswith("prefect-modal-artifacts"):
+            opened.append(client)
+        return client
+
+    monkeypatch.setattr(orchestration, "get_client", counting_get_client)
+
+    def record(n: int, status: str) -> SandboxArtifact:
+        return SandboxArtifact(
+            sandbox_id=f"sb-writer-{n}",
+            app_name="prefect-modal",
+            target="local",
+            flow_run_id=get_run_context().flow_run.id,
+            mode="pipeline",
+            status=status,  # type: ignore[arg-type]
+        )
+
+    @flow
+    def f() -> str:
+        writer = ArtifactWriter()
+        for n in range(3):
+            writer.write(record(n, "succeeded"))
+        writer.write(record(9, "running"), wanted=lambda: False)
+        writer.flush(timeout=30)
+        assert len(opened) == 1  # three writes, one client
+        writer.write(record(3, "succeeded"))
+        writer.flush(timeout=30)
+        assert len(opened) == 2  # flush closed it; the next write opened another
+        return flow_run_id()
+
+    run_id = f()
+    written = {r.sandbox_id: r.status for r in read_sandbox_artifacts(run_id)}
+    assert written == {f"sb-writer-{n}": "succeeded" for n in range(4)}
+
+
 def test_artifacts_per_task_and_per_flow(make_runner):
     @task
     def fails() -> None:
