@@ -476,7 +476,12 @@ class SandboxCall:
         with self._lock:
             if self._cancel_reason is None:
                 self._cancel_reason = reason
-            if self._done.is_set() or self._sandbox is None or self._terminator is not None:
+            if (
+                self._done.is_set()
+                or self._finished
+                or self._sandbox is None
+                or self._terminator is not None
+            ):
                 return self._terminator
             sandbox = self._sandbox
             self._terminator = threading.Thread(
@@ -555,6 +560,9 @@ class SandboxCall:
             sandboxes.follow_stderr(sandbox, self._on_line)
             returncode = sandboxes.wait_returncode(sandbox)
             output = sandboxes.read_stdout(sandbox)
+            with self._lock:  # finished: nothing is left to terminate (see `cancel`)
+                self._finished = True
+            sandboxes.detach(sandbox)
             self._outcome = self._interpret(returncode, output, attached)
             self._finish_record(returncode)
         except BaseException as exc:

@@ -10,6 +10,7 @@ with the real client.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -30,6 +31,8 @@ BASE_PIP_PACKAGES: tuple[str, ...] = ("cloudpickle",)
 
 #: How many trailing output lines a handle keeps for error messages.
 TAIL_LINES = 40
+
+logger = logging.getLogger("prefect_modal.sandboxes")
 
 NotFoundError = modal.exception.NotFoundError
 AlreadyExistsError = modal.exception.AlreadyExistsError
@@ -208,11 +211,25 @@ def list_sandboxes(
 
 
 def terminate(sandbox: modal.Sandbox) -> None:
-    """Terminate, tolerating a sandbox that has already finished or vanished."""
+    """Terminate, tolerating a sandbox that has already finished, vanished, or been
+    detached (which we do only once it has finished)."""
     try:
         sandbox.terminate()
-    except NotFoundError:
+    except (NotFoundError, modal.exception.ClientClosed):
         pass
+
+
+def detach(sandbox: modal.Sandbox) -> None:
+    """Let go of a sandbox this process is done with.
+
+    The modal client otherwise keeps the sandbox's command-router connection
+    open (with keepalive pings) for 30 s after its last use: a map of hundreds
+    of short tasks would hold hundreds of sockets and spend its CPU on pings.
+    """
+    try:
+        sandbox.detach()
+    except Exception as exc:  # never worth failing a finished call for
+        logger.debug("detaching sandbox %s failed: %s", sandbox_id(sandbox), exc)
 
 
 def terminate_by_id(sandbox_id: str, client: modal.Client) -> bool:

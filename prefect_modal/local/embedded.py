@@ -148,7 +148,7 @@ class LocalModal:
             await asyncio.wait_for(server.wait_closed(), 5)
         except asyncio.TimeoutError:
             log.warning("local Modal server: connections did not close within 5 s")
-        self.registry.flush()
+        await self.registry.flushed()  # the final statuses, by the writer (never two at once)
 
     def stop(self) -> None:
         """Terminate every sandbox process group, stop serving, and clean up."""

@@ -322,6 +322,7 @@ class ServerContext:
         )
         reg.add_sandbox(sb)
         await sb.start()
+        await reg.flushed()  # the listing shows it before the client hears of it
         log.debug(
             "sandbox %s started (v%d, app %s, name %s, argv[0] %s)",
             sandbox_id,
@@ -678,6 +679,7 @@ class ControlPlane(ModalClientBase):
         assert req is not None
         sb = self.ctx.sandbox(req.sandbox_id)
         await sb.wait(min(max(req.timeout, 0.0), _MAX_WAIT_S))
+        await self.ctx.registry.flushed()
         await stream.send_message(self.ctx.wait_response(sb))
 
     async def SandboxWait(
@@ -703,6 +705,7 @@ class ControlPlane(ModalClientBase):
         else:
             await sb.terminate()
             log.debug("sandbox %s terminated", sb.id)
+        await self.ctx.registry.flushed()
         await stream.send_message(resp)
 
     async def SandboxTerminate(
@@ -758,6 +761,7 @@ class ControlPlane(ModalClientBase):
         sb = self.ctx.sandbox(req.sandbox_id)
         sb.tags = {t.tag_name: t.tag_value for t in req.tags}  # replaces the whole set, as on Modal
         self.reg.changed()
+        await self.reg.flushed()
         from google.protobuf import empty_pb2
 
         await stream.send_message(empty_pb2.Empty())

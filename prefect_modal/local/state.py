@@ -2,8 +2,13 @@
 
 All of it lives on the server's event loop thread (no locks needed); only
 `Registry.records()` is read from other threads, through the loop. The sandbox
-listing is mirrored to ``<state_dir>/sandboxes.json`` after every change, once
-per loop iteration at most, so another process (the CLI) can read it.
+listing is mirrored to ``<state_dir>/sandboxes.json`` after every change, so
+another process (the CLI, a test) can read it.  The file is written by a
+worker thread, never by the loop: each write is a few system calls, and every
+one of them hands the GIL away, which in an embedded server stalled all RPCs
+for milliseconds per write under load.  Writes coalesce, and the RPCs that
+change what the listing shows (create, wait, terminate, tags) answer only once
+`flushed()` says the file has caught up.
 """
 
 from __future__ import annotations
@@ -64,6 +69,10 @@ class Registry:
         self.by_task: dict[str, LocalSandbox] = {}
         # sandbox id -> (what its record depended on, the record's JSON): see `flush`
         self._listing_cache: dict[str, tuple[tuple[object, ...], str]] = {}
+        self._generation = 0  # changes noted
+        self._written = 0  # changes on disk
+        self._writer: asyncio.Task[None] | None = None
+        self._written_cond = asyncio.Condition()
         self.loop: asyncio.AbstractEventLoop | None = None
         for name, values in (secrets or {}).items():
             self.define_secret(name, values)
@@ -148,8 +157,28 @@ class Registry:
         return [sb.record() for sb in self.sandboxes.values()]
 
     def changed(self) -> None:
-        """Rewrite the listing now, so it is current when the RPC that changed it answers."""
-        self.flush()
+        """Note a change of the listing; a write including it starts soon (see `flushed`)."""
+        self._generation += 1
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._write_changes())
+
+    async def flushed(self) -> None:
+        """Wait until sandboxes.json shows every change made so far."""
+        target = self._generation
+        async with self._written_cond:
+            await self._written_cond.wait_for(lambda: self._written >= target)
+
+    async def _write_changes(self) -> None:
+        while self._written < self._generation:
+            generation = self._generation
+            parts = self._listing_parts()  # a consistent snapshot, taken on the loop
+            try:
+                await asyncio.to_thread(write_listing, self.state_dir / "sandboxes.json", parts)
+            except OSError as exc:
+                log.warning("could not write the sandbox listing: %s", exc.strerror)
+            async with self._written_cond:
+                self._written = generation
+                self._written_cond.notify_all()
 
     def listing_records(self) -> list[SandboxRecord]:
         """What sandboxes.json shows: every running sandbox and the latest finished ones."""
@@ -169,12 +198,16 @@ class Registry:
             self._listing_cache[sb.id] = cached
         return cached[1]
 
-    def flush(self) -> None:
+    def _listing_parts(self) -> list[str]:
         listed = self._listed()
         if len(self._listing_cache) > 2 * len(listed):
             ids_listed = {sb.id for sb in listed}
             self._listing_cache = {k: v for k, v in self._listing_cache.items() if k in ids_listed}
+        return [self._encoded(sb) for sb in listed]
+
+    def flush(self) -> None:
+        """Write the listing now, from the calling thread (server start and stop)."""
         try:
-            write_listing(self.state_dir / "sandboxes.json", [self._encoded(sb) for sb in listed])
+            write_listing(self.state_dir / "sandboxes.json", self._listing_parts())
         except OSError as exc:
             log.warning("could not write the sandbox listing: %s", exc.strerror)
