@@ -75,7 +75,7 @@ def write_listing(path: Path, records: list[SandboxRecord] | list[str]) -> None:
     """
     parts = [r if isinstance(r, str) else record_json(r) for r in records]
     payload = ('{"sandboxes": [' + ", ".join(parts) + "]}").encode()
-    # one writer (the server's loop thread), so a fixed temp name is enough
+    # one write at a time (the registry's writer task), so a fixed temp name is enough
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:

@@ -7,6 +7,9 @@ How a Modal sandbox maps onto this machine (the emulation's limits):
   project's packages); the image is only recorded, never built or pulled.
   When the entrypoint exits, the rest of its group is killed, as Modal tears
   down the container. ``exec`` runs more processes in the same "container".
+  A ``python [-S] -c`` entrypoint is forked from a warm interpreter
+  (`forkserver`) rather than exec'd: same session, environment, cwd and
+  pipes, a fraction of the start-up cost.
 * **Environment.** A clean one, never the server's: ``PATH``, ``HOME``, ``LANG``,
   ``TMPDIR``, ``PYTHONUNBUFFERED=1``, ``MODAL_SANDBOX_ID``, ``MODAL_TASK_ID``,
   ``MODAL_LOCAL_ROOT``, then the image's ``ENV`` lines, the named secrets, and

@@ -67,7 +67,7 @@ class Registry:
         self.volumes_by_id: dict[str, VolumeInfo] = {}
         self.sandboxes: dict[str, LocalSandbox] = {}
         self.by_task: dict[str, LocalSandbox] = {}
-        # sandbox id -> (what its record depended on, the record's JSON): see `flush`
+        # sandbox id -> (what its record depended on, the record's JSON): see `_encoded`
         self._listing_cache: dict[str, tuple[tuple[object, ...], str]] = {}
         self._generation = 0  # changes noted
         self._written = 0  # changes on disk

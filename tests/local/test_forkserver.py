@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from waiting import wait_for
 from prefect_modal.local import LocalModal, forkserver, make_client, zygote
 from prefect_modal.local.processes import pid_alive
 from prefect_modal.local.records import read_listing
+from prefect_modal.services import start_local_modal
 
 REPORT = r"""
 import json, os, sys
@@ -213,45 +212,32 @@ def test_zygote_stops_with_the_server(tmp_path: Path) -> None:
 
 def test_forked_sandboxes_and_zygote_die_with_a_killed_server(tmp_path: Path) -> None:
     """SIGKILL: the zygote dies with the server, its children with the zygote."""
-    state = tmp_path / "state"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "prefect_modal.local", "serve", "--state-dir", str(state)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    server = start_local_modal(tmp_path / "state")
     try:
-        assert proc.stdout is not None
-        exports = {}
-        for line in proc.stdout:
-            if line.startswith("export "):
-                key, _, value = line[len("export ") :].strip().partition("=")
-                exports[key] = value
-            if line.startswith("READY "):
-                break
         client = make_client(
-            exports["MODAL_SERVER_URL"], exports["MODAL_TOKEN_ID"], exports["MODAL_TOKEN_SECRET"]
+            server.env["MODAL_SERVER_URL"],
+            server.env["MODAL_TOKEN_ID"],
+            server.env["MODAL_TOKEN_SECRET"],
         )
         app = modal.App.lookup("orphans", create_if_missing=True, client=client)
         program = "import os, time; print(os.getppid(), flush=True); time.sleep(1000)"
         deadline = time.monotonic() + 20
         while True:
             sb = modal.Sandbox.create("python", "-c", program, app=app, client=client)
-            if int(next(iter(sb.stdout))) != proc.pid:
+            if int(next(iter(sb.stdout))) != server.pid:
                 break
             sb.terminate()
             assert time.monotonic() < deadline, "the zygote did not start within 20 s"
             time.sleep(0.1)
-        rec = next(r for r in read_listing(state / "sandboxes.json") if r.id == sb.object_id)
-        (zygote_pid,) = {p for p in _zygote_pids() if _ppid(p) == proc.pid}
+        listing = read_listing(tmp_path / "state" / "sandboxes.json")
+        rec = next(r for r in listing if r.id == sb.object_id)
+        (zygote_pid,) = {p for p in _zygote_pids() if _ppid(p) == server.pid}
         assert rec.pid and pid_alive(rec.pid) and pid_alive(zygote_pid)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        os.kill(server.pid, signal.SIGKILL)  # the server alone: no cleanup runs
+        server.process.wait()
         wait_for(lambda: not pid_alive(rec.pid) and not pid_alive(zygote_pid), 5, "no process left")
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        server.stop()
 
 
 def _ppid(pid: int) -> int:
