@@ -63,6 +63,8 @@ PRELOAD_MODULES = (
 )
 
 MAX_ZYGOTES = 4
+#: Zygote starts in a server's life (one that dies is replaced, but not forever).
+MAX_STARTS = 8
 _STARTUP_ENV = ("LANG", "LC_ALL", "LC_CTYPE")
 _FLAVOURS = {("-c",): (), ("-S", "-c"): ("-S",)}
 _LAUNCHER = (
@@ -295,6 +297,7 @@ class ForkServer:
         self._state_dir = state_dir
         self._zygotes: dict[tuple[object, ...], _Zygote] = {}
         self._home = state_dir / "forkserver-home"  # empty: no user site-packages
+        self._starts = 0  # zygotes started, live or not: a broken one is not retried forever
 
     @staticmethod
     def match(args: Sequence[str], env: Mapping[str, str]) -> tuple[tuple[str, ...], int] | None:
@@ -335,7 +338,7 @@ class ForkServer:
         z = self._zygotes.get(key)
         if z is None or z.dead:
             live = sum(1 for other in self._zygotes.values() if not other.dead)
-            if live >= MAX_ZYGOTES:
+            if live >= MAX_ZYGOTES or self._starts >= MAX_STARTS:
                 return None
             self._start(key, flags, dict(startup))
             return None  # this one starts the ordinary way; the zygote warms up meanwhile
@@ -354,6 +357,14 @@ class ForkServer:
             "HOME": str(self._home),
             **startup,
         }
+        self._starts += 1
+        if self._starts == MAX_STARTS:
+            log.warning(
+                "the local server's fork server was started %d times; if this one stops too, "
+                "sandboxes start as fresh processes from then on (see %s)",
+                MAX_STARTS,
+                self._state_dir / "forkserver.log",
+            )
         try:
             self._zygotes[key] = _Zygote(flags, env, self._state_dir / "forkserver.log")
         except OSError as exc:

@@ -200,6 +200,27 @@ def test_terminate_kills_a_forked_sandbox_and_what_it_started(
     wait_for(lambda: not pid_alive(rec.pid) and not pid_alive(child), 5, "no process left")
 
 
+def test_a_killed_zygote_takes_its_sandboxes_and_is_replaced(
+    local_modal: LocalModal, app: Any
+) -> None:
+    client = local_modal.client
+    _forked_report(app, client)
+    sb = modal.Sandbox.create(
+        "python",
+        "-c",
+        "import os, time; print(os.getppid(), flush=True); time.sleep(1000)",
+        app=app,
+        client=client,
+    )
+    zygote_pid = int(next(iter(sb.stdout)))
+    assert zygote_pid in _zygote_pids()
+    os.kill(zygote_pid, signal.SIGKILL)
+    sb.wait(raise_on_termination=False)
+    assert sb.returncode == 137  # killed with its zygote, reported as such
+    after = _forked_report(app, client)  # sandboxes go on, forked by a new zygote
+    assert after["ppid"] != zygote_pid and after["ppid"] in _zygote_pids()
+
+
 def test_zygote_stops_with_the_server(tmp_path: Path) -> None:
     before = _zygote_pids()
     with LocalModal(state_dir=tmp_path / "s") as lm:
