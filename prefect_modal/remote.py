@@ -237,18 +237,36 @@ def _exception_info(exc, tb_text):
     return info
 
 
+def _importing_a_module():
+    """True while some module's code is running its import.
+
+    A miss then is almost always a probe (``try: from nt import ...`` in
+    `ntpath`, ``org.python.core`` in `pickle`) that expects ImportError; and
+    loading ``.pth`` files in the middle of, say, `pathlib`'s own import runs
+    their code against a half-initialised module (an editable install's
+    finder does ``from pathlib import Path``).
+    """
+    for module in list(sys.modules.values()):
+        if getattr(getattr(module, "__spec__", None), "_initializing", False):
+            return True
+    return False
+
+
 class _LateSite:
     """Run `site` only if an import misses.
 
     The bootstrap starts with ``python -S``: processing every ``.pth`` file of
     an image costs tens of milliseconds per task, and plain site-packages
     (added by `_fast_site`) is all most calls need.  The first module that no
-    finder can locate triggers the full `site.main()` (``.pth`` files,
-    sitecustomize), and the search is repeated, so nothing behaves differently.
+    finder can locate, outside another module's import (see
+    `_importing_a_module`), triggers the full `site.main()` (``.pth`` files,
+    sitecustomize), and the search is repeated.  The one thing this misses: a
+    package reachable only through a ``.pth`` file and first imported by the
+    import of another module; importing it in the task itself first finds it.
     """
 
     def find_spec(self, name, path=None, target=None):
-        if self not in sys.meta_path:
+        if self not in sys.meta_path or _importing_a_module():
             return None
         sys.meta_path.remove(self)
         import site

@@ -180,9 +180,42 @@ def register_user_modules() -> None:
         _modules_scanned = len(sys.modules)
 
 
+_ATOMS = (str, bytes, int, float, bool, type(None))
+
+
+def plain_containers(value: Any, _path: frozenset[int] = frozenset()) -> Any:
+    """`value` with Prefect's own list/tuple/dict subclasses turned into the builtin ones.
+
+    `task.map` returns a `PrefectFutureList`, and Prefect resolves one passed to
+    another task into a `PrefectFutureList` *of values*: pickled as it is, the
+    sandbox would have to import Prefect (seconds here; on Modal's default
+    image, which has no Prefect, an ImportError).  Builtin containers are
+    walked (a container that holds itself is left as it is); everything else,
+    user subclasses included, travels as it is.
+    """
+    cls = type(value)
+    if cls in _ATOMS or id(value) in _path:
+        return value
+    if not isinstance(value, list | tuple | dict) or (
+        cls not in (list, tuple, dict) and cls.__module__.partition(".")[0] != "prefect"
+    ):
+        return value
+    inner = _path | {id(value)}
+    if isinstance(value, dict):
+        items = {k: plain_containers(v, inner) for k, v in value.items()}
+        unchanged = cls is dict and all(items[k] is v for k, v in value.items())
+        return value if unchanged else items
+    elements = [plain_containers(v, inner) for v in value]
+    base = list if isinstance(value, list) else tuple
+    if cls is base and all(a is b for a, b in zip(elements, value, strict=True)):
+        return value
+    return elements if base is list else tuple(elements)
+
+
 def dumps_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
     """cloudpickle `(fn, args, kwargs)`, the user's modules by value; a clear error if it can't."""
     register_user_modules()
+    args, kwargs = plain_containers(args), plain_containers(kwargs)
     try:
         return cloudpickle.dumps((fn, args, kwargs), protocol=pickle.DEFAULT_PROTOCOL)
     except Exception as exc:

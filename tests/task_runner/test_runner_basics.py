@@ -483,3 +483,89 @@ def test_generator_task_runs_in_the_flow_process(make_runner):
         return list(numbers.submit().result())
 
     assert f() == [os.getpid(), os.getpid()]
+
+
+def _reimport_pathlib() -> str:
+    """Imports `pathlib` afresh: `ntpath` probes for `nt` during that import."""
+    import sys
+
+    for name in ("pathlib", "ntpath"):
+        sys.modules.pop(name, None)
+    import pathlib
+
+    return pathlib.PurePosixPath("a/b").name
+
+
+def test_an_import_probe_inside_another_import_loads_no_pth_files(modal_server):
+    """The bootstrap runs `python -S` and loads `.pth` files on the first import that
+    misses; a probe missing inside another module's import (here `nt`, while
+    `pathlib` imports) must not run them against the half-imported module.  An
+    editable install's `.pth` imports pathlib: that is what broke."""
+    import site
+
+    import modal
+
+    from prefect_modal import remote
+
+    pth_imports = [
+        p
+        for d in site.getsitepackages()
+        if os.path.isdir(d)
+        for p in Path(d).glob("*.pth")
+        if any(line.startswith("import ") for line in p.read_text().splitlines())
+    ]
+    if not pth_imports:
+        pytest.skip(reason="no .pth file with an import line here (the editable install has one)")
+    app = modal.App.lookup("pth-probe", create_if_missing=True, client=modal_server.client)
+    nonce = "probe"
+    payload = sandbox_call.dumps_call(_reimport_pathlib, (), {})
+    header = remote.make_header(nonce, len(payload), sandbox_call.LOCAL_PYTHON, 1 << 20)
+    for _ in range(3):  # the first may start as a fresh process, the next are forked
+        sb = modal.Sandbox.create(
+            *sandbox_call.bootstrap_command(), app=app, client=modal_server.client
+        )
+        sb.stdin.write(header + payload)
+        sb.stdin.write_eof()
+        sb.stdin.drain()
+        sb.wait()
+        err, out = sb.stderr.read(), sb.stdout.read()
+        assert "Error processing line" not in err and "Traceback" not in err, err
+        frames = dict(remote.decode_frames(nonce, out))
+        assert sb.returncode == 0 and "OK" in frames, (sb.returncode, err)
+
+
+def test_a_mapped_result_passed_on_arrives_as_a_plain_list(make_runner):
+    """Prefect hands a resolved `task.map` result on as a PrefectFutureList; the sandbox
+    gets a plain list and never has to import Prefect (Modal's default image has none)."""
+
+    @task
+    def combine(parts: list[int]) -> tuple[str, bool, list[int]]:
+        import sys
+
+        return type(parts).__qualname__, "prefect" in sys.modules, list(parts)
+
+    @flow(task_runner=make_runner())
+    def f():
+        return combine.submit(add.map([1, 2], [10, 20])).result()
+
+    assert f() == ("list", False, [11, 22])
+
+
+def test_plain_containers():
+    from collections import namedtuple
+
+    from prefect.futures import PrefectFutureList
+
+    Point = namedtuple("Point", "x y")
+    point = Point(1, 2)
+    mapped = PrefectFutureList([1, 2])
+    nested = {"a": [mapped, (mapped,)], "p": point}
+    out = sandbox_call.plain_containers(nested)
+    assert out == {"a": [[1, 2], ([1, 2],)], "p": point}
+    assert type(out["a"][0]) is list and type(out["a"][1][0]) is list
+    assert out["p"] is point  # the user's own tuple subclass stays what it is
+    plain = {"k": [1, "x", (2.0, None)]}
+    assert sandbox_call.plain_containers(plain) is plain  # nothing to change: no copy
+    loop: list[object] = [1]
+    loop.append(loop)
+    assert sandbox_call.plain_containers(loop) is loop
