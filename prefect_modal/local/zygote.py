@@ -172,6 +172,7 @@ def serve(main_attrs):
             _send(sock, {"id": request["id"], "error": str(exc)})
             continue
         if pid == 0:
+            sock.detach()  # its fd is closed below; the object must not close a reused number
             return _child(request, fds, main_attrs, code, libc)
         for fd in fds:
             os.close(fd)
