@@ -7,6 +7,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prefect import flow, task
@@ -299,8 +300,19 @@ def test_lineage_is_recorded(make_runner):
 
     a_id, b_id, total = f()
     assert total == 13
-    with get_client(sync_client=True) as client:
-        run = client.read_task_run(b_id)
+
+    def recorded() -> Any:
+        # task runs reach the API as events, recorded by the server after the fact
+        from prefect.exceptions import ObjectNotFound
+
+        with get_client(sync_client=True) as client:
+            try:
+                run = client.read_task_run(b_id)
+            except ObjectNotFound:
+                return None
+        return run if run.task_inputs.get("x") else None
+
+    run = wait_until(recorded, timeout=30, what=f"task run {b_id} recorded with its inputs")
     upstream = {str(i.id) for i in run.task_inputs["x"]}
     assert upstream == {str(a_id)}
 
