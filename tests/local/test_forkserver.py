@@ -70,6 +70,15 @@ def _report(app: Any, client: Any, *flags: str, **kwargs: Any) -> dict[str, Any]
     return dict(json.loads(sb.stdout.read()))
 
 
+def _sleeper(app: Any, client: Any, with_child: bool = False) -> tuple[Any, list[int]]:
+    """A sandbox that sleeps; its first line: its parent's pid (and a child's it started)."""
+    spawn = "c = subprocess.Popen(['sleep', '1000']); " if with_child else ""
+    shown = "os.getppid(), c.pid" if with_child else "os.getppid()"
+    program = f"import os, subprocess, time; {spawn}print({shown}, flush=True); time.sleep(1000)"
+    sb = modal.Sandbox.create("python", "-c", program, app=app, client=client)
+    return sb, [int(x) for x in next(iter(sb.stdout)).split()]
+
+
 def _forked_report(app: Any, client: Any, *flags: str, **kwargs: Any) -> dict[str, Any]:
     """A report from a forked sandbox: the first ones start the zygote the ordinary way."""
     server_pid = os.getpid()  # the embedded server runs in this process
@@ -182,15 +191,7 @@ def test_terminate_kills_a_forked_sandbox_and_what_it_started(
 ) -> None:
     client = local_modal.client
     _forked_report(app, client)
-    sb = modal.Sandbox.create(
-        "python",
-        "-c",
-        "import os, subprocess, time; p = subprocess.Popen(['sleep', '1000']); "
-        "print(os.getppid(), p.pid, flush=True); time.sleep(1000)",
-        app=app,
-        client=client,
-    )
-    ppid, child = (int(x) for x in next(iter(sb.stdout)).split())
+    sb, (ppid, child) = _sleeper(app, client, with_child=True)
     assert ppid in _zygote_pids()
     (rec,) = [r for r in local_modal.sandboxes() if r.id == sb.object_id]
     assert rec.pid and pid_alive(rec.pid) and pid_alive(child)
@@ -205,14 +206,7 @@ def test_a_killed_zygote_takes_its_sandboxes_and_is_replaced(
 ) -> None:
     client = local_modal.client
     _forked_report(app, client)
-    sb = modal.Sandbox.create(
-        "python",
-        "-c",
-        "import os, time; print(os.getppid(), flush=True); time.sleep(1000)",
-        app=app,
-        client=client,
-    )
-    zygote_pid = int(next(iter(sb.stdout)))
+    sb, (zygote_pid,) = _sleeper(app, client)
     assert zygote_pid in _zygote_pids()
     os.kill(zygote_pid, signal.SIGKILL)
     sb.wait(raise_on_termination=False)
@@ -241,11 +235,10 @@ def test_forked_sandboxes_and_zygote_die_with_a_killed_server(tmp_path: Path) ->
             server.env["MODAL_TOKEN_SECRET"],
         )
         app = modal.App.lookup("orphans", create_if_missing=True, client=client)
-        program = "import os, time; print(os.getppid(), flush=True); time.sleep(1000)"
         deadline = time.monotonic() + 20
         while True:
-            sb = modal.Sandbox.create("python", "-c", program, app=app, client=client)
-            if int(next(iter(sb.stdout))) != server.pid:
+            sb, (ppid,) = _sleeper(app, client)
+            if ppid != server.pid:
                 break
             sb.terminate()
             assert time.monotonic() < deadline, "the zygote did not start within 20 s"
