@@ -145,7 +145,6 @@ class _Zygote:
     """One warm interpreter and the socket to it, driven by the server's event loop."""
 
     def __init__(self, flags: tuple[str, ...], env: dict[str, str], log_path: Path) -> None:
-        self.flags = flags
         self.ready = False
         self.dead = False
         self._closing = False

@@ -66,15 +66,13 @@ def record_json(record: SandboxRecord) -> str:
     return json.dumps(record.to_dict())
 
 
-def write_listing(path: Path, records: list[SandboxRecord] | list[str]) -> None:
-    """Atomically replace ``path`` with the JSON listing (readers never see half a file).
-
-    ``records`` may be given already encoded (`record_json`): the server rewrites
-    the listing on every change, and re-encoding hundreds of unchanged records
-    each time made a 200-task map quadratic.
+def write_listing(path: Path, records: list[str]) -> None:
+    """Atomically replace ``path`` with the listing of ``records``, each as `record_json`
+    made it (readers never see half a file).  Callers encode, so they can cache: the
+    server rewrites the listing on every change, and re-encoding hundreds of unchanged
+    records each time made a 200-task map quadratic.
     """
-    parts = [r if isinstance(r, str) else record_json(r) for r in records]
-    payload = ('{"sandboxes": [' + ", ".join(parts) + "]}").encode()
+    payload = ('{"sandboxes": [' + ", ".join(records) + "]}").encode()
     # one write at a time (the registry's writer task), so a fixed temp name is enough
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

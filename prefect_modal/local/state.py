@@ -180,11 +180,8 @@ class Registry:
                 self._written = generation
                 self._written_cond.notify_all()
 
-    def listing_records(self) -> list[SandboxRecord]:
-        """What sandboxes.json shows: every running sandbox and the latest finished ones."""
-        return [sb.record() for sb in self._listed()]
-
     def _listed(self) -> list[LocalSandbox]:
+        """What sandboxes.json shows: every running sandbox and the latest finished ones."""
         finished = [sb for sb in self.sandboxes.values() if sb.done.is_set()]
         keep = {sb.id for sb in finished[-LISTING_FINISHED_KEPT:]}
         return [sb for sb in self.sandboxes.values() if not sb.done.is_set() or sb.id in keep]

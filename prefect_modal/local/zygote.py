@@ -15,7 +15,7 @@ Life of the zygote:
 3. For each request it forks.  The parent answers ``{"id", "pid"}``; the child
    becomes the program: its own session, ``PR_SET_PDEATHSIG`` (it dies with
    the zygote, which dies with the server), the given fds on 0-2 and nothing
-   else open, the rlimit, cwd and environment of the request, a pristine
+   else open, the cwd and environment of the request, a pristine
    ``__main__``, ``sys.argv`` as ``python -c`` sets it, then the code.
 4. On SIGCHLD it kills what is left of the exited child's process group
    (while the unreaped child still holds the group id) and reaps it, and
@@ -107,11 +107,6 @@ def _child(request, fds, main_attrs, code, libc):
         os.closerange(3, os.sysconf("SC_OPEN_MAX"))
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        limit = request.get("rlimit_as")
-        if limit:
-            import resource
-
-            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
