@@ -32,9 +32,6 @@ import argparse
 import json
 import os
 import platform
-import shlex
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -58,6 +55,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner  # 
 
 from prefect_modal import ModalCredentials, ModalTaskRunner  # noqa: E402
 from prefect_modal.local import LocalModal  # noqa: E402
+from prefect_modal.services import start_local_modal  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -128,26 +126,11 @@ def _local_server(kind: str) -> Iterator[dict[str, str]]:
         with LocalModal() as lm:
             yield dict(lm.env)
         return
-    state = tempfile.mkdtemp(prefix="bench-modal-")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "prefect_modal.local", "serve", "--port", "0", "--state-dir", state],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    service = start_local_modal(Path(tempfile.mkdtemp(prefix="bench-modal-")))
     try:
-        env: dict[str, str] = {}
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if line.startswith("export "):
-                key, _, value = line[len("export ") :].strip().partition("=")
-                env[key] = shlex.split(value)[0]
-            if line.startswith("READY "):
-                break
-        yield env
+        yield dict(service.env)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        service.stop()
 
 
 def main() -> None:
