@@ -7,7 +7,7 @@ Measures, through the real modal client:
 * wall time of 50 sandboxes run at once, against 50 bare processes at once;
 
 each for the server's default (``python -c`` sandboxes forked from a warm
-interpreter, `prefect_modal.local.forkserver`) and with the fork server off
+interpreter, `prefect_modal.local.runtime.forkserver`) and with the fork server off
 (every sandbox a fresh ``exec``), side by side in one run.
 
 Usage: ``python benchmarks/bench_local_server.py [--repeats 20] [--concurrency 50]

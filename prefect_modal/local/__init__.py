@@ -5,10 +5,8 @@ through it, like LocalStack for AWS: set ``MODAL_SERVER_URL`` and a token pair
 (`LocalModal.env`) or pass `LocalModal.client`. Modules:
 
 * `embedded` - `LocalModal`, the server in a background thread;
-* `server` - the RPC handlers (control plane + task command router);
-* `runtime` - one sandbox as a process group (and the emulation's limits);
-* `processes` - spawning and killing process trees;
-* `streams` - replayable output buffers; `fs_tools` - ``sandbox.filesystem``;
+* `server` - the two gRPC services, assembled from the rooms of `api` (by Modal area);
+* `runtime` - how a sandbox runs here: `sandbox`, `processes`, `forkserver`, `streams`;
 * `state` - apps, images, secrets, volumes; `records` - the public listing;
 * `auth` - tokens and router JWTs; `ids` - id shapes; `cli` - ``serve``.
 """

@@ -19,8 +19,8 @@ from typing import Annotated
 
 import typer
 
-from . import forkserver
 from .embedded import LocalModal
+from .runtime import forkserver
 
 DEFAULT_STATE_DIR = Path("~/.prefect-modal/local")
 

@@ -23,9 +23,9 @@ from typing import Any
 import grpclib.events
 from grpclib.server import Server
 
-from . import forkserver, processes
 from .auth import Credentials
 from .records import SandboxRecord
+from .runtime import forkserver, processes
 from .server import ControlPlane, Router, ServerContext
 from .state import Registry
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import ids
 from .records import SandboxRecord, record_json, write_listing
-from .runtime import LocalSandbox
+from .runtime.sandbox import LocalSandbox
 
 log = logging.getLogger("prefect_modal.local")
 

@@ -18,9 +18,10 @@ import modal
 import pytest
 from waiting import wait_for
 
-from prefect_modal.local import LocalModal, forkserver, make_client, zygote
-from prefect_modal.local.processes import pid_alive
+from prefect_modal.local import LocalModal, make_client
 from prefect_modal.local.records import read_listing
+from prefect_modal.local.runtime import forkserver, zygote
+from prefect_modal.local.runtime.processes import pid_alive
 from prefect_modal.services import start_local_modal
 
 REPORT = r"""

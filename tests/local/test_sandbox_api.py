@@ -210,10 +210,10 @@ def test_names_are_unique_per_app(local_modal: LocalModal, app: Any, backend: st
 def test_list_tags_and_paging(
     local_modal: LocalModal, app: Any, backend: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from prefect_modal.local import server
+    from prefect_modal.local.api import context
 
     monkeypatch.setattr(
-        server, "_LIST_PAGE", 2
+        context, "LIST_PAGE", 2
     )  # force several pages: before_timestamp must be honoured
     sbs = [
         _create(local_modal, app, "sleep", "60", tags={"run": "r1", "i": str(i)}) for i in range(5)

@@ -22,7 +22,7 @@ from modal_proto import task_command_router_pb2 as sr_pb2
 from modal_proto.task_command_router_grpc import TaskCommandRouterStub
 
 from prefect_modal.local import VERIFIED_CLIENT_VERSIONS, LocalModal, make_client, read_listing
-from prefect_modal.local.processes import pid_alive
+from prefect_modal.local.runtime.processes import pid_alive
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -12,7 +12,7 @@ import modal
 import pytest
 
 from prefect_modal.local import LocalModal
-from prefect_modal.local.processes import pid_alive
+from prefect_modal.local.runtime.processes import pid_alive
 
 pytestmark = pytest.mark.slow
 

@@ -39,12 +39,9 @@ import shutil
 import signal
 import subprocess
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import IO, Protocol
 
 from .streams import OutputBuffer
-
-if TYPE_CHECKING:
-    from .forkserver import ForkedProcess
 
 MARKER_ENV = "PREFECT_MODAL_LOCAL_MARKER"
 log = logging.getLogger("prefect_modal.local")
@@ -170,10 +167,25 @@ class _IntoBuffer(asyncio.Protocol):
             self.closed.set_result(None)
 
 
+class PopenLike(Protocol):
+    """What `Child` needs of a started process: a `subprocess.Popen`, or a process
+    another one started for us (`forkserver.ForkedProcess`, which also has an
+    ``exited`` future, since only its parent can wait for it)."""
+
+    pid: int
+    stdin: IO[bytes] | None
+    stdout: IO[bytes] | None
+    stderr: IO[bytes] | None
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+
 class Child:
     """A started process, its output pipes feeding buffers, driven by the event loop."""
 
-    def __init__(self, popen: subprocess.Popen[bytes] | ForkedProcess) -> None:
+    def __init__(self, popen: PopenLike) -> None:
         self.popen = popen
         self.pid = popen.pid
         self.returncode: int | None = None
@@ -461,6 +473,7 @@ def pid_alive(pid: int) -> bool:
 __all__ = [
     "MARKER_ENV",
     "Child",
+    "PopenLike",
     "Sweeper",
     "descendants",
     "kill_tree",

@@ -54,9 +54,10 @@ from typing import Any
 
 from modal_proto import api_pb2
 
-from . import fs_tools, processes
+from ..api import filesystem as fs_tools
+from ..records import SandboxRecord
+from . import processes
 from .forkserver import ForkedProcess, ForkServer
-from .records import SandboxRecord
 from .streams import OutputBuffer
 
 log = logging.getLogger("prefect_modal.local")

@@ -1,0 +1,11 @@
+"""The RPC handlers, in rooms by Modal's own areas.
+
+* `apps` - hello, auth token, apps, environments;
+* `images` - image definitions and their build stream;
+* `secrets`, `volumes` - named objects;
+* `sandboxes` - create, wait, terminate, list, names, tags, V1 logs and stdin;
+* `router` - the task command router: V2 stdio, readiness, ``exec``;
+* `filesystem` - ``sandbox.filesystem`` (the fs-tools commands);
+* `context` - what they share (state, auth, sandbox creation); `base` - errors
+  and the servicer assembly.
+"""

@@ -1,0 +1,313 @@
+"""What the rooms share: state, credentials, authentication, sandbox lookups and creation."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import grpclib.events
+from grpclib import Status
+from grpclib.server import Stream
+from modal_proto import api_pb2
+
+from .. import ids
+from ..auth import Credentials
+from ..runtime import processes
+from ..runtime.forkserver import ForkServer
+from ..runtime.sandbox import (
+    DEFAULT_TIMEOUT_S,
+    MAX_TIMEOUT_S,
+    LocalSandbox,
+    SandboxPaths,
+    SandboxSpec,
+)
+from ..state import Registry
+from .base import fail
+
+log = logging.getLogger("prefect_modal.local")
+
+VERIFIED_CLIENT_VERSIONS: tuple[str, ...] = ("1.6.4",)
+IMAGE_BUILDER_VERSION = "2024.10"
+_ROUTER_PREFIX = "/modal.task_command_router.TaskCommandRouter/"
+LIST_PAGE = 100
+MAX_WAIT_S = 55.0
+
+
+class ClientVersionWarning(UserWarning):
+    """The connecting modal client is not a version this server was verified with."""
+
+
+def gpu_string(cfg: api_pb2.GPUConfig) -> str | None:
+    kind = cfg.gpu_type
+    if not kind and cfg.type:
+        kind = api_pb2.GPUType.Name(cfg.type).removeprefix("GPU_TYPE_")
+    if not kind:
+        return None
+    return f"{kind}:{cfg.count}" if cfg.count and cfg.count > 1 else kind
+
+
+class ServerContext:
+    """What both services share: state, credentials, settings."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        creds: Credentials,
+        *,
+        refuse_gpu: bool,
+        server_uid: str,
+        fork_server: bool = True,
+    ) -> None:
+        self.registry = registry
+        self.creds = creds
+        self.refuse_gpu = refuse_gpu
+        self.server_uid = server_uid
+        self.url = ""
+        self.sweeper = processes.Sweeper()
+        self.forkserver = ForkServer(registry.state_dir) if fork_server else None
+        self._warned_versions: set[str] = set()
+
+    # ----- auth hook -------------------------------------------------------
+
+    async def on_request(self, event: grpclib.events.RecvRequest) -> None:
+        md = event.metadata
+        name = event.method_name
+        if name.startswith(_ROUTER_PREFIX):
+            auth = str(md.get("authorization", ""))
+            token = auth.removeprefix("Bearer ").strip()
+            if not token or self.creds.verify_jwt(token) is None:
+                fail(Status.UNAUTHENTICATED, "missing or invalid command router token")
+            return
+        version = str(md.get("x-modal-client-version", ""))
+        if (
+            version
+            and version not in VERIFIED_CLIENT_VERSIONS
+            and version not in self._warned_versions
+        ):
+            self._warned_versions.add(version)
+            msg = (
+                f"modal client {version} connected; the local Modal server is verified with "
+                f"{', '.join(VERIFIED_CLIENT_VERSIONS)} only: some calls may fail"
+            )
+            log.warning(msg)
+            warnings.warn(msg, ClientVersionWarning, stacklevel=1)
+        token_id = md.get("x-modal-token-id")
+        token_secret = md.get("x-modal-token-secret")
+        if not self.creds.check_tokens(
+            str(token_id) if token_id else None, str(token_secret) if token_secret else None
+        ):
+            fail(Status.UNAUTHENTICATED, "invalid or missing Modal token for the local server")
+
+    def check_router_task(self, stream: Stream[Any, Any], task_id: str) -> LocalSandbox:
+        md = stream.metadata or {}
+        token = str(md.get("authorization", "")).removeprefix("Bearer ").strip()
+        if self.creds.verify_jwt(token) != task_id:
+            fail(Status.UNAUTHENTICATED, "command router token is not valid for this task")
+        sb = self.registry.by_task.get(task_id)
+        if sb is None:
+            fail(Status.NOT_FOUND, f"task {task_id} not found")
+        return sb
+
+    # ----- lookups ---------------------------------------------------------
+
+    def sandbox(self, sandbox_id: str) -> LocalSandbox:
+        sb = self.registry.sandboxes.get(sandbox_id)
+        if sb is None:
+            fail(Status.NOT_FOUND, f"Sandbox {sandbox_id!r} not found")
+        return sb
+
+    def router_access(self, sb: LocalSandbox) -> tuple[str, str]:
+        return self.url, self.creds.mint_jwt(sb.task_id)
+
+    # ----- sandbox creation ------------------------------------------------
+
+    async def create_sandbox(
+        self,
+        version: int,
+        app_id: str,
+        definition: api_pb2.Sandbox,
+        tags: list[api_pb2.SandboxTag],
+        secret_sources: list[api_pb2.SecretSource],
+    ) -> LocalSandbox:
+        reg = self.registry
+        d = definition
+        if app_id not in reg.app_names:
+            fail(Status.NOT_FOUND, f"App {app_id!r} not found (was the local server restarted?)")
+        timeout = d.timeout_secs or DEFAULT_TIMEOUT_S
+        if timeout > MAX_TIMEOUT_S:
+            fail(
+                Status.INVALID_ARGUMENT,
+                f"timeout={timeout}s is above the maximum of {MAX_TIMEOUT_S}s (24 h)",
+            )
+        gpu = gpu_string(d.resources.gpu_config) if d.HasField("resources") else None
+        if gpu and self.refuse_gpu:
+            fail(
+                Status.FAILED_PRECONDITION,
+                f"gpu={gpu!r} was requested, but this local Modal server was started with "
+                "refuse_gpu=True (--refuse-gpu): it has no GPUs. "
+                "Run on Modal, or drop the gpu request.",
+            )
+        name = d.name or None
+        if name is not None and reg.running_with_name(app_id, name) is not None:
+            fail(
+                Status.ALREADY_EXISTS,
+                f"a running Sandbox named {name!r} already exists in this app",
+            )
+
+        image = reg.images.get(d.image_id)
+        env: dict[str, str] = dict(image.env) if image else {}
+        env_names: list[str] = []
+        secret_names: list[str] = []
+
+        def add_secret(secret_id: str) -> None:
+            info = reg.secrets_by_id.get(secret_id)
+            if info is None:
+                fail(Status.NOT_FOUND, f"Secret {secret_id!r} not found")
+            env.update(info.values)
+            if info.name:
+                secret_names.append(info.name)
+            else:
+                env_names.extend(info.values)
+
+        for sid in d.secret_ids:
+            add_secret(sid)
+        for src in secret_sources:
+            if src.secret_id:
+                add_secret(src.secret_id)
+            else:
+                values = dict(src.env.contents)
+                env.update(values)
+                env_names.extend(values)
+
+        volumes: dict[str, tuple[str, Path]] = {}
+        for vm in d.volume_mounts:
+            vol = reg.volumes_by_id.get(vm.volume_id)
+            if vol is None:
+                fail(Status.NOT_FOUND, f"Volume {vm.volume_id!r} not found")
+            volumes[vm.mount_path] = (vol.name, vol.path)
+
+        res = d.resources
+        cloud = d.cloud_provider_str or (
+            api_pb2.CloudProvider.Name(d.cloud_provider).removeprefix("CLOUD_PROVIDER_").lower()
+            if d.cloud_provider
+            else None
+        )
+        spec = SandboxSpec(
+            version=version,
+            app_id=app_id,
+            app_name=reg.app_names.get(app_id),
+            name=name,
+            args=list(d.entrypoint_args),
+            env=env,
+            env_names=sorted(set(env_names)),
+            secret_names=list(dict.fromkeys(secret_names)),
+            workdir=d.workdir or None,
+            timeout_s=float(timeout),
+            idle_timeout_s=float(d.idle_timeout_secs) if d.idle_timeout_secs else None,
+            cpu=res.milli_cpu / 1000 if res.milli_cpu else None,
+            memory_mib=res.memory_mb or None,
+            memory_max_mib=res.memory_mb_max or None,
+            gpu=gpu,
+            region=",".join(d.scheduler_placement.regions) or None,
+            cloud=cloud,
+            image=image.description if image else (d.image_id or "default"),
+            volumes=volumes,
+            tags={t.tag_name: t.tag_value for t in tags},
+        )
+        sandbox_id = ids.new_sandbox_id(version)
+        sb = LocalSandbox(
+            spec,
+            sandbox_id=sandbox_id,
+            task_id=ids.new_task_id(version),
+            paths=SandboxPaths(reg.state_dir / "sandboxes" / sandbox_id),
+            marker=f"{self.server_uid}:{sandbox_id}",
+            on_change=reg.changed,
+            sweeper=self.sweeper,
+            forkserver=self.forkserver,
+        )
+        reg.add_sandbox(sb)
+        await sb.start()
+        await reg.flushed()  # the listing shows it before the client hears of it
+        log.debug(
+            "sandbox %s started (v%d, app %s, name %s, argv[0] %s)",
+            sandbox_id,
+            version,
+            spec.app_name,
+            name,
+            spec.args[0] if spec.args else "-",
+        )
+        return sb
+
+    def handle_metadata(self, sb: LocalSandbox) -> api_pb2.SandboxHandleMetadata:
+        res = sb.result()
+        md = api_pb2.SandboxHandleMetadata(app_id=sb.spec.app_id)
+        if res is not None:
+            md.result.CopyFrom(res)
+        return md
+
+    def wait_response(self, sb: LocalSandbox) -> api_pb2.SandboxWaitResponse:
+        resp = api_pb2.SandboxWaitResponse(metadata=self.handle_metadata(sb))
+        res = sb.result()
+        if res is not None:
+            resp.result.CopyFrom(res)
+        return resp
+
+    def sandbox_info(self, sb: LocalSandbox) -> api_pb2.SandboxInfo:
+        res = sb.result()
+        task = api_pb2.TaskInfo(id=sb.task_id, sandbox_id=sb.id, started_at=sb.created_at)
+        if res is not None:
+            task.result.CopyFrom(res)
+            task.finished_at = sb.finished_at or 0.0
+        return api_pb2.SandboxInfo(
+            id=sb.id,
+            created_at=sb.created_at,
+            task_info=task,
+            app_id=sb.spec.app_id,
+            tags=[api_pb2.SandboxTag(tag_name=k, tag_value=v) for k, v in sb.tags.items()],
+            name=sb.spec.name or "",
+            timeout_secs=int(sb.spec.timeout_s),
+            metadata=self.handle_metadata(sb),
+        )
+
+    def list_page(self, req: api_pb2.SandboxListRequest) -> api_pb2.SandboxListResponse:
+        want_tags = {t.tag_name: t.tag_value for t in req.tags}
+        found = []
+        for sb in self.registry.sandboxes.values():
+            if req.app_id and sb.spec.app_id != req.app_id:
+                continue
+            if not req.include_finished and sb.done.is_set():
+                continue
+            if req.before_timestamp and not sb.created_at < req.before_timestamp:
+                continue
+            if any(sb.tags.get(k) != v for k, v in want_tags.items()):
+                continue
+            found.append(sb)
+        found.sort(key=lambda s: s.created_at, reverse=True)
+        return api_pb2.SandboxListResponse(
+            sandboxes=[self.sandbox_info(s) for s in found[:LIST_PAGE]]
+        )
+
+    def from_name(
+        self, req: api_pb2.SandboxGetFromNameRequest
+    ) -> api_pb2.SandboxGetFromNameResponse:
+        reg = self.registry
+        app_id = reg.app_get_or_create(req.app_name, req.environment_name, create=False)
+        if app_id is None:
+            fail(Status.NOT_FOUND, f"App {req.app_name!r} not found")
+        sb = reg.running_with_name(app_id, req.sandbox_name)
+        if sb is None and req.include_terminated:
+            named = [
+                s
+                for s in reg.sandboxes.values()
+                if s.spec.app_id == app_id and s.spec.name == req.sandbox_name
+            ]
+            sb = max(named, key=lambda s: s.created_at) if named else None
+        if sb is None:
+            fail(
+                Status.NOT_FOUND, f"Sandbox {req.sandbox_name!r} not found in app {req.app_name!r}"
+            )
+        return api_pb2.SandboxGetFromNameResponse(
+            sandbox_id=sb.id, metadata=self.handle_metadata(sb)
+        )

@@ -1,0 +1,203 @@
+"""The task command router: V2 stdio, readiness, volume reloads and every ``exec``."""
+
+from __future__ import annotations
+
+from grpclib import Status
+from grpclib.server import Stream
+from modal_proto import task_command_router_pb2 as sr_pb2
+
+from ..runtime.sandbox import ExecProcess, LocalSandbox
+from .base import Room, fail
+
+
+def _exec_or_404(sb: LocalSandbox, exec_id: str) -> ExecProcess:
+    ex = sb.execs.get(exec_id)
+    if ex is None:
+        fail(Status.NOT_FOUND, f"exec {exec_id!r} not found")
+    return ex
+
+
+class CommandRouter(Room):
+    """The task command router: V2 stdio, readiness, volume reloads and every ``exec``."""
+
+    async def SandboxStdioReadV2(
+        self, stream: Stream[sr_pb2.SandboxStdioReadV2Request, sr_pb2.SandboxStdioReadV2Response]
+    ) -> None:
+        req = await stream.recv_message()
+        assert req is not None
+        sb = self.ctx.check_router_task(stream, req.task_id)
+        buf = (
+            sb.stderr
+            if req.file_descriptor == sr_pb2.SANDBOX_STDIO_FILE_DESCRIPTOR_STDERR
+            else sb.stdout
+        )
+        async for start, chunk in buf.follow(req.offset):
+            await stream.send_message(
+                sr_pb2.SandboxStdioReadV2Response(data=chunk, starting_offset=start)
+            )
+
+    async def SandboxStdinWriteV2(
+        self, stream: Stream[sr_pb2.SandboxStdinWriteV2Request, sr_pb2.SandboxStdinWriteV2Response]
+    ) -> None:
+        req = await stream.recv_message()
+        assert req is not None
+        sb = self.ctx.check_router_task(stream, req.task_id)
+        await sb.stdin_write_at(req.offset, req.data, req.eof)
+        await stream.send_message(sr_pb2.SandboxStdinWriteV2Response())
+
+    async def SandboxWaitUntilReady(
+        self,
+        stream: Stream[
+            sr_pb2.SandboxWaitUntilReadyTcrRequest, sr_pb2.SandboxWaitUntilReadyTcrResponse
+        ],
+    ) -> None:
+        req = await stream.recv_message()
+        assert req is not None
+        sb = self.ctx.check_router_task(stream, req.task_id)
+        await stream.send_message(sr_pb2.SandboxWaitUntilReadyTcrResponse(ready_at=sb.created_at))
+
+    async def TaskReloadVolumes(
+        self, stream: Stream[sr_pb2.TaskReloadVolumesRequest, sr_pb2.TaskReloadVolumesResponse]
+    ) -> None:
+        req = await stream.recv_message()
+        assert req is not None
+        self.ctx.check_router_task(stream, req.task_id)
+        await stream.send_message(
+            sr_pb2.TaskReloadVolumesResponse()
+        )  # volumes are live directories
+
+    async def TaskExecStart(
+        self, stream: Stream[sr_pb2.TaskExecStartRequest, sr_pb2.TaskExecStartResponse]
+    ) -> None:
+        req = await stream.recv_message()
+        assert req is not None
+        sb = self.ctx.check_router_task(stream, req.task_id)
+        if sb.done.is_set():
+            fail(
+                Status.FAILED_PRECONDITION,
+                f"Sandbox {sb.id} has already finished; cannot exec in it",
+            )
+        if not req.command_args:
+            fail(Status.INVALID_ARGUMENT, "exec needs a command")
+        env: dict[str, str] = {}
+        for sid in req.secret_ids:
+            info = self.reg.secrets_by_id.get(sid)
+            if info is None:
+                fail(Status.NOT_FOUND, f"Secret {sid!r} not found")
+            env.update(info.values)
+        for src in req.secret_sources:
+            if src.secret_id:
+                info = self.reg.secrets_by_id.get(src.secret_id)
+                if info is None:
+                    fail(Status.NOT_FOUND, f"Secret {src.secret_id!r} not found")
+                env.update(info.values)
+            else:
+                env.update(dict(src.env.contents))
+        env.update(dict(req.env))
+        if req.workdir and not req.workdir.startswith("/"):
+            fail(Status.INVALID_ARGUMENT, f"workdir must be absolute, got {req.workdir!r}")
+        pipe_out = req.stdout_config == sr_pb2.TASK_EXEC_STDOUT_CONFIG_PIPE
+        err_cfg = req.stderr_config
+        await sb.exec_start(
+            req.exec_id,
+            list(req.command_args),
+            env=env,
+            workdir=req.workdir or None,
+            timeout_s=float(req.timeout_secs) if req.timeout_secs else None,
+            stdout=pipe_out,
+            stderr=err_cfg == sr_pb2.TASK_EXEC_STDERR_CONFIG_PIPE,
+            merge_stderr=err_cfg == sr_pb2.TASK_EXEC_STDERR_CONFIG_STDOUT,
+        )
+        await stream.send_message(sr_pb2.TaskExecStartResponse())
+
+    async def TaskExecPoll(
+        self, stream: Stream[sr_pb2.TaskExecPollRequest, sr_pb2.TaskExecPollResponse]
+    ) -> None:
+        req = await stream.recv_message()
+        assert req is not None
+        ex = _exec_or_404(self.ctx.check_router_task(stream, req.task_id), req.exec_id)
+        resp = sr_pb2.TaskExecPollResponse()
+        if ex.done.is_set():
+            if ex.signal is not None:
+                resp.signal = ex.signal
+            else:
+                resp.code = ex.code if ex.code is not None else -1
+        await stream.send_message(resp)
+
+    async def TaskExecWait(
+        self, stream: Stream[sr_pb2.TaskExecWaitRequest, sr_pb2.TaskExecWaitResponse]
+    ) -> None:
+        req = await stream.recv_message()
+        assert req is not None
+        ex = _exec_or_404(self.ctx.check_router_task(stream, req.task_id), req.exec_id)
+        await ex.done.wait()
+        resp = sr_pb2.TaskExecWaitResponse()
+        if ex.signal is not None:
+            resp.signal = ex.signal
+        else:
+            resp.code = ex.code if ex.code is not None else -1
+        await stream.send_message(resp)
+
+    async def TaskExecStdioRead(
+        self, stream: Stream[sr_pb2.TaskExecStdioReadRequest, sr_pb2.TaskExecStdioReadResponse]
+    ) -> None:
+        req = await stream.recv_message()
+        assert req is not None
+        ex = _exec_or_404(self.ctx.check_router_task(stream, req.task_id), req.exec_id)
+        buf = (
+            ex.stderr
+            if req.file_descriptor == sr_pb2.TASK_EXEC_STDIO_FILE_DESCRIPTOR_STDERR
+            else ex.stdout
+        )
+        async for _start, chunk in buf.follow(req.offset):
+            await stream.send_message(sr_pb2.TaskExecStdioReadResponse(data=chunk))
+
+    async def _after_stdin(self, sb: LocalSandbox, ex: ExecProcess) -> None:
+        if ex.fs_command is not None and ex.stdin_closed:
+            await sb.run_fs_tool(ex)
+
+    async def TaskExecStdinWrite(
+        self, stream: Stream[sr_pb2.TaskExecStdinWriteRequest, sr_pb2.TaskExecStdinWriteResponse]
+    ) -> None:
+        req = await stream.recv_message()
+        assert req is not None
+        sb = self.ctx.check_router_task(stream, req.task_id)
+        ex = _exec_or_404(sb, req.exec_id)
+        sb.touch()
+        await ex.write_stdin(req.offset, req.data, req.eof)
+        await self._after_stdin(sb, ex)
+        await stream.send_message(sr_pb2.TaskExecStdinWriteResponse())
+
+    async def TaskExecStdinWriteStream(
+        self,
+        stream: Stream[
+            sr_pb2.TaskExecStdinWriteStreamRequest, sr_pb2.TaskExecStdinWriteStreamResponse
+        ],
+    ) -> None:
+        first = await stream.recv_message()
+        if first is None or not first.HasField("start"):
+            fail(Status.INVALID_ARGUMENT, "the stdin stream must begin with a start message")
+        sb = self.ctx.check_router_task(stream, first.start.task_id)
+        ex = _exec_or_404(sb, first.start.exec_id)
+        offset = first.start.offset
+        async for msg in stream:
+            sb.touch()
+            if msg.HasField("end"):
+                await ex.write_stdin(offset, b"", True)
+                break
+            await ex.write_stdin(offset, msg.data, False)
+            offset += len(msg.data)
+        await self._after_stdin(sb, ex)
+        await stream.send_message(sr_pb2.TaskExecStdinWriteStreamResponse())
+
+    async def TaskExecStdinStatus(
+        self, stream: Stream[sr_pb2.TaskExecStdinStatusRequest, sr_pb2.TaskExecStdinStatusResponse]
+    ) -> None:
+        req = await stream.recv_message()
+        assert req is not None
+        ex = _exec_or_404(self.ctx.check_router_task(stream, req.task_id), req.exec_id)
+        await stream.send_message(
+            sr_pb2.TaskExecStdinStatusResponse(
+                num_bytes_written=ex.stdin_offset, closed=ex.stdin_closed
+            )
+        )

@@ -1,0 +1,7 @@
+"""How a local sandbox runs on this machine: isolation, processes, output streams.
+
+* `sandbox` - one sandbox: its processes, lifetime, stdin/stdout and ``exec``;
+* `processes` - starting, watching and killing process trees;
+* `forkserver` / `zygote` - warm interpreters that fork sandbox processes;
+* `streams` - replayable output buffers.
+"""
