@@ -21,6 +21,7 @@ import typer
 
 from .embedded import LocalModal
 from .runtime import forkserver
+from .runtime import isolation as isolation_mod
 
 DEFAULT_STATE_DIR = Path("~/.prefect-modal/local")
 
@@ -77,6 +78,22 @@ def serve(
             "PREFECT_MODAL_LOCAL_FORK_SERVER=0.",
         ),
     ] = True,
+    isolation: Annotated[
+        bool,
+        typer.Option(
+            help="Run each sandbox in Linux namespaces (own root, processes, network when "
+            "asked); --no-isolation runs them as plain process groups. Default: on, unless "
+            "PREFECT_MODAL_LOCAL_ISOLATION=0.",
+        ),
+    ] = True,
+    host_dir: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="A host directory every sandbox sees read-only at the same path (repeatable): "
+            "the local stand-in for an image holding your code, e.g. a deployment's working "
+            "directory. Default: PREFECT_MODAL_LOCAL_HOST_DIRS (os.pathsep-separated).",
+        ),
+    ] = None,
 ) -> None:
     """Serve Modal's API on 127.0.0.1 until SIGINT/SIGTERM."""
     logging.basicConfig(
@@ -89,6 +106,8 @@ def serve(
         secrets=secrets,
         refuse_gpu=refuse_gpu,
         fork_server=fork_server and forkserver.enabled_by_default(),
+        isolation=isolation and isolation_mod.enabled_by_default(),
+        host_dirs=host_dir or None,
     )
     stop = threading.Event()
 
@@ -102,6 +121,10 @@ def serve(
         for key, value in lm.env.items():
             print(f"export {key}={shlex.quote(value)}")
         print(f"# state: {lm.state_dir}")
+        if lm.isolation is not None:
+            print("# isolation: on (Linux namespaces)")
+        else:
+            print(f"# isolation: OFF ({lm.not_isolated_because})")
         print(f"READY {lm.url}", flush=True)
         while not stop.wait(0.5):
             pass

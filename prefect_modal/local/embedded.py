@@ -16,6 +16,7 @@ import secrets as _secrets
 import shutil
 import tempfile
 import threading
+from collections.abc import Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from grpclib.server import Server
 from .auth import Credentials
 from .records import SandboxRecord
 from .runtime import forkserver, processes
+from .runtime import isolation as isolation_mod
+from .runtime.sandbox import Isolation
 from .server import ControlPlane, Router, ServerContext
 from .state import Registry
 
@@ -53,6 +56,8 @@ class LocalModal:
         refuse_gpu: bool = False,
         host: str = "127.0.0.1",
         fork_server: bool | None = None,
+        isolation: bool | None = None,
+        host_dirs: Sequence[str | Path] | None = None,
     ) -> None:
         if host not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError(f"host={host!r}: the local Modal server binds to loopback only")
@@ -72,6 +77,11 @@ class LocalModal:
             refuse_gpu=refuse_gpu,
             server_uid=self._server_uid,
             fork_server=forkserver.enabled_by_default() if fork_server is None else fork_server,
+            isolation=isolation_mod.enabled_by_default() if isolation is None else isolation,
+            host_dirs=[
+                str(d)
+                for d in (isolation_mod.host_dirs_from_env() if host_dirs is None else host_dirs)
+            ],
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -116,6 +126,7 @@ class LocalModal:
 
     async def _main(self) -> None:
         self._stop_requested = asyncio.Event()
+        await self._ctx.start_isolation()
         server = Server([ControlPlane(self._ctx), Router(self._ctx)])
         grpclib.events.listen(server, grpclib.events.RecvRequest, self._ctx.on_request)
         await server.start(self._host, self._port)
@@ -185,6 +196,15 @@ class LocalModal:
         if self._bound_port is None:
             raise RuntimeError("LocalModal is not started")
         return self._bound_port
+
+    @property
+    def isolation(self) -> Isolation | None:
+        """How sandboxes are isolated (their image view, pasta), or None if they are not."""
+        return self._ctx.isolation
+
+    @property
+    def not_isolated_because(self) -> str | None:
+        return self._ctx.not_isolated_because
 
     @property
     def url(self) -> str:

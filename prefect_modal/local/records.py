@@ -44,6 +44,9 @@ class SandboxRecord:
     version: int = 2
     task_id: str = ""
     root: str = ""
+    #: the container's pid 1 as this host sees it (None: not isolated, or not up yet)
+    init_pid: int | None = None
+    isolated: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         # not dataclasses.asdict: it deep-copies, and the listing is rewritten on every change

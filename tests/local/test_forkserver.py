@@ -16,6 +16,7 @@ from typing import Any
 
 import modal
 import pytest
+from sandbox_pids import host_pids
 from waiting import wait_for
 
 from prefect_modal.local import LocalModal, make_client
@@ -32,28 +33,37 @@ print(json.dumps({
     "main_names": sorted(k for k in globals() if not k.startswith("__")),
     "ppid": os.getppid(),
     "pid": os.getpid(),
+    "warm": "cloudpickle" in sys.modules,
     "leader": os.getsid(0) == os.getpid() == os.getpgrp(),
     "fds": sorted(int(f) for f in os.listdir("/proc/self/fd")),
     "cwd": os.getcwd(),
     "env": dict(os.environ),
     "no_site": sys.flags.no_site,
     "stdin": sys.stdin.read(),
+    "sandbox_id": os.environ["MODAL_SANDBOX_ID"],
 }))
 """
 
 
-def _zygote_pids() -> set[int]:
+def _zygote_pids(parent: int | None = None) -> set[int]:
+    """Zygotes: processes running the zygote program that a server started (its direct
+    children; a sandbox's monitor and init are forks of a zygote, one level further)."""
+    parent = os.getpid() if parent is None else parent
     found = set()
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         try:
             with open(f"/proc/{name}/cmdline", "rb") as f:
-                if zygote.FILENAME.encode() in f.read():
+                if zygote.FILENAME.encode() in f.read() and _ppid(int(name)) == parent:
                     found.add(int(name))
-        except OSError:
+        except (OSError, ValueError):
             continue
     return found
+
+
+def _record(lm: LocalModal, sandbox_id: str) -> Any:
+    return next(r for r in lm.sandboxes() if r.id == sandbox_id)
 
 
 def _run(app: Any, client: Any, *args: str, stdin: bytes = b"", **kwargs: Any) -> Any:
@@ -71,22 +81,24 @@ def _report(app: Any, client: Any, *flags: str, **kwargs: Any) -> dict[str, Any]
     return dict(json.loads(sb.stdout.read()))
 
 
-def _sleeper(app: Any, client: Any, with_child: bool = False) -> tuple[Any, list[int]]:
-    """A sandbox that sleeps; its first line: its parent's pid (and a child's it started)."""
+def _sleeper(lm: LocalModal, app: Any, with_child: bool = False) -> tuple[Any, list[int]]:
+    """A sandbox that sleeps; returns it and the host pids of its program (and of a child
+    it started), once it runs."""
     spawn = "c = subprocess.Popen(['sleep', '1000']); " if with_child else ""
-    shown = "os.getppid(), c.pid" if with_child else "os.getppid()"
+    shown = "os.getpid(), c.pid" if with_child else "os.getpid()"
     program = f"import os, subprocess, time; {spawn}print({shown}, flush=True); time.sleep(1000)"
-    sb = modal.Sandbox.create("python", "-c", program, app=app, client=client)
-    return sb, [int(x) for x in next(iter(sb.stdout)).split()]
+    sb = modal.Sandbox.create("python", "-c", program, app=app, client=lm.client)
+    inner = [int(x) for x in next(iter(sb.stdout)).split()]
+    return sb, host_pids(_record(lm, sb.object_id).init_pid, inner)
 
 
 def _forked_report(app: Any, client: Any, *flags: str, **kwargs: Any) -> dict[str, Any]:
-    """A report from a forked sandbox: the first ones start the zygote the ordinary way."""
-    server_pid = os.getpid()  # the embedded server runs in this process
+    """A report from a sandbox forked by a warm zygote (the first ones are exec'd by the
+    launcher while the warm zygote starts)."""
     deadline = time.monotonic() + 20
     while True:
         report = _report(app, client, *flags, **kwargs)
-        if report["ppid"] != server_pid:
+        if report["warm"]:
             return report
         assert time.monotonic() < deadline, "no sandbox was forked by the zygote within 20 s"
         time.sleep(0.1)
@@ -96,8 +108,8 @@ def _forked_report(app: Any, client: Any, *flags: str, **kwargs: Any) -> dict[st
 def test_a_forked_sandbox_sees_what_python_c_would(
     local_modal: LocalModal, app: Any, flags: tuple[str, ...]
 ) -> None:
-    report = _forked_report(app, local_modal.client, *flags, workdir="/work")
-    assert report["ppid"] in _zygote_pids()
+    report = _forked_report(app, local_modal.client, *flags, workdir="/tmp")
+    assert (report["pid"], report["ppid"]) == (2, 1)  # its own PID namespace, under its init
     assert report["argv"] == ["-c", "a1", "a2"]
     assert report["name"] == "__main__"
     assert report["main_names"] == ["json", "os", "sys"]  # nothing of the zygote's
@@ -105,18 +117,17 @@ def test_a_forked_sandbox_sees_what_python_c_would(
     assert report["fds"] == [0, 1, 2, 3]  # 3 is the listdir of /proc/self/fd itself
     assert report["no_site"] == (1 if flags else 0)
     assert report["stdin"] == "in"
-    root = report["env"]["MODAL_LOCAL_ROOT"]
-    assert report["cwd"] == os.path.join(root, "work")
+    assert report["cwd"] == "/tmp"
+    assert "MODAL_LOCAL_ROOT" not in report["env"]
     assert report["env"]["MODAL_SANDBOX_ID"].startswith("sb-")
     plain = _report(app, local_modal.client, *flags)  # the same env keys as any other sandbox
-    assert set(plain["env"]) == set(report["env"])
+    assert set(plain["env"]) - {"MODAL_SANDBOX_ID"} == set(report["env"]) - {"MODAL_SANDBOX_ID"}
 
 
 def test_exit_codes_and_tracebacks_are_those_of_python_c(local_modal: LocalModal, app: Any) -> None:
     client = local_modal.client
     _forked_report(app, client)  # the zygote is ready from here on
-    server_pid = str(os.getpid())
-    ppid = "import os; print(os.getppid(), flush=True); "
+    warm = "import sys; print('cloudpickle' in sys.modules, flush=True); "
     cases = {
         "raise SystemExit(3)": 3,
         "import sys; sys.exit('bye')": 1,
@@ -127,7 +138,7 @@ def test_exit_codes_and_tracebacks_are_those_of_python_c(local_modal: LocalModal
         "pass": 0,
     }
     for code, expected in cases.items():
-        source = code if code.startswith("def") else ppid + code
+        source = code if code.startswith("def") else warm + code
         sb = _run(app, client, "python", "-c", source)
         err = sb.stderr.read()
         assert sb.returncode == expected, (code, err)
@@ -135,7 +146,7 @@ def test_exit_codes_and_tracebacks_are_those_of_python_c(local_modal: LocalModal
         if code.startswith("def"):
             assert err.startswith('  File "<string>", line 1') and "SyntaxError" in err
         else:
-            assert sb.stdout.read().strip() != server_pid, code  # it was forked
+            assert sb.stdout.read().strip() == "True", code  # it was forked
     sb = _run(app, client, "python", "-c", "x = 1 / 0")
     err = sb.stderr.read()
     assert err.splitlines()[:2] == [
@@ -160,22 +171,18 @@ def test_secrets_stay_in_their_own_sandbox(local_modal: LocalModal, app: Any) ->
 
 
 def test_what_is_not_forked(tmp_path: Path, app: Any, local_modal: LocalModal) -> None:
-    """A memory limit, another interpreter or the switch turned off: exec'd as before."""
+    """A memory limit, another program or the switch turned off: exec'd by the launcher."""
     client = local_modal.client
     _forked_report(app, client)
-    me = os.getpid()
     limited = _report(app, client, memory=(256, 4096))
-    assert limited["ppid"] == me
-    other = _run(app, client, "sh", "-c", "echo $PPID")
-    assert int(other.stdout.read()) == me
+    assert limited["warm"] is False and limited["pid"] == 2  # still in its own container
     assert forkserver.ForkServer.match(["python", "-u", "-c", "pass"], {"PATH": ""}) is None
     assert forkserver.ForkServer.match(["/usr/bin/env", "-c", "x"], {"PATH": ""}) is None
 
     with LocalModal(state_dir=tmp_path / "off", fork_server=False) as off:
         app_off = modal.App.lookup("off", create_if_missing=True, client=off.client)
         reports = [_report(app_off, off.client) for _ in range(3)]
-        assert {r["ppid"] for r in reports} == {me}
-        assert not (tmp_path / "off" / "forkserver.log").exists()
+        assert {r["warm"] for r in reports} == {False}
 
 
 def test_the_switch(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -192,14 +199,15 @@ def test_terminate_kills_a_forked_sandbox_and_what_it_started(
 ) -> None:
     client = local_modal.client
     _forked_report(app, client)
-    sb, (ppid, child) = _sleeper(app, client, with_child=True)
-    assert ppid in _zygote_pids()
-    (rec,) = [r for r in local_modal.sandboxes() if r.id == sb.object_id]
-    assert rec.pid and pid_alive(rec.pid) and pid_alive(child)
+    sb, (program, child) = _sleeper(local_modal, app, with_child=True)
+    rec = _record(local_modal, sb.object_id)
+    assert rec.pid and _ppid(rec.pid) in _zygote_pids()
+    assert pid_alive(rec.pid) and pid_alive(program) and pid_alive(child)
     sb.terminate()
     sb.wait(raise_on_termination=False)
     assert sb.returncode == 137
-    wait_for(lambda: not pid_alive(rec.pid) and not pid_alive(child), 5, "no process left")
+    gone = [rec.pid, rec.init_pid, program, child]
+    wait_for(lambda: not any(pid_alive(p) for p in gone), 5, "no process left")
 
 
 def test_a_killed_zygote_takes_its_sandboxes_and_is_replaced(
@@ -207,13 +215,18 @@ def test_a_killed_zygote_takes_its_sandboxes_and_is_replaced(
 ) -> None:
     client = local_modal.client
     _forked_report(app, client)
-    sb, (zygote_pid,) = _sleeper(app, client)
+    sb, (program,) = _sleeper(local_modal, app)
+    zygote_pid = _ppid(_record(local_modal, sb.object_id).pid)
     assert zygote_pid in _zygote_pids()
     os.kill(zygote_pid, signal.SIGKILL)
     sb.wait(raise_on_termination=False)
     assert sb.returncode == 137  # killed with its zygote, reported as such
-    after = _forked_report(app, client)  # sandboxes go on, forked by a new zygote
-    assert after["ppid"] != zygote_pid and after["ppid"] in _zygote_pids()
+    wait_for(lambda: not pid_alive(program), 5, "the sandbox's program is gone")
+    _forked_report(app, client)  # sandboxes go on, forked by a new zygote
+    _sb, _ = _sleeper(local_modal, app)
+    new_zygote = _ppid(_record(local_modal, _sb.object_id).pid)
+    assert new_zygote != zygote_pid and new_zygote in _zygote_pids()
+    _sb.terminate()
 
 
 def test_zygote_stops_with_the_server(tmp_path: Path) -> None:
@@ -222,12 +235,12 @@ def test_zygote_stops_with_the_server(tmp_path: Path) -> None:
         app = modal.App.lookup("z", create_if_missing=True, client=lm.client)
         _forked_report(app, lm.client)
         ours = _zygote_pids() - before
-        assert len(ours) == 1
+        assert len(ours) == 2  # the launcher and the warm `python -c` zygote
     wait_for(lambda: not any(pid_alive(p) for p in ours), 10, "no process left")
 
 
 def test_forked_sandboxes_and_zygote_die_with_a_killed_server(tmp_path: Path) -> None:
-    """SIGKILL: the zygote dies with the server, its children with the zygote."""
+    """SIGKILL: the zygotes die with the server, the sandboxes with their zygote."""
     server = start_local_modal(tmp_path / "state")
     try:
         client = make_client(
@@ -236,21 +249,18 @@ def test_forked_sandboxes_and_zygote_die_with_a_killed_server(tmp_path: Path) ->
             server.env["MODAL_TOKEN_SECRET"],
         )
         app = modal.App.lookup("orphans", create_if_missing=True, client=client)
-        deadline = time.monotonic() + 20
-        while True:
-            sb, (ppid,) = _sleeper(app, client)
-            if ppid != server.pid:
-                break
-            sb.terminate()
-            assert time.monotonic() < deadline, "the zygote did not start within 20 s"
-            time.sleep(0.1)
+        program = "import time; print('up', flush=True); time.sleep(1000)"
+        sb = modal.Sandbox.create("python", "-c", program, app=app, client=client)
+        assert next(iter(sb.stdout)).strip() == "up"
         listing = read_listing(tmp_path / "state" / "sandboxes.json")
         rec = next(r for r in listing if r.id == sb.object_id)
-        (zygote_pid,) = {p for p in _zygote_pids() if _ppid(p) == server.pid}
-        assert rec.pid and pid_alive(rec.pid) and pid_alive(zygote_pid)
+        zygotes = _zygote_pids(server.pid)
+        assert rec.pid and rec.init_pid and _ppid(rec.pid) in zygotes
+        assert all(pid_alive(p) for p in [rec.pid, rec.init_pid, *zygotes])
         os.kill(server.pid, signal.SIGKILL)  # the server alone: no cleanup runs
         server.process.wait()
-        wait_for(lambda: not pid_alive(rec.pid) and not pid_alive(zygote_pid), 5, "no process left")
+        gone = [rec.pid, rec.init_pid, *zygotes]
+        wait_for(lambda: not any(pid_alive(p) for p in gone), 5, "no process left")
     finally:
         server.stop()
 

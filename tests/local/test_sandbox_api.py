@@ -107,7 +107,7 @@ def test_env_secrets_and_clean_environment(
     assert got["SERVER_ONLY_VAR"] is None, "the server's environment must not leak into sandboxes"
     assert got["PYTHONUNBUFFERED"] == "1"
     rec = _record(local_modal, sb.object_id)
-    assert got["HOME"] == str(Path(rec.root) / "root")
+    assert got["HOME"] == "/root"  # the sandbox's own /root, as on Modal
     assert rec.secret_names == ["named"]
     assert {"FOO", "DICT_KEY"} <= set(rec.env_names)
     assert "dict-value" not in json.dumps(rec.to_dict()) and "named-value" not in json.dumps(
@@ -275,17 +275,24 @@ def test_stdout_iterate_late_and_replay(local_modal: LocalModal, app: Any, backe
     assert late.stderr.read() == ""
 
 
-def test_workdir_and_local_root(local_modal: LocalModal, app: Any, backend: str) -> None:
-    code = (
-        "import os; open('here.txt', 'w').write('x');"
-        "print(os.getcwd()); print(os.environ['MODAL_LOCAL_ROOT'])"
-    )
-    sb = _create(local_modal, app, PY, "-c", code, workdir="/srv/app")
+def test_workdir_is_the_sandboxs_own(local_modal: LocalModal, app: Any, backend: str) -> None:
+    code = "import os; open('here.txt', 'w').write('x'); print(os.getcwd())"
+    sb = _create(local_modal, app, PY, "-c", code, workdir="/srv")
     sb.wait()
-    cwd, root = sb.stdout.read().split()
-    assert cwd == str(Path(root) / "srv" / "app")
-    assert (Path(root) / "srv" / "app" / "here.txt").read_text() == "x"
-    assert _record(local_modal, sb.object_id).workdir == "/srv/app"
+    assert sb.stdout.read() == "/srv\n"
+    rec = _record(local_modal, sb.object_id)
+    assert rec.workdir == "/srv" and "MODAL_LOCAL_ROOT" not in rec.env_names
+    assert (Path(rec.root) / "srv" / "here.txt").read_text() == "x"  # its writable layer
+    assert not Path("/srv/here.txt").exists()
+
+
+def test_missing_workdir_fails_before_start(
+    local_modal: LocalModal, app: Any, backend: str
+) -> None:
+    before = len(local_modal.sandboxes())
+    with pytest.raises(modal.exception.InvalidError, match="'/srv/app' does not exist"):
+        _create(local_modal, app, PY, "-c", "pass", workdir="/srv/app")
+    assert len(local_modal.sandboxes()) == before
 
 
 def test_volumes(local_modal: LocalModal, app: Any, backend: str) -> None:
@@ -295,7 +302,7 @@ def test_volumes(local_modal: LocalModal, app: Any, backend: str) -> None:
         app,
         PY,
         "-c",
-        "import os; open(os.environ['MODAL_LOCAL_ROOT'] + '/data/f.txt', 'w').write('42')",
+        "open('/data/f.txt', 'w').write('42')",
         volumes={"/data": vol},
     )
     w.wait()
@@ -363,20 +370,20 @@ def test_exec(local_modal: LocalModal, app: Any, backend: str) -> None:
 def test_filesystem(local_modal: LocalModal, app: Any, backend: str) -> None:
     sb = _create(local_modal, app, "sleep", "60")
     blob = bytes(range(256)) * 1000
-    sb.filesystem.write_bytes(blob, "/work/dir/data.bin")
-    assert sb.filesystem.read_bytes("/work/dir/data.bin") == blob
-    sb.filesystem.write_text("héllo", "/work/t.txt")
-    assert sb.filesystem.read_text("/work/t.txt") == "héllo"
-    names = {e.name for e in sb.filesystem.list_files("/work")}
+    sb.filesystem.write_bytes(blob, "/workspace/dir/data.bin")
+    assert sb.filesystem.read_bytes("/workspace/dir/data.bin") == blob
+    sb.filesystem.write_text("héllo", "/workspace/t.txt")
+    assert sb.filesystem.read_text("/workspace/t.txt") == "héllo"
+    names = {e.name for e in sb.filesystem.list_files("/workspace")}
     assert names == {"dir", "t.txt"}
-    assert sb.filesystem.stat("/work/t.txt").size == len("héllo".encode())
-    sb.filesystem.make_directory("/work/new/sub")
-    sb.filesystem.remove("/work/new", recursive=True)
+    assert sb.filesystem.stat("/workspace/t.txt").size == len("héllo".encode())
+    sb.filesystem.make_directory("/workspace/new/sub")
+    sb.filesystem.remove("/workspace/new", recursive=True)
     with pytest.raises(modal.exception.SandboxFilesystemNotFoundError):
-        sb.filesystem.read_bytes("/work/new/missing")
+        sb.filesystem.read_bytes("/workspace/new/missing")
     rec = _record(local_modal, sb.object_id)
-    assert (Path(rec.root) / "work" / "dir" / "data.bin").read_bytes() == blob
-    p = sb.exec("cat", "work/t.txt")  # the sandbox's processes see the same files
+    assert (Path(rec.root) / "workspace" / "dir" / "data.bin").read_bytes() == blob
+    p = sb.exec("cat", "workspace/t.txt")  # the sandbox's processes see the same files
     assert p.stdout.read() == "héllo"
     sb.terminate()
 

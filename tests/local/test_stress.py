@@ -10,6 +10,7 @@ from typing import Any
 
 import modal
 import pytest
+from sandbox_pids import host_pids
 
 from prefect_modal.local import LocalModal
 from prefect_modal.local.runtime.processes import pid_alive
@@ -97,7 +98,19 @@ def test_50_sandboxes_at_once(local_modal: LocalModal, app: Any) -> None:
     assert elapsed < 60
 
 
+def _init_pid(lm: LocalModal, sandbox_id: str) -> int:
+    """The sandbox's init (its PID namespace) as the host sees it, once it is up."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        rec = next(r for r in lm.sandboxes() if r.id == sandbox_id)
+        if rec.init_pid:
+            return rec.init_pid
+        time.sleep(0.02)
+    raise AssertionError(f"sandbox {sandbox_id} has no init pid")
+
+
 def _spawned_pids(sb: Any, count: int) -> list[int]:
+    """Pids a sandbox printed: pids of its own PID namespace (see `sandbox_pids`)."""
     pids: list[int] = []
     for line in sb.stdout:
         pids.append(int(line))
@@ -117,8 +130,9 @@ TREE = (
 @pytest.mark.timeout(60)
 def test_terminate_kills_whole_tree(local_modal: LocalModal, app: Any, backend: str) -> None:
     sb = modal.Sandbox.create("sh", "-c", TREE, app=app, client=local_modal.client)
-    pids = _spawned_pids(sb, 3)
-    main = next(r.pid for r in local_modal.sandboxes() if r.id == sb.object_id)
+    rec = next(r for r in local_modal.sandboxes() if r.id == sb.object_id)
+    pids = host_pids(_init_pid(local_modal, sb.object_id), _spawned_pids(sb, 3))
+    main = rec.pid
     assert main is not None and all(pid_alive(p) for p in pids)
     sb.terminate()
     assert sb.poll() == 137
@@ -131,9 +145,12 @@ def test_terminate_kills_whole_tree(local_modal: LocalModal, app: Any, backend: 
 @pytest.mark.timeout(60)
 def test_main_exit_tears_down_the_container(local_modal: LocalModal, app: Any) -> None:
     sb = modal.Sandbox.create(
-        "sh", "-c", "sleep 1000 & echo $!; exit 5", app=app, client=local_modal.client
+        "sh", "-c", "sleep 1000 & echo $!; read go; exit 5", app=app, client=local_modal.client
     )
-    (child,) = _spawned_pids(sb, 1)
+    (child,) = host_pids(_init_pid(local_modal, sb.object_id), _spawned_pids(sb, 1))
+    assert pid_alive(child)
+    sb.stdin.write(b"go\n")
+    sb.stdin.drain()
     sb.wait()
     assert sb.returncode == 5
     deadline = time.monotonic() + 5
@@ -148,7 +165,11 @@ def test_server_stop_leaves_no_process(tmp_path: Any) -> None:
     try:
         app = modal.App.lookup("stop-app", create_if_missing=True, client=lm.client)
         sbs = [modal.Sandbox.create("sh", "-c", TREE, app=app, client=lm.client) for _ in range(3)]
-        children = [p for sb in sbs for p in _spawned_pids(sb, 3)]
+        children = [
+            p
+            for sb in sbs
+            for p in host_pids(_init_pid(lm, sb.object_id), _spawned_pids(sb, 3))
+        ]
         mains = [r.pid for r in lm.sandboxes()]
         ex = sbs[0].exec("sleep", "1000")
         assert ex.poll() is None

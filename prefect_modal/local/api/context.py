@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +18,11 @@ from .. import ids
 from ..auth import Credentials
 from ..runtime import processes
 from ..runtime.forkserver import ForkServer
+from ..runtime.isolation import ImageView, pasta, why_not_isolated
 from ..runtime.sandbox import (
     DEFAULT_TIMEOUT_S,
     MAX_TIMEOUT_S,
+    Isolation,
     LocalSandbox,
     SandboxPaths,
     SandboxSpec,
@@ -59,6 +63,8 @@ class ServerContext:
         refuse_gpu: bool,
         server_uid: str,
         fork_server: bool = True,
+        isolation: bool = True,
+        host_dirs: Sequence[str] = (),
     ) -> None:
         self.registry = registry
         self.creds = creds
@@ -66,8 +72,40 @@ class ServerContext:
         self.server_uid = server_uid
         self.url = ""
         self.sweeper = processes.Sweeper()
-        self.forkserver = ForkServer(registry.state_dir) if fork_server else None
+        self.forkserver = ForkServer(registry.state_dir, warm=fork_server)
+        self.isolation_requested = isolation
+        self.host_dirs = list(host_dirs)
+        #: set by `start_isolation`: how sandboxes are isolated, or why they are not
+        self.isolation: Isolation | None = None
+        self.not_isolated_because: str | None = None
         self._warned_versions: set[str] = set()
+
+    async def start_isolation(self) -> None:
+        """Find out once, at server start, whether sandboxes can be isolated; say so if not."""
+        why = why_not_isolated(self.isolation_requested)
+        if why is None and not await self.forkserver.start_launcher():
+            why = "this machine refused the namespace calls (a container without privileges?)"
+        if why is None:
+            view = await asyncio.to_thread(
+                ImageView.of_this_machine, self.registry.state_dir, self.host_dirs
+            )
+            self.isolation = Isolation(view=view, pasta=pasta())
+            if view.host_dirs:
+                log.warning(
+                    "sandboxes of this local Modal server see these host directories "
+                    "read-only (the local stand-in for an image that holds your code): %s",
+                    ", ".join(view.host_dirs),
+                )
+            return
+        if self.host_dirs:
+            raise ValueError(f"host_dirs needs isolated sandboxes, but {why}")
+        self.not_isolated_because = why
+        log.warning(
+            "the local Modal server cannot isolate sandboxes (%s): they run as process groups "
+            "on this machine with its files, processes and network; block_network and pty "
+            "are refused",
+            why,
+        )
 
     # ----- auth hook -------------------------------------------------------
 
@@ -149,6 +187,14 @@ class ServerContext:
                 "refuse_gpu=True (--refuse-gpu): it has no GPUs. "
                 "Run on Modal, or drop the gpu request.",
             )
+        network = self._network_mode(d)
+        pty = d.HasField("pty_info") and d.pty_info.enabled
+        if pty and self.isolation is None:
+            fail(
+                Status.FAILED_PRECONDITION,
+                f"pty=True needs an isolated sandbox, and this local server cannot isolate "
+                f"them ({self.not_isolated_because})",
+            )
         name = d.name or None
         if name is not None and reg.running_with_name(app_id, name) is not None:
             fail(
@@ -181,6 +227,13 @@ class ServerContext:
                 env.update(values)
                 env_names.extend(values)
 
+        if pty:  # what the client's terminal told Modal to set
+            info = d.pty_info
+            env.setdefault("TERM", info.env_term or "xterm")
+            if info.env_colorterm:
+                env.setdefault("COLORTERM", info.env_colorterm)
+            if info.env_term_program:
+                env.setdefault("TERM_PROGRAM", info.env_term_program)
         volumes: dict[str, tuple[str, Path]] = {}
         for vm in d.volume_mounts:
             vol = reg.volumes_by_id.get(vm.volume_id)
@@ -215,6 +268,9 @@ class ServerContext:
             image=image.description if image else (d.image_id or "default"),
             volumes=volumes,
             tags={t.tag_name: t.tag_value for t in tags},
+            network=network,
+            pty=pty,
+            pty_size=(d.pty_info.winsz_rows, d.pty_info.winsz_cols) if pty else (0, 0),
         )
         sandbox_id = ids.new_sandbox_id(version)
         sb = LocalSandbox(
@@ -226,7 +282,12 @@ class ServerContext:
             on_change=reg.changed,
             sweeper=self.sweeper,
             forkserver=self.forkserver,
+            isolation=self.isolation,
+            not_isolated_because=self.not_isolated_because,
         )
+        problem = sb.workdir_problem()
+        if problem is not None:
+            fail(Status.INVALID_ARGUMENT, problem)
         reg.add_sandbox(sb)
         await sb.start()
         await reg.flushed()  # the listing shows it before the client hears of it
@@ -239,6 +300,50 @@ class ServerContext:
             spec.args[0] if spec.args else "-",
         )
         return sb
+
+    def _network_mode(self, d: api_pb2.Sandbox) -> str:
+        """ "host", "none" or "own" (see `runtime.sandbox`); what cannot be had is refused."""
+        access = d.network_access if d.HasField("network_access") else None
+        kind = access.network_access_type if access is not None else 0
+        if kind == api_pb2.NetworkAccess.NetworkAccessType.ALLOWLIST or (
+            access is not None and (access.allowed_cidrs or access.allowed_domains)
+        ):
+            allowed = [*access.allowed_cidrs, *access.allowed_domains] if access else []
+            fail(
+                Status.FAILED_PRECONDITION,
+                f"outbound allowlists ({', '.join(allowed)}) are not enforced by the local "
+                "Modal server, so they are refused rather than ignored: test them on Modal, "
+                "or use block_network=True",
+            )
+        if d.HasField("outbound_policy") or d.HasField("experimental_outbound_policy"):
+            fail(
+                Status.FAILED_PRECONDITION,
+                "outbound policies are not enforced by the local Modal server, so they are "
+                "refused rather than ignored: test them on Modal",
+            )
+        if list(d.inbound_cidr_allowlist):
+            fail(
+                Status.FAILED_PRECONDITION,
+                f"inbound_cidr_allowlist ({', '.join(d.inbound_cidr_allowlist)}) is not "
+                "enforced by the local Modal server (its tunnels listen on 127.0.0.1 only)",
+            )
+        blocked = d.block_network or kind == api_pb2.NetworkAccess.NetworkAccessType.BLOCKED
+        if blocked:
+            if self.isolation is None:
+                fail(
+                    Status.FAILED_PRECONDITION,
+                    "block_network=True needs an isolated sandbox, and this local server "
+                    f"cannot isolate them ({self.not_isolated_because}): it is refused rather "
+                    "than ignored",
+                )
+            if d.HasField("open_ports") and d.open_ports.ports:
+                fail(
+                    Status.INVALID_ARGUMENT, "a sandbox with block_network=True cannot serve ports"
+                )
+            return "none"
+        if self.isolation is not None and d.HasField("open_ports") and d.open_ports.ports:
+            return "own"
+        return "host"
 
     def handle_metadata(self, sb: LocalSandbox) -> api_pb2.SandboxHandleMetadata:
         res = sb.result()

@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from grpclib import Status
 from grpclib.server import Stream
 from modal_proto import task_command_router_pb2 as sr_pb2
 
 from ..runtime.sandbox import ExecProcess, LocalSandbox
+from . import filesystem
 from .base import Room, fail
+
+
+async def _is_dir(sb: LocalSandbox, path: str) -> bool:
+    """Whether ``path`` is a directory in the sandbox, resolved as its processes see it."""
+    try:
+        root = await sb.fs_root()
+    except OSError:
+        return False
+    try:
+        return await asyncio.to_thread(filesystem.is_dir, root, path)
+    finally:
+        root.close()
 
 
 def _exec_or_404(sb: LocalSandbox, exec_id: str) -> ExecProcess:
@@ -96,11 +111,23 @@ class CommandRouter(Room):
         env.update(dict(req.env))
         if req.workdir and not req.workdir.startswith("/"):
             fail(Status.INVALID_ARGUMENT, f"workdir must be absolute, got {req.workdir!r}")
+        args = list(req.command_args)
+        if filesystem.is_fs_tools(args):
+            ex = sb.add_exec(req.exec_id)
+            if ex is not None:
+                await filesystem.start(sb, ex, args)
+            await stream.send_message(sr_pb2.TaskExecStartResponse())
+            return
+        if req.workdir and not await _is_dir(sb, req.workdir):
+            fail(
+                Status.INVALID_ARGUMENT,
+                f"exec workdir {req.workdir!r} does not exist in Sandbox {sb.id}",
+            )
         pipe_out = req.stdout_config == sr_pb2.TASK_EXEC_STDOUT_CONFIG_PIPE
         err_cfg = req.stderr_config
         await sb.exec_start(
             req.exec_id,
-            list(req.command_args),
+            args,
             env=env,
             workdir=req.workdir or None,
             timeout_s=float(req.timeout_secs) if req.timeout_secs else None,
@@ -154,7 +181,7 @@ class CommandRouter(Room):
 
     async def _after_stdin(self, sb: LocalSandbox, ex: ExecProcess) -> None:
         if ex.fs_command is not None and ex.stdin_closed:
-            await sb.run_fs_tool(ex)
+            await filesystem.answer(sb, ex)
 
     async def TaskExecStdinWrite(
         self, stream: Stream[sr_pb2.TaskExecStdinWriteRequest, sr_pb2.TaskExecStdinWriteResponse]

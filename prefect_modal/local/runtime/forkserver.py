@@ -41,7 +41,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from . import processes, zygote
+from . import container, processes, zygote
 
 log = logging.getLogger("prefect_modal.local")
 
@@ -72,6 +72,10 @@ _LAUNCHER = (
     "{'__name__':'_prefect_modal_zygote'})"
 )
 _MAX_REQUEST = zygote.MAX_REQUEST
+_LAUNCHER_KEY = ("launcher",)
+#: the launcher only forks and execs: isolated mode, no site, nothing preloaded
+_LAUNCHER_FLAGS = ("-I", "-S")
+_EMPTY_PRELOAD = json.dumps({"modules": [], "paths": []})
 
 
 def enabled_by_default() -> bool:
@@ -103,25 +107,90 @@ def _preload_spec() -> str:
     return json.dumps({"modules": list(PRELOAD_MODULES), "paths": paths})
 
 
-class ForkedProcess:
-    """A `subprocess.Popen` look-alike for a process a zygote forked.
+class Stdio:
+    """A new process's stdin, stdout and stderr: the ends it gets and the ends we keep.
 
-    Its parent is the zygote, so this server cannot wait for it: the zygote
-    reports its exit status, which resolves `exited`.
+    Pipes by default (stdout or stderr can go to /dev/null, or stderr to
+    stdout, as ``exec`` asks), or one pseudo-terminal for all three (``pty``).
     """
 
     def __init__(
         self,
-        pid: int,
-        stdin: IO[bytes],
-        stdout: IO[bytes],
-        stderr: IO[bytes],
-        loop: asyncio.AbstractEventLoop,
+        child: list[int],
+        stdin: IO[bytes] | None,
+        stdout: IO[bytes] | None,
+        stderr: IO[bytes] | None,
+    ) -> None:
+        self.child = child
+        self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
+
+    @classmethod
+    def pipes(cls, stdout: bool = True, stderr: bool = True, merge_stderr: bool = False) -> Stdio:
+        stdin_r, stdin_w = os.pipe()
+        out_r = err_r = None
+        if stdout:
+            out_r, out_w = os.pipe()
+        else:
+            out_w = os.open(os.devnull, os.O_WRONLY)
+        if merge_stderr:
+            err_w = os.dup(out_w)
+        elif stderr:
+            err_r, err_w = os.pipe()
+        else:
+            err_w = os.open(os.devnull, os.O_WRONLY)
+        return cls(
+            [stdin_r, out_w, err_w],
+            open(stdin_w, "wb", buffering=0),
+            open(out_r, "rb", buffering=0) if out_r is not None else None,
+            open(err_r, "rb", buffering=0) if err_r is not None else None,
+        )
+
+    @classmethod
+    def pty(cls, rows: int = 0, cols: int = 0) -> Stdio:
+        """A real terminal: the program's 0-2 are its slave side; output comes on stdout."""
+        master, slave = os.openpty()
+        if rows and cols:
+            import fcntl
+            import struct
+            import termios
+
+            fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        return cls(
+            [slave, os.dup(slave), os.dup(slave)],
+            open(os.dup(master), "wb", buffering=0),
+            open(master, "rb", buffering=0),
+            None,
+        )
+
+    def close_child_ends(self) -> None:
+        for fd in self.child:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.child = []
+
+    def close(self) -> None:
+        self.close_child_ends()
+        for f in (self.stdin, self.stdout, self.stderr):
+            if f is not None:
+                f.close()
+
+
+class ForkedProcess:
+    """A `subprocess.Popen` look-alike for a process a zygote forked.
+
+    Its parent is the zygote, so this server cannot wait for it: the zygote
+    reports its exit status, which resolves `exited`.  For a new container,
+    `info` is the read end of the pipe on which it reports its init's pid.
+    """
+
+    def __init__(
+        self, pid: int, stdio: Stdio, loop: asyncio.AbstractEventLoop, info: int | None = None
     ) -> None:
         self.pid = pid
-        self.stdin: IO[bytes] | None = stdin
-        self.stdout: IO[bytes] | None = stdout
-        self.stderr: IO[bytes] | None = stderr
+        self.stdin: IO[bytes] | None = stdio.stdin
+        self.stdout: IO[bytes] | None = stdio.stdout
+        self.stderr: IO[bytes] | None = stdio.stderr
+        self.info = info
         self.returncode: int | None = None
         self.exited: asyncio.Future[int] = loop.create_future()
 
@@ -144,11 +213,16 @@ class ForkedProcess:
 class _Zygote:
     """One warm interpreter and the socket to it, driven by the server's event loop."""
 
-    def __init__(self, flags: tuple[str, ...], env: dict[str, str], log_path: Path) -> None:
+    def __init__(
+        self, flags: tuple[str, ...], env: dict[str, str], log_path: Path, preload: str
+    ) -> None:
         self.ready = False
+        self.isolation: bool | None = None
+        self.ready_event = asyncio.Event()
         self.dead = False
         self._closing = False
         self._loop = asyncio.get_running_loop()
+        self.loop = self._loop
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._procs: dict[int, ForkedProcess] = {}
@@ -160,7 +234,8 @@ class _Zygote:
             "-c",
             _LAUNCHER,
             Path(zygote.__file__).read_text(encoding="utf-8"),
-            _preload_spec(),
+            preload,
+            Path(container.__file__).read_text(encoding="utf-8"),
         ]
         argv, preexec = processes.with_pdeathsig(argv, env)
         with open(log_path, "ab") as log_file:
@@ -196,6 +271,8 @@ class _Zygote:
             message = json.loads(data)
             if "ready" in message:
                 self.ready = True
+                self.isolation = bool(message.get("isolation"))
+                self.ready_event.set()
             elif "id" in message:
                 future = self._pending.pop(message["id"], None)
                 if future is not None and not future.done():
@@ -212,6 +289,7 @@ class _Zygote:
         if self.dead:
             return
         self.dead, self.ready = True, False
+        self.ready_event.set()  # nobody waits for a zygote that is gone
         with contextlib.suppress(Exception):
             self._loop.remove_reader(self.sock.fileno())
         self.sock.close()
@@ -230,56 +308,35 @@ class _Zygote:
 
     # -- starting a process ------------------------------------------------------------
 
-    async def spawn(
-        self, argv: Sequence[str], code_index: int, env: Mapping[str, str], cwd: str
-    ) -> ForkedProcess | None:
-        """Fork a process for ``argv``; None if the zygote cannot (the caller execs)."""
+    async def spawn(self, fields: dict[str, Any], fds: list[int]) -> int | None:
+        """Ask for a fork with ``fields`` (argv, env, cwd, ...) and the child's ``fds``
+        (0, 1, 2 and, for a container, its info and go pipes); the pid, or None if
+        the zygote could not (it says why in the server's log)."""
         request_id = next(self._ids)
-        request = json.dumps(
-            {
-                "id": request_id,
-                "argv": list(argv),
-                "code_index": code_index,
-                "env": dict(env),
-                "cwd": cwd,
-            }
-        ).encode()
+        request = json.dumps({"id": request_id, **fields}).encode()
         if len(request) > _MAX_REQUEST:
+            log.warning("a sandbox's command and environment are too large for the fork server")
             return None
-        stdin_r, stdin_w = os.pipe()
-        stdout_r, stdout_w = os.pipe()
-        stderr_r, stderr_w = os.pipe()
         future: asyncio.Future[dict[str, Any]] = self._loop.create_future()
         self._pending[request_id] = future
         try:
-            socket.send_fds(self.sock, [request], [stdin_r, stdout_w, stderr_w])
+            socket.send_fds(self.sock, [request], fds)
         except OSError:
             self._pending.pop(request_id, None)
-            for fd in (stdin_w, stdout_r, stderr_r):
-                os.close(fd)
             return None
-        finally:
-            for fd in (stdin_r, stdout_w, stderr_w):
-                os.close(fd)
         reply = await future
         pid = reply.get("pid")
         if not isinstance(pid, int):
-            for fd in (stdin_w, stdout_r, stderr_r):
-                os.close(fd)
             log.debug("fork server could not start a process: %s", reply.get("error"))
             return None
-        proc = ForkedProcess(
-            pid,
-            open(stdin_w, "wb", buffering=0),
-            open(stdout_r, "rb", buffering=0),
-            open(stderr_r, "rb", buffering=0),
-            self._loop,
-        )
-        if pid in self._early_exits:
-            proc.set_exit(self._early_exits.pop(pid))
+        return pid
+
+    def track(self, proc: ForkedProcess) -> None:
+        """Resolve ``proc.exited`` when the zygote reports it (maybe it already has)."""
+        if proc.pid in self._early_exits:
+            proc.set_exit(self._early_exits.pop(proc.pid))
         else:
-            self._procs[pid] = proc
-        return proc
+            self._procs[proc.pid] = proc
 
     async def close(self) -> None:
         self._closing = True
@@ -290,10 +347,18 @@ class _Zygote:
 
 
 class ForkServer:
-    """The zygotes of one local server, started on first use."""
+    """The zygotes of one local server.
 
-    def __init__(self, state_dir: Path) -> None:
+    The *launcher*, a bare ``python -I -S`` zygote started with the server,
+    starts every isolated sandbox and every ``exec`` in one: it forks, the
+    child makes (or joins) the container (`container`) and execs the program.
+    *Warm* zygotes (preloaded; one per flag set and start-up environment,
+    started on first use) fork ``python [-S] -c`` sandboxes without an exec.
+    """
+
+    def __init__(self, state_dir: Path, warm: bool = True) -> None:
         self._state_dir = state_dir
+        self.warm = warm
         self._zygotes: dict[tuple[object, ...], _Zygote] = {}
         self._home = state_dir / "forkserver-home"  # empty: no user site-packages
         self._starts = 0  # zygotes started, live or not: a broken one is not retried forever
@@ -317,37 +382,107 @@ class ForkServer:
                 return flags, n + 1
         return None
 
+    async def start_launcher(self, timeout: float = 30.0) -> bool:
+        """Start the launcher; True if it can make containers (namespaces and mounts)."""
+        z = self._zygotes.get(_LAUNCHER_KEY)
+        if z is None or z.dead:
+            z = self._start(_LAUNCHER_KEY, _LAUNCHER_FLAGS, {}, _EMPTY_PRELOAD)
+            if z is None:
+                return False
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(z.ready_event.wait(), timeout)
+        return bool(z.ready and z.isolation)
+
+    def _warm(self, flags: tuple[str, ...], env: Mapping[str, str]) -> _Zygote | None:
+        """The ready warm zygote for these flags and start-up env, if there is one
+        (if not, one is started for the next sandbox)."""
+        startup = _startup_env(env)
+        key = (flags, startup)
+        z = self._zygotes.get(key)
+        if z is None or z.dead:
+            live = sum(1 for other in self._zygotes.values() if not other.dead)
+            if live < MAX_ZYGOTES + 1 and self._starts < MAX_STARTS:
+                self._start(key, flags, dict(startup), _preload_spec())
+            return None
+        return z if z.ready else None
+
     async def spawn(
         self,
         args: Sequence[str],
         *,
         env: Mapping[str, str],
         cwd: str,
+        stdio: Stdio,
         rlimit_as_bytes: int | None = None,
+        isolate: dict[str, Any] | None = None,
+        join: int | None = None,
+        go: int | None = None,
+        pty: bool = False,
     ) -> ForkedProcess | None:
-        """A forked process running ``args``, or None: then start it the ordinary way."""
-        if rlimit_as_bytes:
-            return None  # a fresh process's address space is what the limit was sized for
-        found = self.match(args, env)
-        if found is None:
-            return None
-        flags, code_index = found
-        startup = _startup_env(env)
-        key = (flags, startup)
-        z = self._zygotes.get(key)
-        if z is None or z.dead:
-            live = sum(1 for other in self._zygotes.values() if not other.dead)
-            if live >= MAX_ZYGOTES or self._starts >= MAX_STARTS:
+        """Start ``args`` through a zygote.
+
+        ``isolate`` (a container spec, `isolation.Layout.spec`) starts a new
+        container; ``join`` (an init's pid) runs it in a running one; ``go`` is
+        the read end of the pipe the new container waits on before its program
+        starts. Returns None when it should be started the ordinary way (no
+        container asked for, no warm zygote ready); raises OSError when a
+        container was asked for and cannot be started. Takes over ``stdio``'s
+        child ends (closed here).
+        """
+        fields: dict[str, Any] = {
+            "argv": list(args),
+            "env": dict(env),
+            "cwd": cwd,
+            "isolate": isolate,
+            "join": join,
+            "rlimit_as": rlimit_as_bytes,
+            "pty": pty,
+        }
+        zygote = None
+        found = self.match(args, env) if self.warm and join is None else None
+        if found is not None and not rlimit_as_bytes:
+            # the warm interpreter's address space is not what a memory limit was sized for
+            zygote = self._warm(found[0], env)
+            fields["code_index"] = found[1]
+        if zygote is None:
+            if isolate is None and join is None:
                 return None
-            self._start(key, flags, dict(startup))
-            return None  # this one starts the ordinary way; the zygote warms up meanwhile
-        if not z.ready:
-            return None
-        return await z.spawn(args, code_index, env, cwd)
+            fields["code_index"] = None
+            zygote = self._zygotes.get(_LAUNCHER_KEY)
+            if zygote is None or zygote.dead or not await self.start_launcher():
+                stdio.close_child_ends()
+                raise OSError(11, "the local server's launcher is not running (see forkserver.log)")
+        fds = list(stdio.child)
+        info_r = info_w = None
+        if isolate is not None:
+            info_r, info_w = os.pipe()
+            fds.append(info_w)
+            if go is not None:
+                fds.append(go)
+        try:
+            pid = await zygote.spawn(fields, fds)
+        finally:
+            stdio.close_child_ends()
+            for fd in (info_w, go):
+                if fd is not None:
+                    os.close(fd)
+        if pid is None:
+            if info_r is not None:
+                os.close(info_r)
+            if isolate is None and join is None:
+                return None
+            raise OSError(11, "the local server's fork server could not start the process")
+        proc = ForkedProcess(pid, stdio, zygote.loop, info_r)
+        zygote.track(proc)
+        return proc
 
     def _start(
-        self, key: tuple[object, ...], flags: tuple[str, ...], startup: dict[str, str]
-    ) -> None:
+        self,
+        key: tuple[object, ...],
+        flags: tuple[str, ...],
+        startup: dict[str, str],
+        preload: str,
+    ) -> _Zygote | None:
         self._home.mkdir(parents=True, exist_ok=True)
         env = {
             "PATH": os.pathsep.join(
@@ -365,9 +500,12 @@ class ForkServer:
                 self._state_dir / "forkserver.log",
             )
         try:
-            self._zygotes[key] = _Zygote(flags, env, self._state_dir / "forkserver.log")
+            z = _Zygote(flags, env, self._state_dir / "forkserver.log", preload)
         except OSError as exc:
             log.warning("could not start the local server's fork server: %s", exc)
+            return None
+        self._zygotes[key] = z
+        return z
 
     async def close(self) -> None:
         """Stop every zygote (their children, if any are left, die with them)."""
@@ -375,4 +513,11 @@ class ForkServer:
         await asyncio.gather(*(z.close() for z in zygotes), return_exceptions=True)
 
 
-__all__ = ["ENV_SWITCH", "PRELOAD_MODULES", "ForkServer", "ForkedProcess", "enabled_by_default"]
+__all__ = [
+    "ENV_SWITCH",
+    "PRELOAD_MODULES",
+    "ForkServer",
+    "ForkedProcess",
+    "Stdio",
+    "enabled_by_default",
+]

@@ -1,28 +1,32 @@
-"""One local sandbox: its process group, its output, its lifetime.
+"""One local sandbox: its container, its processes, its output, its lifetime.
 
 How a Modal sandbox maps onto this machine (the emulation's limits):
 
-* **Processes.** The entrypoint runs as a new session (process group) with the
-  server's Python first on ``PATH`` (so ``python`` has cloudpickle and the
-  project's packages); the image is only recorded, never built or pulled.
-  When the entrypoint exits, the rest of its group is killed, as Modal tears
-  down the container. ``exec`` runs more processes in the same "container".
-  A ``python [-S] -c`` entrypoint is forked from a warm interpreter
-  (`forkserver`) rather than exec'd: same session, environment, cwd and
-  pipes, a fraction of the start-up cost.
-* **Environment.** A clean one, never the server's: ``PATH``, ``HOME``, ``LANG``,
-  ``TMPDIR``, ``PYTHONUNBUFFERED=1``, ``MODAL_SANDBOX_ID``, ``MODAL_TASK_ID``,
-  ``MODAL_LOCAL_ROOT``, then the image's ``ENV`` lines, the named secrets, and
+* **Isolation** (`isolation`, `container`). Each sandbox is a container made
+  with Linux namespaces: its own root (a writable directory of its own under
+  the state directory, the image's directories read-only, volumes bound at
+  their mount paths), its own process view (PID namespace, its own
+  ``/proc``), IPC and hostname, no more privileges than a container gets. So
+  ``/workspace/x`` means the same to the entrypoint, to ``exec`` and to the file
+  API, and nothing outside the root, its volumes and the host directories the
+  operator chose to show is reachable. Until images are built from their
+  definition, the image is this machine's userland plus this server's Python
+  environment (so ``python`` has cloudpickle and the project's packages).
+  Without namespaces (not root, not Linux, or turned off) a sandbox is a
+  process group on the host, and says so in its first log line.
+* **Network.** ``block_network``: a namespace with only a loopback. A sandbox
+  that serves ports (``encrypted_ports`` ...) gets a namespace of its own, so
+  two can serve the same port, with outbound access through ``pasta`` where
+  installed. Any other sandbox shares this machine's network, as the Prefect
+  API a pipeline sandbox reports to is on this machine's loopback.
+* **Processes.** The entrypoint runs in its own session; when it exits, the
+  container goes (everything else in it is killed). ``exec`` joins the
+  container. Every process is forked by the fork server (`forkserver`),
+  ``python [-S] -c`` ones from a warm interpreter without an exec at all.
+* **Environment.** A clean one, never the server's: ``PATH``, ``HOME=/root``,
+  ``LANG``, ``TMPDIR=/tmp``, ``PYTHONUNBUFFERED=1``, ``MODAL_SANDBOX_ID``,
+  ``MODAL_TASK_ID``, then the image's ``ENV`` lines, the named secrets, and
   the inline secrets and ``env=`` in the order the client sent them.
-* **Filesystem.** There is no chroot. Each sandbox has a root directory
-  ``<state_dir>/sandboxes/<id>/fs``, exported as ``MODAL_LOCAL_ROOT``; a path
-  ``/p`` inside the sandbox is ``$MODAL_LOCAL_ROOT/p`` here. ``workdir`` (default
-  ``/``) is the process's cwd under that root, ``HOME`` is ``/root`` there and
-  ``TMPDIR`` is ``/tmp`` there. Absolute paths in user code still reach the host
-  file system: use relative paths or ``MODAL_LOCAL_ROOT``.
-* **Volumes.** ``<root>/<mount path>`` is a symlink to
-  ``<state_dir>/volumes/<name>``, shared by every sandbox that mounts it; writes
-  are visible at once (no commit/reload step).
 * **Resources.** cpu, memory, gpu, region and cloud are recorded. Memory is
   enforced only when a hard limit is asked for (``memory=(request, limit)``):
   ``RLIMIT_AS`` of ``max(2 * limit, limit + 1 GiB)``, because address space is
@@ -31,8 +35,6 @@ How a Modal sandbox maps onto this machine (the emulation's limits):
 * **Lifetime.** ``timeout`` ends the sandbox with status timeout (exit 124);
   ``terminate`` with status terminated (exit 137); ``idle_timeout`` (no exec
   running, no stdin write for that long) ends it as a timeout too.
-* **Output** is kept whole in memory for the life of the server, so a late
-  reader can replay it from offset 0; Modal keeps a recent window only.
 """
 
 from __future__ import annotations
@@ -54,10 +56,10 @@ from typing import Any
 
 from modal_proto import api_pb2
 
-from ..api import filesystem as fs_tools
 from ..records import SandboxRecord
-from . import processes
-from .forkserver import ForkedProcess, ForkServer
+from . import isolation, processes
+from .forkserver import ForkedProcess, ForkServer, Stdio
+from .isolation import FsRoot, ImageView
 from .streams import OutputBuffer
 
 log = logging.getLogger("prefect_modal.local")
@@ -92,6 +94,21 @@ class SandboxSpec:
     image: str
     volumes: dict[str, tuple[str, Path]]
     tags: dict[str, str]
+    network: str = "host"  # "host", "none" (block_network) or "own" (serves ports)
+    pty: bool = False
+    pty_size: tuple[int, int] = (0, 0)  # rows, columns (0: the terminal's default)
+
+
+@dataclass
+class Isolation:
+    """How this server isolates its sandboxes (a sandbox without one is not isolated)."""
+
+    view: ImageView
+    pasta: str | None = None
+
+
+class SandboxFinishedError(Exception):
+    """The sandbox has finished: nothing more can run or be read in it."""
 
 
 class SandboxPaths:
@@ -184,6 +201,8 @@ class LocalSandbox:
         on_change: Callable[[], None],
         sweeper: processes.Sweeper | None = None,
         forkserver: ForkServer | None = None,
+        isolation: Isolation | None = None,
+        not_isolated_because: str | None = None,
     ) -> None:
         self.spec = spec
         self.id = sandbox_id
@@ -193,6 +212,11 @@ class LocalSandbox:
         self._on_change = on_change
         self._sweeper = sweeper
         self._forkserver = forkserver
+        self.isolation = isolation
+        self._not_isolated_because = not_isolated_because
+        self.init_pid: int | None = None  # the container's pid 1, as this host sees it
+        self._container_up = asyncio.Event()  # init known and root built, or never will be
+        self._pasta_pidfile: Path | None = None
         self.tags = dict(spec.tags)
         self.created_at = time.time()
         self.finished_at: float | None = None
@@ -244,11 +268,20 @@ class LocalSandbox:
             version=s.version,
             task_id=self.task_id,
             root=str(self.paths.fs),
+            init_pid=self.init_pid,
+            isolated=self.isolation is not None,
         )
 
     def listing_key(self) -> tuple[object, ...]:
         """The parts of `record` that change after creation (the listing caches the rest)."""
-        return (self.pid, self.status, self.returncode, self.finished_at, tuple(self.tags.items()))
+        return (
+            self.pid,
+            self.init_pid,
+            self.status,
+            self.returncode,
+            self.finished_at,
+            tuple(self.tags.items()),
+        )
 
     def result(self) -> api_pb2.GenericResult | None:
         """The GenericResult the client turns into a return code, or None while running."""
@@ -268,21 +301,24 @@ class LocalSandbox:
     # ----- start -----------------------------------------------------------
 
     def _build_env(self) -> dict[str, str]:
-        home = self.paths.resolve("/root")
-        tmp = self.paths.resolve("/tmp")
+        path = [os.path.dirname(sys.executable), "/usr/local/sbin", "/usr/local/bin"]
+        path += ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+        if self.isolation is not None:
+            home, tmp = "/root", "/tmp"
+        else:  # a host path: the process sees the host's file system
+            home, tmp = str(self.paths.resolve("/root")), str(self.paths.resolve("/tmp"))
         env = {
-            "PATH": os.pathsep.join(
-                [os.path.dirname(sys.executable), "/usr/local/bin", "/usr/bin", "/bin"]
-            ),
-            "HOME": str(home),
+            "PATH": os.pathsep.join(dict.fromkeys(path)),
+            "HOME": home,
             "LANG": "C.UTF-8",
             "LC_ALL": "C.UTF-8",
-            "TMPDIR": str(tmp),
+            "TMPDIR": tmp,
             "PYTHONUNBUFFERED": "1",
             "MODAL_SANDBOX_ID": self.id,
             "MODAL_TASK_ID": self.task_id,
-            "MODAL_LOCAL_ROOT": str(self.paths.fs),
         }
+        if self.isolation is None:
+            env["MODAL_LOCAL_ROOT"] = str(self.paths.fs)
         if self.spec.region:
             env["MODAL_REGION"] = self.spec.region
         if self.spec.cloud:
@@ -292,6 +328,11 @@ class LocalSandbox:
         return env
 
     def _prepare_dirs(self) -> None:
+        if self.isolation is not None:
+            isolation.prepare_root(self.paths.fs, self.isolation.view)
+            for _name, host_dir in self.spec.volumes.values():
+                host_dir.mkdir(parents=True, exist_ok=True)
+            return
         self.paths.fs.mkdir(parents=True)  # a fresh id: the directory cannot exist yet
         os.mkdir(self.paths.resolve("/root"))
         os.mkdir(self.paths.resolve("/tmp"))
@@ -305,6 +346,39 @@ class LocalSandbox:
         if self.spec.workdir and self.spec.workdir != "/":
             self.paths.resolve(self.spec.workdir).mkdir(parents=True, exist_ok=True)
 
+    def workdir_problem(self) -> str | None:
+        """Why the requested ``workdir`` cannot be the entrypoint's, or None.
+
+        Checked before the sandbox starts: it must exist in the image (the
+        read-only view), in a volume, or among the directories every sandbox
+        root starts with. A missing one is an error, never silently created
+        (without isolation it is still created under the sandbox's host
+        directory, as before)."""
+        workdir = self.spec.workdir
+        if self.isolation is None or not workdir or workdir == "/":
+            return None
+        norm = posixpath.normpath(workdir)
+        for mount_path, (_name, host_dir) in self.spec.volumes.items():
+            if norm == mount_path or norm.startswith(mount_path.rstrip("/") + "/"):
+                rest = norm[len(mount_path) :].lstrip("/")
+                return None if (host_dir / rest).is_dir() else self._missing(workdir)
+        if self.isolation.view.resolve_readonly(norm) is not None:
+            return None if os.path.isdir(norm) else self._missing(workdir)
+        if norm.strip("/") in isolation.ROOT_DIRS:
+            return None
+        # a directory on the way to a mount exists too (/work of /work/project/.venv)
+        inner = [*self.isolation.view.dirs, *self.isolation.view.host_dirs, *self.spec.volumes]
+        if any(p.startswith(norm.rstrip("/") + "/") for p in inner):
+            return None
+        return self._missing(workdir)
+
+    @staticmethod
+    def _missing(workdir: str) -> str:
+        return (
+            f"workdir {workdir!r} does not exist in the sandbox's image: use a directory that "
+            "exists there, or create it in the image (Image.run_commands('mkdir -p ...'))"
+        )
+
     def _rlimit_as(self) -> int | None:
         limit = self.spec.memory_max_mib
         if not limit:
@@ -312,39 +386,175 @@ class LocalSandbox:
         return max(2 * limit, limit + 1024) * 1024 * 1024
 
     async def start(self) -> None:
-        """Spawn the entrypoint and supervise it; never raises for a bad command."""
+        """Start the entrypoint and supervise it; never raises for a bad command."""
         self._env = self._build_env()
+        if self.isolation is None and self._not_isolated_because:
+            self.stderr.append(
+                isolation.NOT_ISOLATED_NOTICE.format(why=self._not_isolated_because).encode()
+            )
         if self.spec.gpu:
             self.stderr.append(
                 f"[prefect-modal local] GPU {self.spec.gpu!r} requested: this local sandbox "
                 "runs on CPU, there is no GPU emulation.\n".encode()
             )
+        if self.spec.network == "own" and self.isolation and not self.isolation.pasta:
+            self.stderr.append(
+                b"[prefect-modal local] this sandbox serves ports, so it has a network "
+                b"namespace of its own; without pasta (Debian package passt) it has no "
+                b"outbound network access here.\n"
+            )
         args = self.spec.args or [shutil.which("sleep") or "sleep", "infinity"]
-        cwd = str(self.paths.resolve(self.spec.workdir or "/"))
         popen: subprocess.Popen[bytes] | ForkedProcess | None = None
+        go_w: int | None = None
         try:
             self._prepare_dirs()
-            if self._forkserver is not None:
-                popen = await self._forkserver.spawn(
-                    args, env=self._env, cwd=cwd, rlimit_as_bytes=self._rlimit_as()
-                )
-            if popen is None:
-                popen = processes.spawn(
-                    args, env=self._env, cwd=cwd, rlimit_as_bytes=self._rlimit_as()
-                )
+            if self.isolation is not None:
+                popen, go_w = await self._start_container(args)
+            else:
+                cwd = str(self.paths.resolve(self.spec.workdir or "/"))
+                if self._forkserver is not None:
+                    popen = await self._forkserver.spawn(
+                        args,
+                        env=self._env,
+                        cwd=cwd,
+                        stdio=Stdio.pipes(),
+                        rlimit_as_bytes=self._rlimit_as(),
+                    )
+                if popen is None:
+                    popen = processes.spawn(
+                        args, env=self._env, cwd=cwd, rlimit_as_bytes=self._rlimit_as()
+                    )
         except OSError as exc:
             self.stderr.append(
                 f"[prefect-modal local] cannot start {args[0]!r}: {exc.strerror}\n".encode()
             )
             self.stdout.close()
             self.stderr.close()
+            self._container_up.set()
             self._finish("exited", 127 if isinstance(exc, FileNotFoundError) else 126)
             return
         self._child = processes.Child(popen)
         await self._child.attach(self.stdout, self.stderr)
         self.pid = popen.pid
         self._on_change()
+        info = getattr(popen, "info", None)
+        if info is not None:
+            self._spawn_background(self._watch_container(info, go_w))
+        else:
+            self._container_up.set()
         self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
+
+    async def _start_container(self, args: list[str]) -> tuple[ForkedProcess, int | None]:
+        assert self.isolation is not None and self._forkserver is not None
+        spec = isolation.layout(
+            self.paths.fs,
+            self.isolation.view,
+            {mp: host for mp, (_name, host) in self.spec.volumes.items()},
+            hostname=self.id.replace("_", "-")[:63],
+            network=self.spec.network,
+        )
+        go_r = go_w = None
+        if self.spec.network == "own" and self.isolation.pasta:
+            go_r, go_w = os.pipe()
+            spec["go_fd"] = 4
+        stdio = Stdio.pty(*self.spec.pty_size) if self.spec.pty else Stdio.pipes()
+        try:
+            popen = await self._forkserver.spawn(
+                args,
+                env=self._env,
+                cwd=self.spec.workdir or "/",
+                stdio=stdio,
+                rlimit_as_bytes=self._rlimit_as(),
+                isolate=spec,
+                go=go_r,
+                pty=self.spec.pty,
+            )
+        except BaseException:
+            if go_w is not None:
+                os.close(go_w)
+            stdio.close()
+            raise
+        assert popen is not None
+        return popen, go_w
+
+    async def _watch_container(self, info_fd: int, go_w: int | None) -> None:
+        """Learn the container's init pid; give it its network; note when its root is up."""
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), open(info_fd, "rb", buffering=0)
+        )
+        try:
+            async for raw in reader:
+                line = raw.decode().strip()
+                if line.startswith("init "):
+                    self.init_pid = int(line.split()[1])
+                    self._on_change()
+                    if go_w is not None:
+                        await self._attach_network(self.init_pid)
+                        os.write(go_w, b"1")
+                        os.close(go_w)
+                        go_w = None
+                elif line == "ready":
+                    break
+        finally:
+            transport.close()
+            if go_w is not None:
+                os.close(go_w)
+            self._container_up.set()
+
+    async def _attach_network(self, init_pid: int) -> None:
+        """Outbound access for a namespace of its own (pasta; stopped with the sandbox)."""
+        assert self.isolation is not None and self.isolation.pasta
+        self._pasta_pidfile = self.paths.root / "pasta.pid"
+        argv = [*isolation.pasta_command(init_pid), "--pid", str(self._pasta_pidfile)]
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        _out, err = await proc.communicate()
+        if proc.returncode != 0:
+            self._pasta_pidfile = None
+            self.stderr.append(
+                b"[prefect-modal local] pasta could not give this sandbox outbound network "
+                b"access: " + err.strip()[-300:] + b"\n"
+            )
+
+    def _stop_pasta(self) -> None:
+        pidfile, self._pasta_pidfile = self._pasta_pidfile, None
+        if pidfile is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)
+
+    async def wait_init(self) -> int:
+        """The container's init pid once its root is built; raises if it has finished."""
+        await self._container_up.wait()
+        if self.init_pid is None or self.done.is_set():
+            raise SandboxFinishedError(f"Sandbox {self.id} has finished")
+        return self.init_pid
+
+    async def fs_root(self) -> FsRoot:
+        """Where the file API resolves this sandbox's paths (close it after use)."""
+        if self.isolation is None:
+            return FsRoot.of_directory(self.paths.fs)
+        try:
+            return FsRoot.of_container(await self.wait_init())
+        except (SandboxFinishedError, FileNotFoundError, ProcessLookupError) as exc:
+            raise OSError(2, f"Sandbox {self.id} has finished") from exc
+
+    async def open_connection(self, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A TCP connection to the sandbox's ``port`` on its loopback, from the server."""
+        if self.isolation is None or self.spec.network == "host":
+            return await asyncio.open_connection("127.0.0.1", port)
+        init = await self.wait_init()
+        sock = await asyncio.to_thread(isolation.socket_in_netns, init)
+        try:
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        except BaseException:
+            sock.close()
+            raise
+        return await asyncio.open_connection(sock=sock)
 
     # ----- lifetime --------------------------------------------------------
 
@@ -410,6 +620,7 @@ class LocalSandbox:
         # stragglers that left the group and closed the pipes (daemons) go too, soon
         if self._sweeper is not None:
             self._sweeper.add(self.marker)
+        self._stop_pasta()
 
     def _spawn_background(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -492,6 +703,15 @@ class LocalSandbox:
 
     # ----- exec ------------------------------------------------------------
 
+    def add_exec(self, exec_id: str) -> ExecProcess | None:
+        """A new exec answered by the server itself (the file API); None if it exists."""
+        if exec_id in self.execs:
+            return None
+        ex = ExecProcess(exec_id)
+        self.execs[exec_id] = ex
+        self.touch()
+        return ex
+
     async def exec_start(
         self,
         exec_id: str,
@@ -510,27 +730,37 @@ class LocalSandbox:
         ex = ExecProcess(exec_id)
         self.execs[exec_id] = ex
         self.touch()
-        if args and args[0] == fs_tools.FS_TOOLS_PATH:
-            await self._start_fs_tool(ex, args)
-            return ex
         full_env = dict(self._env)
         full_env.update(env)
-        cwd = self.paths.resolve(workdir or self.spec.workdir or "/")
+        popen: subprocess.Popen[bytes] | ForkedProcess | None
         try:
-            cwd.mkdir(parents=True, exist_ok=True)
-            popen = processes.spawn(
-                args,
-                env=full_env,
-                cwd=str(cwd),
-                rlimit_as_bytes=self._rlimit_as(),
-                stdout=stdout,
-                stderr=stderr,
-                merge_stderr=merge_stderr,
-            )
-        except OSError as exc:
-            ex.stderr.append(
-                f"[prefect-modal local] cannot start {args[0]!r}: {exc.strerror}\n".encode()
-            )
+            if self.isolation is not None:
+                assert self._forkserver is not None
+                init = await self.wait_init()
+                popen = await self._forkserver.spawn(
+                    args,
+                    env=full_env,
+                    cwd=workdir or self.spec.workdir or "/",
+                    stdio=Stdio.pipes(stdout, stderr, merge_stderr),
+                    rlimit_as_bytes=self._rlimit_as(),
+                    join=init,
+                )
+            else:
+                cwd = self.paths.resolve(workdir or self.spec.workdir or "/")
+                cwd.mkdir(parents=True, exist_ok=True)
+                popen = processes.spawn(
+                    args,
+                    env=full_env,
+                    cwd=str(cwd),
+                    rlimit_as_bytes=self._rlimit_as(),
+                    stdout=stdout,
+                    stderr=stderr,
+                    merge_stderr=merge_stderr,
+                )
+            assert popen is not None
+        except (OSError, SandboxFinishedError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else str(exc)
+            ex.stderr.append(f"[prefect-modal local] cannot start {args[0]!r}: {why}\n".encode())
             ex.stdout.close()
             ex.stderr.close()
             ex.finish(code=127 if isinstance(exc, FileNotFoundError) else 126)
@@ -567,31 +797,3 @@ class LocalSandbox:
             exited.cancel()
             self._running_execs -= 1
             self.touch()
-
-    async def _start_fs_tool(self, ex: ExecProcess, args: list[str]) -> None:
-        try:
-            ex.fs_command = fs_tools.parse_command(args[1] if len(args) > 1 else "")
-        except (ValueError, TypeError):
-            ex.stderr.append(
-                b'{"error_kind": "InvalidArgument", "message": "bad fs-tools command"}'
-            )
-            ex.stdout.close()
-            ex.stderr.close()
-            ex.finish(code=2)
-            return
-        if ex.fs_command[0] != "WriteFile":  # everything but a write needs no stdin
-            await self.run_fs_tool(ex)
-
-    async def run_fs_tool(self, ex: ExecProcess) -> None:
-        """Answer an fs-tools exec (after its stdin closed, for writes)."""
-        if ex.done.is_set() or ex.fs_command is None:
-            return
-        name, params = ex.fs_command
-        res = await asyncio.to_thread(
-            fs_tools.run, name, params, self.paths.resolve, bytes(ex.fs_stdin)
-        )
-        ex.stdout.append(res.stdout)
-        ex.stderr.append(res.stderr)
-        ex.stdout.close()
-        ex.stderr.close()
-        ex.finish(code=res.returncode)

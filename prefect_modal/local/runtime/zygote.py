@@ -34,7 +34,9 @@ import socket
 import sys
 
 FILENAME = "<prefect-modal-zygote>"
+CONTAINER_FILENAME = "<prefect-modal-container>"
 MAX_REQUEST = 1 << 20
+MAX_FDS = 5  # stdin, stdout, stderr, the container's info pipe, its go pipe
 _CODE_CACHE_SIZE = 16
 
 
@@ -94,20 +96,36 @@ def _reap(sock):
         _send(sock, {"exit": pid, "code": os.waitstatus_to_exitcode(status)})
 
 
-def _child(request, fds, main_attrs, code, libc):
-    """In the forked child: become the requested program; returns what to run."""
+def _child(request, fds, main_attrs, code, libc, container):
+    """In the forked child: become the requested program; returns what to run.
+
+    For an isolated sandbox (``isolate``) or an ``exec`` in one (``join``),
+    `container` makes this process a container's entrypoint (or a process in
+    a running one) first; it returns only in that final process.
+    """
     zygote = os.getppid()
     try:
         os.setsid()
         libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
         if os.getppid() != zygote:
             os._exit(137)
-        for target, fd in zip((0, 1, 2), fds, strict=True):
+        high = [os.dup(fd) for fd in fds]  # out of the way of the numbers they go to
+        for target, fd in enumerate(high):
             os.dup2(fd, target)
-        os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+        os.closerange(len(fds), os.sysconf("SC_OPEN_MAX"))
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        os.chdir(request["cwd"])
+        if request.get("join") is not None:
+            container.join(request)
+        elif request.get("isolate") is not None:
+            container.start(request, 3)
+        else:
+            os.chdir(request["cwd"])
+        if request.get("rlimit_as"):
+            import resource
+
+            limit = request["rlimit_as"]
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         os.environ.clear()
         os.environ.update(request["env"])
     except BaseException as exc:
@@ -116,6 +134,8 @@ def _child(request, fds, main_attrs, code, libc):
         finally:
             os._exit(126)
     argv = request["argv"]
+    if request.get("code_index") is None:  # a program, not python -c: exec it
+        container.exec_program(argv, request["env"])
     sys.argv = ["-c", *argv[request["code_index"] + 1 :]]
     sys.orig_argv = list(argv)
     main = sys.modules["__main__"].__dict__
@@ -124,7 +144,7 @@ def _child(request, fds, main_attrs, code, libc):
     return code if code is not None else argv[request["code_index"]]
 
 
-def serve(main_attrs):
+def serve(main_attrs, container):
     """The zygote's loop; returns only in a forked child, with the code it must run."""
     import ctypes
 
@@ -139,7 +159,7 @@ def serve(main_attrs):
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     cache: dict[str, object] = {}
-    _send(sock, {"ready": os.getpid()})
+    _send(sock, {"ready": os.getpid(), "isolation": container.self_test()})
     while True:
         ready, _, _ = select.select([sock.fileno(), wake_r], [], [])
         if wake_r in ready:
@@ -152,13 +172,14 @@ def serve(main_attrs):
         if sock.fileno() not in ready:
             continue
         try:
-            message, fds, _flags, _addr = socket.recv_fds(sock, MAX_REQUEST, 3)
+            message, fds, _flags, _addr = socket.recv_fds(sock, MAX_REQUEST, MAX_FDS)
         except OSError:
             os._exit(0)
         if not message:
             os._exit(0)  # the server closed its end
         request = json.loads(message)
-        code = _compiled(cache, request["argv"][request["code_index"]])
+        index = request.get("code_index")
+        code = None if index is None else _compiled(cache, request["argv"][index])
         try:
             pid = os.fork()
         except OSError as exc:
@@ -168,7 +189,7 @@ def serve(main_attrs):
             continue
         if pid == 0:
             sock.detach()  # its fd is closed below; the object must not close a reused number
-            return _child(request, fds, main_attrs, code, libc)
+            return _child(request, fds, main_attrs, code, libc, container)
         for fd in fds:
             os.close(fd)
         _send(sock, {"id": request["id"], "pid": pid})
@@ -186,7 +207,7 @@ def run(code):
         raise
     except BaseException as exc:
         tb = exc.__traceback__
-        while tb is not None and tb.tb_frame.f_code.co_filename == FILENAME:
+        while tb is not None and tb.tb_frame.f_code.co_filename in (FILENAME, CONTAINER_FILENAME):
             tb = tb.tb_next
         # the hook prints the exception's own traceback: give it the trimmed one
         sys.excepthook(type(exc), exc.with_traceback(tb), tb)
@@ -198,8 +219,13 @@ def main():
     for name in list(main_attrs):
         if not name.startswith("__"):
             del main_attrs[name]  # the launcher's own names (``sys``)
-    _preload(json.loads(sys.argv[2]))  # argv: -c, this file's text, the preload spec
-    run(serve(main_attrs))
+    # argv: -c, this file's text, the preload spec, the text of `container`
+    _preload(json.loads(sys.argv[2]))
+    import types
+
+    container = types.ModuleType("_prefect_modal_container")
+    exec(compile(sys.argv[3], CONTAINER_FILENAME, "exec"), container.__dict__)
+    run(serve(main_attrs, container))
 
 
 if __name__ == "_prefect_modal_zygote":  # how `forkserver` runs it; importing runs nothing

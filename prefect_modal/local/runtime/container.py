@@ -1,0 +1,460 @@
+"""Make a forked process a container: its own root, process view, IPC, hostname, network.
+
+Not imported by the server: like `zygote`, this file's text runs inside the
+fork server's interpreter (standard library only, no prefect_modal), because
+it must run in the forked child between ``fork`` and the sandbox's code.
+Doing it there with the namespace calls themselves costs a few hundred
+microseconds; a ``bwrap`` exec per sandbox costs 3-15 ms on this machine,
+which for a forked ``python -c`` sandbox would be most of its life.
+
+A sandbox is three processes (host pids in the server's view):
+
+* the *monitor* (the fork server's child, the pid the server supervises): it
+  calls ``unshare`` and forks the init; when the init ends it ends the same
+  way (exit code, or the same signal), so the server sees the entrypoint's
+  status as Popen reports it;
+* the *init*, pid 1 of the new PID namespace: it builds the root (below),
+  then forks the entrypoint and reaps orphans; when the entrypoint exits it
+  exits, and the kernel kills whatever is left in the namespace, as Modal
+  tears down a container with its entrypoint;
+* the *entrypoint*, pid 2: its own session, no more privileges than a
+  container gets, the sandbox's working directory; then the code or program.
+
+The root: a bind of the sandbox's own directory (its writable layer), the
+image's directories bound read-only at their paths (recursively read-only,
+with ``mount_setattr``), volumes bound read-write, files that hold host
+secrets (``/etc/shadow``...) masked, a private ``/proc`` (with ``/proc/sys``
+read-only), a small ``/dev`` of its own, then ``pivot_root`` and the host's
+tree detached. Nothing of the host outside those binds is reachable.
+
+``exec`` joins a running sandbox: the fork server's child enters the init's
+namespaces (``setns``; the mount namespace puts it at the sandbox's root),
+forks (the PID namespace applies to children), and the grandchild drops its
+privileges as the entrypoint did.
+
+Privileges: the processes stay uid 0 (as on Modal) with a container's
+capability set (`KEPT_CAPS`, the usual Docker default minus ``MKNOD``,
+``NET_RAW`` and ``SETPCAP``) and ``no_new_privs``: they can chown and write
+their own files, but not mount, load modules, trace other processes, make
+device nodes or change what the kernel does.
+"""
+
+import ctypes
+import errno
+import os
+import platform
+import signal
+import struct
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
+MNT_DETACH = 0x2
+PR_SET_PDEATHSIG = 1
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+_AT_FDCWD = -100
+_AT_RECURSIVE = 0x8000
+_MOUNT_ATTR_RDONLY = 0x1
+_MOUNT_ATTR_NOSUID = 0x2
+_MOUNT_ATTR_NODEV = 0x4
+_SYSCALLS = {  # the generic table (aarch64...) and x86_64
+    "pivot_root": {"x86_64": 155, "aarch64": 41},
+    "mount_setattr": {"x86_64": 442, "aarch64": 442},
+}
+_SIOCGIFFLAGS = 0x8913
+_SIOCSIFFLAGS = 0x8914
+_IFF_UP = 0x1
+_TIOCSCTTY = 0x540E
+
+#: CHOWN, DAC_OVERRIDE, FOWNER, FSETID, KILL, SETGID, SETUID, NET_BIND_SERVICE,
+#: SYS_CHROOT, AUDIT_WRITE, SETFCAP
+KEPT_CAPS = (0, 1, 3, 4, 5, 6, 7, 10, 18, 29, 31)
+
+#: Device files a container's /dev has, bound from the host's.
+DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class ContainerError(Exception):
+    """A step of making the container failed; the message says which."""
+
+
+def _check(result, what):
+    if result != 0:
+        err = ctypes.get_errno()
+        raise ContainerError(f"{what}: {os.strerror(err)}")
+
+
+def _b(text):
+    return None if text is None else os.fsencode(text)
+
+
+def _syscall_no(name):
+    return _SYSCALLS[name].get(platform.machine())
+
+
+def mount(source, target, fstype, flags, data=None):
+    _check(
+        _libc.mount(_b(source), _b(target), _b(fstype), ctypes.c_ulong(flags), _b(data)),
+        f"mount {target}",
+    )
+
+
+def _make_readonly(target):
+    """Read-only, recursively (submounts too: a host's /etc may hold bind-mounted files)."""
+    number = _syscall_no("mount_setattr")
+    if number is not None:
+        attr = struct.pack(
+            "QQQQ", _MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV, 0, 0, 0
+        )
+        buf = ctypes.create_string_buffer(attr, len(attr))
+        if _libc.syscall(number, _AT_FDCWD, _b(target), _AT_RECURSIVE, buf, len(attr)) == 0:
+            return
+    # older kernels: the mount itself, then every submount below it
+    mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f]
+    prefix = target.rstrip("/") + "/"
+    for point in points:
+        if point.startswith(prefix):
+            mount(None, point, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+
+
+def _mount_point(target, like_dir):
+    if like_dir:
+        os.makedirs(target, exist_ok=True)
+    elif not os.path.lexists(target):
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o644))
+
+
+def _bind(source, target, readonly):
+    _mount_point(target, os.path.isdir(source))
+    mount(source, target, None, MS_BIND | MS_REC)
+    if readonly:
+        _make_readonly(target)
+
+
+def _mask(target):
+    """Hide a host file or directory that the image's binds would otherwise show."""
+    if os.path.isdir(target):
+        mount("tmpfs", target, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV, "size=4k,mode=755")
+    elif os.path.lexists(target):
+        mount("/dev/null", target, None, MS_BIND)
+
+
+def _make_dev(root):
+    dev = root + "/dev"
+    os.makedirs(dev, exist_ok=True)
+    mount("tmpfs", dev, "tmpfs", MS_NOSUID, "mode=755,size=64k")
+    for name in DEVICES:
+        _bind("/dev/" + name, f"{dev}/{name}", readonly=False)
+    os.makedirs(dev + "/pts")
+    mount(
+        "devpts",
+        dev + "/pts",
+        "devpts",
+        MS_NOSUID | MS_NOEXEC,
+        "newinstance,ptmxmode=0666,mode=620",
+    )
+    os.symlink("pts/ptmx", dev + "/ptmx")
+    os.makedirs(dev + "/shm")
+    mount("tmpfs", dev + "/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    for name, target in (
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ):
+        os.symlink(target, f"{dev}/{name}")
+
+
+def _make_proc(root):
+    proc = root + "/proc"
+    os.makedirs(proc, exist_ok=True)
+    mount("proc", proc, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    # what a container runtime hides or freezes: kernel settings and the host's memory
+    for name in ("sys", "sysrq-trigger", "irq", "bus"):
+        path = f"{proc}/{name}"
+        if os.path.lexists(path):
+            mount(path, path, None, MS_BIND | MS_REC)
+            _make_readonly(path)
+    for name in ("kcore", "keys", "timer_list", "sched_debug"):
+        path = f"{proc}/{name}"
+        if os.path.exists(path):
+            mount("/dev/null", path, None, MS_BIND)
+
+
+def _pivot(root):
+    os.chdir(root)
+    number = _syscall_no("pivot_root")
+    if number is None:  # an architecture we have no number for: chroot (no caps: no escape)
+        os.chroot(".")
+    else:
+        _check(_libc.syscall(number, b".", b"."), "pivot_root")
+        _check(_libc.umount2(b".", MNT_DETACH), "detaching the host's root")
+    os.chdir("/")
+
+
+def _loopback_up():
+    import fcntl
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        req = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(s.fileno(), _SIOCGIFFLAGS, req))[1]
+        fcntl.ioctl(s.fileno(), _SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | _IFF_UP))
+
+
+def build_root(spec):
+    """In the init, in its new mount namespace: lay out the root and enter it."""
+    root = spec["root"]
+    mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we do here reaches the host
+    mount(root, root, None, MS_BIND | MS_REC)
+    for kind, source, path in spec["mounts"]:
+        target = root + path
+        if kind == "mask":
+            _mask(target)
+        else:
+            _bind(source, target, readonly=kind == "ro")
+    _make_proc(root)
+    _make_dev(root)
+    _pivot(root)
+
+
+def drop_privileges(keep=KEPT_CAPS):
+    """A container's capabilities (bounding, effective, permitted; none inheritable or
+    ambient) and ``no_new_privs``, so nothing exec'd can gain more."""
+    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+    for cap in range(64):
+        if cap in keep:
+            continue
+        if _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            if ctypes.get_errno() == errno.EINVAL:
+                break  # past the last capability this kernel knows
+            _check(-1, f"dropping capability {cap}")
+    _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    mask = 0
+    for cap in keep:
+        mask |= 1 << cap
+    header = ctypes.create_string_buffer(struct.pack("Ii", _LINUX_CAPABILITY_VERSION_3, 0), 8)
+    low, high = mask & 0xFFFFFFFF, mask >> 32
+    data = ctypes.create_string_buffer(struct.pack("IIIIII", low, low, 0, high, high, 0), 24)
+    _check(_libc.capset(header, data), "capset")
+
+
+def _die_with_parent(parent, outside=False):
+    """SIGKILL when ``parent`` dies (and now, if it already has).
+
+    ``outside``: the parent is outside this process's PID namespace, so
+    ``getppid`` says 0; the host's /proc (still mounted: the root is not
+    built yet) tells whether it lives. ``parent=None``: a parent outside
+    that cannot be looked up (it waits for us, so it lives).
+    """
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if parent is None:
+        return
+    if outside:
+        try:
+            with open(f"/proc/{parent}/stat", "rb") as f:
+                alive = b") Z " not in f.read()
+        except OSError:
+            alive = False
+    else:
+        alive = os.getppid() == parent
+    if not alive:
+        os._exit(137)
+
+
+def _end_like(status):
+    """End this process as the one whose wait status this is ended (Popen: code or -signal)."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):
+            signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+        os._exit(128 + sig)
+    os._exit(os.waitstatus_to_exitcode(status))
+
+
+def _quiet_stdio():
+    """The monitor and init hold no end of the sandbox's pipes: EOF comes with the program."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+
+
+def _write(fd, text):
+    if fd is not None:
+        try:
+            os.write(fd, text.encode())
+        except OSError:
+            pass
+
+
+def _init(child, status_w):
+    """pid 1: reap everything; when the entrypoint ends, report its status and end."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    while True:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            os._exit(0)
+        except InterruptedError:
+            continue
+        if pid == child:
+            _write(status_w, str(status))
+            os._exit(0)
+
+
+def _monitor(child, status_r):
+    """Outside the namespaces: wait for the init and end as the entrypoint ended."""
+    _quiet_stdio()
+    while True:
+        try:
+            os.waitpid(child, 0)
+            break
+        except InterruptedError:
+            continue
+    data = b""
+    try:
+        data = os.read(status_r, 64)
+    except OSError:
+        pass
+    if not data:  # the init was killed (terminate, timeout): so was everything in it
+        os.kill(os.getpid(), signal.SIGKILL)
+    _end_like(int(data))
+
+
+def _enter_workdir(workdir):
+    try:
+        os.chdir(workdir)
+    except OSError as exc:
+        os.write(2, f"[prefect-modal local] workdir {workdir!r}: {exc.strerror}\n".encode())
+        os._exit(126)
+
+
+def _become_program(request, parent):
+    """The entrypoint or exec'd process: own session, fewer privileges, its workdir."""
+    _die_with_parent(parent)
+    os.setsid()
+    if request.get("pty"):
+        import fcntl
+
+        fcntl.ioctl(0, _TIOCSCTTY, 0)
+    drop_privileges()
+    _enter_workdir(request["cwd"])
+
+
+def start(request, info_fd):
+    """In the fork server's child: become a new sandbox's entrypoint (returns there only).
+
+    ``info_fd`` gets ``init <pid>`` (the init's host pid, for ``exec`` and the
+    file API) and then ``ready`` once the root is built.
+    """
+    spec = request["isolate"]
+    flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
+    if spec["network"] != "host":
+        flags |= CLONE_NEWNET
+    _check(_libc.unshare(flags), "unshare")
+    status_r, status_w = os.pipe()
+    monitor = os.getpid()
+    init = os.fork()
+    if init:
+        os.close(status_w)
+        _write(info_fd, f"init {init}\n")
+        os.close(info_fd)
+        _monitor(init, status_r)
+    os.close(status_r)
+    _die_with_parent(monitor, outside=True)
+    try:
+        build_root(spec)
+        _check(_libc.sethostname(_b(spec["hostname"]), len(spec["hostname"])), "sethostname")
+        if spec["network"] != "host":
+            _loopback_up()
+    except (OSError, ContainerError) as exc:
+        os.write(2, f"[prefect-modal local] cannot make the sandbox's container: {exc}\n".encode())
+        os._exit(126)
+    _write(info_fd, "ready\n")
+    os.close(info_fd)
+    go_fd = spec.get("go_fd")
+    if go_fd is not None:  # the server attaches the network first (pasta)
+        os.read(go_fd, 1)
+        os.close(go_fd)
+    init_pid = os.getpid()
+    program = os.fork()
+    if program == 0:
+        os.close(status_w)
+        _become_program(request, init_pid)
+        return
+    _quiet_stdio()
+    drop_privileges()
+    _init(program, status_w)
+
+
+def join(request):
+    """In the fork server's child: become a process of a running sandbox (``exec``)."""
+    init = request["join"]
+    fds = []
+    try:
+        for name in ("ipc", "uts", "net", "pid", "mnt"):
+            fds.append(os.open(f"/proc/{init}/ns/{name}", os.O_RDONLY))
+    except OSError:
+        os.write(2, b"[prefect-modal local] the sandbox has finished\n")
+        os._exit(126)
+    for fd in fds:
+        _check(_libc.setns(fd, 0), "setns")
+        os.close(fd)
+    pid = os.fork()
+    if pid:
+        _quiet_stdio()
+        while True:
+            try:
+                _, status = os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+        _end_like(status)
+    os.chdir("/")
+    _become_program(request, None)
+
+
+def self_test():
+    """True if this process can make containers (namespaces, mounts); run in a child."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET), "unshare")
+            mount(None, "/", None, MS_REC | MS_PRIVATE)
+            mount("tmpfs", "/tmp", "tmpfs", 0, "size=4k")
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    return status == 0
+
+
+def exec_program(argv, env):
+    """execve ``argv[0]`` found on the sandbox's PATH; a failure ends as a shell would (127/126)."""
+    try:
+        os.execvpe(argv[0], argv, env)
+    except OSError as exc:
+        code = 127 if exc.errno == errno.ENOENT else 126
+        os.write(2, f"[prefect-modal local] cannot start {argv[0]!r}: {exc.strerror}\n".encode())
+        os._exit(code)

@@ -1,0 +1,383 @@
+"""What a local sandbox's container is made of, and how the server reaches into one.
+
+The server side of `container` (which runs in the fork server's child):
+
+* `ImageView` - the directories of this machine that stand in for the image
+  until images are built from their definition: the Debian userland
+  (``/usr``, ``/etc`` with host secrets masked) and this server's Python
+  environment (its prefixes, ``sys.path`` and editable installs), all
+  read-only at their own paths; plus ``host_dirs``, directories the operator
+  chose to show read-only (the local stand-in for an image that holds your
+  code: a deployment's working directory in pipeline mode).
+* `layout` - one sandbox's container spec: that view, its volumes, its own
+  writable root, its network mode.
+* `open_in_root` / `connect_in_netns` - the file API and tunnels act *inside*
+  a sandbox: paths are resolved by the kernel with the sandbox's root as
+  ``/`` (``openat2`` with ``RESOLVE_IN_ROOT``: a symlink the sandbox made
+  cannot point the server at a host file), sockets are made in its network
+  namespace.
+
+Isolation needs the namespace calls, so root (this server runs as root in CI
+and in containers); `probe` tells. Without it the server says so once, every
+sandbox says so in its first log line, and what cannot be had is refused
+(`NETWORK_NEEDS_ISOLATION`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import json
+import logging
+import os
+import posixpath
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("prefect_modal.local")
+
+ENV_SWITCH = "PREFECT_MODAL_LOCAL_ISOLATION"
+HOST_DIRS_ENV = "PREFECT_MODAL_LOCAL_HOST_DIRS"
+
+#: Top-level directories of the host's userland shown read-only (when they are
+#: directories; merged-/usr symlinks such as /bin -> usr/bin are made as symlinks).
+SYSTEM_DIRS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+#: Host files and directories under the view that hold secrets: hidden.
+MASKED = (
+    "/etc/shadow",
+    "/etc/shadow-",
+    "/etc/gshadow",
+    "/etc/gshadow-",
+    "/etc/sudoers",
+    "/etc/sudoers.d",
+    "/etc/ssh",
+    "/etc/ssl/private",
+)
+#: Directories every sandbox root has, with their modes (the rest of a Debian tree).
+ROOT_DIRS = {
+    "root": 0o700,
+    "tmp": 0o1777,
+    "var": 0o755,
+    "var/tmp": 0o1777,
+    "run": 0o755,
+    "home": 0o755,
+    "mnt": 0o755,
+    "opt": 0o755,
+    "srv": 0o755,
+    "sys": 0o555,
+}
+
+NOT_ISOLATED_NOTICE = (
+    "[prefect-modal local] this sandbox is NOT isolated: it shares this machine's files, "
+    "processes and network (the local server runs without Linux namespaces: {why}). "
+    "See the README, 'The local Modal server'.\n"
+)
+
+
+def enabled_by_default() -> bool:
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def host_dirs_from_env() -> list[str]:
+    value = os.environ.get(HOST_DIRS_ENV, "")
+    return [p for p in value.split(os.pathsep) if p.strip()]
+
+
+def why_not_isolated(requested: bool) -> str | None:
+    """None if this machine can isolate sandboxes, else the reason in a few words."""
+    if not requested:
+        return "turned off (isolation=False, --no-isolation or PREFECT_MODAL_LOCAL_ISOLATION=0)"
+    if not sys.platform.startswith("linux"):
+        return f"{sys.platform} has no Linux namespaces"
+    if os.geteuid() != 0:
+        return "the server does not run as root, and rootless namespaces are not supported yet"
+    return None
+
+
+# ----- the image view ---------------------------------------------------------------
+
+
+_ENV_PROBE = r"""
+import json, sys, os, ast, glob, site
+paths = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]
+paths += [p for p in sys.path if p]
+for sp in site.getsitepackages():
+    for finder in glob.glob(os.path.join(sp, "__editable___*_finder.py")):
+        text = open(finder, encoding="utf-8").read()
+        for line in text.splitlines():
+            if line.startswith("MAPPING"):
+                try:
+                    paths += list(ast.literal_eval(line.split("=", 1)[1].strip()).values())
+                except Exception:
+                    pass
+print(json.dumps(paths))
+"""
+
+
+@functools.lru_cache(maxsize=4)
+def python_environment(executable: str) -> tuple[str, ...]:
+    """The directories ``executable``'s environment imports from (a fresh ``-I``
+    interpreter's view: no PYTHONPATH, no current directory), outermost only."""
+    try:
+        out = subprocess.run(
+            [executable, "-I", "-c", _ENV_PROBE], capture_output=True, text=True, timeout=60
+        ).stdout
+        found = [os.path.realpath(p) for p in json.loads(out)]
+    except (OSError, subprocess.SubprocessError, ValueError):
+        found = [sys.prefix, sys.base_prefix]
+    found += [os.path.abspath(sys.prefix), os.path.abspath(sys.base_prefix)]  # unresolved too
+    return tuple(_outermost(p for p in found if os.path.isdir(p)))
+
+
+def _outermost(paths: Iterable[str]) -> list[str]:
+    kept: list[str] = []
+    for p in sorted(set(paths), key=len):
+        if not any(p == k or p.startswith(k.rstrip("/") + "/") for k in kept):
+            kept.append(p)
+    return kept
+
+
+def _under(path: str, roots: Iterable[str]) -> bool:
+    return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
+
+
+@dataclass
+class ImageView:
+    """The host directories every sandbox sees read-only at their own paths."""
+
+    dirs: list[str]
+    symlinks: dict[str, str]
+    masked: list[str]
+    host_dirs: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of_this_machine(cls, state_dir: Path, host_dirs: Sequence[str] = ()) -> ImageView:
+        state = os.path.realpath(state_dir)
+        dirs: list[str] = []
+        symlinks: dict[str, str] = {}
+        for top in SYSTEM_DIRS:
+            if os.path.islink(top):
+                symlinks[top] = os.readlink(top)
+            elif os.path.isdir(top):
+                dirs.append(top)
+        env = [p for p in python_environment(sys.executable) if not _under(p, dirs)]
+        shown: list[str] = []
+        for p in _outermost([*dirs, *env]):
+            if _under(state, [p]):
+                log.warning(
+                    "the local server's state directory %s is inside %s, which sandboxes see "
+                    "as part of the Python environment: it is left out of their view",
+                    state,
+                    p,
+                )
+                continue
+            shown.append(p)
+        extra = []
+        for d in host_dirs:
+            real = os.path.realpath(d)
+            if not os.path.isdir(real):
+                raise ValueError(f"host_dirs: {d!r} is not a directory")
+            if _under(state, [real]):
+                raise ValueError(
+                    f"host_dirs: {d!r} contains the local server's state directory {state}"
+                )
+            extra.append(real)
+        masked = [m for m in MASKED if os.path.lexists(m) and _under(m, shown)]
+        return cls(dirs=shown, symlinks=symlinks, masked=masked, host_dirs=_outermost(extra))
+
+    def resolve_readonly(self, path: str) -> str | None:
+        """The host path behind a sandbox path inside the view, else None."""
+        for d in (*self.dirs, *self.host_dirs):
+            if _under(path, [d]):
+                return path
+        return None
+
+
+def prepare_root(root: Path, view: ImageView) -> None:
+    """A new sandbox's writable layer: the directories a Debian root has, the
+    view's symlinks (``/bin -> usr/bin``), empty mount points."""
+    root.mkdir(parents=True)
+    for name, mode in ROOT_DIRS.items():
+        path = root / name
+        path.mkdir(parents=True, exist_ok=True)
+        os.chmod(path, mode)
+    for link, target in view.symlinks.items():
+        os.symlink(target, root / link.lstrip("/"))
+
+
+def layout(
+    root: Path,
+    view: ImageView,
+    volumes: dict[str, Path],
+    *,
+    hostname: str,
+    network: str,
+) -> dict[str, Any]:
+    """The container spec `container.start` builds (JSON-able). Mounts are
+    ordered so a parent is bound before what lies inside it."""
+    mounts: list[tuple[str, str | None, str]] = []
+    for d in (*view.dirs, *view.host_dirs):
+        mounts.append(("ro", d, d))
+    for m in view.masked:
+        mounts.append(("mask", None, m))
+    for mount_path, host_dir in volumes.items():
+        mounts.append(("rw", str(host_dir), mount_path))
+    mounts.sort(key=lambda m: m[2].count("/"))
+    return {
+        "root": str(root),
+        "mounts": mounts,
+        "hostname": hostname,
+        "network": network,
+    }
+
+
+# ----- reaching into a running sandbox ------------------------------------------------
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_SYS_OPENAT2 = 437  # the same number on x86_64 and the generic table (aarch64...)
+_RESOLVE_NO_MAGICLINKS = 0x02
+_RESOLVE_IN_ROOT = 0x10
+_CLONE_NEWNET = 0x40000000
+
+
+def open_in_root(root_fd: int, path: str, flags: int, mode: int = 0o644) -> int:
+    """``openat2(root_fd, path, RESOLVE_IN_ROOT)``: ``path`` (absolute or not) and every
+    symlink on the way are resolved with ``root_fd`` as ``/``; ``..`` cannot climb out."""
+    how = struct.pack(
+        "QQQ",
+        flags | os.O_CLOEXEC,
+        mode if flags & os.O_CREAT else 0,
+        _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS,
+    )
+    buf = ctypes.create_string_buffer(how, len(how))
+    fd = _libc.syscall(_SYS_OPENAT2, root_fd, os.fsencode(path.lstrip("/") or "."), buf, len(how))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+    return int(fd)
+
+
+class FsRoot:
+    """Where the file API resolves a sandbox's paths.
+
+    Isolated: ``fd`` is the container's ``/`` (its init's root) and the kernel
+    resolves each path inside it (`open_in_root`). Not isolated: ``fd`` is the
+    sandbox's root directory on the host and paths are plain relative paths
+    under it (``..`` normalised away; its volume symlinks are followed).
+    """
+
+    def __init__(self, fd: int, in_root: bool) -> None:
+        self.fd = fd
+        self.in_root = in_root
+
+    @classmethod
+    def of_container(cls, init_pid: int) -> FsRoot:
+        fd = os.open(f"/proc/{init_pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        return cls(fd, in_root=True)
+
+    @classmethod
+    def of_directory(cls, path: Path) -> FsRoot:
+        return cls(os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC), in_root=False)
+
+    def open(self, path: str, flags: int, mode: int = 0o644) -> int:
+        if self.in_root:
+            return open_in_root(self.fd, path, flags, mode)
+        rel = posixpath.normpath("/" + path).lstrip("/") or "."
+        return os.open(rel, flags | os.O_CLOEXEC, mode, dir_fd=self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+_netns_lock = threading.Lock()
+
+
+def socket_in_netns(init_pid: int, family: int = socket.AF_INET) -> socket.socket:
+    """A TCP socket made inside a sandbox's network namespace (it stays there).
+
+    ``setns`` switches only the calling thread; this runs in a short-lived
+    thread of its own, so no other code of the server ever runs in the
+    sandbox's namespace.
+    """
+    result: list[Any] = []
+
+    def make() -> None:
+        try:
+            with open(f"/proc/{init_pid}/ns/net", "rb") as ns:
+                if _libc.setns(ns.fileno(), _CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, os.strerror(err))
+            result.append(socket.socket(family, socket.SOCK_STREAM))
+        except BaseException as exc:
+            result.append(exc)
+
+    with _netns_lock:
+        t = threading.Thread(target=make, name="prefect-modal-netns")
+        t.start()
+        t.join()
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    sock: socket.socket = result[0]
+    return sock
+
+
+# ----- outbound network for sandboxes with a namespace of their own -------------------
+
+
+@functools.lru_cache(maxsize=1)
+def pasta() -> str | None:
+    """``pasta`` (Debian package ``passt``): user-mode networking for a namespace."""
+    return shutil.which("pasta")
+
+
+def pasta_command(init_pid: int) -> list[str]:
+    """Outbound access for a sandbox's own network namespace, as the machine has it;
+    nothing of the host's loopback is forwarded in (that is the point of its own
+    namespace) and no port of the namespace is published by pasta (tunnels do that)."""
+    exe = pasta()
+    assert exe is not None
+    return [
+        exe,
+        "--config-net",
+        "--no-map-gw",
+        "--quiet",
+        "--runas",
+        "0",
+        "-t",
+        "none",
+        "-u",
+        "none",
+        "-T",
+        "none",
+        "-U",
+        "none",
+        "--netns",
+        f"/proc/{init_pid}/ns/net",
+    ]
+
+
+__all__ = [
+    "ENV_SWITCH",
+    "HOST_DIRS_ENV",
+    "NOT_ISOLATED_NOTICE",
+    "FsRoot",
+    "ImageView",
+    "enabled_by_default",
+    "host_dirs_from_env",
+    "layout",
+    "open_in_root",
+    "pasta",
+    "pasta_command",
+    "prepare_root",
+    "socket_in_netns",
+    "why_not_isolated",
+]

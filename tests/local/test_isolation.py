@@ -1,0 +1,228 @@
+"""Each local sandbox is a container: its own root, process view and (when asked) network.
+
+Programs written for Modal's Sandbox API, driven by the real modal client:
+what they write is where they run it, a hostile one cannot touch or read the
+host, ``block_network`` blocks, ``pty`` gives a terminal. Without namespaces
+(``isolation=False`` here) the server says so and refuses what it cannot do.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+import modal
+import pytest
+
+from prefect_modal.local import LocalModal
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/proc/self/ns/pid"),
+    reason="isolated sandboxes need Linux namespaces, which the local server makes as root",
+)
+
+PY = "python"
+
+
+def _create(lm: LocalModal, app: Any, *args: str, **kwargs: Any) -> Any:
+    return modal.Sandbox.create(*args, app=app, client=lm.client, **kwargs)
+
+
+def _run(sb: Any, *args: str, **kwargs: Any) -> tuple[int, str, str]:
+    p = sb.exec(*args, **kwargs)
+    code = p.wait()
+    return code, p.stdout.read(), p.stderr.read()
+
+
+def test_the_server_isolates(local_modal: LocalModal) -> None:
+    assert local_modal.isolation is not None, local_modal.not_isolated_because
+
+
+def test_write_a_file_then_run_it_by_its_absolute_path(
+    local_modal: LocalModal, app: Any, backend: str
+) -> None:
+    sb = _create(local_modal, app)
+    sb.filesystem.write_text("import os\nprint('ran', os.getcwd())\n", "/workspace/main.py")
+    assert _run(sb, PY, "/workspace/main.py") == (0, "ran /\n", "")
+    assert _run(sb, PY, "main.py", workdir="/workspace") == (0, "ran /workspace\n", "")
+    assert _run(sb, "pwd", workdir="/usr/bin") == (0, "/usr/bin\n", "")
+    # what a process writes, the file API reads, at the same absolute path
+    assert _run(sb, "sh", "-c", "echo made-here > /tmp/out.txt")[0] == 0
+    assert sb.filesystem.read_text("/tmp/out.txt") == "made-here\n"
+    assert not Path("/workspace/main.py").exists()  # nothing of it on the host's /
+    with pytest.raises(modal.exception.InvalidError, match="'/no/such/dir' does not exist"):
+        sb.exec("pwd", workdir="/no/such/dir")
+    sb.terminate()
+
+
+def test_a_sandbox_sees_only_its_own_processes(local_modal: LocalModal, app: Any) -> None:
+    code = "import os; print(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))"
+    sb = _create(local_modal, app, PY, "-c", code)
+    sb.wait()
+    pids = json.loads(sb.stdout.read())
+    assert pids == [1, 2], pids  # its init and itself
+    assert os.getpid() not in pids
+
+
+def test_a_hostile_sandbox_changes_and_reads_nothing_of_the_host(
+    local_modal: LocalModal, app: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = "host-secret-value-5150"
+    monkeypatch.setenv("HOSTILE_TEST_TOKEN", secret)  # in this (the flow's) process
+    precious = tmp_path / "precious.txt"
+    precious.write_text(secret)
+    hosts_before = Path("/etc/hosts").read_bytes()
+    home = Path(os.path.expanduser("~root"))
+    script = f"""
+set +e
+rm -rf {precious} {tmp_path}
+echo hostile > /usr/hostile-was-here
+echo hostile >> /etc/hosts
+echo hostile > /etc/hostile-was-here
+cat /proc/{os.getpid()}/environ
+cat {precious}
+ls -a {home}
+cat /etc/shadow
+grep -r {secret} /proc/*/environ 2>/dev/null
+echo done
+"""
+    sb = _create(local_modal, app, "sh", "-c", script)
+    sb.wait()
+    out, err = sb.stdout.read(), sb.stderr.read()
+    assert "done" in out
+    assert secret not in out and secret not in err
+    assert precious.read_text() == secret  # the host file is still there, unchanged
+    assert Path("/etc/hosts").read_bytes() == hosts_before
+    assert not Path("/usr/hostile-was-here").exists()
+    assert not Path("/etc/hostile-was-here").exists()
+    assert "Read-only file system" in err  # what it tried was refused, not pretended
+    host_home = {p.name for p in home.iterdir()} if home.is_dir() else set()
+    shown_home = set(out.split())
+    assert not (host_home - {".pyenv"}) & shown_home  # only the Python it runs on
+
+
+def test_rm_rf_root_in_a_sandbox_leaves_the_host_alone(
+    local_modal: LocalModal, app: Any, tmp_path: Path
+) -> None:
+    """One of Modal's own examples. Run only once the checks above hold for this server."""
+    canary = tmp_path / "canary.txt"
+    canary.write_text("alive")
+    probe = _create(local_modal, app, "sh", "-c", f"touch {canary}2 /usr/probe 2>&1; ls /proc")
+    probe.wait()
+    assert not Path(f"{canary}2").exists() and not Path("/usr/probe").exists()
+    sb = _create(local_modal, app, "sh", "-c", "rm -rf --no-preserve-root / 2>/dev/null; echo gone")
+    sb.wait()
+    assert sb.stdout.read() == "gone\n"
+    assert canary.read_text() == "alive"
+    assert Path("/usr/bin/env").exists() and Path("/etc/hosts").exists()
+    after = _create(local_modal, app, "sh", "-c", "echo still-works")  # the server goes on
+    after.wait()
+    assert after.stdout.read() == "still-works\n"
+
+
+def _listener() -> tuple[socket.socket, int, list[bytes]]:
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    got: list[bytes] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                got.append(conn.recv(100))
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv, srv.getsockname()[1], got
+
+
+def test_block_network_cannot_reach_the_hosts_loopback(local_modal: LocalModal, app: Any) -> None:
+    srv, port, got = _listener()
+    try:
+        code = (
+            "import socket\n"
+            "try:\n"
+            f"    socket.create_connection(('127.0.0.1', {port}), timeout=3).sendall(b'hi')\n"
+            "    print('reached')\n"
+            "except OSError as e:\n"
+            "    print('refused', type(e).__name__)\n"
+        )
+        blocked = _create(local_modal, app, PY, "-c", code, block_network=True)
+        blocked.wait()
+        assert blocked.stdout.read().startswith("refused")
+        assert got == []
+        open_ = _create(local_modal, app, PY, "-c", code)  # the machine's network, as before
+        open_.wait()
+        assert open_.stdout.read() == "reached\n"
+    finally:
+        srv.close()
+
+
+def test_allowlists_are_refused_not_ignored(local_modal: LocalModal, app: Any) -> None:
+    with pytest.raises(modal.exception.ConflictError, match=r"10\.0\.0\.0/8.*not enforced"):
+        _create(local_modal, app, "true", outbound_cidr_allowlist=["10.0.0.0/8"])
+
+
+def test_two_sandboxes_serve_the_same_port(local_modal: LocalModal, app: Any) -> None:
+    """A sandbox that declares ports has a network namespace (and port space) of its own."""
+    sbs = []
+    for name in ("first", "second"):
+        sb = _create(local_modal, app, "sleep", "60", unencrypted_ports=[8000])
+        sb.filesystem.write_text(name, "/srv/whoami.txt")
+        p = sb.exec(PY, "-m", "http.server", "8000", "--bind", "127.0.0.1", workdir="/srv")
+        sbs.append((sb, p, name))
+    fetch = (
+        "import time, urllib.request\n"
+        "for _ in range(100):\n"
+        "    try:\n"
+        "        print(urllib.request.urlopen('http://127.0.0.1:8000/whoami.txt').read().decode())\n"
+        "        break\n"
+        "    except OSError:\n"
+        "        time.sleep(0.05)\n"
+    )
+    for sb, server, name in sbs:
+        assert _run(sb, PY, "-c", fetch)[1] == name + "\n"
+        assert server.poll() is None  # still serving: its bind did not collide
+        sb.terminate()
+
+
+def test_pty_gives_a_terminal(local_modal: LocalModal, app: Any) -> None:
+    code = "import sys, os; print(sys.stdin.isatty(), sys.stdout.isatty(), os.environ.get('TERM'))"
+    sb = _create(local_modal, app, PY, "-c", code, pty=True)
+    sb.wait()
+    assert sb.stdout.read().split() == ["True", "True", "xterm"]
+    plain = _create(local_modal, app, PY, "-c", code)
+    plain.wait()
+    assert plain.stdout.read().split()[:2] == ["False", "False"]
+
+
+def test_without_isolation_the_server_says_so_and_refuses(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="prefect_modal.local"):
+        lm = LocalModal(state_dir=tmp_path, isolation=False).start()
+    try:
+        assert lm.isolation is None and "turned off" in (lm.not_isolated_because or "")
+        assert any("cannot isolate sandboxes" in r.getMessage() for r in caplog.records)
+        app = modal.App.lookup("plain", create_if_missing=True, client=lm.client)
+        sb = modal.Sandbox.create("echo", "hi", app=app, client=lm.client)
+        sb.wait()
+        assert (
+            sb.stderr.read()
+            .splitlines()[0]
+            .startswith("[prefect-modal local] this sandbox is NOT isolated")
+        )
+        with pytest.raises(modal.exception.ConflictError, match="block_network=True needs"):
+            modal.Sandbox.create("true", app=app, client=lm.client, block_network=True)
+        with pytest.raises(modal.exception.ConflictError, match="pty=True needs"):
+            modal.Sandbox.create("true", app=app, client=lm.client, pty=True)
+    finally:
+        lm.stop()
