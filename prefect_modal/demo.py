@@ -230,7 +230,7 @@ def run_demo(
                 ui_url = server.url.removesuffix("/api")
                 console.print(f"[green]✓[/green] Prefect server at {ui_url} (pid {server.pid})")
             status.update("Starting the local Modal server...")
-            modal_server = start_local_modal(workdir / "modal")
+            modal_server = start_local_modal(workdir / "modal", host_dirs=[flows_dir])
             services.append(modal_server)
             env.update(modal_server.env)
             env["PREFECT_MODAL_TARGET"] = "local"

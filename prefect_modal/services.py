@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -204,9 +204,11 @@ def start_local_modal(
     port: int | None = None,
     timeout: float = 30,
     env: Mapping[str, str] | None = None,
+    host_dirs: Sequence[Path] = (),
 ) -> Service:
     """`prefect-modal local serve` in its own process (environment `env`, default
-    os.environ); `.env` reaches it.
+    os.environ); `.env` reaches it. ``host_dirs`` are shown read-only to its
+    sandboxes (a deployment's working directory, in pipeline mode).
 
     A process of its own (not a thread of ours) so that a worker or flow that
     is killed leaves the sandboxes running, as they would on Modal.
@@ -216,6 +218,8 @@ def start_local_modal(
         sys.executable, "-m", "prefect_modal.local", "serve",
         "--port", str(port), "--state-dir", str(state_dir),
     ]  # fmt: skip
+    for d in host_dirs:
+        cmd += ["--host-dir", str(d)]
     service = spawn("local-modal", cmd, env if env is not None else os.environ, state_dir / "logs")
     exports: dict[str, str] = {}
 

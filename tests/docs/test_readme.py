@@ -99,7 +99,8 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Session]:
     home = workdir / "home"
     home.mkdir()
     prefect = start_prefect_server(workdir / "prefect", ui=False)
-    modal = start_local_modal(workdir / "modal")
+    # as the README's worker block asks: the deployments directory, shown to sandboxes
+    modal = start_local_modal(workdir / "modal", host_dirs=[ROOT / "deployments"])
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MODAL_"))}
     env.update(modal.env)
     env.update(
@@ -136,7 +137,7 @@ def test_readme_block_runs(block: Block, session: Session) -> None:
     elif block.lang == "bash":
         foreground = []
         for line in block.code.splitlines():
-            if line.strip().startswith(BACKGROUND):
+            if any(command in line for command in BACKGROUND):
                 name = f"readme-L{block.line}"
                 service = spawn(name, ["bash", "-c", line], session.env, session.workdir)
                 session.background.append(service)

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from worker_helpers import (
     API_KEY,
+    FLOWS_DIR,
     MAIN_POOL,
     ModalServer,
     PrefectServer,
@@ -48,7 +49,7 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
 def modal_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModalServer]:
     home = tmp_path_factory.mktemp("modal-server")
     state = home / "state"
-    service = start_local_modal(state, timeout=60, env=base_env(home))
+    service = start_local_modal(state, timeout=60, env=base_env(home), host_dirs=[FLOWS_DIR])
     server = ModalServer(service=service, state_dir=state)
     try:
         yield server

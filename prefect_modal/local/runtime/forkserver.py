@@ -68,7 +68,7 @@ MAX_STARTS = 8
 _STARTUP_ENV = ("LANG", "LC_ALL", "LC_CTYPE")
 _FLAVOURS = {("-c",): (), ("-S", "-c"): ("-S",)}
 _LAUNCHER = (
-    f"import sys;exec(compile(sys.argv[1],{zygote.FILENAME!r},'exec'),"
+    f"import sys;exec(compile(open(sys.argv[1]).read(),{zygote.FILENAME!r},'exec'),"
     "{'__name__':'_prefect_modal_zygote'})"
 )
 _MAX_REQUEST = zygote.MAX_REQUEST
@@ -233,9 +233,9 @@ class _Zygote:
             *flags,
             "-c",
             _LAUNCHER,
-            Path(zygote.__file__).read_text(encoding="utf-8"),
+            str(Path(zygote.__file__).resolve()),
             preload,
-            Path(container.__file__).read_text(encoding="utf-8"),
+            str(Path(container.__file__).resolve()),
         ]
         argv, preexec = processes.with_pdeathsig(argv, env)
         with open(log_path, "ab") as log_file:

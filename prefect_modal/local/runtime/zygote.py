@@ -1,8 +1,10 @@
 """The fork server's own program: a warm Python that forks into sandbox processes.
 
-Not imported by the server: `forkserver` sends this file's text as the source of
-``python [-S] -c``, so it runs in exactly the interpreter, flags and locale a
-sandbox's ``python [-S] -c <code>`` would get.  Standard library only.
+Not imported by the server: `forkserver` runs ``python [-S] -c`` with a launcher
+that reads this file and runs it, so it runs in exactly the interpreter, flags
+and locale a sandbox's ``python [-S] -c <code>`` would get.  Standard library
+only.  The fork server's launcher zygote runs it the same way, as ``python -I
+-S``, and only forks and execs: its children make containers (`container`).
 
 Life of the zygote:
 
@@ -10,13 +12,16 @@ Life of the zygote:
    names and the directories to find them in; the directories are taken off
    ``sys.path`` again, so a ``-S`` program still has the path it would have).
 2. It says ``ready`` on fd 0, a SOCK_SEQPACKET socket to the server, and
-   serves requests there: one JSON message plus the three fds of the new
-   process's stdin, stdout and stderr (SCM_RIGHTS).
+   serves requests there: one JSON message plus the fds of the new
+   process's stdin, stdout and stderr (SCM_RIGHTS) and, for a new container,
+   its info and go pipes (see `container`).
 3. For each request it forks.  The parent answers ``{"id", "pid"}``; the child
-   becomes the program: its own session, ``PR_SET_PDEATHSIG`` (it dies with
-   the zygote, which dies with the server), the given fds on 0-2 and nothing
-   else open, the cwd and environment of the request, a pristine
-   ``__main__``, ``sys.argv`` as ``python -c`` sets it, then the code.
+   makes or joins a container when asked (`container`) and becomes the
+   program: its own session, ``PR_SET_PDEATHSIG`` (it dies with the zygote,
+   which dies with the server), the given fds on 0-2 and nothing else open,
+   the cwd and environment of the request, then either an ``exec`` of the
+   program or, for ``python -c``, a pristine ``__main__``, ``sys.argv`` as
+   ``python -c`` sets it, and the code.
 4. On SIGCHLD it kills what is left of the exited child's process group
    (while the unreaped child still holds the group id) and reaps it, and
    sends ``{"exit": pid, "code": n}`` (``-N`` for signal N, as Popen does).
@@ -219,12 +224,13 @@ def main():
     for name in list(main_attrs):
         if not name.startswith("__"):
             del main_attrs[name]  # the launcher's own names (``sys``)
-    # argv: -c, this file's text, the preload spec, the text of `container`
+    # argv: -c, this file's path, the preload spec, the path of `container`
     _preload(json.loads(sys.argv[2]))
     import types
 
     container = types.ModuleType("_prefect_modal_container")
-    exec(compile(sys.argv[3], CONTAINER_FILENAME, "exec"), container.__dict__)
+    with open(sys.argv[3], encoding="utf-8") as f:
+        exec(compile(f.read(), CONTAINER_FILENAME, "exec"), container.__dict__)
     run(serve(main_attrs, container))
 
 
