@@ -464,6 +464,21 @@ class LocalSandbox:
             await asyncio.wait_for(self.done.wait(), timeout)
         return self.done.is_set()
 
+    # ----- network -----------------------------------------------------------
+
+    async def open_connection(self, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Connect to ``port`` inside this sandbox.
+
+        The only way the server reaches a sandbox's ports (tunnels, connect
+        tokens, tcp readiness probes), so how a sandbox's network is reached
+        is decided here alone. Today's sandboxes share the host's network, so
+        that is ``127.0.0.1:port``; a finished sandbox has no ports (whatever
+        listens there now is not its).
+        """
+        if self.done.is_set():
+            raise ConnectionRefusedError(f"sandbox {self.id} has finished")
+        return await asyncio.open_connection("127.0.0.1", port)
+
     # ----- stdin -----------------------------------------------------------
 
     async def _write_stdin(self, data: bytes, eof: bool) -> None:
