@@ -84,9 +84,12 @@ class Listener:
         self._closed = False
 
     async def start(self) -> int:
-        self._server = await asyncio.start_server(
-            self._accept, self.host, 0, ssl=self._ssl, ssl_handshake_timeout=10.0
-        )
+        if self._ssl is not None:
+            self._server = await asyncio.start_server(
+                self._accept, self.host, 0, ssl=self._ssl, ssl_handshake_timeout=10.0
+            )
+        else:
+            self._server = await asyncio.start_server(self._accept, self.host, 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 
