@@ -102,6 +102,7 @@ def serve(
         for key, value in lm.env.items():
             print(f"export {key}={shlex.quote(value)}")
         print(f"# state: {lm.state_dir}")
+        print(f"# TLS certificate of tunnels and connect tokens: {lm.tls_cert}")
         print(f"READY {lm.url}", flush=True)
         while not stop.wait(0.5):
             pass
