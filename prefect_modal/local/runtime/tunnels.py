@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -47,6 +48,15 @@ class TunnelManager:
         self._proxy: ConnectProxy | None = None
         self._proxy_lock = asyncio.Lock()
         self._closed = False
+        self._ssl: dict[bool, ssl.SSLContext] = {}
+
+    def _ssl_context(self, h2: bool) -> ssl.SSLContext:
+        """One TLS context per ALPN choice for the server's life (loading it costs ~10 ms)."""
+        ctx = self._ssl.get(h2)
+        if ctx is None:
+            alpn = ["h2", "http/1.1"] if h2 else ["http/1.1"]
+            ctx = self._ssl[h2] = tls.server_context(self.state_dir, alpn=alpn)
+        return ctx
 
     @property
     def cert_file(self) -> Path:
@@ -66,9 +76,7 @@ class TunnelManager:
         try:
             for spec in ports:
                 h2 = spec.tunnel_type == api_pb2.TUNNEL_TYPE_H2
-                ctx = tls.server_context(
-                    self.state_dir, alpn=["h2", "http/1.1"] if h2 else ["http/1.1"]
-                )
+                ctx = self._ssl_context(h2)
                 secure = Relay(
                     sb.open_connection, spec.port, host=self.host, ssl_context=ctx, allow=allow
                 )
@@ -129,7 +137,7 @@ class TunnelManager:
             if self._proxy is None:
                 proxy = ConnectProxy(
                     host=self.host,
-                    ssl_context=tls.server_context(self.state_dir, alpn=["http/1.1"]),
+                    ssl_context=self._ssl_context(False),
                 )
                 await proxy.start()
                 self._proxy = proxy
