@@ -125,6 +125,7 @@ def serve(
             print("# isolation: on (Linux namespaces)")
         else:
             print(f"# isolation: OFF ({lm.not_isolated_because})")
+        print(f"# TLS certificate of tunnels and connect tokens: {lm.tls_cert}")
         print(f"READY {lm.url}", flush=True)
         while not stop.wait(0.5):
             pass

@@ -26,7 +26,7 @@ from grpclib.server import Server
 
 from .auth import Credentials
 from .records import SandboxRecord
-from .runtime import forkserver, processes
+from .runtime import forkserver, processes, tls
 from .runtime import isolation as isolation_mod
 from .runtime.sandbox import Isolation
 from .server import ControlPlane, Router, ServerContext
@@ -82,6 +82,7 @@ class LocalModal:
                 str(d)
                 for d in (isolation_mod.host_dirs_from_env() if host_dirs is None else host_dirs)
             ],
+            host=host,
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -146,6 +147,8 @@ class LocalModal:
     async def _shutdown(self, server: Server) -> None:
         running = [sb for sb in self.registry.sandboxes.values() if not sb.done.is_set()]
         await asyncio.gather(*(sb.kill_now() for sb in running), return_exceptions=True)
+        await self._ctx.probes.close_all()
+        await self._ctx.tunnels.close_all()
         await self._ctx.sweeper.drain()
         if self._ctx.forkserver is not None:
             await self._ctx.forkserver.close()
@@ -211,6 +214,12 @@ class LocalModal:
         return (
             f"http://127.0.0.1:{self.port}" if self._host != "::1" else f"http://[::1]:{self.port}"
         )
+
+    @property
+    def tls_cert(self) -> Path:
+        """The certificate encrypted tunnels and connect tokens present (self-signed, per
+        state directory): trust it to reach them, e.g. ``requests.get(url, verify=...)``."""
+        return tls.ensure_certificate(self.state_dir)
 
     @property
     def env(self) -> dict[str, str]:

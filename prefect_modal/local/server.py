@@ -21,11 +21,12 @@ from .api.images import Images
 from .api.router import CommandRouter
 from .api.sandboxes import Sandboxes
 from .api.secrets import Secrets
+from .api.tunnels import Tunnels
 from .api.volumes import Volumes
 
 
 @finalize_servicer
-class ControlPlane(Apps, Images, Secrets, Volumes, Sandboxes, ModalClientBase):
+class ControlPlane(Apps, Images, Secrets, Volumes, Sandboxes, Tunnels, ModalClientBase):
     """The ``modal.client.ModalClient`` service, as far as sandboxes need it."""
 
 

@@ -5,6 +5,7 @@
 * `secrets`, `volumes` - named objects;
 * `sandboxes` - create, wait, terminate, list, names, tags, V1 logs and stdin;
 * `router` - the task command router: V2 stdio, readiness, ``exec``;
+* `tunnels` - tunnels, connect tokens and the readiness wait;
 * `filesystem` - ``sandbox.filesystem`` (the fs-tools commands);
 * `context` - what they share (state, auth, sandbox creation); `base` - errors
   and the servicer assembly.

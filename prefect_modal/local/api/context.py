@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import warnings
 from collections.abc import Sequence
@@ -19,6 +20,8 @@ from ..auth import Credentials
 from ..runtime import processes
 from ..runtime.forkserver import ForkServer
 from ..runtime.isolation import ImageView, pasta, why_not_isolated
+from ..runtime.probes import ProbeRunner
+from ..runtime.relay import Network
 from ..runtime.sandbox import (
     DEFAULT_TIMEOUT_S,
     MAX_TIMEOUT_S,
@@ -27,6 +30,7 @@ from ..runtime.sandbox import (
     SandboxPaths,
     SandboxSpec,
 )
+from ..runtime.tunnels import TunnelManager
 from ..state import Registry
 from .base import fail
 
@@ -52,6 +56,66 @@ def gpu_string(cfg: api_pb2.GPUConfig) -> str | None:
     return f"{kind}:{cfg.count}" if cfg.count and cfg.count > 1 else kind
 
 
+_PORT_FIELDS = {False: "encrypted_ports", True: "unencrypted_ports"}
+
+
+def _port_field(spec: api_pb2.PortSpec) -> str:
+    if spec.tunnel_type == api_pb2.TUNNEL_TYPE_H2:
+        return "h2_ports"
+    return _PORT_FIELDS[spec.unencrypted]
+
+
+def validate_ports(d: api_pb2.Sandbox) -> list[api_pb2.PortSpec]:
+    """The ports to tunnel: each in range and named once across the three lists."""
+    seen: dict[int, str] = {}
+    ports = list(d.open_ports.ports) if d.HasField("open_ports") else []
+    for spec in ports:
+        where = _port_field(spec)
+        if not 1 <= spec.port <= 65535:
+            fail(
+                Status.INVALID_ARGUMENT,
+                f"{where}: port {spec.port} is out of range; ports are 1 to 65535",
+            )
+        if spec.port in seen:
+            fail(
+                Status.INVALID_ARGUMENT,
+                f"{where}: port {spec.port} is already listed in {seen[spec.port]}; "
+                "a port can be tunneled once",
+            )
+        seen[spec.port] = where
+    return ports
+
+
+def validate_inbound_cidrs(d: api_pb2.Sandbox) -> list[Network]:
+    """``inbound_cidr_allowlist``: enforced by every tunnel and connect token."""
+    nets: list[Network] = []
+    for cidr in d.inbound_cidr_allowlist:
+        try:
+            nets.append(ipaddress.ip_network(cidr, strict=False))
+        except ValueError:
+            fail(
+                Status.INVALID_ARGUMENT,
+                f"inbound_cidr_allowlist: {cidr!r} is not a CIDR range "
+                "(e.g. '127.0.0.1/32' or '10.0.0.0/8')",
+            )
+    return nets
+
+
+def validate_probe(d: api_pb2.Sandbox) -> api_pb2.Probe | None:
+    if not d.HasField("readiness_probe"):
+        return None
+    p = d.readiness_probe
+    if p.HasField("exec_command"):
+        if not p.exec_command.argv:
+            fail(Status.INVALID_ARGUMENT, "readiness_probe: Probe.with_exec() needs a command")
+    elif not 1 <= p.tcp_port <= 65535:
+        fail(
+            Status.INVALID_ARGUMENT,
+            f"readiness_probe: tcp port {p.tcp_port} is out of range; ports are 1 to 65535",
+        )
+    return p
+
+
 class ServerContext:
     """What both services share: state, credentials, settings."""
 
@@ -65,6 +129,7 @@ class ServerContext:
         fork_server: bool = True,
         isolation: bool = True,
         host_dirs: Sequence[str] = (),
+        host: str = "127.0.0.1",
     ) -> None:
         self.registry = registry
         self.creds = creds
@@ -79,6 +144,8 @@ class ServerContext:
         self.isolation: Isolation | None = None
         self.not_isolated_because: str | None = None
         self._warned_versions: set[str] = set()
+        self.tunnels = TunnelManager(registry.state_dir, host)
+        self.probes = ProbeRunner()
 
     async def start_isolation(self) -> None:
         """Find out once, at server start, whether sandboxes can be isolated; say so if not."""
@@ -272,6 +339,9 @@ class ServerContext:
             pty=pty,
             pty_size=(d.pty_info.winsz_rows, d.pty_info.winsz_cols) if pty else (0, 0),
         )
+        ports = validate_ports(d)
+        allow = validate_inbound_cidrs(d)
+        probe = validate_probe(d)
         sandbox_id = ids.new_sandbox_id(version)
         sb = LocalSandbox(
             spec,
@@ -290,6 +360,16 @@ class ServerContext:
             fail(Status.INVALID_ARGUMENT, problem)
         reg.add_sandbox(sb)
         await sb.start()
+        try:
+            await self.tunnels.open(sb, ports, allow)
+        except OSError as exc:
+            await sb.terminate()
+            fail(
+                Status.FAILED_PRECONDITION,
+                f"cannot open the tunnels of sandbox {sandbox_id}: {exc.strerror or exc}",
+            )
+        if probe is not None:
+            self.probes.start(sb, probe)
         await reg.flushed()  # the listing shows it before the client hears of it
         log.debug(
             "sandbox %s started (v%d, app %s, name %s, argv[0] %s)",
@@ -320,12 +400,6 @@ class ServerContext:
                 Status.FAILED_PRECONDITION,
                 "outbound policies are not enforced by the local Modal server, so they are "
                 "refused rather than ignored: test them on Modal",
-            )
-        if list(d.inbound_cidr_allowlist):
-            fail(
-                Status.FAILED_PRECONDITION,
-                f"inbound_cidr_allowlist ({', '.join(d.inbound_cidr_allowlist)}) is not "
-                "enforced by the local Modal server (its tunnels listen on 127.0.0.1 only)",
             )
         blocked = d.block_network or kind == api_pb2.NetworkAccess.NetworkAccessType.BLOCKED
         if blocked:

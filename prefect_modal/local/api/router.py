@@ -11,6 +11,7 @@ from modal_proto import task_command_router_pb2 as sr_pb2
 from ..runtime.sandbox import ExecProcess, LocalSandbox
 from . import filesystem
 from .base import Room, fail
+from .tunnels import wait_ready
 
 
 async def _is_dir(sb: LocalSandbox, path: str) -> bool:
@@ -69,7 +70,8 @@ class CommandRouter(Room):
         req = await stream.recv_message()
         assert req is not None
         sb = self.ctx.check_router_task(stream, req.task_id)
-        await stream.send_message(sr_pb2.SandboxWaitUntilReadyTcrResponse(ready_at=sb.created_at))
+        ready_at = await wait_ready(self.ctx, sb, req.timeout)
+        await stream.send_message(sr_pb2.SandboxWaitUntilReadyTcrResponse(ready_at=ready_at))
 
     async def TaskReloadVolumes(
         self, stream: Stream[sr_pb2.TaskReloadVolumesRequest, sr_pb2.TaskReloadVolumesResponse]

@@ -33,6 +33,7 @@ class Sandboxes(Room):
                 task_id=sb.task_id,
                 metadata=self.ctx.handle_metadata(sb),
                 command_router_access=api_pb2.CommandRouterAccess(url=url, jwt=jwt),
+                tunnels=self.ctx.tunnels.tunnel_data(sb.id),
             )
         )
 

@@ -3,5 +3,7 @@
 * `sandbox` - one sandbox: its processes, lifetime, stdin/stdout and ``exec``;
 * `processes` - starting, watching and killing process trees;
 * `forkserver` / `zygote` - warm interpreters that fork sandbox processes;
-* `streams` - replayable output buffers.
+* `streams` - replayable output buffers;
+* `tunnels` / `relay` / `connect_proxy` / `tls` - ports reached from the host;
+* `probes` - readiness probes.
 """

@@ -543,7 +543,16 @@ class LocalSandbox:
             raise OSError(2, f"Sandbox {self.id} has finished") from exc
 
     async def open_connection(self, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """A TCP connection to the sandbox's ``port`` on its loopback, from the server."""
+        """Connect to ``port`` on the sandbox's loopback, from the server.
+
+        The only way the server reaches a sandbox's ports (tunnels, connect
+        tokens, tcp readiness probes): a sandbox with a network namespace of its
+        own is reached inside it (`isolation.socket_in_netns`); one that shares
+        this machine's network, on 127.0.0.1. A finished sandbox has no ports
+        (whatever listens there now is not its).
+        """
+        if self.done.is_set():
+            raise ConnectionRefusedError(f"sandbox {self.id} has finished")
         if self.isolation is None or self.spec.network == "host":
             return await asyncio.open_connection("127.0.0.1", port)
         init = await self.wait_init()
