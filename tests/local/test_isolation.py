@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
 import threading
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 import modal
 import pytest
+from waiting import wait_for
 
 from prefect_modal.local import LocalModal
 
@@ -226,3 +228,40 @@ def test_without_isolation_the_server_says_so_and_refuses(
             modal.Sandbox.create("true", app=app, client=lm.client, pty=True)
     finally:
         lm.stop()
+
+
+def _pasta_children() -> set[int]:
+    """pasta processes this test process (the embedded server) started."""
+    me, found = os.getpid(), set()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+            ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                argv0 = f.read().split(b"\0")[0]
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == me and argv0.endswith(b"pasta"):
+            found.add(int(name))
+    return found
+
+
+@pytest.mark.skipif(
+    shutil.which("pasta") is None,
+    reason="pasta (Debian package passt) gives port-serving sandboxes outbound access",
+)
+def test_a_port_serving_sandbox_gets_outbound_access_and_it_ends_with_it(
+    local_modal: LocalModal, app: Any
+) -> None:
+    before = _pasta_children()
+    sb = _create(local_modal, app, "sleep", "60", unencrypted_ports=[8000])
+    code, out, _ = _run(sb, "cat", "/proc/net/route")
+    interfaces = {line.split()[0] for line in out.splitlines()[1:]}
+    assert code == 0 and interfaces - {"lo"}, out  # a route off its own loopback
+    during = _pasta_children() - before
+    assert len(during) == 1
+    sb.terminate()
+    wait_for(lambda: not (during & _pasta_children()), 5, "pasta ends with its sandbox")

@@ -339,14 +339,20 @@ def pasta() -> str | None:
     return shutil.which("pasta")
 
 
-def pasta_command(init_pid: int) -> list[str]:
-    """Outbound access for a sandbox's own network namespace, as the machine has it;
-    nothing of the host's loopback is forwarded in (that is the point of its own
-    namespace) and no port of the namespace is published by pasta (tunnels do that)."""
+def pasta_command(netns_fd: int) -> list[str]:
+    """pasta, in the foreground, giving the network namespace open as ``netns_fd``
+    (inherited) outbound access as the machine has it. Nothing of the host's
+    loopback is forwarded in (that is the point of a namespace of its own) and
+    no port of the namespace is published by pasta (tunnels do that).
+
+    The namespace goes by an fd of ours, not ``/proc/<pid>/ns/net``: opening
+    that would need ptrace rights over the container's init, which pasta,
+    having dropped its capabilities, lacks while the init still has them."""
     exe = pasta()
     assert exe is not None
     return [
         exe,
+        "--foreground",
         "--config-net",
         "--no-map-gw",
         "--quiet",
@@ -361,8 +367,19 @@ def pasta_command(init_pid: int) -> list[str]:
         "-U",
         "none",
         "--netns",
-        f"/proc/{init_pid}/ns/net",
+        f"/proc/self/fd/{netns_fd}",
     ]
+
+
+def has_outbound_route(init_pid: int) -> bool:
+    """Whether the sandbox's network namespace has a route off its loopback yet
+    (read from the host: /proc/<pid>/net/route is that namespace's table)."""
+    try:
+        with open(f"/proc/{init_pid}/net/route") as f:
+            next(f, None)
+            return any(line.split()[0] != "lo" for line in f if line.strip())
+    except OSError:
+        return False
 
 
 __all__ = [
@@ -372,6 +389,7 @@ __all__ = [
     "FsRoot",
     "ImageView",
     "enabled_by_default",
+    "has_outbound_route",
     "host_dirs_from_env",
     "layout",
     "open_in_root",

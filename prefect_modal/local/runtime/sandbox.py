@@ -68,6 +68,7 @@ DEFAULT_TIMEOUT_S = 300
 MAX_TIMEOUT_S = 86400
 _PUMP_CHUNK = 1 << 18
 _EOF_GRACE_S = 1.0
+_PASTA_READY_S = 5.0
 
 
 @dataclass
@@ -216,7 +217,7 @@ class LocalSandbox:
         self._not_isolated_because = not_isolated_because
         self.init_pid: int | None = None  # the container's pid 1, as this host sees it
         self._container_up = asyncio.Event()  # init known and root built, or never will be
-        self._pasta_pidfile: Path | None = None
+        self._pasta: asyncio.subprocess.Process | None = None
         self.tags = dict(spec.tags)
         self.created_at = time.time()
         self.finished_at: float | None = None
@@ -504,27 +505,47 @@ class LocalSandbox:
             self._container_up.set()
 
     async def _attach_network(self, init_pid: int) -> None:
-        """Outbound access for a namespace of its own (pasta; stopped with the sandbox)."""
+        """Outbound access for a namespace of its own: pasta, our child (it dies with
+        this server's thread, and `_stop_pasta` ends it with the sandbox); the
+        program starts once pasta has configured the namespace."""
         assert self.isolation is not None and self.isolation.pasta
-        self._pasta_pidfile = self.paths.root / "pasta.pid"
-        argv = [*isolation.pasta_command(init_pid), "--pid", str(self._pasta_pidfile)]
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        _out, err = await proc.communicate()
-        if proc.returncode != 0:
-            self._pasta_pidfile = None
-            self.stderr.append(
-                b"[prefect-modal local] pasta could not give this sandbox outbound network "
-                b"access: " + err.strip()[-300:] + b"\n"
+        ns_fd = os.open(f"/proc/{init_pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            argv, preexec = processes.with_pdeathsig(
+                isolation.pasta_command(ns_fd), {"PATH": "/usr/bin:/bin"}
             )
+            with open(self.paths.root / "pasta.log", "ab") as log_file:
+                self._pasta = await asyncio.create_subprocess_exec(
+                    *argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=log_file,
+                    pass_fds=(ns_fd,),
+                    preexec_fn=preexec,
+                    start_new_session=True,
+                )
+        finally:
+            os.close(ns_fd)
+        deadline = time.monotonic() + _PASTA_READY_S
+        delay = 0.001
+        while not isolation.has_outbound_route(init_pid):
+            if self._pasta.returncode is not None or time.monotonic() > deadline:
+                log_text = (self.paths.root / "pasta.log").read_bytes()[-300:]
+                self.stderr.append(
+                    b"[prefect-modal local] pasta could not give this sandbox outbound "
+                    b"network access: " + log_text.strip() + b"\n"
+                )
+                self._stop_pasta()
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.02)
 
     def _stop_pasta(self) -> None:
-        pidfile, self._pasta_pidfile = self._pasta_pidfile, None
-        if pidfile is None:
-            return
-        with contextlib.suppress(OSError, ValueError):
-            os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)
+        proc, self._pasta = self._pasta, None
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            self._spawn_background(proc.wait())
 
     async def wait_init(self) -> int:
         """The container's init pid once its root is built; raises if it has finished."""
