@@ -1,4 +1,4 @@
-"""A local server that speaks Modal's gRPC API; its sandboxes are local processes.
+"""A local server that speaks Modal's gRPC API; its sandboxes are local containers.
 
 The real ``modal`` client (verified: 1.6.4) runs sandboxes on this machine
 through it, like LocalStack for AWS: set ``MODAL_SERVER_URL`` and a token pair
@@ -6,7 +6,9 @@ through it, like LocalStack for AWS: set ``MODAL_SERVER_URL`` and a token pair
 
 * `embedded` - `LocalModal`, the server in a background thread;
 * `server` - the two gRPC services, assembled from the rooms of `api` (by Modal area);
-* `runtime` - how a sandbox runs here: `sandbox`, `processes`, `forkserver`, `streams`;
+* `runtime` - how a sandbox runs here: `sandbox`, its container (`isolation` on
+  the server's side, `container` in the forked child), `processes`,
+  `forkserver` and `zygote`, `streams`, tunnels and probes;
 * `state` - apps, images, secrets, volumes; `records` - the public listing;
 * `auth` - tokens and router JWTs; `ids` - id shapes; `cli` - ``serve``.
 """

@@ -1,6 +1,8 @@
 """How a local sandbox runs on this machine: isolation, processes, output streams.
 
 * `sandbox` - one sandbox: its processes, lifetime, stdin/stdout and ``exec``;
+* `isolation` - what its container is made of, and how the server reaches in;
+* `container` - the namespace calls, run in the fork server's child;
 * `processes` - starting, watching and killing process trees;
 * `forkserver` / `zygote` - warm interpreters that fork sandbox processes;
 * `streams` - replayable output buffers;
