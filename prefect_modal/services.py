@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -204,9 +204,10 @@ def start_local_modal(
     port: int | None = None,
     timeout: float = 30,
     env: Mapping[str, str] | None = None,
+    extra_args: Sequence[str] = (),
 ) -> Service:
     """`prefect-modal local serve` in its own process (environment `env`, default
-    os.environ); `.env` reaches it.
+    os.environ; ``extra_args`` such as ``--retention``); `.env` reaches it.
 
     A process of its own (not a thread of ours) so that a worker or flow that
     is killed leaves the sandboxes running, as they would on Modal.
@@ -214,7 +215,7 @@ def start_local_modal(
     port = port or free_port()
     cmd = [
         sys.executable, "-m", "prefect_modal.local", "serve",
-        "--port", str(port), "--state-dir", str(state_dir),
+        "--port", str(port), "--state-dir", str(state_dir), *extra_args,
     ]  # fmt: skip
     service = spawn("local-modal", cmd, env if env is not None else os.environ, state_dir / "logs")
     exports: dict[str, str] = {}

@@ -21,6 +21,7 @@ import typer
 
 from .embedded import LocalModal
 from .runtime import forkserver
+from .state import DEFAULT_RETENTION_S
 
 DEFAULT_STATE_DIR = Path("~/.prefect-modal/local")
 
@@ -77,6 +78,14 @@ def serve(
             "PREFECT_MODAL_LOCAL_FORK_SERVER=0.",
         ),
     ] = True,
+    retention: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="Seconds a finished sandbox is kept (record, output, root directory) "
+            "before it is pruned; 0 keeps every one until the server stops.",
+        ),
+    ] = DEFAULT_RETENTION_S,
 ) -> None:
     """Serve Modal's API on 127.0.0.1 until SIGINT/SIGTERM."""
     logging.basicConfig(
@@ -89,6 +98,7 @@ def serve(
         secrets=secrets,
         refuse_gpu=refuse_gpu,
         fork_server=fork_server and forkserver.enabled_by_default(),
+        retention_s=retention,
     )
     stop = threading.Event()
 
