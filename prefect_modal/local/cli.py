@@ -81,7 +81,6 @@ def serve(
     retention: Annotated[
         float,
         typer.Option(
-            min=0,
             help="Seconds a finished sandbox is kept (record, output, root directory) "
             "before it is pruned; 0 keeps every one until the server stops.",
         ),
@@ -91,6 +90,12 @@ def serve(
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if not 0 <= retention < float("inf"):
+        raise typer.BadParameter(
+            f"{retention:g}: expected seconds >= 0 (0 keeps finished sandboxes until the "
+            "server stops)",
+            param_hint="'--retention'",
+        )
     secrets = _load_secrets(secrets_file)
     lm = LocalModal(
         port=port,

@@ -180,3 +180,19 @@ def test_unknown_sandbox_is_not_called_pruned(short_retention: LocalModal) -> No
         modal.Sandbox.from_id(f"sb-v2-{digest}", client=short_retention.client).poll()
     assert "not found (finished sandboxes are pruned after 1 s)" in str(err.value)
     assert "was pruned" not in str(err.value)
+
+
+def test_cli_refuses_a_negative_retention(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from prefect_modal.local.cli import local_app
+
+    result = CliRunner().invoke(
+        local_app,
+        ["serve", "--state-dir", str(tmp_path), "--retention", "-5"],
+        env={"COLUMNS": "300", "NO_COLOR": "1"},
+    )
+    assert result.exit_code == 2
+    text = " ".join(result.output.split())
+    assert "'--retention': -5: expected seconds >= 0" in text, text
+    assert not (tmp_path / "sandboxes").exists()  # refused before any server started
