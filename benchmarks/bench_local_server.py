@@ -8,10 +8,16 @@ Measures, through the real modal client:
 
 each for the server's default (``python -c`` sandboxes forked from a warm
 interpreter, `prefect_modal.local.runtime.forkserver`) and with the fork server off
-(every sandbox a fresh ``exec``), side by side in one run.
+(every sandbox a fresh ``exec``), side by side in one run;
+
+* the memory of a long-running ``prefect-modal local serve`` (its own process)
+  over 5,000 sandboxes that each print 100 kB (create -> wait -> read stdout):
+  the server's RSS after warming up and at the end, with pruning of finished
+  sandboxes (a short retention, so it happens during the run) and without
+  (``--retention 0``, every sandbox kept); the target growth is <= 50 MB.
 
 Usage: ``python benchmarks/bench_local_server.py [--repeats 20] [--concurrency 50]
-[--out benchmarks/results/local_server.json]``
+[--memory-sandboxes 5000] [--out benchmarks/results/local_server.json]``
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -31,6 +38,11 @@ from typing import Any
 
 CMD = ["python", "-c", "print(1)"]
 TARGET_RATIO = 1.5
+# 1,000 lines of 100 bytes: 100 kB of stdout per sandbox
+PRINT_100KB = ["python", "-c", "import sys; sys.stdout.write(('x' * 99 + '\\n') * 1000)"]
+PRINT_BYTES = 100_000
+TARGET_RSS_GROWTH_MB = 50.0
+MEMORY_RETENTION_S = 2.0  # short, so pruning happens during the run
 
 
 def _isolate_modal_config() -> None:
@@ -92,10 +104,94 @@ def bench_concurrent_bare(n: int) -> float:
     return time.perf_counter() - t0
 
 
+def rss_kib(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak) of a process, in KiB."""
+    out: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0])
+    return out
+
+
+def bench_memory(n: int, retention_s: float, parallel: int = 8) -> dict[str, Any]:
+    """Server RSS over ``n`` sandboxes that each print 100 kB, in a server process of its own."""
+    import modal
+
+    from prefect_modal.local import make_client
+    from prefect_modal.services import start_local_modal
+
+    state = Path(tempfile.mkdtemp(prefix="bench-memory-"))
+    service = start_local_modal(state, extra_args=["--retention", str(retention_s)])
+    client = make_client(
+        service.env["MODAL_SERVER_URL"],
+        service.env["MODAL_TOKEN_ID"],
+        service.env["MODAL_TOKEN_SECRET"],
+    )
+    samples: list[tuple[int, int]] = []
+    try:
+        app = modal.App.lookup("bench-memory", create_if_missing=True, client=client)
+
+        async def run(count: int) -> None:
+            gate = asyncio.Semaphore(parallel)
+
+            async def one() -> None:
+                async with gate:
+                    sb = await modal.Sandbox.create.aio(*PRINT_100KB, app=app, client=client)
+                    await sb.wait.aio()
+                    out = await sb.stdout.read.aio()
+                    assert len(out) == PRINT_BYTES and sb.returncode == 0, (len(out), sb.returncode)
+
+            tasks = [asyncio.ensure_future(one()) for _ in range(count)]
+            for i, task in enumerate(asyncio.as_completed(tasks), 1):
+                await task
+                if i % 250 == 0:
+                    samples.append((i, rss_kib(service.pid)["VmRSS"]))
+
+        warm = 200
+        asyncio.run(run(warm))  # imports, connections, the zygote, allocator pools
+        time.sleep(retention_s + 1.0 if retention_s else 1.0)
+        before = rss_kib(service.pid)["VmRSS"]
+        samples.clear()
+        t0 = time.perf_counter()
+        asyncio.run(run(n))
+        wall = time.perf_counter() - t0
+        time.sleep(retention_s + 1.0 if retention_s else 1.0)  # let the last ones be pruned
+        after = rss_kib(service.pid)
+        kept = len(json.loads((state / "sandboxes.json").read_text())["sandboxes"])
+        roots = len(list((state / "sandboxes").iterdir()))
+    finally:
+        client.close()
+        service.stop()
+        shutil.rmtree(state, ignore_errors=True)
+    growth_mb = (after["VmRSS"] - before) / 1024
+    return {
+        "sandboxes": n,
+        "warm_up_sandboxes": warm,
+        "stdout_bytes_each": PRINT_BYTES,
+        "retention_s": retention_s or None,
+        "parallel": parallel,
+        "wall_s": wall,
+        "rss_before_mb": before / 1024,
+        "rss_after_mb": after["VmRSS"] / 1024,
+        "rss_peak_mb": after["VmHWM"] / 1024,
+        "rss_growth_mb": growth_mb,
+        "rss_growth_per_sandbox_kb": (after["VmRSS"] - before) / n,
+        "rss_samples_mb": [(i, kib / 1024) for i, kib in samples],
+        "listed_at_end": kept,
+        "sandbox_roots_on_disk_at_end": roots,
+        "target_growth_mb": TARGET_RSS_GROWTH_MB,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--concurrency", type=int, default=50)
+    parser.add_argument(
+        "--memory-sandboxes", type=int, default=5000, help="0 skips the memory measure"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/local_server.json"))
     args = parser.parse_args()
     _isolate_modal_config()
@@ -131,6 +227,11 @@ def main() -> int:
         for lm in servers.values():
             lm.stop()
 
+    memory: dict[str, dict[str, Any]] = {}
+    if args.memory_sandboxes:
+        memory["pruning"] = bench_memory(args.memory_sandboxes, MEMORY_RETENTION_S)
+        memory["no pruning"] = bench_memory(args.memory_sandboxes, 0)
+
     bare_med = statistics.median(bare)
     med = {name: statistics.median(times) for name, times in sandbox.items()}
     default = "fork server"
@@ -153,6 +254,7 @@ def main() -> int:
         "concurrent_sandboxes_wall_s": conc_sandbox,
         "concurrent_bare_wall_s": conc_bare,
         "left_running": len(left),
+        "server_memory": memory,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
@@ -165,6 +267,16 @@ def main() -> int:
     for name, wall in conc_sandbox.items():
         rows.append((f"{args.concurrency} sandboxes at once ({name}), wall", f"{wall:.2f} s"))
     rows.append(("sandboxes left running", str(len(left))))
+    for mem in memory.values():
+        label = f"retention {mem['retention_s']:g} s" if mem["retention_s"] else "kept forever"
+        rows.append(
+            (
+                f"server RSS over {mem['sandboxes']} sandboxes x 100 kB ({label}): "
+                "before -> after (growth; target <= 50 MB)",
+                f"{mem['rss_before_mb']:.0f} -> {mem['rss_after_mb']:.0f} MB "
+                f"({mem['rss_growth_mb']:+.1f} MB)",
+            )
+        )
     try:
         from rich.console import Console
         from rich.table import Table
@@ -181,7 +293,10 @@ def main() -> int:
         for name, value in rows:
             print(f"{name:55} {value:>12}")
     print(f"wrote {args.out}")
-    return 0 if med[default] / bare_med <= TARGET_RATIO and not left else 1
+    memory_ok = "pruning" not in memory or (
+        memory["pruning"]["rss_growth_mb"] <= TARGET_RSS_GROWTH_MB
+    )
+    return 0 if med[default] / bare_med <= TARGET_RATIO and not left and memory_ok else 1
 
 
 if __name__ == "__main__":

@@ -205,10 +205,12 @@ def start_local_modal(
     timeout: float = 30,
     env: Mapping[str, str] | None = None,
     host_dirs: Sequence[Path] = (),
+    extra_args: Sequence[str] = (),
 ) -> Service:
     """`prefect-modal local serve` in its own process (environment `env`, default
-    os.environ); `.env` reaches it. ``host_dirs`` are shown read-only to its
-    sandboxes (a deployment's working directory, in pipeline mode).
+    os.environ; ``extra_args`` such as ``--retention``); `.env` reaches it.
+    ``host_dirs`` are shown read-only to its sandboxes (a deployment's working
+    directory, in pipeline mode).
 
     A process of its own (not a thread of ours) so that a worker or flow that
     is killed leaves the sandboxes running, as they would on Modal.
@@ -216,7 +218,7 @@ def start_local_modal(
     port = port or free_port()
     cmd = [
         sys.executable, "-m", "prefect_modal.local", "serve",
-        "--port", str(port), "--state-dir", str(state_dir),
+        "--port", str(port), "--state-dir", str(state_dir), *extra_args,
     ]  # fmt: skip
     for d in host_dirs:
         cmd += ["--host-dir", str(d)]

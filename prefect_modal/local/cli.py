@@ -22,6 +22,7 @@ import typer
 from .embedded import LocalModal
 from .runtime import forkserver
 from .runtime import isolation as isolation_mod
+from .state import DEFAULT_RETENTION_S
 
 DEFAULT_STATE_DIR = Path("~/.prefect-modal/local")
 
@@ -94,11 +95,24 @@ def serve(
             "directory. Default: PREFECT_MODAL_LOCAL_HOST_DIRS (os.pathsep-separated).",
         ),
     ] = None,
+    retention: Annotated[
+        float,
+        typer.Option(
+            help="Seconds a finished sandbox is kept (record, output, root directory) "
+            "before it is pruned; 0 keeps every one until the server stops.",
+        ),
+    ] = DEFAULT_RETENTION_S,
 ) -> None:
     """Serve Modal's API on 127.0.0.1 until SIGINT/SIGTERM."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if not 0 <= retention < float("inf"):
+        raise typer.BadParameter(
+            f"{retention:g}: expected seconds >= 0 (0 keeps finished sandboxes until the "
+            "server stops)",
+            param_hint="'--retention'",
+        )
     secrets = _load_secrets(secrets_file)
     lm = LocalModal(
         port=port,
@@ -108,6 +122,7 @@ def serve(
         fork_server=fork_server and forkserver.enabled_by_default(),
         isolation=isolation and isolation_mod.enabled_by_default(),
         host_dirs=host_dir or None,
+        retention_s=retention,
     )
     stop = threading.Event()
 

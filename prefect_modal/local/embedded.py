@@ -26,11 +26,12 @@ from grpclib.server import Server
 
 from .auth import Credentials
 from .records import SandboxRecord
+from .retention import Pruner, check_retention
 from .runtime import forkserver, processes, tls
 from .runtime import isolation as isolation_mod
 from .runtime.sandbox import Isolation
 from .server import ControlPlane, Router, ServerContext
-from .state import Registry
+from .state import DEFAULT_RETENTION_S, Registry
 
 log = logging.getLogger("prefect_modal.local")
 
@@ -46,6 +47,11 @@ class LocalModal:
     ``state_dir`` holds ``sandboxes.json``, ``sandboxes/<id>/fs`` (each sandbox's
     root) and ``volumes/<name>``; by default a temporary directory removed on
     `stop()`.
+
+    ``retention_s`` (default an hour) is how long a finished sandbox is kept:
+    after it, its record, output and root directory are removed and lookups
+    answer NOT_FOUND saying so. 0 or None keeps them until the server stops
+    (memory and disk then grow with every sandbox).
     """
 
     def __init__(
@@ -58,7 +64,9 @@ class LocalModal:
         fork_server: bool | None = None,
         isolation: bool | None = None,
         host_dirs: Sequence[str | Path] | None = None,
+        retention_s: float | None = DEFAULT_RETENTION_S,
     ) -> None:
+        retention = check_retention(retention_s)
         if host not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError(f"host={host!r}: the local Modal server binds to loopback only")
         self._host = host
@@ -70,7 +78,8 @@ class LocalModal:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.credentials = Credentials()
         self._server_uid = _secrets.token_hex(6)
-        self.registry = Registry(self.state_dir, secrets)
+        self.registry = Registry(self.state_dir, secrets, retention_s=retention)
+        self._pruner = Pruner(self.registry)
         self._ctx = ServerContext(
             self.registry,
             self.credentials,
@@ -138,6 +147,7 @@ class LocalModal:
         host = "[::1]" if self._host == "::1" else self._host
         self._ctx.url = f"http://{host}:{self._bound_port}"
         self.registry.flush()
+        self._pruner.start()
         self._ready.set()
         try:
             await self._stop_requested.wait()
@@ -145,6 +155,7 @@ class LocalModal:
             await self._shutdown(server)
 
     async def _shutdown(self, server: Server) -> None:
+        await self._pruner.stop()
         running = [sb for sb in self.registry.sandboxes.values() if not sb.done.is_set()]
         await asyncio.gather(*(sb.kill_now() for sb in running), return_exceptions=True)
         await self._ctx.probes.close_all()

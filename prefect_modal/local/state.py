@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,9 @@ from .runtime.sandbox import LocalSandbox
 log = logging.getLogger("prefect_modal.local")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-LISTING_FINISHED_KEPT = 500  # finished sandboxes kept in sandboxes.json (all stay in memory)
+LISTING_FINISHED_KEPT = 500  # finished sandboxes kept in sandboxes.json
+DEFAULT_RETENTION_S = 3600.0  # finished sandboxes are forgotten this long after they end
+PRUNED_REMEMBERED = 10_000  # ids of pruned sandboxes kept, to say "pruned" rather than "unknown"
 
 
 @dataclass
@@ -53,8 +56,14 @@ class VolumeInfo:
 class Registry:
     """The server's state; owned by the event loop thread."""
 
-    def __init__(self, state_dir: Path, secrets: dict[str, dict[str, str]] | None = None) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        secrets: dict[str, dict[str, str]] | None = None,
+        retention_s: float | None = DEFAULT_RETENTION_S,
+    ) -> None:
         self.state_dir = state_dir
+        self.retention_s = retention_s or None  # None (or 0): keep for the server's life
         state_dir.mkdir(parents=True, exist_ok=True)
         self.apps: dict[tuple[str, str], str] = {}
         self.app_names: dict[str, str] = {}
@@ -67,6 +76,8 @@ class Registry:
         self.volumes_by_id: dict[str, VolumeInfo] = {}
         self.sandboxes: dict[str, LocalSandbox] = {}
         self.by_task: dict[str, LocalSandbox] = {}
+        # sandbox or task id -> sandbox id, for those pruned (bounded: PRUNED_REMEMBERED)
+        self._pruned: OrderedDict[str, str] = OrderedDict()
         # sandbox id -> (what its record depended on, the record's JSON): see `_encoded`
         self._listing_cache: dict[str, tuple[tuple[object, ...], str]] = {}
         self._generation = 0  # changes noted
@@ -146,6 +157,40 @@ class Registry:
         """Register a sandbox (its start, right after, writes the listing)."""
         self.sandboxes[sb.id] = sb
         self.by_task[sb.task_id] = sb
+
+    def remove_sandbox(self, sb: LocalSandbox) -> None:
+        """Forget a finished sandbox (retention): records, listing, output buffers.
+
+        The caller removes its directory. Its ids are remembered (a bounded
+        number) so that a late lookup says it was pruned, not that it never was.
+        """
+        self.sandboxes.pop(sb.id, None)
+        self.by_task.pop(sb.task_id, None)
+        self._listing_cache.pop(sb.id, None)
+        for buf in (sb.stdout, sb.stderr):
+            buf.discard()
+        for ex in sb.execs.values():
+            ex.stdout.discard()
+            ex.stderr.discard()
+        for key in (sb.id, sb.task_id):
+            self._pruned[key] = sb.id
+        while len(self._pruned) > 2 * PRUNED_REMEMBERED:
+            self._pruned.popitem(last=False)
+        self.changed()
+
+    def missing(self, kind: str, key: str) -> str:
+        """Why ``key`` (a sandbox or task id) is not found: pruned, or unknown."""
+        retention = f"{self.retention_s:g} s" if self.retention_s else ""
+        sandbox_id = self._pruned.get(key)
+        if sandbox_id is not None:
+            what = f"{kind} {key!r}" + (f" (sandbox {sandbox_id})" if sandbox_id != key else "")
+            return (
+                f"{what} not found: it finished and was pruned after {retention}, the local "
+                "Modal server's retention for finished sandboxes (LocalModal(retention_s=...), "
+                "`prefect-modal local serve --retention`)"
+            )
+        hint = f" (finished sandboxes are pruned after {retention})" if retention else ""
+        return f"{kind} {key!r} not found{hint}"
 
     def running_with_name(self, app_id: str, name: str) -> LocalSandbox | None:
         for sb in self.sandboxes.values():

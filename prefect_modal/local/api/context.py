@@ -212,7 +212,7 @@ class ServerContext:
             fail(Status.UNAUTHENTICATED, "command router token is not valid for this task")
         sb = self.registry.by_task.get(task_id)
         if sb is None:
-            fail(Status.NOT_FOUND, f"task {task_id} not found")
+            fail(Status.NOT_FOUND, self.registry.missing("task", task_id))
         return sb
 
     # ----- lookups ---------------------------------------------------------
@@ -220,7 +220,7 @@ class ServerContext:
     def sandbox(self, sandbox_id: str) -> LocalSandbox:
         sb = self.registry.sandboxes.get(sandbox_id)
         if sb is None:
-            fail(Status.NOT_FOUND, f"Sandbox {sandbox_id!r} not found")
+            fail(Status.NOT_FOUND, self.registry.missing("Sandbox", sandbox_id))
         return sb
 
     def router_access(self, sb: LocalSandbox) -> tuple[str, str]:

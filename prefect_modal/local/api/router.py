@@ -26,15 +26,16 @@ async def _is_dir(sb: LocalSandbox, path: str) -> bool:
         root.close()
 
 
-def _exec_or_404(sb: LocalSandbox, exec_id: str) -> ExecProcess:
-    ex = sb.execs.get(exec_id)
-    if ex is None:
-        fail(Status.NOT_FOUND, f"exec {exec_id!r} not found")
-    return ex
-
-
 class CommandRouter(Room):
     """The task command router: V2 stdio, readiness, volume reloads and every ``exec``."""
+
+    def _exec(self, sb: LocalSandbox, exec_id: str) -> ExecProcess:
+        ex = sb.execs.get(exec_id)
+        if ex is None:
+            retention = self.reg.retention_s
+            hint = f" (finished execs are pruned after {retention:g} s)" if retention else ""
+            fail(Status.NOT_FOUND, f"exec {exec_id!r} not found{hint}")
+        return ex
 
     async def SandboxStdioReadV2(
         self, stream: Stream[sr_pb2.SandboxStdioReadV2Request, sr_pb2.SandboxStdioReadV2Response]
@@ -144,7 +145,7 @@ class CommandRouter(Room):
     ) -> None:
         req = await stream.recv_message()
         assert req is not None
-        ex = _exec_or_404(self.ctx.check_router_task(stream, req.task_id), req.exec_id)
+        ex = self._exec(self.ctx.check_router_task(stream, req.task_id), req.exec_id)
         resp = sr_pb2.TaskExecPollResponse()
         if ex.done.is_set():
             if ex.signal is not None:
@@ -158,7 +159,7 @@ class CommandRouter(Room):
     ) -> None:
         req = await stream.recv_message()
         assert req is not None
-        ex = _exec_or_404(self.ctx.check_router_task(stream, req.task_id), req.exec_id)
+        ex = self._exec(self.ctx.check_router_task(stream, req.task_id), req.exec_id)
         await ex.done.wait()
         resp = sr_pb2.TaskExecWaitResponse()
         if ex.signal is not None:
@@ -172,7 +173,7 @@ class CommandRouter(Room):
     ) -> None:
         req = await stream.recv_message()
         assert req is not None
-        ex = _exec_or_404(self.ctx.check_router_task(stream, req.task_id), req.exec_id)
+        ex = self._exec(self.ctx.check_router_task(stream, req.task_id), req.exec_id)
         buf = (
             ex.stderr
             if req.file_descriptor == sr_pb2.TASK_EXEC_STDIO_FILE_DESCRIPTOR_STDERR
@@ -191,7 +192,7 @@ class CommandRouter(Room):
         req = await stream.recv_message()
         assert req is not None
         sb = self.ctx.check_router_task(stream, req.task_id)
-        ex = _exec_or_404(sb, req.exec_id)
+        ex = self._exec(sb, req.exec_id)
         sb.touch()
         await ex.write_stdin(req.offset, req.data, req.eof)
         await self._after_stdin(sb, ex)
@@ -207,7 +208,7 @@ class CommandRouter(Room):
         if first is None or not first.HasField("start"):
             fail(Status.INVALID_ARGUMENT, "the stdin stream must begin with a start message")
         sb = self.ctx.check_router_task(stream, first.start.task_id)
-        ex = _exec_or_404(sb, first.start.exec_id)
+        ex = self._exec(sb, first.start.exec_id)
         offset = first.start.offset
         async for msg in stream:
             sb.touch()
@@ -224,7 +225,7 @@ class CommandRouter(Room):
     ) -> None:
         req = await stream.recv_message()
         assert req is not None
-        ex = _exec_or_404(self.ctx.check_router_task(stream, req.task_id), req.exec_id)
+        ex = self._exec(self.ctx.check_router_task(stream, req.task_id), req.exec_id)
         await stream.send_message(
             sr_pb2.TaskExecStdinStatusResponse(
                 num_bytes_written=ex.stdin_offset, closed=ex.stdin_closed

@@ -9,7 +9,7 @@ from grpclib import Status
 from grpclib.server import Stream
 from modal_proto import api_pb2
 
-from ..runtime.streams import OutputBuffer, chunk_end, utf8_safe_end
+from ..runtime.streams import MAX_CHUNK, OutputBuffer, OutputGone, chunk_end, utf8_safe_end
 from .base import Room, fail
 from .context import MAX_WAIT_S, log
 
@@ -83,7 +83,7 @@ class Sandboxes(Room):
         else:
             found = self.reg.by_task.get(req.task_id)
             if found is None:
-                fail(Status.NOT_FOUND, f"task {req.task_id!r} not found")
+                fail(Status.NOT_FOUND, self.reg.missing("task", req.task_id))
             sb = found
         url, jwt = self.ctx.router_access(sb)
         await stream.send_message(api_pb2.SandboxGetCommandRouterAccessResponse(url=url, jwt=jwt))
@@ -98,7 +98,7 @@ class Sandboxes(Room):
         assert req is not None
         sb = self.reg.by_task.get(req.task_id)
         if sb is None:
-            fail(Status.NOT_FOUND, f"task {req.task_id!r} not found")
+            fail(Status.NOT_FOUND, self.reg.missing("task", req.task_id))
         url, jwt = self.ctx.router_access(sb)
         await stream.send_message(api_pb2.TaskGetCommandRouterAccessResponse(url=url, jwt=jwt))
 
@@ -237,26 +237,30 @@ class Sandboxes(Room):
             left = deadline - time.monotonic()
             if left <= 0 or not await buf.wait_for_more(offset, left):
                 return  # no eof: the client reconnects from last_entry_id
-            size = len(buf.data)
+            size = len(buf)
             if size > offset:
-                end = chunk_end(buf.data, offset)
-                cut = utf8_safe_end(buf.data, offset, end)
-                if cut == offset:  # one incomplete character so far
+                try:
+                    window = buf.read(offset, MAX_CHUNK + 1)
+                except OutputGone:
+                    return  # pruned meanwhile: the client's next call hears NOT_FOUND
+                end = chunk_end(window, 0)
+                cut = utf8_safe_end(window, 0, end)
+                if cut == 0:  # one incomplete character so far
                     if not buf.closed:
                         if not await buf.wait_for_more(
                             size, max(deadline - time.monotonic(), 0.001)
                         ):
                             return
                         continue
-                    cut = size
-                text = bytes(buf.data[offset:cut]).decode("utf-8", errors="replace")
+                    cut = len(window)
+                text = window[:cut].decode("utf-8", errors="replace")
                 item = api_pb2.TaskLogs(data=text, file_descriptor=fd, timestamp=time.time())
+                offset += cut
                 await stream.send_message(
                     api_pb2.TaskLogsBatch(
-                        items=[item], entry_id=str(cut), task_id=sb.task_id, sandbox_id=sb.id
+                        items=[item], entry_id=str(offset), task_id=sb.task_id, sandbox_id=sb.id
                     )
                 )
-                offset = cut
                 continue
             if buf.closed:
                 await stream.send_message(

@@ -35,12 +35,17 @@ How a Modal sandbox maps onto this machine (the emulation's limits):
 * **Lifetime.** ``timeout`` ends the sandbox with status timeout (exit 124);
   ``terminate`` with status terminated (exit 137); ``idle_timeout`` (no exec
   running, no stdin write for that long) ends it as a timeout too.
+* **Output** is kept whole, in files under ``<state_dir>/sandboxes/<id>/output``
+  (`streams.OutputBuffer`), so a late reader can replay it from offset 0;
+  Modal keeps a recent window only. A finished sandbox, its output and its root
+  go after the server's retention period (`retention`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import posixpath
@@ -118,6 +123,12 @@ class SandboxPaths:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.fs = root / "fs"
+        self.output = root / "output"  # stdout/stderr files, outside the sandbox's view
+
+    def exec_output(self, exec_id: str, fd: str) -> Path:
+        """The file of an exec's ``fd`` (the client picks exec ids: never a path of theirs)."""
+        digest = hashlib.sha256(exec_id.encode()).hexdigest()[:20]
+        return self.output / f"exec-{digest}.{fd}"
 
     def resolve(self, container_path: str) -> Path:
         """``/a/b`` inside the sandbox -> ``<root>/fs/a/b``; ``..`` cannot climb out."""
@@ -134,10 +145,11 @@ def _exit_code(raw: int | None) -> int:
 class ExecProcess:
     """A command started by ``sandbox.exec`` (or an fs-tools call answered in-server)."""
 
-    def __init__(self, exec_id: str) -> None:
+    def __init__(self, exec_id: str, paths: SandboxPaths | None = None) -> None:
         self.exec_id = exec_id
-        self.stdout = OutputBuffer()
-        self.stderr = OutputBuffer()
+        self.stdout = OutputBuffer(paths.exec_output(exec_id, "stdout") if paths else None)
+        self.stderr = OutputBuffer(paths.exec_output(exec_id, "stderr") if paths else None)
+        self.finished_at: float | None = None  # time.monotonic() at the end
         self.done = asyncio.Event()
         self.code: int | None = None
         self.signal: int | None = None
@@ -152,6 +164,7 @@ class ExecProcess:
         if self.done.is_set():
             return
         self.code, self.signal = code, sig
+        self.finished_at = time.monotonic()
         self.done.set()
 
     async def write_stdin(self, offset: int, data: bytes, eof: bool) -> None:
@@ -224,8 +237,8 @@ class LocalSandbox:
         self.status = "running"
         self.returncode: int | None = None
         self.pid: int | None = None
-        self.stdout = OutputBuffer()
-        self.stderr = OutputBuffer()
+        self.stdout = OutputBuffer(paths.output / "stdout")
+        self.stderr = OutputBuffer(paths.output / "stderr")
         self.done = asyncio.Event()
         self.execs: dict[str, ExecProcess] = {}
         self._child: processes.Child | None = None
@@ -737,7 +750,7 @@ class LocalSandbox:
         """A new exec answered by the server itself (the file API); None if it exists."""
         if exec_id in self.execs:
             return None
-        ex = ExecProcess(exec_id)
+        ex = ExecProcess(exec_id, self.paths)
         self.execs[exec_id] = ex
         self.touch()
         return ex
@@ -757,7 +770,7 @@ class LocalSandbox:
         """Start a command in this sandbox (idempotent per ``exec_id``)."""
         if exec_id in self.execs:
             return self.execs[exec_id]
-        ex = ExecProcess(exec_id)
+        ex = ExecProcess(exec_id, self.paths)
         self.execs[exec_id] = ex
         self.touch()
         full_env = dict(self._env)

@@ -1,22 +1,39 @@
-"""Append-only output buffers that many readers can follow.
+"""Append-only output buffers that many readers can follow, kept on disk.
 
 A sandbox's stdout is read by whoever asks: the handle that created it, a
 handle from ``Sandbox.from_id`` after exit, a second reader that starts at
-offset 0. So the server keeps the whole stream (the emulation's main memory
-cost; Modal keeps only a recent window) and every reader follows it by byte
-offset. Waiting uses an asyncio event that is swapped on every append, so a
-reader wakes as soon as data or EOF arrives, without polling.
+offset 0. So the server keeps the whole stream and every reader follows it by
+byte offset (V1 logs name the offset ``entry_id``). The stream lives in a file
+under the sandbox's directory in the state directory, not in the server's
+memory: a long-running server that runs thousands of chatty sandboxes must not
+grow with their output. Memory holds only a recent window (`TAIL_BYTES`, so a
+reader that keeps up never touches the disk) and output not yet written out;
+the file is written in large pieces, not once per pipe read, since every
+system call hands the GIL away and an embedded server shares it with its host.
+A finished buffer closes its file; a small one (at most `SMALL_BYTES`, e.g.
+``print(1)``) never has one.
+
+Waiting uses an asyncio event that is swapped on every append, so a reader
+wakes as soon as data or EOF arrives, without polling.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 MAX_CHUNK = 1 << 20  # bytes per message sent to a client
 MAX_LINES = 64  # lines per message (see `chunk_end`)
 COALESCE_BYTES = 64 * 1024  # while output is flowing, let a message collect this much ...
 COALESCE_S = 0.005  # ... or wait this long: each message costs the client ~1 ms
+TAIL_BYTES = 64 * 1024  # recent output kept in memory while a stream runs
+SMALL_BYTES = 4096  # a finished stream up to this size stays in memory, with no file
+
+
+class OutputGone(Exception):
+    """The buffer's file was removed (its sandbox was pruned) while it was being read."""
 
 
 def chunk_end(
@@ -49,33 +66,139 @@ def chunk_end(
 
 
 class OutputBuffer:
-    """The full output of one file descriptor, plus an EOF flag."""
+    """The output of one file descriptor: a file on disk, a recent window in memory, EOF.
 
-    def __init__(self) -> None:
-        self.data = bytearray()
+    ``path`` is where the stream is kept once it outgrows memory; without one
+    (small, server-made streams) everything stays in memory. Bytes
+    ``[0, _written)`` are in the file, ``[_mem_start, _size)`` in ``_mem``,
+    and ``_mem_start <= _written`` unless there is no file yet.
+    """
+
+    def __init__(self, path: Path | None = None, *, tail_bytes: int = TAIL_BYTES) -> None:
+        self.path = path
         self.closed = False
+        self.gone = False
+        self._tail_bytes = tail_bytes
+        self._mem = bytearray()
+        self._mem_start = 0
+        self._size = 0
+        self._written = 0
+        self._fd: int | None = None  # open (read-write) while the stream runs
         self._changed = asyncio.Event()
 
     def __len__(self) -> int:
-        return len(self.data)
+        return self._size
+
+    @property
+    def on_disk(self) -> bool:
+        """True once part of the stream lives in its file."""
+        return self._written > 0
+
+    def memory_bytes(self) -> int:
+        """Bytes this buffer holds in memory (for tests and the benchmark's accounting)."""
+        return len(self._mem)
 
     def _notify(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
 
     def append(self, chunk: bytes) -> None:
-        if chunk and not self.closed:
-            self.data.extend(chunk)
-            self._notify()
+        if not chunk or self.closed:
+            return
+        self._mem.extend(chunk)
+        self._size += len(chunk)
+        if self.path is not None and self._size - self._written >= self._tail_bytes:
+            try:
+                self._write_out()
+            except OSError:
+                pass  # the disk is full or gone: memory keeps it, the next append retries
+        self._notify()
+
+    def _write_out(self) -> None:
+        """Write what only memory holds to the file, then keep just the recent window."""
+        assert self.path is not None
+        if self._fd is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        view = memoryview(self._mem)[self._written - self._mem_start :]
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]
+        finally:
+            view.release()
+        self._written = self._size
+        keep_from = self._size - self._tail_bytes
+        if keep_from - self._mem_start > self._tail_bytes:  # trim in large steps (memmove)
+            del self._mem[: keep_from - self._mem_start]
+            self._mem_start = keep_from
 
     def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self._notify()
+        """EOF: no more appends. A stream bigger than `SMALL_BYTES` ends up whole in its
+        file, which is closed, and the memory window is dropped."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.path is not None and (self._written or self._size > SMALL_BYTES):
+            try:
+                if self._written < self._size:
+                    self._write_out()
+            except OSError:
+                pass  # the disk is full or gone: keep serving what memory holds
+            else:
+                self._mem = bytearray()
+                self._mem_start = self._size
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._notify()
+
+    def discard(self) -> None:
+        """Forget the stream (its sandbox is pruned; the caller removes the file)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self.closed = self.gone = True
+        self._mem = bytearray()
+        self._mem_start = self._size
+        self._notify()
+
+    def read(self, offset: int, limit: int) -> bytes:
+        """Bytes ``[offset, offset + limit)`` of the stream, or fewer at its end.
+
+        Raises `OutputGone` if the file was pruned away.
+        """
+        offset = max(0, offset)
+        end = min(self._size, offset + limit)
+        if end <= offset:
+            return b""
+        if offset >= self._mem_start:
+            return bytes(self._mem[offset - self._mem_start : end - self._mem_start])
+        if self.gone or self.path is None:
+            raise OutputGone(f"output at offset {offset} is no longer kept")
+        disk_end = min(end, self._written)
+        try:
+            if self._fd is not None:
+                data = os.pread(self._fd, disk_end - offset, offset)
+            else:
+                fd = os.open(self.path, os.O_RDONLY)
+                try:
+                    data = os.pread(fd, disk_end - offset, offset)
+                finally:
+                    os.close(fd)
+        except FileNotFoundError:
+            raise OutputGone(f"output file {self.path} was removed") from None
+        if end > disk_end:  # the rest is still only in memory
+            data += self._mem[disk_end - self._mem_start : end - self._mem_start]
+        return data
+
+    def chunk(self, offset: int, max_chunk: int = MAX_CHUNK) -> bytes:
+        """The next message from ``offset`` (see `chunk_end`); empty if nothing is there."""
+        window = self.read(offset, max_chunk + 1)  # one byte more: is the message cut early?
+        return window[: chunk_end(window, 0, max_chunk)]
 
     async def wait_for_more(self, offset: int, timeout: float | None = None) -> bool:
         """Wait until there is data past ``offset`` or EOF; False on timeout."""
-        while len(self.data) <= offset and not self.closed:
+        while self._size <= offset and not self.closed:
             event = self._changed
             try:
                 await asyncio.wait_for(event.wait(), timeout)
@@ -87,7 +210,7 @@ class OutputBuffer:
         """Wait until the buffer holds ``size`` bytes, is closed, or ``timeout`` passes."""
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
-        while len(self.data) < size and not self.closed:
+        while self._size < size and not self.closed:
             left = end - loop.time()
             if left <= 0:
                 return
@@ -99,17 +222,22 @@ class OutputBuffer:
     async def follow(
         self, offset: int, max_chunk: int = MAX_CHUNK
     ) -> AsyncIterator[tuple[int, bytes]]:
-        """Yield ``(start_offset, data)`` from ``offset`` until EOF; never an empty chunk."""
+        """Yield ``(start_offset, data)`` from ``offset`` until EOF; never an empty chunk.
+
+        Ends early (as at EOF) if the stream is pruned away meanwhile.
+        """
         offset = max(0, offset)
         while True:
             await self.wait_for_more(offset)
-            if not self.closed and len(self.data) - offset < COALESCE_BYTES:
+            if not self.closed and self._size - offset < COALESCE_BYTES:
                 await self.wait_for_size(offset + COALESCE_BYTES, COALESCE_S)
-            if len(self.data) > offset:
-                end = chunk_end(self.data, offset, max_chunk)
-                chunk = bytes(self.data[offset:end])
+            if self._size > offset:
+                try:
+                    chunk = self.chunk(offset, max_chunk)
+                except OutputGone:
+                    return
                 yield offset, chunk
-                offset = end
+                offset += len(chunk)
                 continue
             if self.closed:
                 return
