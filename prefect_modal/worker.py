@@ -41,11 +41,20 @@ import prefect
 from prefect.client.schemas.objects import FlowRun
 from prefect.exceptions import InfrastructureNotFound
 from prefect.workers.base import BaseJobConfiguration, BaseWorker, BaseWorkerResult
-from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 
 from prefect_modal import resources, tags
 from prefect_modal.credentials import ModalCredentials
-from prefect_modal.settings import SandboxSpec
+from prefect_modal.settings import SandboxSpec, name_the_value
 
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import Flow as APIFlow
@@ -266,6 +275,10 @@ class ModalWorkerJobConfiguration(BaseJobConfiguration):
         ),
     )
 
+    # Errors never echo the whole input (env and credentials hold secrets);
+    # `_name_the_value` repeats the one refused value of a non-secret field.
+    model_config = ConfigDict(hide_input_in_errors=True)
+
     _spec: SandboxSpec = PrivateAttr(default_factory=SandboxSpec)
     _task_specs: dict[str, SandboxSpec] = PrivateAttr(default_factory=dict)
     _user_env_names: list[str] = PrivateAttr(default_factory=list)
@@ -274,6 +287,13 @@ class ModalWorkerJobConfiguration(BaseJobConfiguration):
     @classmethod
     def _blank(cls, value: str | None) -> str | None:
         return value if value is None or value.strip() else None
+
+    @field_validator(*SPEC_FIELDS, "mode", "max_parallelism", "cancel_grace_seconds", mode="wrap")
+    @classmethod
+    def _name_the_value(
+        cls, value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo
+    ) -> Any:
+        return name_the_value(cls, value, handler, info)
 
     @model_validator(mode="after")
     def _validate_spec(self) -> ModalWorkerJobConfiguration:
