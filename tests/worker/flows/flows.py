@@ -77,3 +77,12 @@ def _layered_runner():  # imported here: the sandbox image of other flows needs 
 @flow(task_runner=_layered_runner())
 def layered() -> str:
     return show_env.submit().result()
+
+
+@flow
+def lingering() -> str:
+    """Returns at once, but a non-daemon thread keeps its process (and sandbox) alive."""
+    import threading
+
+    threading.Thread(target=time.sleep, args=(600,), daemon=False).start()
+    return "done"
