@@ -9,6 +9,15 @@ Modal, unchanged.
 
 from __future__ import annotations
 
+import os
+
+if __name__ == "__main__" and "PREFECT_API_URL" not in os.environ:
+    # Run as a script with no Prefect server: Prefect starts a temporary one, and
+    # on a first run it creates and migrates a new database, which on a slow or
+    # busy machine takes longer than Prefect's 20 s startup timeout. Only for
+    # this script, and only unless you set it yourself.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
 from prefect import flow, task
 
 from prefect_modal import ModalTaskRunner, SandboxSpec

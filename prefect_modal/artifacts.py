@@ -78,9 +78,21 @@ class SandboxArtifact(BaseModel):
             return flow_artifact_key(self.flow_run_id)
         raise ValueError("a sandbox artifact belongs to a task run or a flow run")
 
+    @property
+    def seconds(self) -> float | None:
+        """How long the sandbox ran (None while it runs)."""
+        return (self.ended_at - self.started_at).total_seconds() if self.ended_at else None
+
+    def estimated_cost(self, now: datetime | None = None) -> float | None:
+        """Estimated dollars at Modal's list prices (see `pricing`); to `now` while running."""
+        from prefect_modal.pricing import estimate_cost
+
+        return estimate_cost(self.resources, self.started_at, self.ended_at, now=now)
+
     def rows(self) -> list[dict[str, Any]]:
         """One row per field, nested values as JSON text so every cell renders."""
         data = self.model_dump(mode="json")
+        data["estimated_cost_usd"] = _rounded(self.estimated_cost())
         return [
             {"field": name, "value": json.dumps(value) if isinstance(value, dict | list) else value}
             for name, value in data.items()
@@ -105,8 +117,44 @@ class SandboxArtifact(BaseModel):
             "image": res.get("image"),
             "started_at": self.started_at.isoformat(),
             "ended_at": self.ended_at.isoformat() if self.ended_at else None,
+            "seconds": round(self.seconds, 1) if self.seconds is not None else None,
+            "estimated_cost_usd": _rounded(self.estimated_cost()),
             "link": self.link,
         }
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)
+
+
+def total_row(records: list[SandboxArtifact]) -> dict[str, Any]:
+    """The table's last row: the run's estimated cost in total (sandboxes that ran to an end)."""
+    costs = [r.estimated_cost() for r in records]
+    known = [c for c in costs if c is not None]
+    return {
+        "task": "(total, estimate)",
+        "sandbox_id": f"{len(records)} sandboxes",
+        "estimated_cost_usd": _rounded(sum(known)) if known else None,
+    }
+
+
+def cost_note(records: list[SandboxArtifact]) -> str:
+    """Says what the cost column is: an estimate, at which rates, and what it leaves out."""
+    from prefect_modal.pricing import current_rates, format_cost
+
+    rates = current_rates()
+    known = [c for r in records if (c := r.estimated_cost()) is not None]
+    unknown = len(records) - len(known)
+    return (
+        f"Estimated cost {format_cost(sum(known))} at {rates.label} "
+        f"(requested CPU, memory and GPUs x seconds; source: {rates.source.split(' ')[0]})"
+        + (
+            f"; {unknown} sandbox(es) without an estimate (still running or unknown GPU)"
+            if unknown
+            else ""
+        )
+        + ". An estimate, not a bill."
+    )
 
 
 def _short(run_id: UUID | str) -> str:
@@ -126,6 +174,17 @@ def summary_artifact_key(flow_run_id: UUID | str) -> str:
     return f"modal-sandboxes-{_short(flow_run_id)}"
 
 
+def _lingering_hint(record: SandboxArtifact) -> str:
+    if record.mode != "pipeline" or record.status != "running":
+        return ""
+    from prefect_modal.status import FINAL_GRACE_SECONDS
+
+    return (
+        " It ends with its flow run: the worker terminates it if it still runs "
+        f"{FINAL_GRACE_SECONDS:.0f} s after the run is final."
+    )
+
+
 def write_sandbox_artifact(
     record: SandboxArtifact, client: SyncPrefectClient | None = None
 ) -> None:
@@ -141,6 +200,7 @@ def write_sandbox_artifact(
         + (f", exit code {record.exit_code}" if record.exit_code is not None else "")
         + f") in app `{record.app_name}` on {record.target}."
         + (f" See: `{record.link}`" if record.link else "")
+        + _lingering_hint(record)
     )
     artifact = ArtifactCreate(
         key=record.key,
@@ -166,8 +226,11 @@ def write_flow_summary(flow_run_id: UUID, records: list[SandboxArtifact]) -> Non
             ArtifactCreate(
                 key=summary_artifact_key(flow_run_id),
                 type=ARTIFACT_TYPE,
-                description=f"Modal sandboxes of flow run {flow_run_id} ({len(records)}).",
-                data=json.dumps([r.summary_row() for r in records]),
+                description=(
+                    f"Modal sandboxes of flow run {flow_run_id} ({len(records)}). "
+                    + cost_note(records)
+                ),
+                data=json.dumps([*(r.summary_row() for r in records), total_row(records)]),
                 flow_run_id=flow_run_id,
             )
         )

@@ -104,24 +104,39 @@ def status(
     if not reports:
         console.print(f"Flow run {run_id} has no Modal sandboxes.")
         return
-    table = Table(title=f"Sandboxes of flow run {run_id}")
-    for column in ("sandbox", "task", "attempt", "status", "exit", "gpu", "cpu", "MiB", "see"):
+    from prefect_modal.artifacts import cost_note
+    from prefect_modal.pricing import format_cost
+    from prefect_modal.status import lingering_note, run_state
+
+    state = run_state(run_id)
+    table = Table(title=f"Sandboxes of flow run {run_id}" + (f" ({state.name})" if state else ""))
+    columns = ("sandbox", "task", "attempt", "status", "exit", "gpu", "cpu", "MiB", "seconds")
+    for column in (*columns, "est. cost", "see"):
         table.add_column(column, overflow="fold")
     for report in reports:
         rec = report.record
         res = rec.resources if rec else {}
+        seconds = rec.seconds if rec else None
         table.add_row(
             report.sandbox_id,
             (rec.task_name if rec else None) or "(flow run)",
             str(rec.attempt) if rec and rec.attempt is not None else "-",
-            report.live_status,
+            report.display_status(state),
             "-" if report.returncode is None else str(report.returncode),
             str(res.get("gpu") or "-"),
             str(res.get("cpu") or "-"),
             str(res.get("memory_mib") or "-"),
+            "-" if seconds is None else f"{seconds:.1f}",
+            format_cost(rec.estimated_cost() if rec else None),
             (rec.link if rec else None) or f"prefect-modal logs {report.sandbox_id}",
         )
     console.print(table)
+    records = [r.record for r in reports if r.record is not None]
+    if records:
+        console.print(cost_note(records))
+    note = lingering_note(reports, state)
+    if note:
+        console.print(note)
 
 
 def _recent_runs(limit: int = 10) -> None:
@@ -129,6 +144,7 @@ def _recent_runs(limit: int = 10) -> None:
     from prefect.client.schemas.sorting import FlowRunSort
 
     from prefect_modal.artifacts import read_sandbox_artifacts
+    from prefect_modal.pricing import current_rates, format_cost
 
     async def latest() -> list[Any]:
         async with get_client() as client:
@@ -139,16 +155,24 @@ def _recent_runs(limit: int = 10) -> None:
     except Exception as exc:
         exit_with_error(f"Cannot reach the Prefect API ({exc}). Is PREFECT_API_URL set?")
     table = Table(title="Latest flow runs")
-    for column in ("flow run", "name", "state", "sandboxes"):
+    for column in ("flow run", "name", "state", "sandboxes", "est. cost"):
         table.add_column(column, overflow="fold")
+    total = 0.0
     for run in runs:
         records = read_sandbox_artifacts(run.id)
         counts: dict[str, int] = {}
         for rec in records:
             counts[rec.status] = counts.get(rec.status, 0) + 1
         summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "-"
-        table.add_row(str(run.id), run.name, run.state_name or "-", summary)
+        costs = [c for rec in records if (c := rec.estimated_cost()) is not None]
+        total += sum(costs)
+        cost = format_cost(sum(costs)) if costs else "-"
+        table.add_row(str(run.id), run.name, run.state_name or "-", summary, cost)
     console.print(table)
+    console.print(
+        f"Estimated cost of these runs' sandboxes: {format_cost(total)} at "
+        f"{current_rates().label}; an estimate, not a bill."
+    )
 
 
 @app.command()

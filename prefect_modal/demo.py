@@ -27,7 +27,14 @@ from uuid import UUID
 from rich.console import Console
 from rich.table import Table
 
-from prefect_modal.services import Service, start_local_modal, start_prefect_server, start_worker
+from prefect_modal.services import (
+    Service,
+    Stopped,
+    start_local_modal,
+    start_prefect_server,
+    start_worker,
+    stop_on_signals,
+)
 
 REPO_FLOWS = Path(__file__).resolve().parent.parent / "flows"
 POOL_NAME = "modal-demo"
@@ -159,12 +166,18 @@ def _create_pool_and_deployments(flows_dir: Path) -> list[tuple[str, str]]:
 
 
 def _summary_tables(runs: list[RunSummary]) -> list[Table]:
-    """Two tables: the flow runs, then every sandbox they used (one row each)."""
-    from prefect_modal.artifacts import read_sandbox_artifacts
+    """Two tables: the flow runs, then every sandbox they used (one row each).
+
+    A run's sandbox ends a moment after the run reports its final state; the
+    records are read once they are final (within `status.FINAL_GRACE_SECONDS`).
+    """
+    from prefect_modal.artifacts import cost_note
+    from prefect_modal.pricing import format_cost
+    from prefect_modal.status import wait_for_final_records
 
     for run in runs:
         try:
-            run.sandboxes = read_sandbox_artifacts(run.flow_run_id) if run.flow_run_id else []
+            run.sandboxes = wait_for_final_records(run.flow_run_id) if run.flow_run_id else []
         except Exception as exc:  # the table must print even if the API hiccups
             run.error = (run.error or "") + f" (could not read sandbox artifacts: {exc})"
     flows = Table(title="Flow runs")
@@ -173,6 +186,7 @@ def _summary_tables(runs: list[RunSummary]) -> list[Table]:
     boxes = Table(title="Sandboxes")
     for column in ("flow", "task", "sandbox", "status", "gpu", "cpu", "MiB", "seconds"):
         boxes.add_column(column, overflow="fold")
+    boxes.add_column("est. cost", justify="right")
     for run in runs:
         state = run.state if run.ok else f"[red]{run.state}[/red] {run.error or ''}"
         flows.add_row(run.flow, run.mode, state, f"{run.seconds:.1f}", str(len(run.sandboxes)))
@@ -190,7 +204,13 @@ def _summary_tables(runs: list[RunSummary]) -> list[Table]:
                 str(box.resources.get("cpu") or "-"),
                 str(box.resources.get("memory_mib") or "-"),
                 seconds,
+                format_cost(box.estimated_cost()),
             )
+    every = [box for run in runs for box in run.sandboxes]
+    if every:
+        total = sum(c for box in every if (c := box.estimated_cost()) is not None)
+        boxes.add_row("total", "", f"{len(every)} sandboxes", *[""] * 5, format_cost(total))
+        boxes.caption = cost_note(every)
     return [flows, boxes]
 
 
@@ -201,7 +221,28 @@ def run_demo(
     timeout: float = 300,
     console: Console | None = None,
 ) -> int:
-    """Run the demo; return the exit code (0 when every run completed)."""
+    """Run the demo; return the exit code (0 when every run completed).
+
+    SIGINT (Ctrl-C), SIGTERM and SIGHUP (a closed terminal) stop it at any
+    point, `--keep`'s wait included, and everything it started is stopped.
+    """
+    try:
+        with stop_on_signals():
+            return _run_demo(keep, flows_dir, workdir, timeout, console)
+    except Stopped as stopped:
+        (console or Console()).print(
+            f"Stopped by {stopped}; everything the demo started is stopped."
+        )
+        return stopped.exit_code
+
+
+def _run_demo(
+    keep: bool,
+    flows_dir: Path,
+    workdir: Path | None,
+    timeout: float,
+    console: Console | None,
+) -> int:
     # Piped or in CI, rich falls back to 80 columns and folds every sandbox id.
     console = console or Console(width=None if sys.stdout.isatty() else 140)
     if not (flows_dir / "hello.py").exists():
@@ -214,6 +255,7 @@ def run_demo(
     services: list[Service] = []
     runs: list[RunSummary] = []
     ui_url: str | None = None
+    interrupted = False
     try:
         env: dict[str, str] = {}
         with console.status("Starting services...") as status:
@@ -240,16 +282,24 @@ def run_demo(
             )
         with _environ(env):
             runs.extend(_run_all(console, flows_dir, workdir, services, timeout))
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM or SIGHUP (`Stopped`): just stop
+        interrupted = True
+        raise
     finally:
-        if runs:
-            _print_summary(console, runs, env, ui_url)
-        if ui_url:
-            console.print(f"Prefect UI: {ui_url}  (flow runs: {ui_url}/runs)")
-        if keep and services:
-            console.print("[bold]--keep:[/bold] services stay up; press Ctrl-C to stop them.")
-            _block_until_interrupted()
-        for service in reversed(services):
-            service.stop()
+        try:
+            if runs and not interrupted:
+                _print_summary(console, runs, env, ui_url)
+            if ui_url and not interrupted:
+                console.print(f"Prefect UI: {ui_url}  (flow runs: {ui_url}/runs)")
+            if keep and services and not interrupted:
+                console.print(
+                    "[bold]--keep:[/bold] services stay up; press Ctrl-C (or send SIGTERM / "
+                    f"SIGHUP to pid {os.getpid()}) to stop them."
+                )
+                _block_until_interrupted()
+        finally:
+            for service in reversed(services):
+                service.stop()
     failed = [r for r in runs if not r.ok]
     if failed or not runs:
         console.print(f"[red]{len(failed)} of {len(runs)} runs did not complete.[/red]")
@@ -303,8 +353,11 @@ def _run_all(
 
 
 def _block_until_interrupted() -> None:
+    """Wait for Ctrl-C; SIGTERM and SIGHUP (`Stopped`) propagate to exit with their code."""
     try:
         while True:
             time.sleep(1)
+    except Stopped:
+        raise
     except KeyboardInterrupt:
         pass

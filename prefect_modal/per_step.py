@@ -15,6 +15,15 @@ user's code or Prefect's modules would break on either's next release.
 ``with_options`` is public API; this module relies on nothing else, plus the
 engine functions ``python -m prefect.engine`` itself calls.
 
+Whose settings win: the work pool gives the defaults, the flow's code the
+specifics.  Layered field by field (`SandboxSpec.merged_with`), from the least
+to the most specific: the pool's job variables (with the deployment's
+``job_variables``), then the flow's own ``ModalTaskRunner(spec=...)``, then a
+task's ``modal_options``, then the deployment's ``task_specs`` for that task
+(named explicitly for it).  The flow's ``max_parallelism`` and
+``default_local`` hold unless the pool sets ``max_parallelism``.  The run gets
+a ``modal-task-spec-*`` artifact showing each layer.
+
 Configuration comes from the environment the worker set (see `worker.py`):
 the task spec (`PREFECT_MODAL_TASK_SPEC`, JSON, no secret values), the names
 of the job's env variables to pass on to task sandboxes (their values, secret
@@ -60,24 +69,100 @@ class PerStepTaskRunner(ModalTaskRunner[Any]):
         return type(options)(spec=(options.spec or self.spec).merged_with(override), local=False)
 
 
-def runner_from_env(
-    environ: dict[str, str] | os._Environ[str] = os.environ,
-) -> ModalTaskRunner[Any]:
-    """The task runner the worker asked for, from the variables it set."""
+def pool_spec_from_env(environ: dict[str, str] | os._Environ[str] = os.environ) -> SandboxSpec:
+    """The work pool's task spec (job variables, deployment overrides included)."""
     data = json.loads(environ.get(ENV_TASK_SPEC) or "{}")
     names = [n for n in (environ.get(ENV_TASK_ENV_NAMES) or "").split(",") if n]
     env = {n: environ[n] for n in names if n in environ}
     if env:
         data["env"] = env
-    spec = SandboxSpec(**data)
+    return SandboxSpec(**data)
+
+
+def runner_from_env(
+    environ: dict[str, str] | os._Environ[str] = os.environ,
+    flow_runner: Any = None,
+) -> ModalTaskRunner[Any]:
+    """The task runner the worker asked for, from the variables it set, with the flow's
+    own `ModalTaskRunner` settings (`flow_runner`) laid over the pool's."""
+    spec = pool_spec_from_env(environ)
     PerStepTaskRunner.task_specs = {
         name: SandboxSpec(**fields)
         for name, fields in json.loads(environ.get(ENV_TASK_SPECS) or "{}").items()
     }
-    kwargs: dict[str, Any] = {"spec": spec}
+    kwargs: dict[str, Any] = {}
+    if isinstance(flow_runner, ModalTaskRunner):
+        spec = spec.merged_with(flow_runner.spec)
+        kwargs.update(
+            max_parallelism=flow_runner.max_parallelism,
+            default_local=flow_runner.default_local,
+            max_result_bytes=flow_runner.max_result_bytes,
+            log_level=flow_runner.log_level,
+        )
+    kwargs["spec"] = spec
     if environ.get(ENV_MAX_PARALLELISM):
         kwargs["max_parallelism"] = int(environ[ENV_MAX_PARALLELISM])
     return PerStepTaskRunner(**kwargs)
+
+
+def spec_layers(
+    pool: SandboxSpec, flow_runner: Any, effective: SandboxSpec
+) -> list[dict[str, Any]]:
+    """One row per field someone set: the pool's value, the flow's, and what tasks get.
+
+    Env values are never shown (they may be secrets), only their names.
+    """
+    flow_spec = flow_runner.spec if isinstance(flow_runner, ModalTaskRunner) else None
+
+    def shown(spec: SandboxSpec | None, name: str) -> Any:
+        if spec is None or name not in spec.model_fields_set:
+            return None
+        value = getattr(spec, name)
+        if name == "env":
+            return ", ".join(sorted(value or {})) or None
+        return value if isinstance(value, str | int | float | type(None)) else json.dumps(value)
+
+    names = sorted(pool.model_fields_set | (flow_spec.model_fields_set if flow_spec else set()))
+    return [
+        {
+            "field": name,
+            "work pool (defaults)": shown(pool, name),
+            "flow's ModalTaskRunner (specifics)": shown(flow_spec, name),
+            "tasks get": shown(effective, name),
+        }
+        for name in names
+    ]
+
+
+def write_layers_artifact(
+    flow_run_id: UUID, pool: SandboxSpec, flow_runner: Any, effective: SandboxSpec
+) -> None:
+    """The run's record of whose settings its task sandboxes got (never fails the run)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import ArtifactCreate
+
+    flow_note = (
+        "the flow's own ModalTaskRunner(spec=...) is laid over them"
+        if isinstance(flow_runner, ModalTaskRunner)
+        else f"the flow's task runner ({type(flow_runner).__name__}) has no sandbox settings"
+    )
+    try:
+        with get_client(sync_client=True) as client:
+            client.create_artifact(
+                ArtifactCreate(
+                    key=f"modal-task-spec-{flow_run_id.hex[:8]}",
+                    type="table",
+                    description=(
+                        "per_step via the worker: the work pool's job variables give the "
+                        f"defaults, {flow_note}; a task's modal_options and the deployment's "
+                        "task_specs come on top, task by task."
+                    ),
+                    data=json.dumps(spec_layers(pool, flow_runner, effective)),
+                    flow_run_id=flow_run_id,
+                )
+            )
+    except Exception as exc:
+        print(f"prefect-modal: could not write the task spec artifact: {exc}", file=sys.stderr)
 
 
 def _engine_helpers() -> tuple[Any, Any, Any]:
@@ -134,11 +219,15 @@ def main() -> None:
                 "Unexpected exception encountered when trying to load flow", exc_info=True
             )
             raise
-        runner = runner_from_env()
+        flow_runner = getattr(flow, "task_runner", None)
+        runner = runner_from_env(flow_runner=flow_runner)
         run_logger.info(
-            "prefect-modal per_step mode: each task call runs in its own Modal sandbox (%r).",
+            "prefect-modal per_step mode: each task call runs in its own Modal sandbox (%r); "
+            "the pool's settings are the defaults, the flow's own ModalTaskRunner's the "
+            "specifics.",
             runner,
         )
+        write_layers_artifact(flow_run_id, pool_spec_from_env(), flow_runner, runner.spec)
         flow = flow.with_options(task_runner=runner)  # type: ignore[arg-type]
         with run_metrics(flow_run, flow):
             result: object = run_flow(

@@ -45,6 +45,8 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import FlowRun, StateType, WorkerStatus
 from prefect.client.schemas.sorting import FlowRunSort
 
+from prefect_modal import status as _status
+
 if TYPE_CHECKING:
     from prefect_modal.targets import Target
     from prefect_modal.worker import InFlight, ModalWorker, ModalWorkerJobConfiguration
@@ -53,8 +55,9 @@ if TYPE_CHECKING:
 WATCH_INTERVAL_SECONDS = 2.0
 #: How often the full reconciliation pass runs (it lists sandboxes and runs).
 FULL_INTERVAL_SECONDS = 30.0
-#: How long a run may be final while its sandbox still runs before we terminate it.
-FINAL_GRACE_SECONDS = 30.0
+#: How long a run may be final while its sandbox still runs before we terminate it
+#: (documented with `status.FINAL_GRACE_SECONDS`, which `prefect-modal status` explains).
+FINAL_GRACE_SECONDS = _status.FINAL_GRACE_SECONDS
 #: Lines of output kept in a crash message.
 CRASH_TAIL_LINES = 20
 

@@ -33,7 +33,7 @@ from uuid import UUID
 
 import cloudpickle
 
-from prefect_modal import remote, sandboxes
+from prefect_modal import events, remote, sandboxes
 from prefect_modal import tags as tag_keys
 from prefect_modal.artifacts import SandboxArtifact, write_sandbox_artifact
 from prefect_modal.settings import DEFAULT_TIMEOUT_SECONDS, SandboxSpec
@@ -453,6 +453,7 @@ class SandboxCall:
         self.record: SandboxArtifact | None = None
         self._finished = False
         self._running_timer: threading.Timer | None = None
+        self._events: events.SandboxEvents | None = None
 
     # -- the engine thread ---------------------------------------------------------
 
@@ -590,6 +591,8 @@ class SandboxCall:
                 except Exception:
                     if not self._cancel_reason:
                         raise  # else: it was terminated under us; the outcome says so
+            if self._events is not None:
+                self._events.running()
             sandboxes.follow_stderr(sandbox, self._on_line)
             returncode = sandboxes.wait_returncode(sandbox)
             output = sandboxes.read_stdout(sandbox)
@@ -650,6 +653,10 @@ class SandboxCall:
         self.run_logger.info(
             "Running in Modal sandbox %s (%s)", sid, _resource_summary(spec.describe())
         )
+        # In this (driver) thread's copy of the run context: Prefect's events
+        # worker adds the flow, deployment and work pool of the run itself.
+        self._events = events.for_record(self.record)
+        self._events.created()
         timer = threading.Timer(
             RUNNING_RECORD_AFTER_S, copy_context().run, args=(self._write_running_record,)
         )
@@ -691,6 +698,15 @@ class SandboxCall:
         )
         self.env.artifacts.write(self.record)
         self.env.on_record(self.record)
+        if self._events is not None:
+            if self._cancel_reason and status in ("terminated", "timeout"):
+                self._events.terminated(self._cancel_reason)
+            self._events.exited(
+                returncode,
+                events.exit_reason(status, returncode),
+                self.record.seconds,
+                self.record.estimated_cost(),
+            )
 
     # -- reading the outcome ---------------------------------------------------------
 

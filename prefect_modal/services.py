@@ -3,17 +3,26 @@
 Each runs as its own process group on 127.0.0.1, with its output in a log
 file, and is stopped by its pid (its group), never by name: a user may have
 their own Prefect server or worker running, and we must not touch it.
+
+Being their own sessions, they do not receive the signals of the terminal or
+process that started them.  So the starter stops them: `stop_on_signals`
+turns SIGTERM and SIGHUP (a closed terminal) into the KeyboardInterrupt that
+Ctrl-C raises, so the starter's ``finally`` blocks run, and every service
+still running when the interpreter exits is stopped by an ``atexit`` hook.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -54,7 +63,7 @@ def tool(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
-@dataclass
+@dataclass(eq=False)
 class Service:
     """One started process group, its log, and how to reach it."""
 
@@ -79,6 +88,7 @@ class Service:
         """`sig` (SIGTERM) to the group, SIGKILL what is left after `timeout`, reap the leader.
 
         `sig=signal.SIGKILL` stops it as a crash would: no cleanup runs."""
+        _started.discard(self)
         if self.process.poll() is None:
             _signal_group(self.pid, sig)
             try:
@@ -89,6 +99,67 @@ class Service:
         _signal_group(self.pid, signal.SIGKILL)  # stragglers of the group
         if self._log is not None:
             self._log.close()
+
+
+#: Services started by this process and not stopped yet (stopped at exit).
+_started: set[Service] = set()
+
+
+def _stop_all_started() -> None:
+    for service in list(_started):
+        try:
+            service.stop(timeout=10)
+        except Exception:  # pragma: no cover - best effort at exit
+            pass
+
+
+atexit.register(_stop_all_started)
+
+#: The signals that stop a program that started services: Ctrl-C, `kill`, a closed terminal.
+STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Stopped(KeyboardInterrupt):
+    """Raised in the main thread by SIGTERM or SIGHUP, as Ctrl-C raises KeyboardInterrupt."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention for "ended by signal N"."""
+        return 128 + self.signum
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGHUP raise `Stopped` (SIGINT: KeyboardInterrupt).
+
+    Only the first signal raises: a second one while the ``finally`` blocks
+    stop services would interrupt the stopping.  Outside the main thread
+    (signals cannot be handled there) it changes nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    raised = False
+
+    def handler(signum: int, _frame: object) -> None:
+        nonlocal raised
+        if raised:
+            return
+        raised = True
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise Stopped(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _signal_group(pid: int, sig: int) -> None:
@@ -114,7 +185,9 @@ def spawn(
         start_new_session=True,  # its own group: stopped as a whole, by pid
         cwd=cwd,
     )
-    return Service(name=name, process=process, log_path=log_path, _log=log)
+    service = Service(name=name, process=process, log_path=log_path, _log=log)
+    _started.add(service)
+    return service
 
 
 def wait_ready(service: Service, ready: Any, timeout: float, what: str) -> None:

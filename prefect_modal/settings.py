@@ -13,7 +13,17 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 
 from prefect_modal import resources
 
@@ -28,7 +38,71 @@ DEFAULT_APP_NAME = "prefect-modal"
 # instead of replacing them, because a task that adds one variable should not
 # silently lose the runner's others.
 _MERGED_DICTS = ("env", "volumes")
+
+#: Fields whose values may be secrets: an error about them never repeats a value.
+SECRET_FIELDS = frozenset({"env", "modal_credentials", "token_secret"})
 _MERGED_LISTS = ("secrets", "pip_packages")
+
+
+def name_the_value(
+    model: type[BaseModel],
+    value: Any,
+    handler: ValidatorFunctionWrapHandler,
+    info: ValidationInfo,
+    label: str | None = None,
+) -> Any:
+    """Run a field's validation; a refusal names the field, the value (never a secret
+    field's) and what is accepted.
+
+    Our own rules already say all that; pydantic's type errors ("Input should
+    be a valid number") say neither value nor field, and input of a wholly
+    wrong shape (a list for memory) would otherwise raise a bare TypeError.
+    Used as a ``mode="wrap"`` field validator by `SandboxSpec` and the work
+    pool's job configuration.
+    """
+    field = info.field_name or "?"
+    try:
+        return handler(value)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        original = (first.get("ctx") or {}).get("error")
+        if first["type"] == "value_error" and isinstance(original, ValueError):
+            raise original from None  # one of ours: it names the value already
+        reason = str(first.get("msg", "not accepted"))
+    except (TypeError, AttributeError):
+        reason = f"a value of type {type(value).__name__} is not accepted here"
+    described = model.model_fields.get(field)
+    expected = described.description if described is not None else None
+    shown = "=<hidden: may hold secrets>" if field in SECRET_FIELDS else f"={value!r}"
+    raise resources.ResourceError(
+        f"{label or field}{shown}: {reason[:1].lower()}{reason[1:]}."
+        + (f" Expected: {expected}" if expected else "")
+    ) from None
+
+
+def without_secret_inputs(exc: ValidationError) -> ValidationError:
+    """The same errors, without the inputs of secret fields or of the whole model.
+
+    `hide_input_in_errors` keeps inputs out of the message, but pydantic still
+    hands them to whoever calls ``.errors()`` (Prefect logs those for job
+    variables); an env value or a token must not travel that way either.
+    """
+    line_errors: list[Any] = []
+    for error in exc.errors(include_url=False):
+        loc = tuple(error.get("loc", ()))
+        secret = not loc or loc[0] in SECRET_FIELDS
+        line: dict[str, Any] = {
+            "type": error["type"],
+            "loc": loc,
+            "input": "<hidden>" if secret else error.get("input"),
+        }
+        if error.get("ctx"):
+            line["ctx"] = error["ctx"]
+        line_errors.append(line)
+    try:
+        return ValidationError.from_exception_data(exc.title, line_errors, hide_input=True)
+    except Exception:  # pragma: no cover - an error type pydantic cannot rebuild
+        return exc
 
 
 def _blank_to_none(value: Any) -> Any:
@@ -47,7 +121,8 @@ class SandboxSpec(BaseModel):
 
     # hide_input_in_errors: pydantic would otherwise print the whole input,
     # secret env values included, in every validation error.  Our messages
-    # repeat the one bad value themselves.
+    # repeat the one bad value themselves (`_name_the_value`), except for the
+    # fields in `SECRET_FIELDS`.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, hide_input_in_errors=True)
 
     gpu: str | None = Field(
@@ -122,6 +197,12 @@ class SandboxSpec(BaseModel):
         description="Mount path in the sandbox -> Modal volume name (created if missing).",
     )
     workdir: str | None = Field(default=None, description="Working directory inside the sandbox.")
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise without_secret_inputs(exc) from None
 
     # -- validation: one rule per field, messages from resources.py -------------
 
@@ -249,6 +330,14 @@ class SandboxSpec(BaseModel):
             value = [value]
         names = [v.strip() for v in value if isinstance(v, str) and v.strip()]
         return names or None
+
+    # Defined last, so it runs first and wraps every other validator of the field.
+    @field_validator("*", mode="wrap")
+    @classmethod
+    def _name_the_value(
+        cls, value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo
+    ) -> Any:
+        return name_the_value(cls, value, handler, info)
 
     @model_validator(mode="after")
     def _gpu_combination(self) -> SandboxSpec:

@@ -10,6 +10,7 @@ reached Prefect (the process died in between).  The CLI, the worker and the
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,15 @@ FLOW_RUN_TAG = tags.FLOW_RUN
 
 _EXIT_STATUS = {0: "succeeded", 137: "terminated", 124: "timeout"}
 
+#: A pipeline sandbox still running this long after its flow run became final
+#: is terminated by the worker (see `reconcile.py`).  Prefect's engine reports
+#: the final state a moment before its process exits (it flushes logs and
+#: events), so a sandbox may show "running" for a few seconds after its run
+#: ended; beyond this grace it is ended, and shown final.
+FINAL_GRACE_SECONDS = 10.0
+
+_FINAL_RECORD = ("succeeded", "failed", "terminated", "timeout", "crashed")
+
 
 @dataclass(frozen=True)
 class SandboxReport:
@@ -38,6 +48,12 @@ class SandboxReport:
     @property
     def running(self) -> bool:
         return self.live_status == "running"
+
+    def display_status(self, run_state: Any = None) -> str:
+        """The live status, or "lingering" for a running sandbox of a final run."""
+        if self.running and run_state is not None and run_state.is_final():
+            return "lingering"
+        return self.live_status
 
     def row(self) -> dict[str, Any]:
         rec = self.record
@@ -163,3 +179,43 @@ def summarize(reports: Iterable[SandboxReport]) -> dict[str, int]:
     for r in reports:
         counts[r.live_status] = counts.get(r.live_status, 0) + 1
     return counts
+
+
+def run_state(flow_run_id: UUID | str) -> Any:
+    """The flow run's current state, or None when the API cannot say."""
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            return client.read_flow_run(UUID(str(flow_run_id))).state
+    except Exception:
+        return None
+
+
+def lingering_note(reports: Iterable[SandboxReport], state: Any) -> str | None:
+    """What a person should know when a final run's sandbox still runs."""
+    lingering = [r.sandbox_id for r in reports if r.running]
+    if not lingering or state is None or not state.is_final():
+        return None
+    return (
+        f"The flow run is {state.name}, but {', '.join(lingering)} still runs: a sandbox ends "
+        f"with its run; Prefect's engine reports the final state just before its process "
+        f"exits, and the worker terminates a sandbox still running {FINAL_GRACE_SECONDS:.0f} s "
+        "after its run became final. `prefect-modal cancel` ends it now."
+    )
+
+
+def wait_for_final_records(
+    flow_run_id: UUID | str, timeout: float = FINAL_GRACE_SECONDS + 15, interval: float = 0.5
+) -> list[SandboxArtifact]:
+    """The run's sandbox records once none says running (or whatever they say at `timeout`).
+
+    For tables printed right after a run ends: the worker writes a sandbox's
+    final record when its process has exited, a moment after the run's state.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        records = read_sandbox_artifacts(flow_run_id)
+        if all(r.status in _FINAL_RECORD for r in records) or time.monotonic() >= deadline:
+            return records
+        time.sleep(interval)

@@ -41,11 +41,20 @@ import prefect
 from prefect.client.schemas.objects import FlowRun
 from prefect.exceptions import InfrastructureNotFound
 from prefect.workers.base import BaseJobConfiguration, BaseWorker, BaseWorkerResult
-from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 
 from prefect_modal import resources, tags
 from prefect_modal.credentials import ModalCredentials
-from prefect_modal.settings import SandboxSpec
+from prefect_modal.settings import SandboxSpec, name_the_value
 
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import Flow as APIFlow
@@ -266,6 +275,10 @@ class ModalWorkerJobConfiguration(BaseJobConfiguration):
         ),
     )
 
+    # Errors never echo the whole input (env and credentials hold secrets);
+    # `_name_the_value` repeats the one refused value of a non-secret field.
+    model_config = ConfigDict(hide_input_in_errors=True)
+
     _spec: SandboxSpec = PrivateAttr(default_factory=SandboxSpec)
     _task_specs: dict[str, SandboxSpec] = PrivateAttr(default_factory=dict)
     _user_env_names: list[str] = PrivateAttr(default_factory=list)
@@ -274,6 +287,13 @@ class ModalWorkerJobConfiguration(BaseJobConfiguration):
     @classmethod
     def _blank(cls, value: str | None) -> str | None:
         return value if value is None or value.strip() else None
+
+    @field_validator(*SPEC_FIELDS, "mode", "max_parallelism", "cancel_grace_seconds", mode="wrap")
+    @classmethod
+    def _name_the_value(
+        cls, value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo
+    ) -> Any:
+        return name_the_value(cls, value, handler, info)
 
     @model_validator(mode="after")
     def _validate_spec(self) -> ModalWorkerJobConfiguration:
@@ -432,6 +452,8 @@ class InFlight:
     cancel_started: bool = False
     cancelled_by_worker: bool = False
     reaped: bool = False  # terminated by the watcher after its run was final
+    events: Any = None  # events.SandboxEvents of the sandbox, once it is known
+    flow_run: FlowRun | None = None
     finished: anyio.Event = field(default_factory=anyio.Event)
     cancel_done: anyio.Event = field(default_factory=anyio.Event)
     exit_code: int | None = None
@@ -535,6 +557,7 @@ class ModalWorker(BaseWorker[ModalWorkerJobConfiguration, Any, ModalWorkerResult
             )
             if task_status:
                 task_status.started(entry.sandbox_id)
+            self._start_events(entry, flow_run, created)
             await self._write_artifact(entry, flow_run.id, "running")
             exit_code = await self.follow(entry, flow_run, stream=configuration.stream_output)
             return ModalWorkerResult(identifier=entry.sandbox_id, status_code=exit_code)
@@ -632,7 +655,8 @@ class ModalWorker(BaseWorker[ModalWorkerJobConfiguration, Any, ModalWorkerResult
                         entry.sandbox_id or "", exit_code, entry.tail.text(), entry.secret_values
                     ),
                 )
-        await self._write_artifact(entry, flow_run.id, status, exit_code)
+        record = await self._write_artifact(entry, flow_run.id, status, exit_code)
+        self._end_events(entry, flow_run, status, exit_code, record)
         entry.exit_code = exit_code
         # A sandbox we reaped after its run ended did its job: no crash to report.
         return 0 if entry.reaped else exit_code
@@ -644,19 +668,72 @@ class ModalWorker(BaseWorker[ModalWorkerJobConfiguration, Any, ModalWorkerResult
             return None
         return run.state
 
-    async def _write_artifact(
-        self, entry: InFlight, flow_run_id: UUID, status: str, exit_code: int | None = None
-    ) -> None:
-        """Record the sandbox on the flow run (id, app, resources, image, link).
+    def _events_of(self, entry: InFlight, flow_run: FlowRun) -> Any:
+        """The sandbox's events, related to the flow run, its flow, deployment and pool."""
+        from prefect_modal import events
 
-        Never fails the run: the record is for people, the sandbox is what matters.
-        """
+        if entry.events is None:
+            record = self._record(entry, flow_run.id, "running")
+            if record is None:
+                return None
+            pool = self._work_pool
+            related = events.related_resources(
+                flow_run_id=flow_run.id,
+                flow_id=flow_run.flow_id,
+                deployment_id=flow_run.deployment_id,
+                work_pool_id=pool.id if pool is not None else None,
+                names={
+                    "flow-run": flow_run.name,
+                    "work-pool": pool.name if pool is not None else None,
+                },
+            )
+            entry.events = events.for_record(record, related=related)
+        return entry.events
+
+    def _start_events(self, entry: InFlight, flow_run: FlowRun, created: bool) -> None:
+        sandbox_events = self._events_of(entry, flow_run)
+        if sandbox_events is None:
+            return
+        if created:
+            sandbox_events.created()
+        sandbox_events.running()
+
+    def _end_events(
+        self,
+        entry: InFlight,
+        flow_run: FlowRun,
+        status: str,
+        exit_code: int,
+        record: Any,
+    ) -> None:
+        from prefect_modal import events
+
+        sandbox_events = self._events_of(entry, flow_run)
+        if sandbox_events is None:
+            return
+        if entry.cancelled_by_worker or entry.reaped:
+            sandbox_events.terminated(
+                "its flow run was cancelled"
+                if entry.cancelled_by_worker
+                else "its flow run had ended and the sandbox lingered"
+            )
+        sandbox_events.exited(
+            exit_code,
+            events.exit_reason(status, exit_code),
+            record.seconds if record is not None else None,
+            record.estimated_cost() if record is not None else None,
+        )
+
+    def _record(
+        self, entry: InFlight, flow_run_id: UUID, status: str, exit_code: int | None = None
+    ) -> Any:
+        """The sandbox's record (id, app, resources, image, link), or None before it exists."""
         from prefect_modal import sandboxes
-        from prefect_modal.artifacts import SandboxArtifact, write_sandbox_artifact
+        from prefect_modal.artifacts import SandboxArtifact
 
         config, target = entry.configuration, entry.target
         if config is None or target is None or not entry.sandbox_id:
-            return
+            return None
         spec = config.sandbox_spec()
         resources_summary = spec.describe()
         if config.mode == "per_step" and config.spec.gpu_config:
@@ -677,12 +754,30 @@ class ModalWorker(BaseWorker[ModalWorkerJobConfiguration, Any, ModalWorkerResult
                 entry.sandbox_id, spec.effective_app_name, target.server_url
             ),
         )
+        return record
+
+    async def _write_artifact(
+        self, entry: InFlight, flow_run_id: UUID, status: str, exit_code: int | None = None
+    ) -> Any:
+        """Record the sandbox on the flow run, and its line in the run's sandbox table.
+
+        Never fails the run: the record is for people, the sandbox is what matters.
+        """
+        from prefect_modal.artifacts import write_flow_summary, write_sandbox_artifact
+
+        record = self._record(entry, flow_run_id, status, exit_code)
+        if record is None:
+            return None
         try:
             await anyio.to_thread.run_sync(write_sandbox_artifact, record)
+            if exit_code is not None and record.mode == "pipeline":
+                # per_step runs get theirs from the runner in the flow's sandbox.
+                await anyio.to_thread.run_sync(write_flow_summary, flow_run_id, [record])
         except Exception:
             self._logger.warning(
                 "Could not write the sandbox artifact of %s", flow_run_id, exc_info=True
             )
+        return record
 
     # -- cancellation -------------------------------------------------------------
 

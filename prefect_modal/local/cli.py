@@ -2,7 +2,7 @@
 
 Prints the ``export`` lines a shell needs (``eval "$(... serve)"`` does not work
 since the command keeps running: copy them, or have a parent process read the
-``READY <url>`` line that follows them on stdout). SIGINT and SIGTERM stop the
+``READY <url>`` line that follows them on stdout). SIGINT, SIGTERM and SIGHUP stop the
 server and kill every sandbox it started.
 """
 
@@ -103,7 +103,7 @@ def serve(
         ),
     ] = DEFAULT_RETENTION_S,
 ) -> None:
-    """Serve Modal's API on 127.0.0.1 until SIGINT/SIGTERM."""
+    """Serve Modal's API on 127.0.0.1 until SIGINT, SIGTERM or SIGHUP."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -131,6 +131,7 @@ def serve(
 
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGHUP, _on_signal)  # a closed terminal stops it cleanly too
     lm.start()
     try:
         for key, value in lm.env.items():

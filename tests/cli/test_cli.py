@@ -121,6 +121,9 @@ def test_status_of_a_flow_run_lists_its_sandboxes(
     for row in rows:
         assert "echo" in row and "succeeded" in row and "prefect-modal logs sb-" in row
     assert "DeprecationError" not in result.stderr and "Listing Sandboxes" not in result.stderr
+    text = " ".join(result.stdout.split())
+    assert "Estimated cost $" in text and "An estimate, not a bill." in text
+    assert all("$0.0" in row for row in rows)  # each sandbox's estimate
 
 
 def test_status_of_a_run_without_sandboxes_says_so(
@@ -143,6 +146,8 @@ def test_status_without_an_id_lists_recent_runs(
     assert finished_run.flow_run_name in row
     assert "Completed" in row
     assert f"{len(WORDS)} succeeded" in row
+    assert "$0.0" in row
+    assert "Estimated cost of these runs' sandboxes: $" in " ".join(result.stdout.split())
 
 
 # -- logs ---------------------------------------------------------------------------------
