@@ -10,9 +10,9 @@ which for a forked ``python -c`` sandbox would be most of its life.
 A sandbox is three processes (host pids in the server's view):
 
 * the *monitor* (the fork server's child, the pid the server supervises): it
-  calls ``unshare`` and forks the init; when the init ends it ends the same
-  way (exit code, or the same signal), so the server sees the entrypoint's
-  status as Popen reports it;
+  calls ``unshare`` and forks the init; when the init reports the
+  entrypoint's end, it ends the same way (exit code, or the same signal), so
+  the server sees the entrypoint's status as Popen reports it;
 * the *init*, pid 1 of the new PID namespace: it builds the root (below),
   then forks the entrypoint and reaps orphans; when the entrypoint exits it
   exits, and the kernel kills whatever is left in the namespace, as Modal
@@ -324,14 +324,14 @@ def _init(child, status_w):
 
 
 def _monitor(child, status_r):
-    """Outside the namespaces: wait for the init and end as the entrypoint ended."""
+    """Outside the namespaces: end as the entrypoint ended, as soon as the init says how.
+
+    Not when the init is gone: tearing a container's namespaces down takes the
+    kernel tens of milliseconds (RCU grace periods), and the entrypoint's exit
+    is the sandbox's end. The init finishes the teardown on its own; the fork
+    server kills this process group (the init too) when this process ends.
+    """
     _quiet_stdio()
-    while True:
-        try:
-            os.waitpid(child, 0)
-            break
-        except InterruptedError:
-            continue
     data = b""
     try:
         data = os.read(status_r, 64)
