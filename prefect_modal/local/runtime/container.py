@@ -390,6 +390,7 @@ def start(request, info_fd):
             _loopback_up()
     except (OSError, ContainerError) as exc:
         os.write(2, f"[prefect-modal local] cannot make the sandbox's container: {exc}\n".encode())
+        _write(status_w, str(126 << 8))  # a wait status: exited 126, as a shell says "cannot run"
         os._exit(126)
     _write(info_fd, "ready\n")
     os.close(info_fd)
