@@ -79,7 +79,9 @@ def test_failure_keeps_type_and_remote_traceback(make_runner):
 
 
 def test_retries_start_one_sandbox_per_attempt(make_runner, modal_server, tmp_path: Path):
-    counter = tmp_path / "attempts"
+    # each attempt is a sandbox of its own, with its own files: they count on a volume
+    counter = "/state/attempts"
+    volume = f"attempts-{tmp_path.name}"[:60]
 
     @task(retries=2, retry_delay_seconds=0)
     def flaky(path: str) -> int:
@@ -90,9 +92,9 @@ def test_retries_start_one_sandbox_per_attempt(make_runner, modal_server, tmp_pa
             raise RuntimeError(f"attempt {n} fails")
         return n
 
-    @flow(task_runner=make_runner())
+    @flow(task_runner=make_runner(spec=SandboxSpec(volumes={"/state": volume})))
     def f():
-        return flaky.submit(str(counter)).result(), flow_run_id()
+        return flaky.submit(counter).result(), flow_run_id()
 
     attempts, run_id = f()
     assert attempts == 3

@@ -45,11 +45,18 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
         stop_service(service)
 
 
+#: the deployments the sandboxes run from (pull step: set_working_directory), shown to
+#: the local server's sandboxes read-only, as the README tells a user to
+DEPLOYMENTS_DIR = Path(__file__).resolve().parents[2] / "deployments"
+
+
 @pytest.fixture(scope="session")
 def modal_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModalServer]:
     home = tmp_path_factory.mktemp("modal-server")
     state = home / "state"
-    service = start_local_modal(state, timeout=60, env=base_env(home), host_dirs=[FLOWS_DIR])
+    service = start_local_modal(
+        state, timeout=60, env=base_env(home), host_dirs=[FLOWS_DIR, DEPLOYMENTS_DIR]
+    )
     server = ModalServer(service=service, state_dir=state)
     try:
         yield server

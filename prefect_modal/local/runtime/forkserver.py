@@ -107,6 +107,11 @@ def _preload_spec() -> str:
     return json.dumps({"modules": list(PRELOAD_MODULES), "paths": paths})
 
 
+def _resolve_none(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 class Stdio:
     """A new process's stdin, stdout and stderr: the ends it gets and the ends we keep.
 
@@ -226,6 +231,7 @@ class _Zygote:
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._procs: dict[int, ForkedProcess] = {}
+        self._send_lock = asyncio.Lock()
         self._early_exits: dict[int, int] = {}
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         argv = [
@@ -308,27 +314,36 @@ class _Zygote:
 
     # -- starting a process ------------------------------------------------------------
 
-    async def spawn(self, fields: dict[str, Any], fds: list[int]) -> int | None:
+    async def spawn(self, fields: dict[str, Any], fds: list[int]) -> int | str:
         """Ask for a fork with ``fields`` (argv, env, cwd, ...) and the child's ``fds``
-        (0, 1, 2 and, for a container, its info and go pipes); the pid, or None if
-        the zygote could not (it says why in the server's log)."""
+        (0, 1, 2 and, for a container, its info and go pipes): the pid, or why not."""
         request_id = next(self._ids)
         request = json.dumps({"id": request_id, **fields}).encode()
         if len(request) > _MAX_REQUEST:
-            log.warning("a sandbox's command and environment are too large for the fork server")
-            return None
+            return f"the command and environment are over {_MAX_REQUEST} bytes"
         future: asyncio.Future[dict[str, Any]] = self._loop.create_future()
         self._pending[request_id] = future
-        try:
-            socket.send_fds(self.sock, [request], fds)
-        except OSError:
-            self._pending.pop(request_id, None)
-            return None
+        async with self._send_lock:  # one sender waits for room at a time
+            while True:
+                try:
+                    socket.send_fds(self.sock, [request], fds)
+                    break
+                except BlockingIOError:  # many starts at once fill the socket: wait for room
+                    room: asyncio.Future[None] = self._loop.create_future()
+                    self._loop.add_writer(self.sock.fileno(), _resolve_none, room)
+                    try:
+                        await room
+                    finally:
+                        self._loop.remove_writer(self.sock.fileno())
+                except OSError as exc:
+                    self._pending.pop(request_id, None)
+                    return f"the fork server is gone ({exc.strerror})"
         reply = await future
         pid = reply.get("pid")
         if not isinstance(pid, int):
-            log.debug("fork server could not start a process: %s", reply.get("error"))
-            return None
+            why = str(reply.get("error") or "no reason given")
+            log.warning("the fork server could not start a process: %s", why)
+            return why
         return pid
 
     def track(self, proc: ForkedProcess) -> None:
@@ -466,12 +481,13 @@ class ForkServer:
             for fd in (info_w, go):
                 if fd is not None:
                     os.close(fd)
-        if pid is None:
+        if isinstance(pid, str):
             if info_r is not None:
                 os.close(info_r)
             if isolate is None and join is None:
                 return None
-            raise OSError(11, "the local server's fork server could not start the process")
+            stdio.close()
+            raise OSError(11, f"the local server's fork server could not start it: {pid}")
         proc = ForkedProcess(pid, stdio, zygote.loop, info_r)
         zygote.track(proc)
         return proc
