@@ -13,6 +13,7 @@ Nothing here imports `modal`: sandboxes go through `prefect_modal.sandboxes`.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -33,7 +34,7 @@ from uuid import UUID
 
 import cloudpickle
 
-from prefect_modal import remote, sandboxes
+from prefect_modal import packages, remote, sandboxes
 from prefect_modal import tags as tag_keys
 from prefect_modal.artifacts import SandboxArtifact, write_sandbox_artifact
 from prefect_modal.settings import DEFAULT_TIMEOUT_SECONDS, SandboxSpec
@@ -212,12 +213,24 @@ def plain_containers(value: Any, _path: frozenset[int] = frozenset()) -> Any:
     return elements if base is list else tuple(elements)
 
 
-def dumps_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
-    """cloudpickle `(fn, args, kwargs)`, the user's modules by value; a clear error if it can't."""
+def is_user_module(top: str) -> bool:
+    """True for a top-level module that travels by value (see `register_user_modules`)."""
+    return top == "__main__" or _by_value_seen.get(top, False)
+
+
+def dumps_call(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    context: dict[str, Any] | None = None,
+) -> bytes:
+    """cloudpickle `(fn, args, kwargs[, context])`, the user's modules by value; a clear
+    error if it can't."""
     register_user_modules()
     args, kwargs = plain_containers(args), plain_containers(kwargs)
+    call: tuple[Any, ...] = (fn, args, kwargs) if context is None else (fn, args, kwargs, context)
     try:
-        return cloudpickle.dumps((fn, args, kwargs), protocol=pickle.DEFAULT_PROTOCOL)
+        return cloudpickle.dumps(call, protocol=pickle.DEFAULT_PROTOCOL)
     except Exception as exc:
         raise TypeError(
             f"{getattr(fn, '__qualname__', fn)!r} and its arguments must be picklable to run "
@@ -439,6 +452,9 @@ class SandboxCall:
     info: CallInfo
     env: CallEnvironment
     run_logger: Any
+    #: Captures the task run's Prefect context (in the engine thread); used only
+    #: when the call's code refers to Prefect.
+    capture_context: Callable[[], dict[str, Any]] | None = None
     nonce: str = field(default_factory=lambda: secrets.token_hex(16))
 
     def __post_init__(self) -> None:
@@ -453,14 +469,30 @@ class SandboxCall:
         self.record: SandboxArtifact | None = None
         self._finished = False
         self._running_timer: threading.Timer | None = None
+        self.requirements = packages.Requirements(modules=(), pins=())
 
     # -- the engine thread ---------------------------------------------------------
 
     def run(self) -> Any:
         """Run the call and return what the function returned (or raise what it raised)."""
         payload = dumps_call(self.fn, self.args, self.kwargs)
+        self.requirements = packages.requirements(
+            packages.pickle_modules(payload) | packages.code_modules(self.fn, is_user_module),
+            is_user_module,
+        )
+        with_context = self.requirements.uses_prefect and self.capture_context is not None
+        if with_context:
+            assert self.capture_context is not None
+            payload = dumps_call(self.fn, self.args, self.kwargs, self.capture_context())
+        self.spec = self._with_packages(self.spec)
         header = remote.make_header(
-            self.nonce, len(payload), LOCAL_PYTHON, self.env.max_result_bytes, self.env.log_level
+            self.nonce,
+            len(payload),
+            LOCAL_PYTHON,
+            self.env.max_result_bytes,
+            self.env.log_level,
+            needs=self.requirements.modules,
+            context=with_context,
         )
         self.env.registry.add(self)
         driving = False
@@ -493,6 +525,25 @@ class SandboxCall:
             if not driving:
                 self.env.registry.discard(self)
         return self._result()
+
+    def _with_packages(self, spec: SandboxSpec) -> SandboxSpec:
+        """The default image plus the installed distributions the call refers to.
+
+        A registry image is the user's (the bootstrap checks it instead, and
+        names what is missing); `auto_packages=False` turns this off; a
+        distribution already in `pip_packages` keeps the user's requirement.
+        """
+        if spec.image or spec.auto_packages is False:
+            return spec
+        added = packages.missing_pins(self.requirements.pins, spec.pip_packages or ())
+        if not added:
+            return spec
+        self.run_logger.info(
+            "Adding to the default image the flow environment's versions of the packages this "
+            "call refers to: %s (turn off with modal_options(auto_packages=False))",
+            ", ".join(added),
+        )
+        return spec.merged_with(SandboxSpec(pip_packages=added))
 
     def _deadline(self) -> float | None:
         if not self.info.timeout_seconds:
@@ -624,10 +675,28 @@ class SandboxCall:
         if origin == "bootstrap":
             self.run_logger.debug(text)
             return
+        if origin == "record":
+            self._on_record(level, text)
+            return
         self._tail.append(text)
         if len(self._tail) > TAIL_LINES:
             del self._tail[0]
         self.run_logger.log(level, text)
+
+    def _on_record(self, level: int, text: str) -> None:
+        """A `get_run_logger()` record from the sandbox, emitted on this task run's logger."""
+        try:
+            data = json.loads(text)
+            message, extra = str(data.get("msg", "")), dict(data.get("extra") or {})
+        except (ValueError, AttributeError):
+            message, extra = text, {}
+        self._tail.append(message)
+        if len(self._tail) > TAIL_LINES:
+            del self._tail[0]
+        try:
+            self.run_logger.log(level, message, extra=extra)
+        except KeyError:  # an extra field that clashes with a LogRecord attribute
+            self.run_logger.log(level, message)
 
     # -- records -------------------------------------------------------------------
 
@@ -760,7 +829,24 @@ class SandboxCall:
             )
         if reason == "load":
             return SandboxImageError(f"Modal sandbox {self.sandbox_id}: {message}")
+        if reason == "missing":
+            return SandboxImageError(self._missing_message(message.split(",")))
         return SandboxCallError(f"Modal sandbox {self.sandbox_id}: {message}")
+
+    def _missing_message(self, modules: list[str]) -> str:
+        pins = packages.pins_for(modules)
+        image = self.spec.image or "the default image"
+        fix = (
+            "add them with modal_options(pip_packages=[...]) or SandboxSpec(pip_packages=[...]), "
+            "or use an image that has them"
+        )
+        if not self.spec.image and self.spec.auto_packages is False:
+            fix += ", or leave auto_packages on"
+        have = f" (this flow's environment has {', '.join(pins)})" if pins else ""
+        return (
+            f"Modal sandbox {self.sandbox_id}: {image} lacks {', '.join(modules)}, which this "
+            f"call refers to{have}: {fix}. Nothing of the call ran."
+        )
 
     def _cancelled_state(self) -> Any:
         from prefect.states import Cancelled
