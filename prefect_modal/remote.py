@@ -84,6 +84,35 @@ def decode_frames(nonce, text):
     return frames
 
 
+class FrameReader:
+    """Frames carrying `nonce` from a stream read piece by piece (`feed` returns the
+    frames completed so far): how each end reads the other while the call runs."""
+
+    def __init__(self, nonce):
+        self.nonce = nonce
+        self._pending = ""
+        self._header = None
+        self._body = None
+
+    def feed(self, text):
+        frames = []
+        lines = (self._pending + text).split("\n")
+        self._pending = lines.pop()
+        for line in lines:
+            if self._header is None:
+                parts = line.split(" ")
+                if len(parts) == 3 and parts[0] == self.nonce and parts[2].isdigit():
+                    self._header = parts
+            elif self._body is None:
+                self._body = line
+            else:
+                kind, size = self._header[1], int(self._header[2])
+                if line == self.nonce + " END" and len(self._body) == size:
+                    frames.append((kind, binascii.a2b_base64(self._body)))
+                self._header = self._body = None
+        return frames
+
+
 def hello_nonce(text):
     """The nonce of the first HELLO frame in `text`: how a process that attaches to a
     sandbox started by an earlier one reads that call's outcome."""
@@ -174,12 +203,17 @@ def _pump_stdout(read_fd):
         _emit_line(STDOUT_TAG, pending.decode("utf-8", "replace"))
 
 
+_channel_lock = threading.Lock()
+
+
 def _write_frame(fd, nonce, kind, data):
+    """One whole frame on the channel (user threads may send nested submits meanwhile)."""
     payload = encode_frame(nonce, kind, data).encode("ascii")
     view = memoryview(payload)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
+    with _channel_lock:
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
 
 
 def _missing_modules(names):
@@ -206,9 +240,22 @@ def _prefect_environment():
     os.environ.setdefault("PREFECT_HOME", os.path.join(tempfile.gettempdir(), "prefect-home"))
 
 
-def _enter_run_context(context):
-    """Rebuild the task run's Prefect context; None (with a warning line) if it can't be."""
+def _enter_run_context(context, channel, nonce):
+    """Rebuild the task run's Prefect context; None (with a warning line) if it can't be.
+
+    Nested submits go out on the channel as SUBMIT frames; the flow process's
+    replies come in on stdin, which is taken from the user's code here (fd 0
+    becomes /dev/null, as a sandbox's stdin would be at its end).
+    """
     import types
+
+    replies = os.dup(0)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+
+    def send(kind, data):
+        _write_frame(channel, nonce, kind, data)
 
     def emit_record(levelno, body):
         _emit_line(f"{MARK}R{int(levelno)}{MARK}", body.replace("\n", " "))
@@ -218,7 +265,7 @@ def _enter_run_context(context):
         module.__file__ = "<prefect_modal.remote_context>"
         sys.modules[module.__name__] = module
         exec(compile(context["source"], module.__file__, "exec"), module.__dict__)
-        return module.enter(context, emit_record)
+        return module.enter(context, emit_record, send, replies, nonce, sys.modules[__name__])
     except Exception as exc:
         _emit_line(
             f"{MARK}L30{MARK}",
@@ -451,7 +498,7 @@ def main():
         )
         fail("load", "could not load the task's function and arguments: " + hint)
 
-    scope = _enter_run_context(context) if context is not None else None
+    scope = _enter_run_context(context, channel, nonce) if context is not None else None
     kind = "OK"
     try:
         try:

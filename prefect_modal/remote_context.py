@@ -14,11 +14,13 @@ otherwise need the API (parent/root flow run, URLs, deployment name/version).
 and are emitted there on the task run's logger, at their level, with their
 `extra` fields.
 
+Nested task calls and submits (`child.submit(x)`, `child.map(...)`,
+`child(x)`) are proxied: the flow process submits them through the flow's own
+runner (see `Proxy`), so each child has its own task run and sandbox.
+
 What it cannot give: the Prefect API.  The sandbox has no API key and no
 route to the API by design, so the context's client answers every request
-with an error that says so, and submitting or calling a task from here fails
-with a message that says what to write instead (never Prefect's "Unable to
-determine task runner").
+with an error that says so.
 """
 
 from __future__ import annotations
@@ -84,23 +86,175 @@ def _refuse_api() -> Any:
     return NoApiTransport()
 
 
-def _nested_message(child: str, parent: str, how: str) -> str:
-    return (
-        f"Task {child!r} was {how} inside task {parent!r}, which runs in a Modal sandbox. "
-        f"{API_UNAVAILABLE} So prefect-modal cannot record a task run for {child!r} from "
-        f"here. Instead: submit {child!r} from the flow and pass its future to {parent!r}; "
-        f"or call its function as plain Python in this sandbox with `{child}.fn(...)`; or "
-        f"run {parent!r} in the flow's process with modal_options(local=True), where "
-        "nested calls and submits work as in Prefect (a submitted child still gets its own "
-        "sandbox)."
-    )
+#: How a future travels inside submitted parameters (the flow process swaps in its own).
+FUTURE_REF = "__prefect_modal_future__"
 
 
-def _sandbox_task_runner(parent: str) -> Any:
+class Proxy:
+    """The sandbox's end of nested task calls: each is submitted by the flow process.
+
+    A request goes out on the private channel as a SUBMIT frame (the task, its
+    parameters, the futures it waits for); the flow process submits it through
+    the flow's own runner, under this task run's context, so the child gets its
+    own task run (with this one as its parent) and its own sandbox, and answers
+    on stdin: "accepted" with the child's task run id, later "done" with its
+    final state and value or exception.
+    """
+
+    def __init__(self, send: Any, replies_fd: int, nonce: str, remote: Any) -> None:
+        import threading
+
+        self._send = send
+        self._nonce = nonce
+        self._remote = remote
+        self._lock = threading.Lock()
+        self._next = 0
+        self._waiting: dict[int, Any] = {}
+        self._futures: dict[int, Any] = {}
+        threading.Thread(
+            target=self._read, args=(replies_fd,), name="prefect-modal-replies", daemon=True
+        ).start()
+
+    def submit(self, task: Any, parameters: dict[str, Any], wait_for: Any, how: str) -> Any:
+        import threading
+
+        import cloudpickle
+        from prefect.futures import PrefectFuture
+
+        with self._lock:
+            request = self._next
+            self._next += 1
+            accepted: dict[str, Any] = {"event": threading.Event()}
+            self._waiting[request] = accepted
+        waits = [f.task_run_id for f in (wait_for or []) if isinstance(f, PrefectFuture)]
+        try:
+            body = cloudpickle.dumps((request, how, task, _to_refs(parameters), waits))
+        except Exception as exc:
+            with self._lock:
+                self._waiting.pop(request, None)
+            raise TypeError(
+                f"prefect-modal could not send task {task.name!r} from this sandbox to the "
+                "flow process, which submits it: the task and its parameters must be "
+                f"picklable ({type(exc).__name__}: {exc}). Pass plain data."
+            ) from exc
+        self._send("SUBMIT", body)
+        accepted["event"].wait()
+        if "refused" in accepted:
+            raise RuntimeError(
+                f"prefect-modal could not submit task {task.name!r} from this sandbox: "
+                f"{accepted['refused']}"
+            )
+        return accepted["future"]
+
+    def _read(self, fd: int) -> None:
+        import pickle
+
+        reader = self._remote.FrameReader(self._nonce)
+        with open(fd, "rb", buffering=0) as stream:
+            while True:
+                chunk = stream.read(65536)
+                if not chunk:
+                    break
+                for kind, data in reader.feed(chunk.decode("ascii", "replace")):
+                    if kind == "REPLY":
+                        self._dispatch(*pickle.loads(data))
+
+    def _dispatch(self, request: int, event: str, payload: Any) -> None:
+        if event == "done":
+            future = self._futures.pop(request, None)
+            if future is not None:
+                future._finish(payload)
+            return
+        with self._lock:
+            accepted = self._waiting.pop(request, None)
+        if accepted is None:
+            return
+        if event == "accepted":
+            future = _remote_future(payload)
+            self._futures[request] = future
+            accepted["future"] = future
+        else:
+            accepted["refused"] = str(payload)
+        accepted["event"].set()
+
+
+def _to_refs(value: Any) -> Any:
+    """Futures among the parameters (top level and inside lists, tuples, dicts) as references."""
+    from prefect.futures import PrefectFuture
+
+    if isinstance(value, PrefectFuture):
+        return (FUTURE_REF, str(value.task_run_id))
+    if isinstance(value, dict):
+        return {k: _to_refs(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_to_refs(v) for v in value) if type(value) in (list, tuple) else value
+    return value
+
+
+def _remote_future(task_run_id: Any) -> Any:
+    import threading
+
+    from prefect.futures import PrefectFuture
+    from prefect.states import Completed, Crashed, Failed, Pending, State
+
+    class RemoteFuture(PrefectFuture[Any]):
+        """A child task run submitted by the flow process on this sandbox's behalf."""
+
+        def __init__(self, task_run_id: Any) -> None:
+            super().__init__(task_run_id)
+            self._done = threading.Event()
+            self._outcome: dict[str, Any] = {}
+            self._callbacks: list[Any] = []
+
+        @property
+        def state(self) -> State:
+            if not self._done.is_set():
+                return Pending()
+            assert self._final_state is not None
+            return self._final_state
+
+        def _finish(self, outcome: dict[str, Any]) -> None:
+            self._outcome = outcome
+            message = outcome.get("message")
+            if "value" in outcome:
+                self._final_state = Completed(data=outcome["value"], message=message)
+            elif outcome.get("type") == "CRASHED":
+                self._final_state = Crashed(data=outcome.get("exception"), message=message)
+            else:
+                self._final_state = Failed(data=outcome.get("exception"), message=message)
+            self._done.set()
+            for fn in list(self._callbacks):
+                fn(self)
+
+        def wait(self, timeout: float | None = None) -> None:
+            self._done.wait(timeout)
+
+        def result(self, timeout: float | None = None, raise_on_failure: bool = True) -> Any:
+            if not self._done.wait(timeout):
+                raise TimeoutError(f"task run {self.task_run_id} did not finish in {timeout}s")
+            if "value" in self._outcome:
+                return self._outcome["value"]
+            exc = self._outcome.get("exception")
+            if not isinstance(exc, BaseException):
+                exc = RuntimeError(self._outcome.get("message") or "the task run failed")
+            if raise_on_failure:
+                raise exc
+            return exc
+
+        def add_done_callback(self, fn: Any) -> None:
+            if self._done.is_set():
+                fn(self)
+            else:
+                self._callbacks.append(fn)
+
+    return RemoteFuture(task_run_id)
+
+
+def _sandbox_task_runner(proxy: Proxy) -> Any:
     from prefect.task_runners import TaskRunner
 
     class SandboxTaskRunner(TaskRunner[Any]):
-        """The flow's task runner as seen from inside a sandbox: refuses, explaining."""
+        """The flow's task runner as seen from a sandbox: submits through the flow process."""
 
         @property
         def name(self) -> str:
@@ -112,22 +266,41 @@ def _sandbox_task_runner(parent: str) -> Any:
         def submit(
             self, task: Any, parameters: Any, wait_for: Any = None, dependencies: Any = None
         ) -> Any:
-            raise RuntimeError(_nested_message(task.name, parent, "submitted"))
+            return proxy.submit(task, parameters, wait_for, "submit")
 
-        def map(self, task: Any, parameters: Any, wait_for: Any = None) -> Any:
-            raise RuntimeError(_nested_message(task.name, parent, "mapped"))
+    runner = SandboxTaskRunner()
+    runner._started = True
+    return runner
 
-    return SandboxTaskRunner()
 
+def _proxy_direct_calls(stack: ExitStack, proxy: Proxy) -> None:
+    """`child(x)` inside a sandboxed task: a child task run, submitted by the flow process,
+    whose result (or state) this call returns, as Prefect's nested call does."""
+    import asyncio
 
-def _refuse_direct_calls(stack: ExitStack, parent: str) -> None:
-    """`child(x)` in the sandbox would run Prefect's engine against the API: explain instead."""
     import prefect.task_engine as engine
 
     original = engine.run_task
 
-    def run_task(task: Any, *args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError(_nested_message(task.name, parent, "called"))
+    def run_task(
+        task: Any,
+        task_run_id: Any = None,
+        task_run: Any = None,
+        parameters: Any = None,
+        wait_for: Any = None,
+        return_type: str = "result",
+        **kwargs: Any,
+    ) -> Any:
+        def call() -> Any:
+            future = proxy.submit(task, parameters or {}, wait_for, "call")
+            if return_type == "state":
+                future.wait()
+                return future.state
+            return future.result()
+
+        if getattr(task, "isasync", False):
+            return asyncio.to_thread(call)
+        return call()
 
     engine.run_task = run_task  # type: ignore[assignment]
     stack.callback(setattr, engine, "run_task", original)
@@ -154,8 +327,14 @@ def _runtime_constants(stack: ExitStack, values: dict[str, dict[str, Any]]) -> N
             stack.callback(table.__setitem__, name, previous)
 
 
-def enter(data: dict[str, Any], emit_record: Any) -> ExitStack:
-    """Enter the run context described by `data`; close the returned stack to leave it."""
+def enter(
+    data: dict[str, Any], emit_record: Any, send: Any, replies_fd: int, nonce: str, bootstrap: Any
+) -> ExitStack:
+    """Enter the run context described by `data`; close the returned stack to leave it.
+
+    `send(kind, bytes)` writes a frame on the private channel, `replies_fd` reads
+    the flow process's answers, `bootstrap` is the running `remote.py` (its frame helpers).
+    """
     from prefect._internal.result_records import ResultRecordMetadata
     from prefect.client.orchestration import SyncPrefectClient
     from prefect.context import (
@@ -189,7 +368,7 @@ def enter(data: dict[str, Any], emit_record: Any) -> ExitStack:
             httpx_settings={"transport": _refuse_api()},
         )
         task = data["task"]
-        parent = task.name
+        proxy = Proxy(send, replies_fd, nonce, bootstrap)
         flow_data = data.get("flow")
         if flow_data is not None:
             flow = Flow(
@@ -205,7 +384,7 @@ def enter(data: dict[str, Any], emit_record: Any) -> ExitStack:
                     flow_run=flow_data["flow_run"],
                     parameters=flow_data.get("parameters"),
                     log_prints=bool(flow_data.get("log_prints")),
-                    task_runner=_sandbox_task_runner(parent),
+                    task_runner=_sandbox_task_runner(proxy),
                     result_store=ResultStore(),
                     client=client,
                     detached=True,
@@ -231,7 +410,7 @@ def enter(data: dict[str, Any], emit_record: Any) -> ExitStack:
             )
         )
         _runtime_constants(stack, data.get("runtime") or {})
-        _refuse_direct_calls(stack, parent)
+        _proxy_direct_calls(stack, proxy)
     except BaseException:
         stack.close()
         raise

@@ -37,6 +37,7 @@ import cloudpickle
 from prefect_modal import packages, remote, sandboxes
 from prefect_modal import tags as tag_keys
 from prefect_modal.artifacts import SandboxArtifact, write_sandbox_artifact
+from prefect_modal.nested import NestedCalls
 from prefect_modal.settings import DEFAULT_TIMEOUT_SECONDS, SandboxSpec
 
 #: The Python minor version the payload is pickled with; the sandbox must match.
@@ -455,6 +456,8 @@ class SandboxCall:
     #: Captures the task run's Prefect context (in the engine thread); used only
     #: when the call's code refers to Prefect.
     capture_context: Callable[[], dict[str, Any]] | None = None
+    #: Submits a task on the flow's runner: how nested submits from the sandbox run.
+    submit_child: Callable[..., Any] | None = None
     nonce: str = field(default_factory=lambda: secrets.token_hex(16))
 
     def __post_init__(self) -> None:
@@ -470,6 +473,9 @@ class SandboxCall:
         self._finished = False
         self._running_timer: threading.Timer | None = None
         self.requirements = packages.Requirements(modules=(), pins=())
+        self._nested: NestedCalls | None = None
+        self._stdin_lock = threading.Lock()
+        self._stdout_chunks: list[str] = []
 
     # -- the engine thread ---------------------------------------------------------
 
@@ -484,6 +490,10 @@ class SandboxCall:
         if with_context:
             assert self.capture_context is not None
             payload = dumps_call(self.fn, self.args, self.kwargs, self.capture_context())
+            if self.submit_child is not None:
+                self._nested = NestedCalls(
+                    self.submit_child, self._reply, self.nonce, copy_context(), self.run_logger
+                )
         self.spec = self._with_packages(self.spec)
         header = remote.make_header(
             self.nonce,
@@ -637,13 +647,19 @@ class SandboxCall:
                     pass
             else:
                 try:
-                    sandboxes.send_stdin(sandbox, stdin_data)
+                    with self._stdin_lock:
+                        sandboxes.send_stdin(sandbox, stdin_data, eof=self._nested is None)
                 except Exception:
                     if not self._cancel_reason:
                         raise  # else: it was terminated under us; the outcome says so
+            stdout_reader = self._follow_stdout(sandbox) if self._nested else None
             sandboxes.follow_stderr(sandbox, self._on_line)
             returncode = sandboxes.wait_returncode(sandbox)
-            output = sandboxes.read_stdout(sandbox)
+            if stdout_reader is not None:
+                stdout_reader.join(timeout=30)
+                output = "".join(self._stdout_chunks)
+            else:
+                output = sandboxes.read_stdout(sandbox)
             with self._lock:  # finished: nothing is left to terminate (see `cancel`)
                 self._finished = True
             sandboxes.detach(sandbox)
@@ -660,6 +676,39 @@ class SandboxCall:
             self.env.semaphore.release()
             self.env.registry.discard(self)
             self._done.set()
+
+    def _follow_stdout(self, sandbox: Any) -> threading.Thread:
+        """Read the private channel while the call runs: nested submits arrive on it."""
+        nested = self._nested
+        assert nested is not None
+        reader = remote.FrameReader(self.nonce)
+
+        def on_chunk(chunk: str) -> None:
+            self._stdout_chunks.append(chunk)
+            for kind, body in reader.feed(chunk):
+                nested.on_frame(kind, body)
+
+        def follow() -> None:
+            try:
+                sandboxes.follow_stdout(sandbox, on_chunk)
+            except Exception as exc:  # the outcome is judged from what arrived
+                logger.debug("prefect-modal: reading the channel ended early: %s", exc)
+
+        thread = threading.Thread(target=follow, name="prefect-modal-channel", daemon=True)
+        thread.start()
+        return thread
+
+    def _reply(self, data: bytes) -> None:
+        """An answer to a nested submit, on the sandbox's stdin."""
+        with self._lock:
+            sandbox = None if self._finished else self._sandbox
+        if sandbox is None:
+            return
+        try:
+            with self._stdin_lock:
+                sandboxes.send_stdin(sandbox, data, eof=False)
+        except Exception as exc:  # the sandbox ended meanwhile
+            logger.debug("prefect-modal: a nested reply could not be sent: %s", exc)
 
     def _call_spec(self) -> SandboxSpec:
         """The spec with the sandbox's lifetime capped to the task's timeout (plus grace)."""

@@ -481,6 +481,7 @@ def _call_for(
         capture_context=lambda: run_context.capture(
             ctx, fn, plain_containers(dict(ctx.parameters or {}))
         ),
+        submit_child=runner.submit,
     )
 
 

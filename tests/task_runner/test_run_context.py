@@ -226,36 +226,87 @@ def child(x: int) -> int:
 
 
 @task
+def failing_child(x: int) -> int:
+    raise ValueError(f"child failed on {x}")
+
+
+@task
 def submits_child(x: int) -> int:
     return child.submit(x).result()
 
 
 @task
-def calls_child(x: int) -> int:
-    return child(x)
+def parent_of_many(x: int) -> dict[str, Any]:
+    first = child.submit(x)
+    second = child.submit(first)  # a future passed on: lineage, as in the flow
+    mapped = child.map([1, 2])
+    direct = child(x + 1)  # a nested call: a child task run, its result returned
+    try:
+        failing_child(x)
+        raised = None
+    except ValueError as exc:
+        raised = str(exc)
+    return {
+        "second": second.result(),
+        "mapped": mapped.result(),
+        "direct": direct,
+        "raised": raised,
+        "ids": [str(first.task_run_id), str(second.task_run_id)],
+    }
 
 
-@task
-def calls_child_fn(x: int) -> int:
-    return child.fn(x)
+def _task_run(task_run_id: Any) -> Any:
+    with get_client(sync_client=True) as client:
+        return client.read_task_run(uuid.UUID(str(task_run_id)))
 
 
-def test_nested_task_calls_fail_saying_what_to_write(make_runner):
+def test_nested_submits_and_calls_are_proxied_to_the_flow(make_runner, modal_server):
     @flow(task_runner=make_runner())
     def f():
-        futures = [t.submit(2) for t in (submits_child, calls_child, calls_child_fn)]
-        for fut in futures:
-            fut.wait()
-        return [fut.state for fut in futures]
+        fut = parent_of_many.submit(2)
+        return fut.result(), fut.task_run_id, _flow_run_id()
 
-    submitted, called, by_fn = f()
-    assert submitted.is_failed() and called.is_failed()
-    for state, how in ((submitted, "submitted"), (called, "called")):
-        message = state.message
-        assert "Unable to determine task runner" not in message
-        assert f"Task 'child' was {how} inside task" in message
-        assert "child.fn(...)" in message and "modal_options(local=True)" in message
-    assert by_fn.result() == 20
+    result, parent_id, flow_run_id = f()
+    assert result["second"] == 200 and result["mapped"] == [10, 20] and result["direct"] == 30
+    assert result["raised"] == "child failed on 2"
+    records = sandboxes_of(modal_server, flow_run_id)
+    by_task = {}
+    for record in records:
+        by_task.setdefault(record.tags["prefect.task-name"], []).append(record)
+    # every child ran in a sandbox of its own, as a task run of the same flow run
+    assert len(by_task["child"]) == 5 and len(by_task["failing_child"]) == 1
+    assert len(by_task["parent_of_many"]) == 1
+    first_id, second_id = result["ids"]
+
+    def recorded() -> Any:
+        second = _task_run(second_id)
+        return second if second.task_inputs.get("__parents__") else None
+
+    second = wait_until(recorded, timeout=30, what="the nested child task run with its parent")
+    assert {str(i.id) for i in second.task_inputs["__parents__"]} == {str(parent_id)}
+    assert {str(i.id) for i in second.task_inputs["x"]} == {first_id}  # upstream lineage
+    assert str(second.flow_run_id) == flow_run_id
+
+
+def test_a_refused_nested_submit_says_why(make_runner):
+    @task
+    def submits_unpicklable() -> str:
+        import threading
+
+        try:
+            child.submit(threading.Lock())  # cannot travel to the flow process
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return "no error"
+
+    @flow(task_runner=make_runner())
+    def f():
+        return submits_unpicklable.submit().result()
+
+    message = f()
+    assert "Unable to determine task runner" not in message
+    assert message.startswith("TypeError: prefect-modal could not send task 'child'")
+    assert "must be picklable" in message and "lock" in message
 
 
 def test_a_local_parent_submits_children_to_their_own_sandboxes(make_runner, modal_server):
