@@ -192,60 +192,42 @@ def _to_refs(value: Any) -> Any:
 
 
 def _remote_future(task_run_id: Any) -> Any:
-    import threading
+    """What a nested submit returns: the type ThreadPoolTaskRunner returns, a
+    `PrefectConcurrentFuture`, whose wrapped future gets the child's final state
+    when the flow process reports it."""
+    import concurrent.futures
 
-    from prefect.futures import PrefectFuture
+    from prefect.futures import PrefectConcurrentFuture
     from prefect.states import Completed, Crashed, Failed, Pending, State
 
-    class RemoteFuture(PrefectFuture[Any]):
+    class RemoteFuture(PrefectConcurrentFuture[Any]):
         """A child task run submitted by the flow process on this sandbox's behalf."""
 
         def __init__(self, task_run_id: Any) -> None:
-            super().__init__(task_run_id)
-            self._done = threading.Event()
-            self._outcome: dict[str, Any] = {}
-            self._callbacks: list[Any] = []
+            super().__init__(task_run_id, concurrent.futures.Future())
 
         @property
         def state(self) -> State:
-            if not self._done.is_set():
-                return Pending()
+            if self._final_state is not None:
+                return self._final_state
+            if not self._wrapped_future.done():
+                return Pending()  # the API that knows better is out of reach
+            self.wait()
             assert self._final_state is not None
             return self._final_state
 
         def _finish(self, outcome: dict[str, Any]) -> None:
-            self._outcome = outcome
             message = outcome.get("message")
+            state: State
             if "value" in outcome:
-                self._final_state = Completed(data=outcome["value"], message=message)
-            elif outcome.get("type") == "CRASHED":
-                self._final_state = Crashed(data=outcome.get("exception"), message=message)
+                state = Completed(data=outcome["value"], message=message)
             else:
-                self._final_state = Failed(data=outcome.get("exception"), message=message)
-            self._done.set()
-            for fn in list(self._callbacks):
-                fn(self)
-
-        def wait(self, timeout: float | None = None) -> None:
-            self._done.wait(timeout)
-
-        def result(self, timeout: float | None = None, raise_on_failure: bool = True) -> Any:
-            if not self._done.wait(timeout):
-                raise TimeoutError(f"task run {self.task_run_id} did not finish in {timeout}s")
-            if "value" in self._outcome:
-                return self._outcome["value"]
-            exc = self._outcome.get("exception")
-            if not isinstance(exc, BaseException):
-                exc = RuntimeError(self._outcome.get("message") or "the task run failed")
-            if raise_on_failure:
-                raise exc
-            return exc
-
-        def add_done_callback(self, fn: Any) -> None:
-            if self._done.is_set():
-                fn(self)
-            else:
-                self._callbacks.append(fn)
+                exc = outcome.get("exception")
+                if not isinstance(exc, BaseException):
+                    exc = RuntimeError(message or "the task run failed")
+                kind = Crashed if outcome.get("type") == "CRASHED" else Failed
+                state = kind(data=exc, message=message)
+            self._wrapped_future.set_result(state)  # type: ignore[arg-type]
 
     return RemoteFuture(task_run_id)
 
