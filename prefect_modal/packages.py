@@ -182,3 +182,89 @@ def pins_for(modules: Iterable[str]) -> list[str]:
             except importlib.metadata.PackageNotFoundError:
                 continue
     return sorted(pins)
+
+
+#: Payloads up to this size are read opcode by opcode (exact, and cheap at this
+#: size); the function's own pickle always is.  Larger ones are mostly data, and
+#: reading a pickle in Python costs about a microsecond per opcode (a second
+#: for a list of 300,000 ints), so their values are sampled by type instead.
+EXACT_SCAN_BYTES = 16 * 1024
+
+#: Objects looked at when sampling the types of a call's arguments.
+VALUE_SAMPLE = 2000
+
+_fn_cache: dict[Any, frozenset[str]] = {}
+_fn_cache_lock = threading.Lock()
+
+
+def _fn_modules(fn: Callable[..., Any], user_module: Callable[[str], bool]) -> frozenset[str]:
+    """Modules the function's pickle and code refer to; cached per function object."""
+    import cloudpickle
+
+    with _fn_cache_lock:
+        hit = _fn_cache.get(fn)
+    if hit is not None:
+        return hit
+    try:
+        found = pickle_modules(cloudpickle.dumps(fn))
+    except Exception:  # the whole call's pickle failed earlier or will say why
+        found = set()
+    modules = frozenset(found | code_modules(fn, user_module))
+    with _fn_cache_lock:
+        if len(_fn_cache) > 512:
+            _fn_cache.clear()
+        _fn_cache[fn] = modules
+    return modules
+
+
+def value_modules(
+    values: Iterable[Any], limit: int = VALUE_SAMPLE, per_container: int = 64
+) -> set[str]:
+    """Top-level modules of the types of `values` and of what they hold, breadth first:
+    `limit` objects at most, the first `per_container` items of each container (a
+    homogeneous list shows its type at once)."""
+    from collections import deque
+    from itertools import islice
+
+    found: set[str] = set()
+    pending: deque[Any] = deque(values)
+    seen = 0
+    while pending and seen < limit:
+        obj = pending.popleft()
+        seen += 1
+        cls = type(obj)
+        if cls in (str, bytes, bytearray, int, float, bool, type(None), complex):
+            continue
+        for base in getattr(cls, "__mro__", (cls,)):  # a user class by value needs its bases
+            module = getattr(base, "__module__", None) or ""
+            if module != "builtins":
+                found.add(module.partition(".")[0])
+        if isinstance(obj, dict):
+            for key, value in islice(obj.items(), per_container):
+                pending.append(key)
+                pending.append(value)
+        elif isinstance(obj, list | tuple | set | frozenset):
+            pending.extend(islice(obj, per_container))
+        elif isinstance(obj, type):
+            found.add((obj.__module__ or "").partition(".")[0])
+        else:
+            state = getattr(obj, "__dict__", None)
+            if isinstance(state, dict):
+                pending.extend(islice(state.values(), per_container))
+    return found
+
+
+def call_modules(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    payload: bytes,
+    user_module: Callable[[str], bool],
+) -> set[str]:
+    """Top-level modules a pickled call refers to (see `EXACT_SCAN_BYTES`)."""
+    modules = set(_fn_modules(fn, user_module))
+    if len(payload) <= EXACT_SCAN_BYTES:
+        modules |= pickle_modules(payload)
+    else:
+        modules |= value_modules([*args, *kwargs.values()])
+    return modules

@@ -483,7 +483,7 @@ class SandboxCall:
         """Run the call and return what the function returned (or raise what it raised)."""
         payload = dumps_call(self.fn, self.args, self.kwargs)
         self.requirements = packages.requirements(
-            packages.pickle_modules(payload) | packages.code_modules(self.fn, is_user_module),
+            packages.call_modules(self.fn, self.args, self.kwargs, payload, is_user_module),
             is_user_module,
         )
         with_context = self.requirements.uses_prefect and self.capture_context is not None

@@ -283,7 +283,9 @@ def test_nested_submits_and_calls_are_proxied_to_the_flow(make_runner, modal_ser
         return second if second.task_inputs.get("__parents__") else None
 
     second = wait_until(recorded, timeout=30, what="the nested child task run with its parent")
-    assert {str(i.id) for i in second.task_inputs["__parents__"]} == {str(parent_id)}
+    parents = {str(i.id) for i in second.task_inputs["__parents__"]}
+    # Prefect also counts an input whose task run is still running as a parent
+    assert str(parent_id) in parents and parents <= {str(parent_id), first_id}
     assert {str(i.id) for i in second.task_inputs["x"]} == {first_id}  # upstream lineage
     assert str(second.flow_run_id) == flow_run_id
 
