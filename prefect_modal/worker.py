@@ -56,7 +56,10 @@ if TYPE_CHECKING:
     from prefect_modal.targets import Target
 
 #: The SandboxSpec fields that are job variables one to one.
-SPEC_FIELDS: tuple[str, ...] = tuple(name for name in SandboxSpec.model_fields if name != "env")
+#: `auto_packages` is the per-step runner's (a pool's flow sandbox has its own image rule).
+SPEC_FIELDS: tuple[str, ...] = tuple(
+    name for name in SandboxSpec.model_fields if name not in ("env", "auto_packages")
+)
 
 #: Spec fields that describe the image; ZenML refuses per-step Docker settings in
 #: its pipeline mode for the same reason we refuse per-task ones: one sandbox
