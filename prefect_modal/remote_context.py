@@ -34,7 +34,8 @@ from typing import Any
 API_UNAVAILABLE = (
     "The Prefect API is not available inside a Modal sandbox started by ModalTaskRunner: "
     "the sandbox has no Prefect API key and no route to the API, by design (the task "
-    "engine, its states, results and logs stay in the flow's process)."
+    "engine, its states, results and logs stay in the flow's process). Do API work in "
+    "the flow, or in a task run in the flow's process with modal_options(local=True)."
 )
 
 #: LogRecord attributes that are not user `extra` (Prefect's own ids are re-added

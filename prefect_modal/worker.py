@@ -56,10 +56,7 @@ if TYPE_CHECKING:
     from prefect_modal.targets import Target
 
 #: The SandboxSpec fields that are job variables one to one.
-#: `auto_packages` is the per-step runner's (a pool's flow sandbox has its own image rule).
-SPEC_FIELDS: tuple[str, ...] = tuple(
-    name for name in SandboxSpec.model_fields if name not in ("env", "auto_packages")
-)
+SPEC_FIELDS: tuple[str, ...] = tuple(name for name in SandboxSpec.model_fields if name != "env")
 
 #: Spec fields that describe the image; ZenML refuses per-step Docker settings in
 #: its pipeline mode for the same reason we refuse per-task ones: one sandbox
@@ -229,6 +226,9 @@ class ModalWorkerJobConfiguration(BaseJobConfiguration):
     )
     pip_packages: list[str] | None = Field(
         default=None, description=SandboxSpec.model_fields["pip_packages"].description
+    )
+    auto_packages: bool | None = Field(
+        default=None, description=SandboxSpec.model_fields["auto_packages"].description
     )
     secrets: list[str] | None = Field(
         default=None, description=SandboxSpec.model_fields["secrets"].description
