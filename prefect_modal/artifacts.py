@@ -158,11 +158,18 @@ def cost_note(records: list[SandboxArtifact]) -> str:
 
 
 def _short(run_id: UUID | str) -> str:
-    return str(run_id).replace("-", "")[:8]
+    """The whole id as 32 hex digits.
+
+    Run ids are UUIDv7: their first 48 bits are a millisecond timestamp, so any
+    prefix short enough to read is shared by every run created in the same
+    minute, and Prefect treats artifacts with one key as versions of one
+    artifact (the UI shows only the latest).  Only the whole id is unique.
+    """
+    return UUID(str(run_id)).hex
 
 
 def task_artifact_key(task_run_id: UUID | str) -> str:
-    """Prefect keys are `^[a-z0-9-]*$`; eight hex digits keep them readable."""
+    """Prefect keys are `^[a-z0-9-]*$`: our prefix and the task run id's hex."""
     return f"{KEY_PREFIX}{_short(task_run_id)}"
 
 

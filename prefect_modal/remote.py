@@ -11,8 +11,13 @@ cheap part of `site` and `_LateSite` the rest on the first import that misses.
 The protocol (one call per process):
 
 * stdin: one header line of ``key=value`` words (protocol, nonce, expected
-  Python ``X.Y``, payload size, result size limit, log level), then exactly
-  ``size`` bytes of ``cloudpickle.dumps((fn, args, kwargs))``.
+  Python ``X.Y``, payload size, result size limit, log level, the top-level
+  modules the call needs, whether it carries a run context), then exactly
+  ``size`` bytes of ``cloudpickle.dumps((fn, args, kwargs))``, or of
+  ``(fn, args, kwargs, context)`` for a call whose code uses Prefect: then
+  the context holds the source of ``remote_context.py``, which rebuilds the
+  task run's Prefect context around the call (the only case where the
+  sandbox imports Prefect).
 * the private channel: fd 1 as the sandbox started, duplicated before any user
   code runs; fd 1 is then pointed at a pipe whose lines the bootstrap re-emits
   on stderr with a marker.  User prints, subprocesses and C extensions can
@@ -24,8 +29,9 @@ The protocol (one call per process):
   do its job: Python version mismatch, unloadable payload, result too large).
 * stderr: every line is the user's output.  Lines that start with ``MARK`` carry
   their origin: ``\\x1fO\\x1f`` stdout (INFO), ``\\x1fL<levelno>\\x1f`` a ``logging``
-  record at that level, ``\\x1fB\\x1f`` a bootstrap notice.  Unmarked lines are raw
-  stderr (WARNING on the Prefect side).
+  record at that level, ``\\x1fR<levelno>\\x1f`` a record of Prefect's run logger
+  as one line of JSON (name, message, extra fields), ``\\x1fB\\x1f`` a bootstrap
+  notice.  Unmarked lines are raw stderr (WARNING on the Prefect side).
 
 The same file is imported by the runner for the frame and line helpers below,
 so both ends of the protocol live in one place.
@@ -78,6 +84,35 @@ def decode_frames(nonce, text):
     return frames
 
 
+class FrameReader:
+    """Frames carrying `nonce` from a stream read piece by piece (`feed` returns the
+    frames completed so far): how each end reads the other while the call runs."""
+
+    def __init__(self, nonce):
+        self.nonce = nonce
+        self._pending = ""
+        self._header = None
+        self._body = None
+
+    def feed(self, text):
+        frames = []
+        lines = (self._pending + text).split("\n")
+        self._pending = lines.pop()
+        for line in lines:
+            if self._header is None:
+                parts = line.split(" ")
+                if len(parts) == 3 and parts[0] == self.nonce and parts[2].isdigit():
+                    self._header = parts
+            elif self._body is None:
+                self._body = line
+            else:
+                kind, size = self._header[1], int(self._header[2])
+                if line == self.nonce + " END" and len(self._body) == size:
+                    frames.append((kind, binascii.a2b_base64(self._body)))
+                self._header = self._body = None
+        return frames
+
+
 def hello_nonce(text):
     """The nonce of the first HELLO frame in `text`: how a process that attaches to a
     sandbox started by an earlier one reads that call's outcome."""
@@ -101,10 +136,12 @@ def classify_line(line):
                 return "bootstrap", 10, text
             if tag[:1] == "L" and tag[1:].isdigit():
                 return "log", int(tag[1:]), text
+            if tag[:1] == "R" and tag[1:].isdigit():
+                return "record", int(tag[1:]), text
     return "stderr", 30, line
 
 
-def make_header(nonce, size, python, max_result_bytes, log_level=20):
+def make_header(nonce, size, python, max_result_bytes, log_level=20, needs=(), context=False):
     """The first stdin line: ``key=value`` words (no JSON: the bootstrap avoids `json`'s
     import cost, which is a measurable share of a trivial task)."""
     fields = {
@@ -114,6 +151,8 @@ def make_header(nonce, size, python, max_result_bytes, log_level=20):
         "python": python,
         "max_result_bytes": int(max_result_bytes),
         "log_level": int(log_level),
+        "needs": ",".join(needs),
+        "context": 1 if context else 0,
     }
     return (
         "prefect-modal " + " ".join("{}={}".format(*kv) for kv in fields.items()) + "\n"
@@ -164,12 +203,77 @@ def _pump_stdout(read_fd):
         _emit_line(STDOUT_TAG, pending.decode("utf-8", "replace"))
 
 
+_channel_lock = threading.Lock()
+
+
 def _write_frame(fd, nonce, kind, data):
+    """One whole frame on the channel (user threads may send nested submits meanwhile)."""
     payload = encode_frame(nonce, kind, data).encode("ascii")
     view = memoryview(payload)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
+    with _channel_lock:
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+
+
+def _missing_modules(names):
+    """The top-level modules among `names` that this interpreter cannot find."""
+    import importlib.util
+
+    missing = []
+    for name in names:
+        try:
+            if importlib.util.find_spec(name) is None:
+                missing.append(name)
+        except (ImportError, ValueError):
+            missing.append(name)
+    return missing
+
+
+def _prefect_environment():
+    """Prefect in a sandbox: no API to send logs to, no ephemeral server to start
+    (the user's own env settings win)."""
+    import tempfile
+
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "false")
+    os.environ.setdefault("PREFECT_HOME", os.path.join(tempfile.gettempdir(), "prefect-home"))
+
+
+def _enter_run_context(context, channel, nonce):
+    """Rebuild the task run's Prefect context; None (with a warning line) if it can't be.
+
+    Nested submits go out on the channel as SUBMIT frames; the flow process's
+    replies come in on stdin, which is taken from the user's code here (fd 0
+    becomes /dev/null, as a sandbox's stdin would be at its end).
+    """
+    import types
+
+    replies = os.dup(0)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+
+    def send(kind, data):
+        _write_frame(channel, nonce, kind, data)
+
+    def emit_record(levelno, body):
+        _emit_line(f"{MARK}R{int(levelno)}{MARK}", body.replace("\n", " "))
+
+    try:
+        module = types.ModuleType("prefect_modal_remote_context")
+        module.__file__ = "<prefect_modal.remote_context>"
+        sys.modules[module.__name__] = module
+        exec(compile(context["source"], module.__file__, "exec"), module.__dict__)
+        return module.enter(context, emit_record, send, replies, nonce, sys.modules[__name__])
+    except Exception as exc:
+        _emit_line(
+            f"{MARK}L30{MARK}",
+            "prefect-modal: the Prefect run context could not be rebuilt in this sandbox "
+            f"({type(exc).__name__}: {exc}); get_run_logger() and prefect.runtime are "
+            "unavailable to this call",
+        )
+        return None
 
 
 def _install_logging(level):
@@ -371,10 +475,19 @@ def main():
     pump.start()
     _install_logging(int(header.get("log_level") or 20))
 
+    needs = [name for name in (header.get("needs") or "").split(",") if name]
+    missing = _missing_modules(needs) if needs else []
+    if missing:
+        fail("missing", ",".join(missing))
+    if header.get("context") == "1":
+        _prefect_environment()
+
     try:
         import pickle
 
-        fn, args, kwargs = pickle.loads(payload)
+        loaded = pickle.loads(payload)
+        fn, args, kwargs = loaded[0], loaded[1], loaded[2]
+        context = loaded[3] if len(loaded) > 3 else None
     except Exception as exc:
         missing = getattr(exc, "name", None) if isinstance(exc, ImportError) else None
         hint = (
@@ -385,13 +498,18 @@ def main():
         )
         fail("load", "could not load the task's function and arguments: " + hint)
 
+    scope = _enter_run_context(context, channel, nonce) if context is not None else None
     kind = "OK"
     try:
-        result = fn(*args, **kwargs)
-        if isinstance(result, types.CoroutineType):
-            import asyncio
+        try:
+            result = fn(*args, **kwargs)
+            if isinstance(result, types.CoroutineType):
+                import asyncio
 
-            result = asyncio.run(result)
+                result = asyncio.run(result)
+        finally:
+            if scope is not None:
+                scope.close()
         body = _dumps(result)
         limit = int(header.get("max_result_bytes") or 0)
         if limit and len(body) > limit:

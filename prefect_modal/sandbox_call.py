@@ -13,6 +13,7 @@ Nothing here imports `modal`: sandboxes go through `prefect_modal.sandboxes`.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -33,9 +34,10 @@ from uuid import UUID
 
 import cloudpickle
 
-from prefect_modal import events, remote, sandboxes
+from prefect_modal import events, packages, remote, sandboxes
 from prefect_modal import tags as tag_keys
 from prefect_modal.artifacts import SandboxArtifact, write_sandbox_artifact
+from prefect_modal.nested import NestedCalls
 from prefect_modal.settings import DEFAULT_TIMEOUT_SECONDS, SandboxSpec
 
 #: The Python minor version the payload is pickled with; the sandbox must match.
@@ -212,12 +214,24 @@ def plain_containers(value: Any, _path: frozenset[int] = frozenset()) -> Any:
     return elements if base is list else tuple(elements)
 
 
-def dumps_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
-    """cloudpickle `(fn, args, kwargs)`, the user's modules by value; a clear error if it can't."""
+def is_user_module(top: str) -> bool:
+    """True for a top-level module that travels by value (see `register_user_modules`)."""
+    return top == "__main__" or _by_value_seen.get(top, False)
+
+
+def dumps_call(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    context: dict[str, Any] | None = None,
+) -> bytes:
+    """cloudpickle `(fn, args, kwargs[, context])`, the user's modules by value; a clear
+    error if it can't."""
     register_user_modules()
     args, kwargs = plain_containers(args), plain_containers(kwargs)
+    call: tuple[Any, ...] = (fn, args, kwargs) if context is None else (fn, args, kwargs, context)
     try:
-        return cloudpickle.dumps((fn, args, kwargs), protocol=pickle.DEFAULT_PROTOCOL)
+        return cloudpickle.dumps(call, protocol=pickle.DEFAULT_PROTOCOL)
     except Exception as exc:
         raise TypeError(
             f"{getattr(fn, '__qualname__', fn)!r} and its arguments must be picklable to run "
@@ -439,6 +453,11 @@ class SandboxCall:
     info: CallInfo
     env: CallEnvironment
     run_logger: Any
+    #: Captures the task run's Prefect context (in the engine thread); used only
+    #: when the call's code refers to Prefect.
+    capture_context: Callable[[], dict[str, Any]] | None = None
+    #: Submits a task on the flow's runner: how nested submits from the sandbox run.
+    submit_child: Callable[..., Any] | None = None
     nonce: str = field(default_factory=lambda: secrets.token_hex(16))
 
     def __post_init__(self) -> None:
@@ -454,14 +473,37 @@ class SandboxCall:
         self._finished = False
         self._running_timer: threading.Timer | None = None
         self._events: events.SandboxEvents | None = None
+        self.requirements = packages.Requirements(modules=(), pins=())
+        self._nested: NestedCalls | None = None
+        self._stdin_lock = threading.Lock()
+        self._stdout_chunks: list[str] = []
 
     # -- the engine thread ---------------------------------------------------------
 
     def run(self) -> Any:
         """Run the call and return what the function returned (or raise what it raised)."""
         payload = dumps_call(self.fn, self.args, self.kwargs)
+        self.requirements = packages.requirements(
+            packages.call_modules(self.fn, self.args, self.kwargs, payload, is_user_module),
+            is_user_module,
+        )
+        with_context = self.requirements.uses_prefect and self.capture_context is not None
+        if with_context:
+            assert self.capture_context is not None
+            payload = dumps_call(self.fn, self.args, self.kwargs, self.capture_context())
+            if self.submit_child is not None:
+                self._nested = NestedCalls(
+                    self.submit_child, self._reply, self.nonce, copy_context(), self.run_logger
+                )
+        self.spec = self._with_packages(self.spec)
         header = remote.make_header(
-            self.nonce, len(payload), LOCAL_PYTHON, self.env.max_result_bytes, self.env.log_level
+            self.nonce,
+            len(payload),
+            LOCAL_PYTHON,
+            self.env.max_result_bytes,
+            self.env.log_level,
+            needs=self.requirements.modules,
+            context=with_context,
         )
         self.env.registry.add(self)
         driving = False
@@ -494,6 +536,25 @@ class SandboxCall:
             if not driving:
                 self.env.registry.discard(self)
         return self._result()
+
+    def _with_packages(self, spec: SandboxSpec) -> SandboxSpec:
+        """The default image plus the installed distributions the call refers to.
+
+        A registry image is the user's (the bootstrap checks it instead, and
+        names what is missing); `auto_packages=False` turns this off; a
+        distribution already in `pip_packages` keeps the user's requirement.
+        """
+        if spec.image or spec.auto_packages is False:
+            return spec
+        added = packages.missing_pins(self.requirements.pins, spec.pip_packages or ())
+        if not added:
+            return spec
+        self.run_logger.info(
+            "Adding to the default image the flow environment's versions of the packages this "
+            "call refers to: %s (turn off with modal_options(auto_packages=False))",
+            ", ".join(added),
+        )
+        return spec.merged_with(SandboxSpec(pip_packages=added))
 
     def _deadline(self) -> float | None:
         if not self.info.timeout_seconds:
@@ -587,15 +648,21 @@ class SandboxCall:
                     pass
             else:
                 try:
-                    sandboxes.send_stdin(sandbox, stdin_data)
+                    with self._stdin_lock:
+                        sandboxes.send_stdin(sandbox, stdin_data, eof=self._nested is None)
                 except Exception:
                     if not self._cancel_reason:
                         raise  # else: it was terminated under us; the outcome says so
             if self._events is not None:
                 self._events.running()
+            stdout_reader = self._follow_stdout(sandbox) if self._nested else None
             sandboxes.follow_stderr(sandbox, self._on_line)
             returncode = sandboxes.wait_returncode(sandbox)
-            output = sandboxes.read_stdout(sandbox)
+            if stdout_reader is not None:
+                stdout_reader.join(timeout=30)
+                output = "".join(self._stdout_chunks)
+            else:
+                output = sandboxes.read_stdout(sandbox)
             with self._lock:  # finished: nothing is left to terminate (see `cancel`)
                 self._finished = True
             sandboxes.detach(sandbox)
@@ -613,6 +680,39 @@ class SandboxCall:
             self.env.registry.discard(self)
             self._done.set()
 
+    def _follow_stdout(self, sandbox: Any) -> threading.Thread:
+        """Read the private channel while the call runs: nested submits arrive on it."""
+        nested = self._nested
+        assert nested is not None
+        reader = remote.FrameReader(self.nonce)
+
+        def on_chunk(chunk: str) -> None:
+            self._stdout_chunks.append(chunk)
+            for kind, body in reader.feed(chunk):
+                nested.on_frame(kind, body)
+
+        def follow() -> None:
+            try:
+                sandboxes.follow_stdout(sandbox, on_chunk)
+            except Exception as exc:  # the outcome is judged from what arrived
+                logger.debug("prefect-modal: reading the channel ended early: %s", exc)
+
+        thread = threading.Thread(target=follow, name="prefect-modal-channel", daemon=True)
+        thread.start()
+        return thread
+
+    def _reply(self, data: bytes) -> None:
+        """An answer to a nested submit, on the sandbox's stdin."""
+        with self._lock:
+            sandbox = None if self._finished else self._sandbox
+        if sandbox is None:
+            return
+        try:
+            with self._stdin_lock:
+                sandboxes.send_stdin(sandbox, data, eof=False)
+        except Exception as exc:  # the sandbox ended meanwhile
+            logger.debug("prefect-modal: a nested reply could not be sent: %s", exc)
+
     def _call_spec(self) -> SandboxSpec:
         """The spec with the sandbox's lifetime capped to the task's timeout (plus grace)."""
         if not self.info.timeout_seconds:
@@ -627,10 +727,28 @@ class SandboxCall:
         if origin == "bootstrap":
             self.run_logger.debug(text)
             return
+        if origin == "record":
+            self._on_record(level, text)
+            return
         self._tail.append(text)
         if len(self._tail) > TAIL_LINES:
             del self._tail[0]
         self.run_logger.log(level, text)
+
+    def _on_record(self, level: int, text: str) -> None:
+        """A `get_run_logger()` record from the sandbox, emitted on this task run's logger."""
+        try:
+            data = json.loads(text)
+            message, extra = str(data.get("msg", "")), dict(data.get("extra") or {})
+        except (ValueError, AttributeError):
+            message, extra = text, {}
+        self._tail.append(message)
+        if len(self._tail) > TAIL_LINES:
+            del self._tail[0]
+        try:
+            self.run_logger.log(level, message, extra=extra)
+        except KeyError:  # an extra field that clashes with a LogRecord attribute
+            self.run_logger.log(level, message)
 
     # -- records -------------------------------------------------------------------
 
@@ -776,7 +894,24 @@ class SandboxCall:
             )
         if reason == "load":
             return SandboxImageError(f"Modal sandbox {self.sandbox_id}: {message}")
+        if reason == "missing":
+            return SandboxImageError(self._missing_message(message.split(",")))
         return SandboxCallError(f"Modal sandbox {self.sandbox_id}: {message}")
+
+    def _missing_message(self, modules: list[str]) -> str:
+        pins = packages.pins_for(modules)
+        image = self.spec.image or "the default image"
+        fix = (
+            "add them with modal_options(pip_packages=[...]) or SandboxSpec(pip_packages=[...]), "
+            "or use an image that has them"
+        )
+        if not self.spec.image and self.spec.auto_packages is False:
+            fix += ", or leave auto_packages on"
+        have = f" (this flow's environment has {', '.join(pins)})" if pins else ""
+        return (
+            f"Modal sandbox {self.sandbox_id}: {image} lacks {', '.join(modules)}, which this "
+            f"call refers to{have}: {fix}. Nothing of the call ran."
+        )
 
     def _cancelled_state(self) -> Any:
         from prefect.states import Cancelled

@@ -389,11 +389,19 @@ def sandbox_id(sandbox: modal.Sandbox) -> str:
     return str(sandbox.object_id)
 
 
-def send_stdin(sandbox: modal.Sandbox, data: bytes) -> None:
-    """Write `data` to the sandbox's stdin, then close it (the bootstrap reads to a size)."""
+def send_stdin(sandbox: modal.Sandbox, data: bytes, eof: bool = True) -> None:
+    """Write `data` to the sandbox's stdin, then close it unless more is to come
+    (the bootstrap reads to a size; a call that may submit nested tasks reads replies)."""
     sandbox.stdin.write(data)
-    sandbox.stdin.write_eof()
+    if eof:
+        sandbox.stdin.write_eof()
     sandbox.stdin.drain()
+
+
+def follow_stdout(sandbox: modal.Sandbox, on_chunk: Callable[[str], None]) -> None:
+    """Call `on_chunk` for each piece of stdout as it arrives, until the stream ends."""
+    for chunk in sandbox.stdout:
+        on_chunk(chunk)
 
 
 def follow_stderr(sandbox: modal.Sandbox, on_line: Callable[[str], None]) -> None:

@@ -175,6 +175,14 @@ class SandboxSpec(BaseModel):
     pip_packages: list[str] | None = Field(
         default=None, description="Extra pip packages installed into the image."
     )
+    auto_packages: bool | None = Field(
+        default=None,
+        description=(
+            "Per-step tasks: add to the default image the flow environment's installed "
+            "versions of the packages a call refers to (e.g. prefect for get_run_logger); "
+            "default True. Packages named in pip_packages keep your version."
+        ),
+    )
     secrets: list[str] | None = Field(
         default=None, description="Names of Modal secrets to inject as environment variables."
     )

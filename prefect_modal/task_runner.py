@@ -34,6 +34,7 @@ from prefect.logging.loggers import get_run_logger
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from typing_extensions import Self
 
+from prefect_modal import run_context
 from prefect_modal.artifacts import SandboxArtifact, write_flow_summary
 from prefect_modal.credentials import ModalCredentials
 from prefect_modal.options import ModalOptions, options_for
@@ -44,6 +45,7 @@ from prefect_modal.sandbox_call import (
     CallEnvironment,
     CallInfo,
     SandboxCall,
+    plain_containers,
     registry_for,
 )
 from prefect_modal.settings import SandboxSpec
@@ -107,7 +109,9 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
             started on demand.  `PREFECT_MODAL_TARGET=local|modal` forces either.
         default_local: True runs tasks in the flow's process unless they say
             `modal_options(local=False)` (send only the GPU steps to Modal).
-        max_workers: engine threads (Prefect's ThreadPoolTaskRunner setting).
+        max_workers: engine threads (Prefect's ThreadPoolTaskRunner setting);
+            default: `PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS` when set, as
+            ThreadPoolTaskRunner reads it, else max(256, max_parallelism).
         max_result_bytes: largest pickled return value a sandbox may send back.
         log_level: level of the `logging` root logger inside the sandbox.
 
@@ -140,7 +144,7 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
             )
         if isinstance(max_result_bytes, bool) or max_result_bytes < 1:
             raise ValueError(f"max_result_bytes={max_result_bytes!r} must be 1 or more bytes.")
-        super().__init__(max_workers=max_workers or max(DEFAULT_MAX_WORKERS, max_parallelism))
+        super().__init__(max_workers=_engine_threads(max_workers, max_parallelism))
         self.spec = spec or SandboxSpec()
         self.max_parallelism = max_parallelism
         self.credentials = credentials
@@ -409,6 +413,26 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
                 self.logger.warning("prefect-modal: could not write the sandbox summary: %s", exc)
 
 
+def _engine_threads(max_workers: int | None, max_parallelism: int) -> int:
+    """Engine threads: `max_workers`, else Prefect's own setting, else our default.
+
+    `PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS` (alias
+    `PREFECT_TASK_RUNNER_THREAD_POOL_MAX_WORKERS`) is what ThreadPoolTaskRunner
+    reads when it is given no `max_workers`; a flow moved to this runner keeps
+    it.  It bounds engine threads only: sandboxes stay bounded by `max_parallelism`.
+    """
+    if max_workers is not None:
+        if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
+            raise ValueError(f"max_workers={max_workers!r} must be a whole number of 1 or more.")
+        return max_workers
+    from prefect.settings import get_current_settings
+
+    configured = get_current_settings().tasks.runner.thread_pool_max_workers
+    if configured:
+        return int(configured)
+    return max(DEFAULT_MAX_WORKERS, max_parallelism)
+
+
 def _is_generator(task: Task[Any, Any]) -> bool:
     return bool(getattr(task, "isgenerator", False) or getattr(task, "isasyncgenerator", False))
 
@@ -454,6 +478,10 @@ def _call_for(
         info=info,
         env=runner._environment(),
         run_logger=get_run_logger(ctx),
+        capture_context=lambda: run_context.capture(
+            ctx, fn, plain_containers(dict(ctx.parameters or {}))
+        ),
+        submit_child=runner.submit,
     )
 
 

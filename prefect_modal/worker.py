@@ -236,6 +236,9 @@ class ModalWorkerJobConfiguration(BaseJobConfiguration):
     pip_packages: list[str] | None = Field(
         default=None, description=SandboxSpec.model_fields["pip_packages"].description
     )
+    auto_packages: bool | None = Field(
+        default=None, description=SandboxSpec.model_fields["auto_packages"].description
+    )
     secrets: list[str] | None = Field(
         default=None, description=SandboxSpec.model_fields["secrets"].description
     )

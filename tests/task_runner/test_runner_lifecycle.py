@@ -22,7 +22,11 @@ from prefect.states import Cancelling
 from runner_support import sandboxes_of, wait_until
 
 from prefect_modal import ModalTaskRunner, SandboxSpec, modal_options
-from prefect_modal.artifacts import read_sandbox_artifacts, summary_artifact_key
+from prefect_modal.artifacts import (
+    read_sandbox_artifacts,
+    summary_artifact_key,
+    task_artifact_key,
+)
 from prefect_modal.local import LocalModal
 from prefect_modal.status import flow_run_sandboxes, terminate_sandboxes
 
@@ -399,13 +403,11 @@ def test_artifacts_per_task_and_per_flow(make_runner):
                 key=ArtifactFilterKey(any_=[summary_artifact_key(run_id)])
             )
         )
-        task_keys = {
-            a.key
-            for a in client.read_artifacts(
-                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="modal-sandbox-"))
-            )
-        }
-    assert f"modal-sandbox-{str(ok_id).replace('-', '')[:8]}" in task_keys
+        on_task_run = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[task_artifact_key(ok_id)]))
+        )
+    assert task_artifact_key(ok_id) == f"modal-sandbox-{ok_id.hex}"
+    assert on_task_run and {a.task_run_id for a in on_task_run} == {ok_id}
     assert ok.sandbox_id in str(summary.data) and bad.sandbox_id in str(summary.data)
 
 
