@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import posixpath
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +18,7 @@ from modal_proto import api_pb2
 
 from .. import ids
 from ..auth import Credentials
+from ..blobs import BlobStore
 from ..runtime import processes
 from ..runtime.forkserver import ForkServer
 from ..runtime.isolation import ImageView, pasta, why_not_isolated
@@ -116,6 +118,13 @@ def validate_probe(d: api_pb2.Sandbox) -> api_pb2.Probe | None:
     return p
 
 
+def _top(path: str, view: ImageView) -> str:
+    for d in (*view.dirs, *view.host_dirs):
+        if path == d or path.startswith(d.rstrip("/") + "/"):
+            return d
+    return path
+
+
 class ServerContext:
     """What both services share: state, credentials, settings."""
 
@@ -146,6 +155,7 @@ class ServerContext:
         self._warned_versions: set[str] = set()
         self.tunnels = TunnelManager(registry.state_dir, host)
         self.probes = ProbeRunner()
+        self.blobs = BlobStore(registry.state_dir, host)
 
     async def start_isolation(self) -> None:
         """Find out once, at server start, whether sandboxes can be isolated; say so if not."""
@@ -308,6 +318,10 @@ class ServerContext:
                 fail(Status.NOT_FOUND, f"Volume {vm.volume_id!r} not found")
             volumes[vm.mount_path] = (vol.name, vol.path)
 
+        layers, on_path = self._layers(image.layers if image else [], list(d.mount_ids))
+        if on_path and "PYTHONPATH" not in env:
+            env["PYTHONPATH"] = "/root"  # as on Modal, where add_local_python_source puts code
+
         res = d.resources
         cloud = d.cloud_provider_str or (
             api_pb2.CloudProvider.Name(d.cloud_provider).removeprefix("CLOUD_PROVIDER_").lower()
@@ -338,6 +352,7 @@ class ServerContext:
             network=network,
             pty=pty,
             pty_size=(d.pty_info.winsz_rows, d.pty_info.winsz_cols) if pty else (0, 0),
+            layers=layers,
         )
         ports = validate_ports(d)
         allow = validate_inbound_cidrs(d)
@@ -380,6 +395,33 @@ class ServerContext:
             spec.args[0] if spec.args else "-",
         )
         return sb
+
+    def _layers(self, image_layers: list[Path], mount_ids: list[str]) -> tuple[list[Path], bool]:
+        """The file trees a new sandbox's root starts with: its image's, then its
+        mounts' (``add_local_*`` without ``copy``); and whether code lands in /root."""
+        layers = list(image_layers)
+        on_path = False
+        for mount_id in mount_ids:
+            mount = self.registry.mounts.get(mount_id)
+            if mount is None:
+                fail(Status.NOT_FOUND, f"Mount {mount_id!r} not found (was the server restarted?)")
+            layers.append(mount.tree)
+            on_path = on_path or any(p.startswith("/root/") for p in mount.paths)
+        return layers, on_path
+
+    def readonly_problem(self, remote_path: str) -> str | None:
+        """Why local files cannot be placed at ``remote_path`` in an isolated sandbox, or None."""
+        if self.isolation is None:
+            return None
+        norm = posixpath.normpath("/" + remote_path)
+        if self.isolation.view.resolve_readonly(norm) is not None:
+            return (
+                f"{remote_path!r} is inside {_top(norm, self.isolation.view)!r}, which the local "
+                "Modal server shows read-only from this machine (it stands in for the image), so "
+                "local files cannot be placed there: choose another remote path (e.g. under "
+                "/root or /opt)"
+            )
+        return None
 
     def _network_mode(self, d: api_pb2.Sandbox) -> str:
         """ "host", "none" or "own" (see `runtime.sandbox`); what cannot be had is refused."""

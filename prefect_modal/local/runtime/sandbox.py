@@ -62,7 +62,7 @@ from typing import Any
 from modal_proto import api_pb2
 
 from ..records import SandboxRecord
-from . import isolation, processes
+from . import isolation, layers, processes
 from .forkserver import ForkedProcess, ForkServer, Stdio
 from .isolation import FsRoot, ImageView
 from .streams import OutputBuffer
@@ -103,6 +103,8 @@ class SandboxSpec:
     network: str = "host"  # "host", "none" (block_network) or "own" (serves ports)
     pty: bool = False
     pty_size: tuple[int, int] = (0, 0)  # rows, columns (0: the terminal's default)
+    #: file trees copied, in order, into the new root (see `layers`)
+    layers: list[Path] = field(default_factory=list)
 
 
 @dataclass
@@ -344,12 +346,16 @@ class LocalSandbox:
     def _prepare_dirs(self) -> None:
         if self.isolation is not None:
             isolation.prepare_root(self.paths.fs, self.isolation.view)
+            for layer in self.spec.layers:
+                layers.copy_tree(layer, self.paths.fs)
             for _name, host_dir in self.spec.volumes.values():
                 host_dir.mkdir(parents=True, exist_ok=True)
             return
         self.paths.fs.mkdir(parents=True)  # a fresh id: the directory cannot exist yet
         os.mkdir(self.paths.resolve("/root"))
         os.mkdir(self.paths.resolve("/tmp"))
+        for layer in self.spec.layers:
+            layers.copy_tree(layer, self.paths.fs)
         for mount_path, (_name, host_dir) in self.spec.volumes.items():
             host_dir.mkdir(parents=True, exist_ok=True)
             link = self.paths.resolve(mount_path)
@@ -421,7 +427,10 @@ class LocalSandbox:
         popen: subprocess.Popen[bytes] | ForkedProcess | None = None
         go_w: int | None = None
         try:
-            self._prepare_dirs()
+            if self.spec.layers:  # copying files: off the event loop
+                await asyncio.to_thread(self._prepare_dirs)
+            else:
+                self._prepare_dirs()
             if self.isolation is not None:
                 popen, go_w = await self._start_container(args)
             else:
