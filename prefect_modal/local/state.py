@@ -83,7 +83,7 @@ class Registry:
         self.environments: dict[str, str] = {}
         self.images: dict[str, ImageInfo] = {}
         self._image_keys: dict[bytes, str] = {}
-        self.mounts: dict[str, MountInfo] = {}
+        self.mounts: dict[str, MountInfo] = {}  # by id, and by the digest of its file list
         self.secrets_by_name: dict[str, SecretInfo] = {}
         self.secrets_by_id: dict[str, SecretInfo] = {}
         self.volumes_by_name: dict[str, VolumeInfo] = {}

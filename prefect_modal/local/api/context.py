@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import posixpath
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +18,7 @@ from modal_proto import api_pb2
 from .. import ids
 from ..auth import Credentials
 from ..blobs import BlobStore
-from ..runtime import processes
+from ..runtime import layers, processes
 from ..runtime.forkserver import ForkServer
 from ..runtime.isolation import ImageView, pasta, why_not_isolated
 from ..runtime.probes import ProbeRunner
@@ -318,7 +317,7 @@ class ServerContext:
                 fail(Status.NOT_FOUND, f"Volume {vm.volume_id!r} not found")
             volumes[vm.mount_path] = (vol.name, vol.path)
 
-        layers, on_path = self._layers(image.layers if image else [], list(d.mount_ids))
+        trees, on_path = self._layers(image.layers if image else [], list(d.mount_ids))
         if on_path and "PYTHONPATH" not in env:
             env["PYTHONPATH"] = "/root"  # as on Modal, where add_local_python_source puts code
 
@@ -352,7 +351,8 @@ class ServerContext:
             network=network,
             pty=pty,
             pty_size=(d.pty_info.winsz_rows, d.pty_info.winsz_cols) if pty else (0, 0),
-            layers=layers,
+            layers=trees,
+            image_id=d.image_id if image else "",
         )
         ports = validate_ports(d)
         allow = validate_inbound_cidrs(d)
@@ -399,21 +399,21 @@ class ServerContext:
     def _layers(self, image_layers: list[Path], mount_ids: list[str]) -> tuple[list[Path], bool]:
         """The file trees a new sandbox's root starts with: its image's, then its
         mounts' (``add_local_*`` without ``copy``); and whether code lands in /root."""
-        layers = list(image_layers)
+        trees = list(image_layers)
         on_path = False
         for mount_id in mount_ids:
             mount = self.registry.mounts.get(mount_id)
             if mount is None:
                 fail(Status.NOT_FOUND, f"Mount {mount_id!r} not found (was the server restarted?)")
-            layers.append(mount.tree)
+            trees.append(mount.tree)
             on_path = on_path or any(p.startswith("/root/") for p in mount.paths)
-        return layers, on_path
+        return trees, on_path
 
     def readonly_problem(self, remote_path: str) -> str | None:
         """Why local files cannot be placed at ``remote_path`` in an isolated sandbox, or None."""
         if self.isolation is None:
             return None
-        norm = posixpath.normpath("/" + remote_path)
+        norm = layers.abs_path(remote_path)
         if self.isolation.view.resolve_readonly(norm) is not None:
             return (
                 f"{remote_path!r} is inside {_top(norm, self.isolation.view)!r}, which the local "

@@ -47,7 +47,7 @@ FileType = api_pb2.FileEntry.FileType
 
 def _norm(path: str) -> str:
     """A volume path as ``/a/b`` (``..`` cannot climb above the volume's root)."""
-    return posixpath.normpath("/" + path.strip())
+    return layers.abs_path(path.strip())
 
 
 @contextlib.contextmanager

@@ -20,6 +20,11 @@ from collections.abc import Iterable
 from pathlib import Path
 
 
+def abs_path(path: str) -> str:
+    """``path`` as a normal absolute path (``a/../b`` -> ``/b``, ``//x`` -> ``/x``)."""
+    return "/" + posixpath.normpath("/" + path).lstrip("/")
+
+
 def _remove(path: str) -> None:
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path)
@@ -32,12 +37,14 @@ def copy_tree(src: str | Path, dst: str | Path, skip: Iterable[str] = ()) -> int
     file or symlink). ``skip`` are paths relative to ``src`` (``usr``,
     ``work/project/.venv``) not copied. Returns the number of files copied."""
     skipped = {posixpath.normpath(s.strip("/")) for s in skip if s.strip("/")}
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
     return _copy_dir(str(src), str(dst), "", skipped)
 
 
 def _copy_dir(src: str, dst: str, rel: str, skipped: set[str]) -> int:
     st = os.lstat(src)
-    if not os.path.isdir(dst) or os.path.islink(dst):
+    made = not os.path.isdir(dst) or os.path.islink(dst)
+    if made:
         if os.path.lexists(dst):
             _remove(dst)
         os.mkdir(dst)
@@ -61,8 +68,9 @@ def _copy_dir(src: str, dst: str, rel: str, skipped: set[str]) -> int:
                 _remove(target)
             shutil.copy2(entry.path, target, follow_symlinks=False)
             count += 1
-    os.chmod(dst, stat.S_IMODE(st.st_mode))
-    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+    if made:  # a directory already there keeps its mode (/root stays 0700)
+        os.chmod(dst, stat.S_IMODE(st.st_mode))
+        os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
     return count
 
 
@@ -70,7 +78,7 @@ def materialize(files: Iterable[tuple[str, Path, int]], tree: Path) -> None:
     """Lay out files (absolute remote path, content file, mode) as a tree under ``tree``."""
     tree.mkdir(parents=True, exist_ok=True)
     for remote, content, mode in files:
-        rel = posixpath.normpath("/" + remote).lstrip("/")
+        rel = abs_path(remote).lstrip("/")
         if not rel:
             continue
         target = tree / rel
@@ -84,4 +92,4 @@ def relative_skips(paths: Iterable[str]) -> list[str]:
     return [p.strip("/") for p in paths if p.strip("/")]
 
 
-__all__ = ["copy_tree", "materialize", "relative_skips"]
+__all__ = ["abs_path", "copy_tree", "materialize", "relative_skips"]

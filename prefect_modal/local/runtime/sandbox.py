@@ -105,6 +105,7 @@ class SandboxSpec:
     pty_size: tuple[int, int] = (0, 0)  # rows, columns (0: the terminal's default)
     #: file trees copied, in order, into the new root (see `layers`)
     layers: list[Path] = field(default_factory=list)
+    image_id: str = ""  # the image it was created from (a snapshot inherits its ENV)
 
 
 @dataclass

@@ -1,0 +1,95 @@
+"""Snapshots against the local server: snapshot_filesystem / snapshot_directory give an
+image whose files are the sandbox's as they stood; a sandbox made from it starts with them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import modal
+import pytest
+
+from prefect_modal.local import LocalModal
+
+
+def _run(sb: Any, *args: str) -> tuple[int, str, str]:
+    p = sb.exec(*args)
+    p.wait()
+    return p.returncode, p.stdout.read(), p.stderr.read()
+
+
+@pytest.mark.usefixtures("backend")
+def test_snapshot_filesystem_then_a_new_sandbox_starts_with_its_files(
+    local_modal: LocalModal, app: Any
+) -> None:
+    client = local_modal.client
+    sb = modal.Sandbox.create(app=app, client=client)
+    try:
+        code, _, err = _run(
+            sb,
+            "sh",
+            "-c",
+            "mkdir -p /opt/proj && echo before > /opt/proj/a.txt && "
+            "echo home > /root/h.txt && ln -s a.txt /opt/proj/link && chmod 600 /opt/proj/a.txt",
+        )
+        assert code == 0, err
+        image = sb.snapshot_filesystem()
+        assert image.object_id.startswith("im-")
+        # written after the snapshot: not in it
+        assert _run(sb, "sh", "-c", "echo after > /opt/proj/a.txt; echo x > /opt/late.txt")[0] == 0
+    finally:
+        sb.terminate()
+
+    loaded = modal.Image.from_id(image.object_id, client=client)
+    sb2 = modal.Sandbox.create(app=app, image=loaded, client=client)
+    try:
+        code, out, err = _run(
+            sb2,
+            "sh",
+            "-c",
+            "cat /opt/proj/a.txt /opt/proj/link /root/h.txt; stat -c %a /opt/proj/a.txt; "
+            "test -e /opt/late.txt && echo LATE || echo nolate",
+        )
+        assert code == 0, err
+        assert out.split() == ["before", "before", "home", "600", "nolate"]
+        # a write in the new sandbox changes neither the snapshot nor a third sandbox
+        assert _run(sb2, "sh", "-c", "echo changed > /opt/proj/a.txt")[0] == 0
+    finally:
+        sb2.terminate()
+    sb3 = modal.Sandbox.create(app=app, image=loaded, client=client)
+    try:
+        assert _run(sb3, "cat", "/opt/proj/a.txt")[1] == "before\n"
+    finally:
+        sb3.terminate()
+
+
+def test_snapshot_keeps_out_volumes_and_image_from_id_names_a_missing_id(
+    local_modal: LocalModal, app: Any
+) -> None:
+    client = local_modal.client
+    vol = modal.Volume.from_name("snapvol", create_if_missing=True, client=client)
+    sb = modal.Sandbox.create(app=app, volumes={"/mnt/v": vol}, client=client)
+    try:
+        assert _run(sb, "sh", "-c", "echo v > /mnt/v/in-volume.txt")[0] == 0
+        image = sb.snapshot_filesystem()
+    finally:
+        sb.terminate()
+    sb2 = modal.Sandbox.create(app=app, image=image, client=client)
+    try:
+        code, out, _ = _run(sb2, "sh", "-c", "ls -A /mnt/v 2>/dev/null | wc -l")
+        assert code == 0 and out.strip() == "0"
+    finally:
+        sb2.terminate()
+    with pytest.raises(modal.exception.NotFoundError, match="im-doesnotexist"):
+        modal.Sandbox.create(
+            app=app, image=modal.Image.from_id("im-doesnotexist", client=client), client=client
+        )
+
+
+def test_snapshot_directory_names_a_missing_path(local_modal: LocalModal, app: Any) -> None:
+    client = local_modal.client
+    sb = modal.Sandbox.create(app=app, client=client)
+    try:
+        with pytest.raises(modal.exception.NotFoundError, match="/no/such/dir"):
+            sb.snapshot_directory("/no/such/dir")
+    finally:
+        sb.terminate()
