@@ -22,7 +22,7 @@ from .api.mounts import Mounts
 from .api.router import CommandRouter
 from .api.sandboxes import Sandboxes
 from .api.secrets import Secrets
-from .api.snapshots import Snapshots
+from .api.snapshots import ImageMounts, Snapshots
 from .api.tunnels import Tunnels
 from .api.volumes import Volumes
 
@@ -33,7 +33,7 @@ class ControlPlane(Apps, Images, Mounts, Secrets, Volumes, Sandboxes, Tunnels, M
 
 
 @finalize_servicer
-class Router(CommandRouter, Snapshots, TaskCommandRouterBase):
+class Router(CommandRouter, Snapshots, ImageMounts, TaskCommandRouterBase):
     """The task command router: V2 stdio and every sandbox's ``exec``."""
 
 

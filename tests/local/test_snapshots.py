@@ -93,3 +93,37 @@ def test_snapshot_directory_names_a_missing_path(local_modal: LocalModal, app: A
             sb.snapshot_directory("/no/such/dir")
     finally:
         sb.terminate()
+
+
+def test_snapshot_directory_then_mount_image_and_unmount_image(
+    local_modal: LocalModal, app: Any
+) -> None:
+    if local_modal.isolation is None:
+        pytest.skip(reason="mount_image needs isolated sandboxes")
+    client = local_modal.client
+    sb = modal.Sandbox.create(app=app, client=client)
+    try:
+        assert _run(sb, "sh", "-c", "mkdir -p /proj/src && echo code > /proj/src/m.py")[0] == 0
+        snap = sb.snapshot_directory("/proj")
+        assert snap.object_id.startswith("im-")
+        assert _run(sb, "sh", "-c", "echo later > /proj/src/m.py")[0] == 0
+    finally:
+        sb.terminate()
+
+    sb2 = modal.Sandbox.create(app=app, client=client)
+    try:
+        assert _run(sb2, "sh", "-c", "mkdir -p /work/p && echo under > /work/p/u.txt")[0] == 0
+        sb2.mount_image("/work/p", snap)
+        code, out, err = _run(sb2, "sh", "-c", "cat /work/p/src/m.py; ls /work/p")
+        assert code == 0, err
+        assert out.split() == ["code", "src"]
+        # writable, and the write stays this sandbox's: the snapshot is unchanged
+        assert _run(sb2, "sh", "-c", "echo mine > /work/p/src/m.py")[0] == 0
+        sb2.unmount_image("/work/p")
+        assert _run(sb2, "cat", "/work/p/u.txt")[1] == "under\n"
+        with pytest.raises(modal.exception.Error, match="/work/p"):
+            sb2.unmount_image("/work/p")
+        sb2.mount_image("/again", snap)
+        assert _run(sb2, "cat", "/again/src/m.py")[1] == "code\n"
+    finally:
+        sb2.terminate()
