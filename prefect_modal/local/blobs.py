@@ -145,6 +145,11 @@ class BlobStore:
             self._base = f"http://{host}:{port}"
             self._runner = runner
 
+    @property
+    def url(self) -> str:
+        """``http://host:port`` of the endpoint, or "" while it is not running."""
+        return self._base if self._runner is not None else ""
+
     async def close(self) -> None:
         runner, self._runner = self._runner, None
         if runner is not None:
