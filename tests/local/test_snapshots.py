@@ -127,3 +127,28 @@ def test_snapshot_directory_then_mount_image_and_unmount_image(
         assert _run(sb2, "cat", "/again/src/m.py")[1] == "code\n"
     finally:
         sb2.terminate()
+
+
+def test_a_snapshots_symlink_cannot_lead_a_mount_point_onto_the_host(
+    local_modal: LocalModal, app: Any, tmp_path: Any
+) -> None:
+    if local_modal.isolation is None:
+        pytest.skip(reason="mount points exist only in isolated sandboxes")
+    client = local_modal.client
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    sb = modal.Sandbox.create(app=app, client=client)
+    try:
+        assert _run(sb, "ln", "-s", str(outside), "/mnt/v")[0] == 0
+        image = sb.snapshot_filesystem()
+    finally:
+        sb.terminate()
+    vol = modal.Volume.from_name("symvol", create_if_missing=True, client=client)
+    sb2 = modal.Sandbox.create(app=app, image=image, volumes={"/mnt/v/data": vol}, client=client)
+    try:
+        code, _, err = _run(sb2, "sh", "-c", "echo in > /mnt/v/data/f.txt")
+        assert code == 0, err
+    finally:
+        sb2.terminate()
+    assert list(outside.iterdir()) == []  # nothing was made through the symlink
+    assert b"".join(vol.read_file("/f.txt")) == b"in\n"

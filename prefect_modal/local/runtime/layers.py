@@ -74,6 +74,26 @@ def _copy_dir(src: str, dst: str, rel: str, skipped: set[str]) -> int:
     return count
 
 
+def clear_way(root: Path, paths: Iterable[str]) -> list[str]:
+    """Make sure no component of each container path under ``root`` is a symlink.
+
+    The container's mount points are made by host paths under the root (see
+    `container.build_root`): a symlink a snapshot carries there (``/mnt ->
+    /etc``) would be followed on the host. Such symlinks are removed (the mount
+    takes their place); returns the container paths of those removed."""
+    removed: list[str] = []
+    for path in paths:
+        here = str(root)
+        for part in [p for p in abs_path(path).split("/") if p]:
+            here = os.path.join(here, part)
+            if os.path.islink(here):
+                os.unlink(here)
+                removed.append("/" + os.path.relpath(here, root))
+            if not os.path.lexists(here):
+                break  # made later, by the container, as a real directory
+    return removed
+
+
 def materialize(files: Iterable[tuple[str, Path, int]], tree: Path) -> None:
     """Lay out files (absolute remote path, content file, mode) as a tree under ``tree``."""
     tree.mkdir(parents=True, exist_ok=True)
@@ -92,4 +112,4 @@ def relative_skips(paths: Iterable[str]) -> list[str]:
     return [p.strip("/") for p in paths if p.strip("/")]
 
 
-__all__ = ["abs_path", "copy_tree", "materialize", "relative_skips"]
+__all__ = ["abs_path", "clear_way", "copy_tree", "materialize", "relative_skips"]

@@ -349,6 +349,10 @@ class LocalSandbox:
             isolation.prepare_root(self.paths.fs, self.isolation.view)
             for layer in self.spec.layers:
                 layers.copy_tree(layer, self.paths.fs)
+            if self.spec.layers:  # a snapshot's symlinks must not lead a mount point astray
+                view = self.isolation.view
+                targets = [*view.dirs, *view.host_dirs, *view.masked, *self.spec.volumes]
+                layers.clear_way(self.paths.fs, [*targets, "/proc", "/dev"])
             for _name, host_dir in self.spec.volumes.values():
                 host_dir.mkdir(parents=True, exist_ok=True)
             return
