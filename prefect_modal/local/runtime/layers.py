@@ -25,53 +25,115 @@ def abs_path(path: str) -> str:
     return "/" + posixpath.normpath("/" + path).lstrip("/")
 
 
-def _remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    else:
-        os.unlink(path)
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_SENDFILE_CHUNK = 1 << 30
 
 
 def copy_tree(src: str | Path, dst: str | Path, skip: Iterable[str] = ()) -> int:
     """Copy ``src`` over ``dst`` (merging into what is there; a file replaces a
     file or symlink). ``skip`` are paths relative to ``src`` (``usr``,
-    ``work/project/.venv``) not copied. Returns the number of files copied."""
+    ``work/project/.venv``) not copied. Returns the number of files copied.
+
+    Below ``src`` and ``dst`` themselves every step goes by file descriptor
+    with ``O_NOFOLLOW``: a sandbox that swaps a directory for a symlink while
+    its files are copied (a snapshot, a volume's ``copy_files``) cannot make
+    this read or write anything outside the two trees."""
     skipped = {posixpath.normpath(s.strip("/")) for s in skip if s.strip("/")}
-    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    return _copy_dir(str(src), str(dst), "", skipped)
+    dst = os.path.abspath(dst)
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    src_fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        parent_fd = os.open(os.path.dirname(dst), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            return _copy_dir(src_fd, parent_fd, os.path.basename(dst), "", skipped)
+        finally:
+            os.close(parent_fd)
+    finally:
+        os.close(src_fd)
 
 
-def _copy_dir(src: str, dst: str, rel: str, skipped: set[str]) -> int:
-    st = os.lstat(src)
-    made = not os.path.isdir(dst) or os.path.islink(dst)
+def _lstat_at(dir_fd: int, name: str) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def _remove_at(dir_fd: int, name: str, st: os.stat_result) -> None:
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(name, dir_fd=dir_fd)
+    else:
+        os.unlink(name, dir_fd=dir_fd)
+
+
+def _copy_dir(src_fd: int, parent_fd: int, name: str, rel: str, skipped: set[str]) -> int:
+    st = os.fstat(src_fd)
+    there = _lstat_at(parent_fd, name)
+    made = there is None or not stat.S_ISDIR(there.st_mode)
     if made:
-        if os.path.lexists(dst):
-            _remove(dst)
-        os.mkdir(dst)
+        if there is not None:
+            _remove_at(parent_fd, name, there)
+        os.mkdir(name, 0o700, dir_fd=parent_fd)
+    dfd = os.open(name, _DIR, dir_fd=parent_fd)
     count = 0
-    with os.scandir(src) as it:
-        entries = list(it)
-    for entry in entries:
-        sub = f"{rel}/{entry.name}" if rel else entry.name
-        if sub in skipped:
-            continue
-        target = os.path.join(dst, entry.name)
-        mode = entry.stat(follow_symlinks=False).st_mode
-        if stat.S_ISDIR(mode):
-            count += _copy_dir(entry.path, target, sub, skipped)
-        elif stat.S_ISLNK(mode):
-            if os.path.lexists(target):
-                _remove(target)
-            os.symlink(os.readlink(entry.path), target)
-        elif stat.S_ISREG(mode):
-            if os.path.lexists(target) and (os.path.isdir(target) or os.path.islink(target)):
-                _remove(target)
-            shutil.copy2(entry.path, target, follow_symlinks=False)
-            count += 1
-    if made:  # a directory already there keeps its mode (/root stays 0700)
-        os.chmod(dst, stat.S_IMODE(st.st_mode))
-        os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+    try:
+        with os.scandir(src_fd) as it:
+            entries = list(it)
+        for entry in entries:
+            sub = f"{rel}/{entry.name}" if rel else entry.name
+            if sub in skipped:
+                continue
+            mode = entry.stat(follow_symlinks=False).st_mode
+            if stat.S_ISDIR(mode):
+                cfd = os.open(entry.name, _DIR, dir_fd=src_fd)
+                try:
+                    count += _copy_dir(cfd, dfd, entry.name, sub, skipped)
+                finally:
+                    os.close(cfd)
+            elif stat.S_ISLNK(mode):
+                link = os.readlink(entry.name, dir_fd=src_fd)
+                old = _lstat_at(dfd, entry.name)
+                if old is not None:
+                    _remove_at(dfd, entry.name, old)
+                os.symlink(link, entry.name, dir_fd=dfd)
+            elif stat.S_ISREG(mode):
+                count += _copy_file(src_fd, dfd, entry.name)
+    finally:
+        if made:  # a directory already there keeps its mode (/root stays 0700)
+            os.chmod(dfd, stat.S_IMODE(st.st_mode))
+            os.utime(dfd, ns=(st.st_atime_ns, st.st_mtime_ns))
+        os.close(dfd)
     return count
+
+
+def _copy_file(src_dir: int, dst_dir: int, name: str) -> int:
+    try:
+        rfd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir)
+    except OSError:  # gone, or swapped for a symlink, since it was listed
+        return 0
+    try:
+        st = os.fstat(rfd)
+        if not stat.S_ISREG(st.st_mode):
+            return 0
+        old = _lstat_at(dst_dir, name)
+        if old is not None:
+            _remove_at(dst_dir, name, old)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        wfd = os.open(name, flags, 0o600, dir_fd=dst_dir)
+        try:
+            offset = 0
+            while True:
+                sent = os.sendfile(wfd, rfd, offset, _SENDFILE_CHUNK)
+                if sent == 0:
+                    break
+                offset += sent
+            os.chmod(wfd, stat.S_IMODE(st.st_mode))
+            os.utime(wfd, ns=(st.st_atime_ns, st.st_mtime_ns))
+        finally:
+            os.close(wfd)
+        return 1
+    finally:
+        os.close(rfd)
 
 
 def clear_way(root: Path, paths: Iterable[str]) -> list[str]:
