@@ -4,8 +4,9 @@ Through the real modal client, median of N runs each, side by side in one run:
 
 * sandbox create -> wait for ``true`` with the base image, with a filesystem
   snapshot holding 1,000 files / 10 MB, with the same files added by
-  ``add_local_dir`` (a mount, copied into each root) and by
-  ``add_local_dir(copy=True)`` (an image layer): what copying a layer adds;
+  ``add_local_dir`` (a mount, bound read-only) and by
+  ``add_local_dir(copy=True)`` (an image layer, copied into each root): what a
+  bind and a layer copy add;
 * ``snapshot_filesystem`` of that sandbox;
 * ``Volume.batch_upload`` and ``read_file`` of one 64 MiB file, against
   ``shutil.copyfile`` of it (the disk's own speed).

@@ -89,3 +89,57 @@ def test_a_remote_path_inside_the_read_only_view_is_refused_by_name(
     image = modal.Image.debian_slim().add_local_file(project / "run.sh", "/usr/local/bin/run.sh")
     with pytest.raises(modal.exception.InvalidError, match=r"/usr/local/bin/run\.sh"):
         modal.Sandbox.create(app=app, image=image, client=local_modal.client)
+
+
+@pytest.mark.parametrize("copy", [False, True], ids=["mount", "copy"])
+def test_mounted_files_are_read_only_and_copied_ones_writable(
+    local_modal: LocalModal, app: Any, project: Path, copy: bool
+) -> None:
+    if local_modal.isolation is None:
+        pytest.skip(reason="read-only binds need isolated sandboxes")
+    image = (
+        modal.Image.debian_slim()
+        .add_local_dir(project / "conf", "/opt/conf", copy=copy)
+        .add_local_file(project / "run.sh", "/root/run.sh", copy=copy)
+    )
+    sb = modal.Sandbox.create(app=app, image=image, client=local_modal.client)
+    try:
+        code, out, err = _run(
+            sb,
+            "sh",
+            "-c",
+            "echo x >> /opt/conf/a.toml; echo $?; echo y > /root/other.txt; echo $?; "
+            "echo z >> /root/run.sh; echo $?; stat -c %a /root",
+        )
+        assert code == 0, err
+        wrote_conf, wrote_root, wrote_run, root_mode = out.split()
+        assert wrote_root == "0"  # /root itself stays the sandbox's, writable, mode 700
+        assert root_mode == "700"
+        assert (wrote_conf == "0", wrote_run == "0") == (copy, copy)
+        if not copy:
+            assert "Read-only file system" in err
+    finally:
+        sb.terminate()
+    # the files on the server are unchanged either way
+    sb2 = modal.Sandbox.create(app=app, image=image, client=local_modal.client)
+    try:
+        assert _run(sb2, "cat", "/opt/conf/a.toml")[1] == "a = 1\n"
+    finally:
+        sb2.terminate()
+
+
+def test_a_mount_overlapping_a_volume_is_copied(
+    local_modal: LocalModal, app: Any, project: Path
+) -> None:
+    vol = modal.Volume.from_name("overlap", create_if_missing=True, client=local_modal.client)
+    image = modal.Image.debian_slim().add_local_dir(project / "conf", "/data/conf")
+    sb = modal.Sandbox.create(
+        app=app, image=image, volumes={"/data/vol": vol}, client=local_modal.client
+    )
+    try:
+        code, out, err = _run(sb, "sh", "-c", "cat /data/conf/a.toml; echo v > /data/vol/f")
+        assert code == 0, err
+        assert out == "a = 1\n"
+    finally:
+        sb.terminate()
+    assert b"".join(vol.read_file("/f")) == b"v\n"

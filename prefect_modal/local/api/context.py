@@ -18,6 +18,7 @@ from modal_proto import api_pb2
 from .. import ids
 from ..auth import Credentials
 from ..blobs import BlobStore
+from ..runtime import isolation as isolation_mod
 from ..runtime import layers, processes
 from ..runtime.forkserver import ForkServer
 from ..runtime.isolation import ImageView, pasta, why_not_isolated
@@ -317,7 +318,9 @@ class ServerContext:
                 fail(Status.NOT_FOUND, f"Volume {vm.volume_id!r} not found")
             volumes[vm.mount_path] = (vol.name, vol.path)
 
-        trees, on_path = self._layers(image.layers if image else [], list(d.mount_ids))
+        trees, binds, on_path = self._layers(
+            image.layers if image else [], list(d.mount_ids), list(volumes)
+        )
         if on_path and "PYTHONPATH" not in env:
             env["PYTHONPATH"] = "/root"  # as on Modal, where add_local_python_source puts code
 
@@ -352,6 +355,7 @@ class ServerContext:
             pty=pty,
             pty_size=(d.pty_info.winsz_rows, d.pty_info.winsz_cols) if pty else (0, 0),
             layers=trees,
+            binds=binds,
             image_id=d.image_id if image else "",
         )
         ports = validate_ports(d)
@@ -396,18 +400,41 @@ class ServerContext:
         )
         return sb
 
-    def _layers(self, image_layers: list[Path], mount_ids: list[str]) -> tuple[list[Path], bool]:
-        """The file trees a new sandbox's root starts with: its image's, then its
-        mounts' (``add_local_*`` without ``copy``); and whether code lands in /root."""
+    def _layers(
+        self, image_layers: list[Path], mount_ids: list[str], volume_paths: list[str]
+    ) -> tuple[list[Path], dict[str, Path], bool]:
+        """The file trees a new sandbox's root starts with (its image's), the
+        read-only binds of its mounts (``add_local_*`` without ``copy``), and
+        whether code lands in /root.
+
+        A mount is bound read-only, as on Modal, at its top-most directories or
+        files that are not directories the root must keep (`layers.bind_roots`);
+        one that would overlap a volume or another mount's binds, and every one
+        of a sandbox that is not isolated, is copied into the root instead."""
         trees = list(image_layers)
+        binds: dict[str, Path] = {}
         on_path = False
+        shared = {"/" + d for d in isolation_mod.ROOT_DIRS}
+        if self.isolation is not None:
+            view = self.isolation.view
+            for p in [*view.dirs, *view.host_dirs, *view.masked, *volume_paths]:
+                parts = [x for x in layers.abs_path(p).split("/") if x]
+                shared.update("/" + "/".join(parts[:i]) for i in range(1, len(parts) + 1))
         for mount_id in mount_ids:
             mount = self.registry.mounts.get(mount_id)
             if mount is None:
                 fail(Status.NOT_FOUND, f"Mount {mount_id!r} not found (was the server restarted?)")
-            trees.append(mount.tree)
             on_path = on_path or any(p.startswith("/root/") for p in mount.paths)
-        return trees, on_path
+            roots = layers.bind_roots(mount.tree, shared) if self.isolation is not None else []
+            taken = [*binds, *volume_paths]
+            if not roots or any(
+                layers.under(r, t) or layers.under(t, r) for r in roots for t in taken
+            ):
+                trees.append(mount.tree)
+                continue
+            for r in roots:
+                binds[r] = mount.tree / r.lstrip("/")
+        return trees, binds, on_path
 
     def readonly_problem(self, remote_path: str) -> str | None:
         """Why local files cannot be placed at ``remote_path`` in an isolated sandbox, or None."""

@@ -5,12 +5,15 @@ The client hashes each file, asks which contents the server lacks
 4 MiB, as a blob it uploads to the URL ``BlobCreate`` gives: `blobs.BlobStore`),
 then names the mount's files (``MountGetOrCreate``). The server lays them out
 as a tree (``<state>/mounts/<id>/tree``, the same files giving the same mount)
-that is copied into the root of every sandbox that uses it: files added
+that every sandbox using it gets: files added
 without ``copy=True`` are sent by the client with each sandbox (``mount_ids``);
 with ``copy=True`` they become a layer of the image (`images`).
 
-The files are copies in the sandbox's own root, so a sandbox may change them
-(on Modal, mounted files are read-only). A remote path inside a directory the
+In an isolated sandbox the files of a mount are bound read-only, as on Modal
+(at their top-most directories that are not ones the root must keep, such as
+``/root`` or ``/opt``: see `ServerContext._layers`); with ``copy=True``, and
+where a bind would overlap a volume or another mount, they are copies in the
+sandbox's own root, which it may change. A remote path inside a directory the
 local server shows read-only from this machine (``/usr``, the Python
 environment) is refused with the path named: nothing can be placed there.
 """

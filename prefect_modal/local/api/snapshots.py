@@ -56,7 +56,7 @@ class Snapshots(Room):
         return sb
 
     def _skipped(self, sb: LocalSandbox) -> list[str]:
-        skip = [*_ALWAYS_SKIPPED, *sb.spec.volumes]
+        skip = [*_ALWAYS_SKIPPED, *sb.spec.volumes, *sb.spec.binds]
         if sb.isolation is not None:
             view = sb.isolation.view
             skip += [*view.dirs, *view.host_dirs, *view.masked]

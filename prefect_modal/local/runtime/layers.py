@@ -156,6 +156,30 @@ def clear_way(root: Path, paths: Iterable[str]) -> list[str]:
     return removed
 
 
+def bind_roots(tree: Path, shared: Iterable[str]) -> list[str]:
+    """Where a mount's tree can be bound read-only as a whole: its top-most
+    entries that are not one of the ``shared`` directories (``/``, ``/root``,
+    ``/opt``, the way to the image's directories), which the sandbox's own root
+    must keep; below a shared directory each entry is a root of its own."""
+    keep = {abs_path(p) for p in shared} | {"/"}
+    roots: list[str] = []
+    stack = ["/"]
+    while stack:
+        here = stack.pop()
+        with os.scandir(tree / here.lstrip("/")) as it:
+            for entry in it:
+                path = posixpath.join(here, entry.name)
+                if path in keep and entry.is_dir(follow_symlinks=False):
+                    stack.append(path)
+                else:
+                    roots.append(path)
+    return sorted(roots)
+
+
+def under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
 def materialize(files: Iterable[tuple[str, Path, int]], tree: Path) -> None:
     """Lay out files (absolute remote path, content file, mode) as a tree under ``tree``."""
     tree.mkdir(parents=True, exist_ok=True)
@@ -174,4 +198,12 @@ def relative_skips(paths: Iterable[str]) -> list[str]:
     return [p.strip("/") for p in paths if p.strip("/")]
 
 
-__all__ = ["abs_path", "clear_way", "copy_tree", "materialize", "relative_skips"]
+__all__ = [
+    "abs_path",
+    "bind_roots",
+    "clear_way",
+    "copy_tree",
+    "materialize",
+    "relative_skips",
+    "under",
+]

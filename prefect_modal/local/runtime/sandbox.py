@@ -106,6 +106,8 @@ class SandboxSpec:
     #: file trees copied, in order, into the new root (see `layers`)
     layers: list[Path] = field(default_factory=list)
     image_id: str = ""  # the image it was created from (a snapshot inherits its ENV)
+    #: read-only binds of local files (container path -> host path), isolated sandboxes
+    binds: dict[str, Path] = field(default_factory=dict)
 
 
 @dataclass
@@ -352,7 +354,8 @@ class LocalSandbox:
             if self.spec.layers:  # a snapshot's symlinks must not lead a mount point astray
                 view = self.isolation.view
                 targets = [*view.dirs, *view.host_dirs, *view.masked, *self.spec.volumes]
-                layers.clear_way(self.paths.fs, [*targets, "/proc", "/dev"])
+                targets += [*self.spec.binds, "/proc", "/dev"]
+                layers.clear_way(self.paths.fs, targets)
             for _name, host_dir in self.spec.volumes.values():
                 host_dir.mkdir(parents=True, exist_ok=True)
             return
@@ -387,12 +390,17 @@ class LocalSandbox:
             if norm == mount_path or norm.startswith(mount_path.rstrip("/") + "/"):
                 rest = norm[len(mount_path) :].lstrip("/")
                 return None if (host_dir / rest).is_dir() else self._missing(workdir)
+        for target, source in self.spec.binds.items():
+            if layers.under(norm, target):
+                rest = norm[len(target) :].lstrip("/")
+                return None if (source / rest).is_dir() else self._missing(workdir)
         if self.isolation.view.resolve_readonly(norm) is not None:
             return None if os.path.isdir(norm) else self._missing(workdir)
         if norm.strip("/") in isolation.ROOT_DIRS:
             return None
         # a directory on the way to a mount exists too (/work of /work/project/.venv)
         inner = [*self.isolation.view.dirs, *self.isolation.view.host_dirs, *self.spec.volumes]
+        inner += list(self.spec.binds)
         if any(p.startswith(norm.rstrip("/") + "/") for p in inner):
             return None
         return self._missing(workdir)
@@ -480,6 +488,7 @@ class LocalSandbox:
             {mp: host for mp, (_name, host) in self.spec.volumes.items()},
             hostname=self.id.replace("_", "-")[:63],
             network=self.spec.network,
+            binds=self.spec.binds,
         )
         go_r = go_w = None
         if self.spec.network == "own" and self.isolation.pasta:
