@@ -143,3 +143,14 @@ def test_a_mount_overlapping_a_volume_is_copied(
     finally:
         sb.terminate()
     assert b"".join(vol.read_file("/f")) == b"v\n"
+
+
+def test_without_isolation_an_image_with_files_is_refused_with_the_reason(
+    tmp_path: Path, project: Path
+) -> None:
+    with LocalModal(state_dir=tmp_path / "lm", isolation=False) as lm:
+        app = modal.App.lookup("noiso", create_if_missing=True, client=lm.client)
+        image = modal.Image.debian_slim().add_local_file(project / "run.sh", "/opt/run.sh")
+        with pytest.raises(modal.exception.Error, match="cannot isolate"):
+            modal.Sandbox.create(app=app, image=image, client=lm.client)
+        assert lm.sandboxes() == []

@@ -409,8 +409,16 @@ class ServerContext:
 
         A mount is bound read-only, as on Modal, at its top-most directories or
         files that are not directories the root must keep (`layers.bind_roots`);
-        one that would overlap a volume or another mount's binds, and every one
-        of a sandbox that is not isolated, is copied into the root instead."""
+        one that would overlap a volume or another mount's binds is copied into
+        the root instead. A sandbox that is not isolated sees the host's files,
+        so such an image is refused for it."""
+        if self.isolation is None and (image_layers or mount_ids):
+            fail(
+                Status.FAILED_PRECONDITION,
+                "this image has files of its own (local files or a snapshot), and a sandbox "
+                "sees them at their paths only when isolated; this local server cannot isolate "
+                f"sandboxes ({self.not_isolated_because})",
+            )
         trees = list(image_layers)
         binds: dict[str, Path] = {}
         on_path = False
