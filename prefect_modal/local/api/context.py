@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import posixpath
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -449,6 +450,11 @@ class ServerContext:
         if self.isolation is None:
             return None
         norm = layers.abs_path(remote_path)
+        for link, target in self.isolation.view.symlinks.items():  # /bin -> usr/bin
+            if layers.under(norm, link):
+                real = posixpath.join(posixpath.dirname(link), target)
+                norm = layers.abs_path(real + norm[len(link) :])
+                break
         if self.isolation.view.resolve_readonly(norm) is not None:
             return (
                 f"{remote_path!r} is inside {_top(norm, self.isolation.view)!r}, which the local "
