@@ -160,6 +160,7 @@ class LocalModal:
         await asyncio.gather(*(sb.kill_now() for sb in running), return_exceptions=True)
         await self._ctx.probes.close_all()
         await self._ctx.tunnels.close_all()
+        await self._ctx.blobs.close()
         await self._ctx.sweeper.drain()
         if self._ctx.forkserver is not None:
             await self._ctx.forkserver.close()

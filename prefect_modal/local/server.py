@@ -18,20 +18,22 @@ from .api.apps import Apps
 from .api.base import finalize_servicer
 from .api.context import VERIFIED_CLIENT_VERSIONS, ClientVersionWarning, ServerContext
 from .api.images import Images
+from .api.mounts import Mounts
 from .api.router import CommandRouter
 from .api.sandboxes import Sandboxes
 from .api.secrets import Secrets
+from .api.snapshots import ImageMounts, Snapshots
 from .api.tunnels import Tunnels
 from .api.volumes import Volumes
 
 
 @finalize_servicer
-class ControlPlane(Apps, Images, Secrets, Volumes, Sandboxes, Tunnels, ModalClientBase):
+class ControlPlane(Apps, Images, Mounts, Secrets, Volumes, Sandboxes, Tunnels, ModalClientBase):
     """The ``modal.client.ModalClient`` service, as far as sandboxes need it."""
 
 
 @finalize_servicer
-class Router(CommandRouter, TaskCommandRouterBase):
+class Router(CommandRouter, Snapshots, ImageMounts, TaskCommandRouterBase):
     """The task command router: V2 stdio and every sandbox's ``exec``."""
 
 

@@ -37,6 +37,19 @@ class ImageInfo:
     id: str
     description: str
     env: dict[str, str] = field(default_factory=dict)
+    #: file trees copied, in order, into the root of a sandbox made from it
+    #: (a snapshot's files, ``add_local_*(copy=True)``): see `runtime.layers`
+    layers: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class MountInfo:
+    """Local files the client uploaded (``Image.add_local_*``): a tree laid out as
+    the sandbox sees it, copied into the roots of the sandboxes that name it."""
+
+    id: str
+    tree: Path
+    paths: list[str]  # the remote paths of its files
 
 
 @dataclass
@@ -70,6 +83,7 @@ class Registry:
         self.environments: dict[str, str] = {}
         self.images: dict[str, ImageInfo] = {}
         self._image_keys: dict[bytes, str] = {}
+        self.mounts: dict[str, MountInfo] = {}  # by id, and by the digest of its file list
         self.secrets_by_name: dict[str, SecretInfo] = {}
         self.secrets_by_id: dict[str, SecretInfo] = {}
         self.volumes_by_name: dict[str, VolumeInfo] = {}
@@ -112,14 +126,29 @@ class Registry:
 
     # ----- images ----------------------------------------------------------
 
-    def image_get_or_create(self, key: bytes, description: str, env: dict[str, str]) -> ImageInfo:
+    def image_get_or_create(
+        self,
+        key: bytes,
+        description: str,
+        env: dict[str, str],
+        layers: list[Path] | None = None,
+    ) -> ImageInfo:
         """Images are recorded, never built: the same definition gets the same id."""
         image_id = self._image_keys.get(key)
         if image_id is None:
             image_id = ids.new_id("im")
             self._image_keys[key] = image_id
-            self.images[image_id] = ImageInfo(image_id, description, env)
+            self.images[image_id] = ImageInfo(image_id, description, env, list(layers or []))
         return self.images[image_id]
+
+    def image_dir(self, image_id: str) -> Path:
+        """Where an image's own files live (``layer``: its snapshot or copied files)."""
+        return self.state_dir / "images" / image_id
+
+    def add_image(self, info: ImageInfo) -> ImageInfo:
+        """Register an image made by the server itself (a snapshot): no definition key."""
+        self.images[info.id] = info
+        return info
 
     # ----- secrets ---------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import posixpath
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +18,9 @@ from modal_proto import api_pb2
 
 from .. import ids
 from ..auth import Credentials
-from ..runtime import processes
+from ..blobs import BlobStore
+from ..runtime import isolation as isolation_mod
+from ..runtime import layers, processes
 from ..runtime.forkserver import ForkServer
 from ..runtime.isolation import ImageView, pasta, why_not_isolated
 from ..runtime.probes import ProbeRunner
@@ -116,6 +119,13 @@ def validate_probe(d: api_pb2.Sandbox) -> api_pb2.Probe | None:
     return p
 
 
+def _top(path: str, view: ImageView) -> str:
+    for d in (*view.dirs, *view.host_dirs):
+        if path == d or path.startswith(d.rstrip("/") + "/"):
+            return d
+    return path
+
+
 class ServerContext:
     """What both services share: state, credentials, settings."""
 
@@ -146,6 +156,7 @@ class ServerContext:
         self._warned_versions: set[str] = set()
         self.tunnels = TunnelManager(registry.state_dir, host)
         self.probes = ProbeRunner()
+        self.blobs = BlobStore(registry.state_dir, host)
 
     async def start_isolation(self) -> None:
         """Find out once, at server start, whether sandboxes can be isolated; say so if not."""
@@ -308,6 +319,12 @@ class ServerContext:
                 fail(Status.NOT_FOUND, f"Volume {vm.volume_id!r} not found")
             volumes[vm.mount_path] = (vol.name, vol.path)
 
+        trees, binds, on_path = self._layers(
+            image.layers if image else [], list(d.mount_ids), list(volumes)
+        )
+        if on_path and "PYTHONPATH" not in env:
+            env["PYTHONPATH"] = "/root"  # as on Modal, where add_local_python_source puts code
+
         res = d.resources
         cloud = d.cloud_provider_str or (
             api_pb2.CloudProvider.Name(d.cloud_provider).removeprefix("CLOUD_PROVIDER_").lower()
@@ -338,6 +355,9 @@ class ServerContext:
             network=network,
             pty=pty,
             pty_size=(d.pty_info.winsz_rows, d.pty_info.winsz_cols) if pty else (0, 0),
+            layers=trees,
+            binds=binds,
+            image_id=d.image_id if image else "",
         )
         ports = validate_ports(d)
         allow = validate_inbound_cidrs(d)
@@ -380,6 +400,69 @@ class ServerContext:
             spec.args[0] if spec.args else "-",
         )
         return sb
+
+    def _layers(
+        self, image_layers: list[Path], mount_ids: list[str], volume_paths: list[str]
+    ) -> tuple[list[Path], dict[str, Path], bool]:
+        """The file trees a new sandbox's root starts with (its image's), the
+        read-only binds of its mounts (``add_local_*`` without ``copy``), and
+        whether code lands in /root.
+
+        A mount is bound read-only, as on Modal, at its top-most directories or
+        files that are not directories the root must keep (`layers.bind_roots`);
+        one that would overlap a volume or another mount's binds is copied into
+        the root instead. A sandbox that is not isolated sees the host's files,
+        so such an image is refused for it."""
+        if self.isolation is None and (image_layers or mount_ids):
+            fail(
+                Status.FAILED_PRECONDITION,
+                "this image has files of its own (local files or a snapshot), and a sandbox "
+                "sees them at their paths only when isolated; this local server cannot isolate "
+                f"sandboxes ({self.not_isolated_because})",
+            )
+        trees = list(image_layers)
+        binds: dict[str, Path] = {}
+        on_path = False
+        shared = {"/" + d for d in isolation_mod.ROOT_DIRS}
+        if self.isolation is not None:
+            view = self.isolation.view
+            for p in [*view.dirs, *view.host_dirs, *view.masked, *volume_paths]:
+                parts = [x for x in layers.abs_path(p).split("/") if x]
+                shared.update("/" + "/".join(parts[:i]) for i in range(1, len(parts) + 1))
+        for mount_id in mount_ids:
+            mount = self.registry.mounts.get(mount_id)
+            if mount is None:
+                fail(Status.NOT_FOUND, f"Mount {mount_id!r} not found (was the server restarted?)")
+            on_path = on_path or any(p.startswith("/root/") for p in mount.paths)
+            roots = layers.bind_roots(mount.tree, shared) if self.isolation is not None else []
+            taken = [*binds, *volume_paths]
+            if not roots or any(
+                layers.under(r, t) or layers.under(t, r) for r in roots for t in taken
+            ):
+                trees.append(mount.tree)
+                continue
+            for r in roots:
+                binds[r] = mount.tree / r.lstrip("/")
+        return trees, binds, on_path
+
+    def readonly_problem(self, remote_path: str) -> str | None:
+        """Why local files cannot be placed at ``remote_path`` in an isolated sandbox, or None."""
+        if self.isolation is None:
+            return None
+        norm = layers.abs_path(remote_path)
+        for link, target in self.isolation.view.symlinks.items():  # /bin -> usr/bin
+            if layers.under(norm, link):
+                real = posixpath.join(posixpath.dirname(link), target)
+                norm = layers.abs_path(real + norm[len(link) :])
+                break
+        if self.isolation.view.resolve_readonly(norm) is not None:
+            return (
+                f"{remote_path!r} is inside {_top(norm, self.isolation.view)!r}, which the local "
+                "Modal server shows read-only from this machine (it stands in for the image), so "
+                "local files cannot be placed there: choose another remote path (e.g. under "
+                "/root or /opt)"
+            )
+        return None
 
     def _network_mode(self, d: api_pb2.Sandbox) -> str:
         """ "host", "none" or "own" (see `runtime.sandbox`); what cannot be had is refused."""

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import os
+import posixpath
+import secrets
 import shlex
+import shutil
+from pathlib import Path
 
 from grpclib import Status
 from grpclib.server import Stream
 from modal_proto import api_pb2
 
+from ..runtime import layers as layers_mod
 from .base import Room, fail
 from .context import IMAGE_BUILDER_VERSION
 
@@ -57,8 +65,14 @@ class Images(Room):
                 for k, v in _parse_env_line(c).items():
                     if k not in _IMAGE_ENV_SKIP and not k.startswith("MODAL_"):
                         env[k] = v
+        layers = list(parent.layers) if parent is not None else []
+        if img.context_mount_id:
+            layer, code = await self._copied_files(img.context_mount_id, rest)
+            layers.append(layer)
+            if code and "PYTHONPATH" not in env:
+                env["PYTHONPATH"] = "/root"  # as on Modal, where add_local_python_source puts code
         key = img.SerializeToString(deterministic=True) + req.builder_version.encode()
-        info = self.reg.image_get_or_create(key, desc, env)
+        info = self.reg.image_get_or_create(key, desc, env, layers)
         g = api_pb2.GenericResult
         await stream.send_message(
             api_pb2.ImageGetOrCreateResponse(
@@ -67,6 +81,55 @@ class Images(Room):
                 metadata=api_pb2.ImageMetadata(
                     image_builder_version=req.builder_version or IMAGE_BUILDER_VERSION
                 ),
+            )
+        )
+
+    async def _copied_files(self, mount_id: str, commands: list[str]) -> tuple[Path, bool]:
+        """``add_local_*(copy=True)``: the mount's files as a layer of the image (the
+        client sends ``COPY . <dest>``); and whether they put code under /root."""
+        mount = self.reg.mounts.get(mount_id)
+        if mount is None:
+            fail(Status.NOT_FOUND, f"Mount {mount_id!r} not found (was the server restarted?)")
+        copies = [c for c in commands if c.upper().startswith("COPY ")]
+        parts = shlex.split(copies[0])[1:] if len(copies) == 1 else []
+        if len(parts) != 2 or parts[0] != ".":
+            fail(
+                Status.UNIMPLEMENTED,
+                f"the local Modal server copies local files into an image only as "
+                f"'COPY . <path>', not {copies!r}",
+            )
+        dest = layers_mod.abs_path(parts[1])
+        for path in mount.paths:
+            problem = self.ctx.readonly_problem(posixpath.join(dest, path.lstrip("/")))
+            if problem is not None:
+                fail(Status.INVALID_ARGUMENT, f"add_local_*(copy=True): {problem}")
+        code = any(posixpath.join(dest, p.lstrip("/")).startswith("/root/") for p in mount.paths)
+        if dest == "/":
+            return mount.tree, code
+        layer = mount.tree.parent / "at" / hashlib.sha256(dest.encode()).hexdigest()[:16]
+        if not layer.exists():
+            tmp = layer.with_name(f"{layer.name}.{secrets.token_hex(4)}.tmp")
+            await asyncio.to_thread(layers_mod.copy_tree, mount.tree, tmp / dest.lstrip("/"))
+            try:
+                os.rename(tmp, layer)
+            except OSError:  # made meanwhile by the same request sent twice
+                shutil.rmtree(tmp, ignore_errors=True)
+        return layer, code
+
+    async def ImageFromId(
+        self, stream: Stream[api_pb2.ImageFromIdRequest, api_pb2.ImageFromIdResponse]
+    ) -> None:
+        req = await stream.recv_message()
+        assert req is not None
+        if req.image_id not in self.reg.images:
+            fail(
+                Status.NOT_FOUND,
+                f"Image {req.image_id!r} not found (images live as long as the local server)",
+            )
+        await stream.send_message(
+            api_pb2.ImageFromIdResponse(
+                image_id=req.image_id,
+                metadata=api_pb2.ImageMetadata(image_builder_version=IMAGE_BUILDER_VERSION),
             )
         )
 

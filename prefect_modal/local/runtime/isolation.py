@@ -221,12 +221,16 @@ def layout(
     *,
     hostname: str,
     network: str,
+    binds: dict[str, Path] | None = None,
 ) -> dict[str, Any]:
     """The container spec `container.start` builds (JSON-able). Mounts are
-    ordered so a parent is bound before what lies inside it."""
+    ordered so a parent is bound before what lies inside it. ``binds``: more
+    read-only binds, container path -> host file or directory (local files)."""
     mounts: list[tuple[str, str | None, str]] = []
     for d in (*view.dirs, *view.host_dirs):
         mounts.append(("ro", d, d))
+    for target, source in (binds or {}).items():
+        mounts.append(("ro", str(source), target))
     for m in view.masked:
         mounts.append(("mask", None, m))
     for mount_path, host_dir in volumes.items():

@@ -62,7 +62,7 @@ from typing import Any
 from modal_proto import api_pb2
 
 from ..records import SandboxRecord
-from . import isolation, processes
+from . import isolation, layers, processes
 from .forkserver import ForkedProcess, ForkServer, Stdio
 from .isolation import FsRoot, ImageView
 from .streams import OutputBuffer
@@ -103,6 +103,11 @@ class SandboxSpec:
     network: str = "host"  # "host", "none" (block_network) or "own" (serves ports)
     pty: bool = False
     pty_size: tuple[int, int] = (0, 0)  # rows, columns (0: the terminal's default)
+    #: file trees copied, in order, into the new root (see `layers`)
+    layers: list[Path] = field(default_factory=list)
+    image_id: str = ""  # the image it was created from (a snapshot inherits its ENV)
+    #: read-only binds of local files (container path -> host path), isolated sandboxes
+    binds: dict[str, Path] = field(default_factory=dict)
 
 
 @dataclass
@@ -344,12 +349,21 @@ class LocalSandbox:
     def _prepare_dirs(self) -> None:
         if self.isolation is not None:
             isolation.prepare_root(self.paths.fs, self.isolation.view)
+            for layer in self.spec.layers:
+                layers.copy_tree(layer, self.paths.fs)
+            if self.spec.layers:  # a snapshot's symlinks must not lead a mount point astray
+                view = self.isolation.view
+                targets = [*view.dirs, *view.host_dirs, *view.masked, *self.spec.volumes]
+                targets += [*self.spec.binds, "/proc", "/dev"]
+                layers.clear_way(self.paths.fs, targets)
             for _name, host_dir in self.spec.volumes.values():
                 host_dir.mkdir(parents=True, exist_ok=True)
             return
         self.paths.fs.mkdir(parents=True)  # a fresh id: the directory cannot exist yet
         os.mkdir(self.paths.resolve("/root"))
         os.mkdir(self.paths.resolve("/tmp"))
+        for layer in self.spec.layers:
+            layers.copy_tree(layer, self.paths.fs)
         for mount_path, (_name, host_dir) in self.spec.volumes.items():
             host_dir.mkdir(parents=True, exist_ok=True)
             link = self.paths.resolve(mount_path)
@@ -376,12 +390,17 @@ class LocalSandbox:
             if norm == mount_path or norm.startswith(mount_path.rstrip("/") + "/"):
                 rest = norm[len(mount_path) :].lstrip("/")
                 return None if (host_dir / rest).is_dir() else self._missing(workdir)
+        for target, source in self.spec.binds.items():
+            if layers.under(norm, target):
+                rest = norm[len(target) :].lstrip("/")
+                return None if (source / rest).is_dir() else self._missing(workdir)
         if self.isolation.view.resolve_readonly(norm) is not None:
             return None if os.path.isdir(norm) else self._missing(workdir)
         if norm.strip("/") in isolation.ROOT_DIRS:
             return None
         # a directory on the way to a mount exists too (/work of /work/project/.venv)
         inner = [*self.isolation.view.dirs, *self.isolation.view.host_dirs, *self.spec.volumes]
+        inner += list(self.spec.binds)
         if any(p.startswith(norm.rstrip("/") + "/") for p in inner):
             return None
         return self._missing(workdir)
@@ -421,7 +440,10 @@ class LocalSandbox:
         popen: subprocess.Popen[bytes] | ForkedProcess | None = None
         go_w: int | None = None
         try:
-            self._prepare_dirs()
+            if self.spec.layers:  # copying files: off the event loop
+                await asyncio.to_thread(self._prepare_dirs)
+            else:
+                self._prepare_dirs()
             if self.isolation is not None:
                 popen, go_w = await self._start_container(args)
             else:
@@ -466,6 +488,7 @@ class LocalSandbox:
             {mp: host for mp, (_name, host) in self.spec.volumes.items()},
             hostname=self.id.replace("_", "-")[:63],
             network=self.spec.network,
+            binds=self.spec.binds,
         )
         go_r = go_w = None
         if self.spec.network == "own" and self.isolation.pasta:
