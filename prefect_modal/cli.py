@@ -195,7 +195,8 @@ def logs(
     # base64) and its stderr carries the user's output with origin markers
     # (see `remote.py`): show the user's lines, unmarked, where they were printed.
     try:
-        task_sandbox = tags.TASK_RUN in sandboxes.sandbox_tags(sandbox)
+        found = sandboxes.sandbox_tags(sandbox)
+        task_sandbox = tags.TASK_RUN in found or tags.WARM in found
     except Exception:
         task_sandbox = False
 
@@ -205,7 +206,7 @@ def logs(
                 sys.stdout.write(line + "\n")
             return
         origin, _level, text = remote.classify_line(line)
-        if origin == "bootstrap":
+        if origin in ("bootstrap", "end"):
             return
         (sys.stdout if origin in ("stdout", "log") else sys.stderr).write(text + "\n")
 
