@@ -3,9 +3,11 @@ within a flow run, one call at a time; `reuse_sandboxes=False` keeps one per cal
 
 from __future__ import annotations
 
+import time
+
 from prefect import flow, task
 from prefect.context import get_run_context
-from runner_support import sandboxes_of
+from runner_support import sandboxes_of, wait_until
 
 from prefect_modal import modal_options
 
@@ -70,3 +72,192 @@ def test_module_state_persists_only_in_warm_mode(make_runner, modal_server):
     assert warm() == [1, 2, 3]
     assert cold() == [1, 1, 1]
     assert opted_out() == [1, 1, 1]
+
+
+@task(timeout_seconds=1)
+def slow_then_fast(sleep: float) -> str:
+    import os
+
+    time.sleep(sleep)
+    return os.environ.get("MODAL_SANDBOX_ID", "")
+
+
+def test_a_timed_out_calls_sandbox_is_replaced(make_runner, modal_server):
+    @flow(task_runner=make_runner(max_parallelism=1))
+    def f() -> tuple[object, object, str]:
+        first = slow_then_fast.submit(0)
+        first_id = first.result()
+        timed_out = slow_then_fast.submit(30)
+        timed_out.wait()
+        return _flow_run_id(), (first_id, timed_out.state), slow_then_fast.submit(0).result()
+
+    started = time.monotonic()
+    run_id, (first_id, state), third_id = f()
+    assert time.monotonic() - started < 30
+    assert state.is_failed() and state.name == "TimedOut"
+    assert first_id and third_id and first_id != third_id
+    records = {r.id: r for r in sandboxes_of(modal_server, run_id)}
+    assert len(records) == 2
+    assert records[first_id].status == "terminated" and records[first_id].returncode == 137
+
+
+@task
+def where(_: int) -> str:
+    import os
+
+    return os.environ.get("MODAL_SANDBOX_ID", "")
+
+
+def test_different_specs_never_share_a_sandbox(make_runner, modal_server):
+    small = modal_options(cpu=0.25)(where)
+    other_env = modal_options(env={"PM_WARM": "1"})(where)
+
+    @flow(task_runner=make_runner(max_parallelism=3))
+    def f() -> tuple[list[str], ...]:
+        plain, a, b = where.map(range(6)), small.map(range(6)), other_env.map(range(6))
+        return plain.result(), a.result(), b.result()
+
+    groups = [set(g) for g in f()]
+    assert all(groups), groups
+    assert not (groups[0] & groups[1]) and not (groups[0] & groups[2])
+    assert not (groups[1] & groups[2])
+
+
+@task
+def fails_once(path_key: str) -> str:
+    """Raises on its first call in a sandbox, then succeeds: the sandbox stays warm."""
+    import os
+    import sys
+    import types
+
+    state = sys.modules.setdefault("pm_fail_state", types.ModuleType("pm_fail_state"))
+    if not getattr(state, path_key, False):
+        setattr(state, path_key, True)
+        raise RuntimeError("first attempt fails")
+    return os.environ.get("MODAL_SANDBOX_ID", "")
+
+
+def test_a_call_that_raises_leaves_its_sandbox_warm_for_the_retry(make_runner, modal_server):
+    retried = fails_once.with_options(retries=1, retry_delay_seconds=0)
+
+    @flow(task_runner=make_runner(max_parallelism=1))
+    def f() -> tuple[object, str]:
+        return _flow_run_id(), retried.submit("k").result()
+
+    run_id, served_by = f()
+    (record,) = sandboxes_of(modal_server, run_id)
+    assert record.id == served_by
+
+
+@task
+def chatty(name: str, lines: int) -> None:
+    for i in range(lines):
+        print(f"{name} line {i}", flush=True)
+        time.sleep(0.02)
+
+
+def test_logs_of_interleaved_tasks_land_on_their_own_task_runs(make_runner, modal_server):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
+
+    @flow(task_runner=make_runner(max_parallelism=1))
+    def f() -> list[object]:
+        futures = [chatty.submit(name, 15) for name in ("alpha", "beta", "alpha2", "beta2")]
+        for fut in futures:
+            fut.wait()
+        return [fut.task_run_id for fut in futures]
+
+    ids = f()
+    names = ("alpha", "beta", "alpha2", "beta2")
+
+    def logs(task_run_id: object) -> list[str]:
+        with get_client(sync_client=True) as client:
+            return [
+                log.message
+                for log in client.read_logs(
+                    log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=[task_run_id]))
+                )
+            ]
+
+    sandbox_lines = []
+    for name, task_run_id in zip(names, ids, strict=True):
+        messages = wait_until(
+            lambda t=task_run_id: (m := logs(t)) and sum(" line " in x for x in m) >= 15 and m,
+            timeout=30,
+        )
+        printed = [m for m in messages if " line " in m]
+        assert printed == [f"{name} line {i}" for i in range(15)], printed
+        sandbox_lines += [m for m in messages if "call " in m and "in this sandbox" in m]
+    # one sandbox served all four, and each task run's log says which call it was
+    assert sorted(line.split("call ")[1].split(" ")[0] for line in sandbox_lines) == [
+        "1",
+        "2",
+        "3",
+        "4",
+    ], sandbox_lines
+
+
+def test_cancel_with_warm_sandboxes_busy_and_idle_leaves_none(prefect_api, modal_server, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelling
+    from test_runner_lifecycle import HERE, REPO, _flow_process_env
+
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow_from_name("cancel-warm")
+        deployment_id = client.create_deployment(
+            flow_id=flow_id,
+            name=f"cancel-warm-{tmp_path.name}",
+            entrypoint=f"{Path(HERE) / 'cancel_flow.py'}:cancel_warm",
+            path=str(REPO),
+        )
+        run = client.create_flow_run_from_deployment(deployment_id)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "flow-run", "execute", str(run.id)],
+        env=_flow_process_env(prefect_api, modal_server, tmp_path),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+
+        def running() -> list[object]:
+            return [r for r in sandboxes_of(modal_server, run.id) if r.status == "running"]
+
+        def sleepers_running() -> int:
+            from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+            with get_client(sync_client=True) as client:
+                runs = client.read_task_runs(
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id]))
+                )
+            return sum(
+                1
+                for r in runs
+                if r.flow_run_id == run.id
+                and r.name.startswith("sleepy")
+                and r.state
+                and r.state.is_running()
+            )
+
+        wait_until(lambda: len(running()) == 8, timeout=90)
+        wait_until(lambda: sleepers_running() == 4, timeout=60)
+        time.sleep(1.0)  # the sleepers' calls reach their sandboxes
+        requested = time.monotonic()
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(run.id, Cancelling(), force=True)
+        wait_until(lambda: not running(), timeout=30, interval=0.05)
+        gone_after = time.monotonic() - requested
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        output = proc.communicate()[0] if proc.stdout else ""
+    records = sandboxes_of(modal_server, run.id)
+    assert len(records) == 8, output[-3000:]
+    assert {r.status for r in records} == {"terminated"}, output[-3000:]
+    assert gone_after < 5, f"sandboxes still running {gone_after:.1f} s after the cancel request"
