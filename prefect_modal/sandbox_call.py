@@ -745,7 +745,12 @@ class SandboxCall:
                 return
             if warm is None:
                 flow = self.info.flow_run_id.hex[:8] if self.info.flow_run_id else "noflow"
-                tags = {tag_keys.MODE: "per_step", tag_keys.WARM: "1"}
+                # the task it was started for; it may serve others with equal settings
+                tags = {
+                    tag_keys.MODE: "per_step",
+                    tag_keys.WARM: "1",
+                    tag_keys.TASK_NAME: self.info.task_name[:60],
+                }
                 if self.info.flow_run_id:
                     tags[tag_keys.FLOW_RUN] = str(self.info.flow_run_id)
                 warm = pool.start(

@@ -282,7 +282,7 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
         pool, self._pool = self._pool, None
         if pool is not None:  # the flow run is over: its warm sandboxes end with it
             registry_for(self._family).discard_pool(pool)
-            pool.close(wait=10.0)
+            pool.close(wait=10.0, graceful=exc_type is None)
         if executor is not None:
             if exc_type is not None:
                 # Terminated sandboxes end in about a second; let their engine threads

@@ -20,6 +20,7 @@ Nothing here imports `modal`: sandboxes go through `prefect_modal.sandboxes`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 import threading
@@ -136,6 +137,18 @@ class WarmSandbox:
         with self._stdin_lock:
             sandboxes.send_stdin(self.sandbox, data, eof=False)
             self._last_write = time.monotonic()
+
+    def finish(self, wait: float) -> None:
+        """End an idle sandbox the normal way (stdin closed: the bootstrap exits 0);
+        terminate it if it has not gone within `wait` seconds."""
+        self.retiring = True
+        try:
+            with self._stdin_lock:
+                sandboxes.send_stdin(self.sandbox, b"", eof=True)
+        except Exception:
+            pass
+        if not self.dead.wait(wait):
+            self.terminate()
 
     def terminate(self) -> None:
         self.retiring = True
@@ -296,7 +309,7 @@ class WarmPool:
     def _retire(self, warm: WarmSandbox) -> None:
         if not warm.dead.is_set():
             threading.Thread(
-                target=warm.terminate, name="prefect-modal-retire", daemon=True
+                target=warm.finish, args=(3.0,), name="prefect-modal-retire", daemon=True
             ).start()
 
     def _on_dead(self, warm: WarmSandbox) -> None:
@@ -329,8 +342,10 @@ class WarmPool:
                 for warm in expired:
                     self._idle.remove(warm)
                 busy = [w for w in self._all if w not in self._idle]
-            for warm in expired:
-                self._retire(warm)
+            for warm in expired:  # idle too long: ends as at the end of the flow run
+                threading.Thread(
+                    target=warm.finish, args=(3.0,), name="prefect-modal-idle", daemon=True
+                ).start()
             for warm in busy:
                 warm.heartbeat()
 
@@ -338,18 +353,22 @@ class WarmPool:
         with self._cond:
             return list(self._all)
 
-    def close(self, wait: float = 0.0) -> list[threading.Thread]:
-        """Terminate every sandbox of the pool (busy ones too); new calls are refused."""
+    def close(self, wait: float = 0.0, graceful: bool = False) -> list[threading.Thread]:
+        """End every sandbox of the pool; new calls are refused.  `graceful` (the flow
+        run ended normally): idle sandboxes exit 0, busy ones are terminated; else
+        (cancelled, crashed) every one is terminated at once."""
         with self._cond:
             self._closed = True
             everything = list(self._all)
+            idle = set(self._idle)
             self._idle.clear()
             self._cond.notify_all()
         threads = []
         for warm in everything:
-            thread = threading.Thread(
-                target=warm.terminate, name="prefect-modal-close", daemon=True
+            end: Any = (
+                functools.partial(warm.finish, 3.0) if graceful and warm in idle else warm.terminate
             )
+            thread = threading.Thread(target=end, name="prefect-modal-close", daemon=True)
             thread.start()
             threads.append(thread)
         if wait:
