@@ -777,7 +777,9 @@ class SandboxCall:
                         raise
             if self._events is not None:
                 self._events.running()
-            self._warm_settled.wait()
+            while not self._warm_settled.wait(0.5):
+                if warm.dead.is_set():  # it ended before this call became its current one
+                    self.on_warm_exit(warm.returncode)
             if not self._warm_exited:
                 self._warm_end.wait(5.0)  # the call's last output lines
             with self._lock:
