@@ -257,7 +257,8 @@ def write_flow_summary(flow_run_id: UUID, records: list[SandboxArtifact]) -> Non
 
 
 def read_sandbox_artifacts(flow_run_id: UUID | str) -> list[SandboxArtifact]:
-    """The latest record of every sandbox of a flow run (tasks' and its own)."""
+    """The latest record of every task run's sandbox call and of the flow run's own
+    sandbox (by artifact key: a warm sandbox has one record per task run it served)."""
     body = {
         "artifacts": ArtifactFilter(
             flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(str(flow_run_id))]),
@@ -289,5 +290,5 @@ def read_sandbox_artifacts(flow_run_id: UUID | str) -> list[SandboxArtifact]:
             record = SandboxArtifact.from_rows(rows)
         except (ValueError, KeyError, TypeError):
             continue  # not one of ours after all; never fail a status call on it
-        latest.setdefault(record.sandbox_id, record)
+        latest.setdefault(artifact.key, record)
     return sorted(latest.values(), key=lambda r: r.started_at)

@@ -117,9 +117,12 @@ def status(
         rec = report.record
         res = rec.resources if rec else {}
         seconds = rec.seconds if rec else None
+        task = (rec.task_name if rec else None) or "(flow run)"
+        if len(report.calls) > 1:  # a warm sandbox: the task runs it served, in order
+            task = ", ".join(f"{c.task_name} ({str(c.task_run_id)[:8]})" for c in report.calls)
         table.add_row(
             report.sandbox_id,
-            (rec.task_name if rec else None) or "(flow run)",
+            task,
             str(rec.attempt) if rec and rec.attempt is not None else "-",
             report.display_status(state),
             "-" if report.returncode is None else str(report.returncode),

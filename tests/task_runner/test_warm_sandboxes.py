@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from prefect import flow, task
 from prefect.context import get_run_context
 from runner_support import sandboxes_of, wait_until
@@ -261,3 +262,64 @@ def test_cancel_with_warm_sandboxes_busy_and_idle_leaves_none(prefect_api, modal
     assert len(records) == 8, output[-3000:]
     assert {r.status for r in records} == {"terminated"}, output[-3000:]
     assert gone_after < 5, f"sandboxes still running {gone_after:.1f} s after the cancel request"
+
+
+def test_records_and_status_show_which_task_runs_a_sandbox_served(make_runner, credentials):
+    from prefect_modal.artifacts import read_sandbox_artifacts
+    from prefect_modal.status import flow_run_sandboxes
+
+    @flow(task_runner=make_runner(max_parallelism=1))
+    def f() -> tuple[object, list[object]]:
+        futures = [double.submit(i) for i in range(3)]
+        for fut in futures:
+            fut.wait()
+        return _flow_run_id(), [fut.task_run_id for fut in futures]
+
+    run_id, task_run_ids = f()
+    records = wait_until(
+        lambda: (found := read_sandbox_artifacts(run_id)) and len(found) == 3 and found,
+        timeout=30,
+    )
+    assert len({r.task_run_id for r in records}) == 3  # one artifact per task run
+    assert len({r.sandbox_id for r in records}) == 1
+    assert sorted(r.call_in_sandbox for r in records) == [1, 2, 3]
+    (report,) = flow_run_sandboxes(run_id, credentials=credentials)
+    assert report.row()["task_runs"] == [str(t) for t in task_run_ids]
+    assert report.live_status == "succeeded" and report.returncode == 0
+
+
+def test_bad_reuse_settings_fail_when_written(credentials):
+    from prefect_modal import ModalTaskRunner
+
+    with pytest.raises(ValueError, match=r"reuse_sandboxes='yes' must be True or False"):
+        ModalTaskRunner(credentials=credentials, reuse_sandboxes="yes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"idle_seconds=0 must be a number of seconds above 0"):
+        ModalTaskRunner(credentials=credentials, idle_seconds=0)
+    with pytest.raises(TypeError, match=r"modal_options\(reuse='no'\): reuse must be True"):
+        modal_options(reuse="no")  # type: ignore[arg-type]
+
+
+def test_latency_model_fits_the_published_figures_and_delays_starts(tmp_path):
+    import modal
+
+    from prefect_modal.local import LocalModal
+    from prefect_modal.local.latency import LatencyModel, resolve
+
+    model = resolve("modal")
+    assert model is not None
+    assert abs(model.quantile(0.5) - 2.66) < 0.01
+    assert abs(model.quantile(0.95) - 11.78) / 11.78 < 0.05
+    assert abs(model.quantile(0.99) - 22.39) / 22.39 < 0.05
+    assert resolve("off") is None and resolve(None) is None
+    with pytest.raises(ValueError, match=r"latency='fast' is not a latency model"):
+        LocalModal(latency="fast")
+
+    fixed = LatencyModel(start_median_s=0.6, start_sigma=0.0, rpc_round_trip_s=0.0)
+    with LocalModal(state_dir=tmp_path / "lm", latency=fixed) as lm:
+        client = lm.client
+        app = modal.App.lookup("latency", create_if_missing=True, client=client)
+        started = time.monotonic()
+        sb = modal.Sandbox.create("true", app=app, client=client)
+        took = time.monotonic() - started
+        sb.wait(raise_on_termination=False)
+    assert took >= 0.6, took
