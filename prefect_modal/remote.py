@@ -33,6 +33,16 @@ The protocol (one call per process):
   as one line of JSON (name, message, extra fields), ``\\x1fB\\x1f`` a bootstrap
   notice.  Unmarked lines are raw stderr (WARNING on the Prefect side).
 
+Warm mode (a sandbox that serves many calls of one flow run, `warm.py`): the
+first stdin line is ``prefect-modal-loop nonce=<session>``; after it,
+everything on stdin is a frame of the session nonce: ``CALL`` (a header line
+as above, then the payload), ``REPLY`` (an answer to the running call's nested
+submit, handed to that call's reply pipe, so replies never mix with the next
+call's payload) or ``PING`` (keeps the sandbox from its idle timeout).  Each
+call's outcome is one frame of the session nonce on the channel, after a
+``\x1fE\x1f<call nonce>`` line on stderr that follows the call's last output
+line.  A new pipe takes fd 1 for each call.  stdin's end ends the loop (exit 0).
+
 The same file is imported by the runner for the frame and line helpers below,
 so both ends of the protocol live in one place.
 """
