@@ -143,8 +143,10 @@ def test_two_sandboxes_each_reach_their_own_port(local_modal: LocalModal, app: A
 def test_two_sandboxes_serving_the_same_port(local_modal: LocalModal, app: Any) -> None:
     if not sandbox_netns_available(local_modal):
         pytest.skip(
-            "sandboxes share the host's network until isolation lands (issue 10 item 2): "
-            "two sandboxes cannot both listen on one port"
+            reason=(
+                "this local server cannot isolate sandboxes (it needs root): without network "
+                "namespaces two sandboxes cannot both listen on one port"
+            )
         )
     port = 8000
     sbs = [echo_sandbox(local_modal, app, port, encrypted_ports=[port]) for _ in range(2)]
