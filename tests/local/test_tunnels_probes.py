@@ -140,14 +140,15 @@ def test_two_sandboxes_each_reach_their_own_port(local_modal: LocalModal, app: A
     sb2.terminate()
 
 
+NO_NETNS = (
+    "this local server cannot isolate sandboxes (it needs root): without network "
+    "namespaces two sandboxes cannot both listen on one port"
+)
+
+
 def test_two_sandboxes_serving_the_same_port(local_modal: LocalModal, app: Any) -> None:
     if not sandbox_netns_available(local_modal):
-        pytest.skip(
-            reason=(
-                "this local server cannot isolate sandboxes (it needs root): without network "
-                "namespaces two sandboxes cannot both listen on one port"
-            )
-        )
+        pytest.skip(reason=NO_NETNS)
     port = 8000
     sbs = [echo_sandbox(local_modal, app, port, encrypted_ports=[port]) for _ in range(2)]
     for sb in sbs:
