@@ -52,6 +52,8 @@ class SandboxArtifact(BaseModel):
     task_run_id: UUID | None = None
     task_name: str | None = None
     attempt: int | None = None
+    #: Warm sandboxes: which call of the sandbox this task run was (1 = it started it).
+    call_in_sandbox: int | None = None
     mode: Literal["per_step", "pipeline"]
     resources: dict[str, Any] = Field(default_factory=dict)
     status: SandboxStatus = "running"
@@ -109,6 +111,7 @@ class SandboxArtifact(BaseModel):
             "task": self.task_name or "(flow run)",
             "attempt": self.attempt,
             "sandbox_id": self.sandbox_id,
+            "call_in_sandbox": self.call_in_sandbox,
             "status": self.status,
             "exit_code": self.exit_code,
             "gpu": res.get("gpu"),
@@ -131,9 +134,11 @@ def total_row(records: list[SandboxArtifact]) -> dict[str, Any]:
     """The table's last row: the run's estimated cost in total (sandboxes that ran to an end)."""
     costs = [r.estimated_cost() for r in records]
     known = [c for c in costs if c is not None]
+    sandboxes = len({r.sandbox_id for r in records})
+    calls = f", {len(records)} calls" if sandboxes != len(records) else ""
     return {
         "task": "(total, estimate)",
-        "sandbox_id": f"{len(records)} sandboxes",
+        "sandbox_id": f"{sandboxes} sandboxes{calls}",
         "estimated_cost_usd": _rounded(sum(known)) if known else None,
     }
 
@@ -224,6 +229,14 @@ def write_sandbox_artifact(
         fresh.create_artifact(artifact)
 
 
+def _rows_with_counts(records: list[SandboxArtifact]) -> list[dict[str, Any]]:
+    """Summary rows, each with the number of calls its sandbox served in this run."""
+    counts: dict[str, int] = {}
+    for record in records:
+        counts[record.sandbox_id] = counts.get(record.sandbox_id, 0) + 1
+    return [{**r.summary_row(), "calls_in_sandbox": counts[r.sandbox_id]} for r in records]
+
+
 def write_flow_summary(flow_run_id: UUID, records: list[SandboxArtifact]) -> None:
     """The flow-level table: every sandbox the run used, one row each."""
     if not records:
@@ -237,14 +250,15 @@ def write_flow_summary(flow_run_id: UUID, records: list[SandboxArtifact]) -> Non
                     f"Modal sandboxes of flow run {flow_run_id} ({len(records)}). "
                     + cost_note(records)
                 ),
-                data=json.dumps([*(r.summary_row() for r in records), total_row(records)]),
+                data=json.dumps([*_rows_with_counts(records), total_row(records)]),
                 flow_run_id=flow_run_id,
             )
         )
 
 
 def read_sandbox_artifacts(flow_run_id: UUID | str) -> list[SandboxArtifact]:
-    """The latest record of every sandbox of a flow run (tasks' and its own)."""
+    """The latest record of every task run's sandbox call and of the flow run's own
+    sandbox (by artifact key: a warm sandbox has one record per task run it served)."""
     body = {
         "artifacts": ArtifactFilter(
             flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(str(flow_run_id))]),
@@ -276,5 +290,5 @@ def read_sandbox_artifacts(flow_run_id: UUID | str) -> list[SandboxArtifact]:
             record = SandboxArtifact.from_rows(rows)
         except (ValueError, KeyError, TypeError):
             continue  # not one of ours after all; never fail a status call on it
-        latest.setdefault(record.sandbox_id, record)
+        latest.setdefault(artifact.key, record)
     return sorted(latest.values(), key=lambda r: r.started_at)

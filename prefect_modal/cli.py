@@ -117,9 +117,12 @@ def status(
         rec = report.record
         res = rec.resources if rec else {}
         seconds = rec.seconds if rec else None
+        task = (rec.task_name if rec else None) or "(flow run)"
+        if len(report.calls) > 1:  # a warm sandbox: the task runs it served, in order
+            task = ", ".join(f"{c.task_name} ({str(c.task_run_id)[:8]})" for c in report.calls)
         table.add_row(
             report.sandbox_id,
-            (rec.task_name if rec else None) or "(flow run)",
+            task,
             str(rec.attempt) if rec and rec.attempt is not None else "-",
             report.display_status(state),
             "-" if report.returncode is None else str(report.returncode),
@@ -195,7 +198,8 @@ def logs(
     # base64) and its stderr carries the user's output with origin markers
     # (see `remote.py`): show the user's lines, unmarked, where they were printed.
     try:
-        task_sandbox = tags.TASK_RUN in sandboxes.sandbox_tags(sandbox)
+        found = sandboxes.sandbox_tags(sandbox)
+        task_sandbox = tags.TASK_RUN in found or tags.WARM in found
     except Exception:
         task_sandbox = False
 
@@ -205,7 +209,7 @@ def logs(
                 sys.stdout.write(line + "\n")
             return
         origin, _level, text = remote.classify_line(line)
-        if origin == "bootstrap":
+        if origin in ("bootstrap", "end"):
             return
         (sys.stdout if origin in ("stdout", "log") else sys.stderr).write(text + "\n")
 

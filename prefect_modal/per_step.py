@@ -98,6 +98,8 @@ def runner_from_env(
             default_local=flow_runner.default_local,
             max_result_bytes=flow_runner.max_result_bytes,
             log_level=flow_runner.log_level,
+            reuse_sandboxes=flow_runner.reuse_sandboxes,
+            idle_seconds=flow_runner.idle_seconds,
         )
     kwargs["spec"] = spec
     if environ.get(ENV_MAX_PARALLELISM):

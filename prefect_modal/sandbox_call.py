@@ -39,6 +39,7 @@ from prefect_modal import tags as tag_keys
 from prefect_modal.artifacts import SandboxArtifact, write_sandbox_artifact
 from prefect_modal.nested import NestedCalls
 from prefect_modal.settings import DEFAULT_TIMEOUT_SECONDS, SandboxSpec
+from prefect_modal.warm import WarmPool, WarmSandbox, pool_key
 
 #: The Python minor version the payload is pickled with; the sandbox must match.
 LOCAL_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -375,6 +376,15 @@ class CallRegistry:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._calls: set[SandboxCall] = set()
+        self._pools: dict[int, tuple[object, WarmPool]] = {}
+
+    def add_pool(self, owner: object, pool: WarmPool) -> None:
+        with self._lock:
+            self._pools[id(pool)] = (owner, pool)
+
+    def discard_pool(self, pool: WarmPool) -> None:
+        with self._lock:
+            self._pools.pop(id(pool), None)
 
     def add(self, call: SandboxCall) -> None:
         with self._lock:
@@ -389,8 +399,14 @@ class CallRegistry:
             return [c for c in self._calls if owner is None or c.owner is owner]
 
     def cancel_all(self, reason: str, owner: object | None = None) -> list[threading.Thread]:
-        """Terminate every in-flight sandbox (of `owner`, or all); returns at once."""
-        return [t for c in self.active(owner) if (t := c.cancel(reason)) is not None]
+        """Terminate every in-flight sandbox (of `owner`, or all) and every warm one;
+        returns at once."""
+        threads = [t for c in self.active(owner) if (t := c.cancel(reason)) is not None]
+        with self._lock:
+            pools = [p for o, p in self._pools.values() if owner is None or o is owner]
+        for pool in pools:
+            threads += pool.close()
+        return threads
 
 
 _registries: dict[str, CallRegistry] = {}
@@ -433,6 +449,20 @@ class CallEnvironment:
     owner: object
     max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES
     log_level: int = logging.INFO
+    #: The flow run's warm sandboxes (None: every call gets a fresh sandbox).
+    pool: WarmPool | None = None
+
+    def acquire_slot(self, timeout: float) -> bool:
+        """A slot for a per-call sandbox (an idle warm one may be retired for it)."""
+        if self.pool is not None:
+            return self.pool.acquire(None, timeout) is True
+        return self.semaphore.acquire(timeout=timeout)
+
+    def release_slot(self) -> None:
+        if self.pool is not None:
+            self.pool.release_slot()
+        else:
+            self.semaphore.release()
 
 
 @dataclass
@@ -459,6 +489,8 @@ class SandboxCall:
     #: Submits a task on the flow's runner: how nested submits from the sandbox run.
     submit_child: Callable[..., Any] | None = None
     nonce: str = field(default_factory=lambda: secrets.token_hex(16))
+    #: Run on a warm sandbox of the flow run's pool (when the runner has one).
+    reuse: bool = False
 
     def __post_init__(self) -> None:
         self.owner = self.env.owner
@@ -477,6 +509,14 @@ class SandboxCall:
         self._nested: NestedCalls | None = None
         self._stdin_lock = threading.Lock()
         self._stdout_chunks: list[str] = []
+        # warm mode: what the sandbox's readers hand this call
+        self._warm: WarmSandbox | None = None
+        self._warm_frames: dict[str, bytes] = {}
+        self._warm_settled = threading.Event()
+        self._warm_end = threading.Event()
+        self._warm_exit: int | None = None
+        self._warm_exited = False
+        self.call_index: int | None = None
 
     # -- the engine thread ---------------------------------------------------------
 
@@ -507,13 +547,24 @@ class SandboxCall:
         )
         self.env.registry.add(self)
         driving = False
+        pool = self.env.pool if self.reuse else None
         try:
-            while not self.env.semaphore.acquire(timeout=_SLOT_SLICE):
-                if self._cancel_reason:
-                    return self._cancelled_state()
+            drive: Callable[..., None]
+            drive_args: tuple[Any, ...]
+            if pool is not None:
+                key = pool_key(self.spec)
+                while (lease := pool.acquire(key, _SLOT_SLICE)) is False:
+                    if self._cancel_reason:
+                        return self._cancelled_state()
+                drive, drive_args = self._drive_warm, (pool, key, lease, header + payload)
+            else:
+                while not self.env.acquire_slot(_SLOT_SLICE):
+                    if self._cancel_reason:
+                        return self._cancelled_state()
+                drive, drive_args = self._drive, (header + payload,)
             driver = threading.Thread(
                 target=copy_context().run,
-                args=(self._drive, header + payload),
+                args=(drive, *drive_args),
                 name=f"prefect-modal-{self.info.sandbox_name}",
                 daemon=True,
             )
@@ -676,9 +727,115 @@ class SandboxCall:
             if started:
                 self._finish_record(None)
         finally:
-            self.env.semaphore.release()
+            self.env.release_slot()
             self.env.registry.discard(self)
             self._done.set()
+
+    # -- the driver thread, warm mode ----------------------------------------------
+
+    def _drive_warm(
+        self, pool: WarmPool, key: str, lease: WarmSandbox | bool, stdin_data: bytes
+    ) -> None:
+        """Run the call on a warm sandbox (`lease`), or on one started for it (True)."""
+        warm = lease if isinstance(lease, WarmSandbox) else None
+        started = False
+        try:
+            if self._cancel_reason:
+                self._outcome = _Outcome(cancelled=self._cancel_reason)
+                return
+            if warm is None:
+                flow = self.info.flow_run_id.hex[:8] if self.info.flow_run_id else "noflow"
+                # the task it was started for; it may serve others with equal settings
+                tags = {
+                    tag_keys.MODE: "per_step",
+                    tag_keys.WARM: "1",
+                    tag_keys.TASK_NAME: self.info.task_name[:60],
+                }
+                if self.info.flow_run_id:
+                    tags[tag_keys.FLOW_RUN] = str(self.info.flow_run_id)
+                warm = pool.start(
+                    key,
+                    self.spec,
+                    self.env.client,
+                    name=f"pf-{flow}-warm-{secrets.token_hex(8)}",
+                    tags=tags,
+                )
+            self._warm = warm
+            self.call_index = warm.begin(self)
+            with self._lock:
+                self._sandbox = warm.sandbox
+                cancel_now = self._cancel_reason is not None
+            started = True
+            self._start_record(warm.sandbox, self.spec)
+            if cancel_now:
+                self._terminate(warm.sandbox)
+            else:
+                try:
+                    warm.send_call(stdin_data)
+                except Exception:
+                    if not self._cancel_reason and not warm.dead.is_set():
+                        raise
+            if self._events is not None:
+                self._events.running()
+            while not self._warm_settled.wait(0.5):
+                if warm.dead.is_set():  # it ended before this call became its current one
+                    self.on_warm_exit(warm.returncode)
+            if not self._warm_exited:
+                self._warm_end.wait(5.0)  # the call's last output lines
+            with self._lock:
+                self._finished = True
+            self._outcome = self._outcome_of(
+                self._warm_frames, self._warm_exit if self._warm_exited else None
+            )
+            kind = next(iter(self._warm_frames), None)
+            codes = {"OK": 0, "RAISE": 1}
+            code = self._warm_exit if self._warm_exited else codes.get(kind or "", 3)
+            self._finish_record(code)
+        except BaseException as exc:
+            if self._cancel_reason and self._cancel_reason != "timeout":
+                self._outcome = _Outcome(cancelled=self._cancel_reason)
+            else:
+                self._outcome = _Outcome(error=exc)
+            if started:
+                self._finish_record(None)
+        finally:
+            if warm is not None:
+                warm.end(self)
+                error = self._outcome.error
+                keep = (
+                    not self._cancel_reason
+                    and not self._warm_exited
+                    and not isinstance(error, (SandboxCrashedError, *REMOTE_INTERRUPTS))
+                    and (self._warm_frames or error is None)
+                )
+                pool.give_back(warm, keep=bool(keep))
+            elif lease is True and not started and self._cancel_reason:
+                pool.release_slot()  # cancelled before the start: the slot was never used
+            self.env.registry.discard(self)
+            self._done.set()
+
+    def on_warm_frame(self, kind: str, body: bytes) -> None:
+        """A frame of this call from the warm sandbox's channel."""
+        if kind == "SUBMIT":
+            if self._nested is not None:
+                self._nested.on_frame(kind, body)
+            return
+        if kind in ("OK", "RAISE", "ERROR"):
+            self._warm_frames.setdefault(kind, body)
+            self._warm_settled.set()
+
+    def on_warm_line(self, line: str) -> None:
+        origin, _level, text = remote.classify_line(line)
+        if origin == "end":
+            if text == self.nonce:
+                self._warm_end.set()
+            return
+        self._on_line(line)
+
+    def on_warm_exit(self, returncode: int | None) -> None:
+        self._warm_exit = returncode
+        self._warm_exited = True
+        self._warm_settled.set()
 
     def _follow_stdout(self, sandbox: Any) -> threading.Thread:
         """Read the private channel while the call runs: nested submits arrive on it."""
@@ -706,6 +863,12 @@ class SandboxCall:
         with self._lock:
             sandbox = None if self._finished else self._sandbox
         if sandbox is None:
+            return
+        if self._warm is not None:  # framed, so it never mixes with the next call
+            try:
+                self._warm.send_reply(data)
+            except Exception as exc:
+                logger.debug("prefect-modal: a nested reply could not be sent: %s", exc)
             return
         try:
             with self._stdin_lock:
@@ -754,9 +917,11 @@ class SandboxCall:
 
     def _start_record(self, sandbox: Any, spec: SandboxSpec) -> None:
         sid = sandboxes.sandbox_id(sandbox)
+        warm = self._warm
         self.record = SandboxArtifact(
             sandbox_id=sid,
-            sandbox_name=self.info.sandbox_name,
+            sandbox_name=warm.name if warm else self.info.sandbox_name,
+            call_in_sandbox=self.call_index,
             app_name=spec.effective_app_name,
             target=self.env.target_kind,  # type: ignore[arg-type]
             flow_run_id=self.info.flow_run_id,
@@ -768,9 +933,18 @@ class SandboxCall:
             status="running",
             link=sandboxes.dashboard_url(sid, spec.effective_app_name, self.env.server_url),
         )
-        self.run_logger.info(
-            "Running in Modal sandbox %s (%s)", sid, _resource_summary(spec.describe())
-        )
+        if warm is not None:
+            self.run_logger.info(
+                "Running in Modal sandbox %s, call %s in this sandbox (%s; %s)",
+                sid,
+                self.call_index,
+                "started for this call" if self.call_index == 1 else "warm",
+                _resource_summary(spec.describe()),
+            )
+        else:
+            self.run_logger.info(
+                "Running in Modal sandbox %s (%s)", sid, _resource_summary(spec.describe())
+            )
         # In this (driver) thread's copy of the run context: Prefect's events
         # worker adds the flow, deployment and work pool of the run itself.
         self._events = events.for_record(self.record)
@@ -830,7 +1004,9 @@ class SandboxCall:
 
     def _interpret(self, returncode: int | None, output: str, attached: bool = False) -> _Outcome:
         nonce = (remote.hello_nonce(output) or self.nonce) if attached else self.nonce
-        frames = dict(remote.decode_frames(nonce, output))
+        return self._outcome_of(dict(remote.decode_frames(nonce, output)), returncode)
+
+    def _outcome_of(self, frames: dict[str, bytes], returncode: int | None) -> _Outcome:
         if "OK" in frames:
             return _Outcome(value=cloudpickle.loads(frames["OK"]))
         if "RAISE" in frames:

@@ -44,6 +44,8 @@ class SandboxReport:
     live_status: str  # "running", "succeeded", "failed", "terminated", "timeout", "gone"
     returncode: int | None
     record: SandboxArtifact | None
+    #: A warm sandbox serves several task runs: the record of each, in call order.
+    calls: tuple[SandboxArtifact, ...] = ()
 
     @property
     def running(self) -> bool:
@@ -66,6 +68,7 @@ class SandboxReport:
             "recorded_status": rec.status if rec else None,
             "gpu": rec.resources.get("gpu") if rec else None,
             "link": rec.link if rec else None,
+            "task_runs": [str(c.task_run_id) for c in self.calls if c.task_run_id],
         }
 
 
@@ -108,7 +111,12 @@ def flow_run_sandboxes(
         from prefect_modal.targets import resolve_target
 
         client = resolve_target(credentials).client
-    records = {r.sandbox_id: r for r in read_sandbox_artifacts(run_id)}
+    calls: dict[str, list[SandboxArtifact]] = {}
+    for record in read_sandbox_artifacts(run_id):
+        calls.setdefault(record.sandbox_id, []).append(record)
+    for found in calls.values():
+        found.sort(key=lambda r: (r.call_in_sandbox or 0, r.started_at))
+    records = {sid: found[-1] for sid, found in calls.items()}
     ids = list(records)
     apps = [DEFAULT_APP_NAME, *(r.app_name for r in records.values())]
     ids += [sid for sid in _running_by_tag(run_id, client, apps) if sid not in records]
@@ -117,7 +125,11 @@ def flow_run_sandboxes(
         status, code = _live(sid, client)
         reports.append(
             SandboxReport(
-                sandbox_id=sid, live_status=status, returncode=code, record=records.get(sid)
+                sandbox_id=sid,
+                live_status=status,
+                returncode=code,
+                record=records.get(sid),
+                calls=tuple(calls.get(sid, ())),
             )
         )
     return reports

@@ -1,12 +1,14 @@
-"""`ModalTaskRunner`: each submitted task call runs in its own Modal Sandbox.
+"""`ModalTaskRunner`: each submitted task call runs in a Modal Sandbox.
 
 The Prefect task engine stays in the flow's process, in a thread, exactly as
 with `ThreadPoolTaskRunner` (which this class extends): states, retries,
 caching, timeouts, hooks, result persistence and upstream lineage are
 Prefect's own.  Only the call of the user's function travels: `submit()` hands
 the engine a copy of the task whose function, when called, runs a
-`SandboxCall` (see `sandbox_call.py`).  So a cache hit starts no sandbox, and a
-retry is a new sandbox.
+`SandboxCall` (see `sandbox_call.py`).  So a cache hit starts no sandbox.
+Calls with equal sandbox settings share warm sandboxes within a flow run
+(`warm.py`, `reuse_sandboxes=True`, the default), one call at a time per
+sandbox; `reuse_sandboxes=False` gives every call (and every retry) a fresh one.
 
 Why not a sandbox that runs Prefect's engine itself: importing Prefect and
 talking to the API from the sandbox costs about 2 s per task and needs an API
@@ -49,6 +51,7 @@ from prefect_modal.sandbox_call import (
     registry_for,
 )
 from prefect_modal.settings import SandboxSpec
+from prefect_modal.warm import DEFAULT_IDLE_SECONDS, WarmPool
 
 if TYPE_CHECKING:
     from prefect.tasks import Task
@@ -114,6 +117,15 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
             ThreadPoolTaskRunner reads it, else max(256, max_parallelism).
         max_result_bytes: largest pickled return value a sandbox may send back.
         log_level: level of the `logging` root logger inside the sandbox.
+        reuse_sandboxes: True (default) lets calls whose effective sandbox
+            settings are equal share warm sandboxes within one flow run, one
+            call at a time: the start is paid once per sandbox, not per call.
+            Module state (imports, caches, globals of installed modules) then
+            persists between calls in one sandbox.  False: a fresh sandbox for
+            every call (or per task: `modal_options(reuse=False)`).
+        idle_seconds: how long a warm sandbox waits idle for another call
+            before it is terminated (the sandbox's own `idle_timeout`, this
+            plus a minute, is the backstop should the flow process die).
 
     Only *submitted* calls (`task.submit`, `task.map`) go to the runner; a task
     called directly inside a flow runs in the flow's process, as in Prefect.
@@ -128,6 +140,8 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
         max_workers: int | None = None,
         max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
         log_level: int = logging.INFO,
+        reuse_sandboxes: bool = True,
+        idle_seconds: float = DEFAULT_IDLE_SECONDS,
         _family: str | None = None,
     ) -> None:
         if isinstance(spec, dict):
@@ -144,6 +158,17 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
             )
         if isinstance(max_result_bytes, bool) or max_result_bytes < 1:
             raise ValueError(f"max_result_bytes={max_result_bytes!r} must be 1 or more bytes.")
+        if not isinstance(reuse_sandboxes, bool):
+            raise ValueError(f"reuse_sandboxes={reuse_sandboxes!r} must be True or False.")
+        if (
+            isinstance(idle_seconds, bool)
+            or not isinstance(idle_seconds, int | float)
+            or not 0 < idle_seconds <= 24 * 3600
+        ):
+            raise ValueError(
+                f"idle_seconds={idle_seconds!r} must be a number of seconds above 0 and at most "
+                "86400 (24 hours)."
+            )
         super().__init__(max_workers=_engine_threads(max_workers, max_parallelism))
         self.spec = spec or SandboxSpec()
         self.max_parallelism = max_parallelism
@@ -151,6 +176,8 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
         self.default_local = default_local
         self.max_result_bytes = max_result_bytes
         self.log_level = log_level
+        self.reuse_sandboxes = reuse_sandboxes
+        self.idle_seconds = float(idle_seconds)
         self._requested_workers = max_workers
         # One family per user-created runner: its duplicates and unpickled copies
         # share it, so `cancel_all()` on the template reaches the duplicate's calls.
@@ -164,6 +191,7 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
         self._artifacts: ArtifactWriter | None = None
         self._records: list[SandboxArtifact] = []
         self._records_lock = threading.Lock()
+        self._pool: WarmPool | None = None
 
     @property
     def name(self) -> str:
@@ -180,6 +208,8 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
             max_workers=self._requested_workers,
             max_result_bytes=self.max_result_bytes,
             log_level=self.log_level,
+            reuse_sandboxes=self.reuse_sandboxes,
+            idle_seconds=self.idle_seconds,
             _family=self._family,
         )
 
@@ -194,6 +224,8 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
             and self._max_workers == value._max_workers
             and self.max_result_bytes == value.max_result_bytes
             and self.log_level == value.log_level
+            and self.reuse_sandboxes == value.reuse_sandboxes
+            and self.idle_seconds == value.idle_seconds
         )
 
     __hash__ = None  # type: ignore[assignment]  # mutable, compared by configuration
@@ -201,7 +233,7 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
     def __repr__(self) -> str:
         return (
             f"ModalTaskRunner(spec={self.spec!r}, max_parallelism={self.max_parallelism}, "
-            f"default_local={self.default_local})"
+            f"default_local={self.default_local}, reuse_sandboxes={self.reuse_sandboxes})"
         )
 
     def __getstate__(self) -> dict[str, Any]:
@@ -216,6 +248,7 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
             "_records_lock",
             "_executor",
             "_cancel_events",
+            "_pool",
         ):
             state.pop(name, None)
         state["_started"] = False
@@ -230,6 +263,9 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
     def __enter__(self) -> Self:
         super().__enter__()
         self._artifacts = ArtifactWriter()
+        if self.reuse_sandboxes:
+            self._pool = WarmPool(self._semaphore, self.idle_seconds)
+            registry_for(self._family).add_pool(self, self._pool)
         return self
 
     def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
@@ -243,6 +279,11 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
         executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=exc_type is None, cancel_futures=True)
+        pool, self._pool = self._pool, None
+        if pool is not None:  # the flow run is over: its warm sandboxes end with it
+            registry_for(self._family).discard_pool(pool)
+            pool.close(wait=10.0, graceful=exc_type is None)
+        if executor is not None:
             if exc_type is not None:
                 # Terminated sandboxes end in about a second; let their engine threads
                 # record the final states before the process exits (Prefect's API
@@ -293,7 +334,15 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
                 "sandbox call cannot do; it runs in the flow's process.",
                 task.name,
             )
-        runnable = task if local else self._remote_task(task, options.spec or self.spec)
+        runnable = (
+            task
+            if local
+            else self._remote_task(
+                task,
+                options.spec or self.spec,
+                reuse=self.reuse_sandboxes and options.reuse is not False,
+            )
+        )
 
         task_run_id = _new_task_run_id()
         cancel_event = threading.Event()
@@ -347,18 +396,20 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
         opts = options_for(task)
         local = self.default_local if opts.local is None else opts.local
         spec = self.spec.merged_with(opts.spec) if opts.spec else self.spec
-        return ModalOptions(spec=spec, local=local)
+        return ModalOptions(spec=spec, local=local, reuse=opts.reuse)
 
     # -- the remote function -------------------------------------------------------------
 
-    def _remote_task(self, task: Task[Any, Any], spec: SandboxSpec) -> Task[Any, Any]:
+    def _remote_task(
+        self, task: Task[Any, Any], spec: SandboxSpec, reuse: bool = False
+    ) -> Task[Any, Any]:
         """A copy of `task` whose function runs in a sandbox; everything else is Prefect's.
 
         A shallow copy keeps the task's key, name, source (for cache keys),
         retries, hooks and result settings; only `fn` changes.
         """
         remote = copy.copy(task)
-        remote.fn = _remote_function(task.fn, spec, self)
+        remote.fn = _remote_function(task.fn, spec, self, reuse)
         return remote
 
     def _environment(self) -> CallEnvironment:
@@ -376,6 +427,7 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
             owner=self,
             max_result_bytes=self.max_result_bytes,
             log_level=self.log_level,
+            pool=self._pool,
         )
 
     def target(self) -> Target:
@@ -455,7 +507,12 @@ def _contain_remote_interrupts(fn: Callable[..., Any], *args: Any, **kwargs: Any
 
 
 def _call_for(
-    fn: Callable[..., Any], spec: SandboxSpec, runner: ModalTaskRunner, args: Any, kwargs: Any
+    fn: Callable[..., Any],
+    spec: SandboxSpec,
+    runner: ModalTaskRunner,
+    args: Any,
+    kwargs: Any,
+    reuse: bool = False,
 ) -> SandboxCall:
     from prefect.context import TaskRunContext
 
@@ -482,11 +539,12 @@ def _call_for(
             ctx, fn, plain_containers(dict(ctx.parameters or {}))
         ),
         submit_child=runner.submit,
+        reuse=reuse,
     )
 
 
 def _remote_function(
-    fn: Callable[..., Any], spec: SandboxSpec, runner: ModalTaskRunner
+    fn: Callable[..., Any], spec: SandboxSpec, runner: ModalTaskRunner, reuse: bool = False
 ) -> Callable[..., Any]:
     """The stand-in for `fn` the engine calls: same signature (via `__wrapped__`),
     same sync/async nature; the body runs in a sandbox."""
@@ -494,7 +552,7 @@ def _remote_function(
 
         @functools.wraps(fn)
         async def call_in_sandbox_async(*args: Any, **kwargs: Any) -> Any:
-            call = _call_for(fn, spec, runner, args, kwargs)
+            call = _call_for(fn, spec, runner, args, kwargs, reuse)
             try:
                 return await asyncio.to_thread(call.run)
             except BaseException:  # asyncio cancellation: Prefect's timeout or shutdown
@@ -505,7 +563,7 @@ def _remote_function(
 
     @functools.wraps(fn)
     def call_in_sandbox(*args: Any, **kwargs: Any) -> Any:
-        return _call_for(fn, spec, runner, args, kwargs).run()
+        return _call_for(fn, spec, runner, args, kwargs, reuse).run()
 
     return call_in_sandbox
 

@@ -24,6 +24,18 @@ def cancel_me(n: int = 8) -> list[int]:
 
 
 @task
+def quick(i: int) -> int:
+    return i
+
+
+@flow(task_runner=ModalTaskRunner(max_parallelism=8))
+def cancel_warm(n: int = 4) -> list[int]:
+    """Eight warm sandboxes, then `n` of them busy with sleepers and the rest idle."""
+    quick.map(range(8)).result()
+    return sleepy.map(range(n)).result()
+
+
+@task
 def defined_in_main(x: int) -> dict:
     """Defined in __main__ when this file runs as a script: travels by value."""
     return {"x": x * 2, "pid": os.getpid(), "sandbox": os.environ.get("MODAL_SANDBOX_ID")}

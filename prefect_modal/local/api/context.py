@@ -140,7 +140,10 @@ class ServerContext:
         isolation: bool = True,
         host_dirs: Sequence[str] = (),
         host: str = "127.0.0.1",
+        latency: Any = None,
     ) -> None:
+        #: `latency.LatencyModel` or None: Modal-like delays for benchmarks (off by default)
+        self.latency = latency
         self.registry = registry
         self.creds = creds
         self.refuse_gpu = refuse_gpu
@@ -188,6 +191,8 @@ class ServerContext:
     # ----- auth hook -------------------------------------------------------
 
     async def on_request(self, event: grpclib.events.RecvRequest) -> None:
+        if self.latency is not None and self.latency.rpc_round_trip_s:
+            await asyncio.sleep(self.latency.rpc_round_trip_s)
         md = event.metadata
         name = event.method_name
         if name.startswith(_ROUTER_PREFIX):
@@ -247,6 +252,8 @@ class ServerContext:
         tags: list[api_pb2.SandboxTag],
         secret_sources: list[api_pb2.SecretSource],
     ) -> LocalSandbox:
+        if self.latency is not None:  # a container start on Modal (see local/latency.py)
+            await asyncio.sleep(self.latency.start_delay())
         reg = self.registry
         d = definition
         if app_id not in reg.app_names:
