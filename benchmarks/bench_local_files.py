@@ -30,18 +30,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench_common import isolate_modal_config
+
 N_FILES = 1000
 FILE_BYTES = 10_000
 BIG_MIB = 64
-
-
-def _isolate_modal_config() -> None:
-    home = tempfile.mkdtemp(prefix="bench-home-")
-    os.environ["HOME"] = home
-    os.environ["MODAL_CONFIG_PATH"] = str(Path(home) / ".modal.toml")
-    for key in list(os.environ):
-        if key.startswith("MODAL_") and key != "MODAL_CONFIG_PATH":
-            del os.environ[key]
 
 
 def _median_ms(fn: Callable[[], None], repeats: int) -> float:
@@ -58,7 +51,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/local_files.json"))
     args = parser.parse_args()
-    _isolate_modal_config()
+    isolate_modal_config()
     import modal
 
     from prefect_modal.local import LocalModal

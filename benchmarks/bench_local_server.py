@@ -39,6 +39,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench_common import isolate_modal_config
+
 CMD = ["python", "-c", "print(1)"]
 #: what is timed, each against a bare ``subprocess.run`` of the same program, with the
 #: target ratio of issue 10: a forked ``python -c`` at most as slow as the bare process,
@@ -54,15 +56,6 @@ PRINT_100KB = ["python", "-c", "import sys; sys.stdout.write(('x' * 99 + '\\n') 
 PRINT_BYTES = 100_000
 TARGET_RSS_GROWTH_MB = 50.0
 MEMORY_RETENTION_S = 2.0  # short, so pruning happens during the run
-
-
-def _isolate_modal_config() -> None:
-    home = tempfile.mkdtemp(prefix="bench-home-")
-    os.environ["HOME"] = home
-    os.environ["MODAL_CONFIG_PATH"] = str(Path(home) / ".modal.toml")
-    for key in list(os.environ):
-        if key.startswith("MODAL_") and key != "MODAL_CONFIG_PATH":
-            del os.environ[key]
 
 
 def _bare_argv(cmd: list[str]) -> list[str]:
@@ -211,7 +204,7 @@ def main() -> int:
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/local_server.json"))
     args = parser.parse_args()
-    _isolate_modal_config()
+    isolate_modal_config()
 
     import modal
 

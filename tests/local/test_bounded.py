@@ -117,11 +117,11 @@ def test_finished_sandbox_is_pruned_after_retention(
     lm = short_retention
     app = modal.App.lookup("prune", create_if_missing=True, client=lm.client)
     code = "open('data.txt', 'w').write('a file in the root'); print('bye')"
-    sb = modal.Sandbox.create("python", "-c", code, workdir="/work", app=app, client=lm.client)
+    sb = modal.Sandbox.create("python", "-c", code, workdir="/srv", app=app, client=lm.client)
     assert_backend(sb.object_id, backend)
     sb.wait()
     root = lm.state_dir / "sandboxes" / sb.object_id
-    assert (root / "fs" / "work" / "data.txt").is_file()
+    assert (root / "fs" / "srv" / "data.txt").is_file()
     assert modal.Sandbox.from_id(sb.object_id, client=lm.client).stdout.read() == "bye\n"
     _wait_until(lambda: sb.object_id not in {r.id for r in lm.sandboxes()})
     _wait_until(lambda: not root.exists())

@@ -18,14 +18,12 @@ Commands (JSON, one key): ``ReadFile``, ``WriteFile`` (data on stdin),
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import json
 import os
 import posixpath
 import shutil
 import stat as stat_mod
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..runtime.isolation import FsRoot
@@ -76,15 +74,6 @@ def parse_command(arg: str) -> tuple[str, dict[str, object]]:
     return name, params
 
 
-@contextlib.contextmanager
-def _fd(root: FsRoot, path: str, flags: int, mode: int = 0o644) -> Iterator[int]:
-    fd = root.open(path, flags, mode)
-    try:
-        yield fd
-    finally:
-        os.close(fd)
-
-
 def _split(path: str) -> tuple[str, str]:
     parent, name = posixpath.split(posixpath.normpath(path))
     return parent or "/", name
@@ -121,7 +110,7 @@ def _entry(container_path: str, dir_fd: int, name: str) -> dict[str, object]:
 
 
 def _stat_root(root: FsRoot) -> dict[str, object]:
-    with _fd(root, "/", os.O_PATH | os.O_DIRECTORY) as fd:
+    with root.opened("/", os.O_PATH | os.O_DIRECTORY) as fd:
         st = os.stat(fd)
     return {
         "name": "/",
@@ -139,7 +128,7 @@ def _stat_root(root: FsRoot) -> dict[str, object]:
 
 def is_dir(root: FsRoot, path: str) -> bool:
     try:
-        with _fd(root, path, os.O_PATH) as fd:
+        with root.opened(path, os.O_PATH) as fd:
             return stat_mod.S_ISDIR(os.stat(fd).st_mode)
     except OSError:
         return False
@@ -154,7 +143,7 @@ def _makedirs(root: FsRoot, path: str, exist_ok: bool = True) -> None:
             if target == posixpath.normpath(path) and not exist_ok:
                 raise FileExistsError(errno.EEXIST, "File exists", path)
         else:
-            with _fd(root, done, os.O_PATH | os.O_DIRECTORY) as parent:
+            with root.opened(done, os.O_PATH | os.O_DIRECTORY) as parent:
                 os.mkdir(part, 0o755, dir_fd=parent)
         done = target
 
@@ -167,7 +156,7 @@ def run(name: str, params: dict[str, object], root: FsRoot, stdin: bytes = b"") 
     path = posixpath.normpath(path)
     try:
         if name == "ReadFile":
-            with _fd(root, path, os.O_RDONLY) as fd:
+            with root.opened(path, os.O_RDONLY) as fd:
                 if stat_mod.S_ISDIR(os.fstat(fd).st_mode):
                     return _error("IsDirectory", "Is a directory")
                 chunks = []
@@ -178,13 +167,13 @@ def run(name: str, params: dict[str, object], root: FsRoot, stdin: bytes = b"") 
             if is_dir(root, path):
                 return _error("IsDirectory", "Is a directory")
             _makedirs(root, _split(path)[0])
-            with _fd(root, path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC) as fd:
+            with root.opened(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC) as fd:
                 view = memoryview(stdin)
                 while view:
                     view = view[os.write(fd, view) :]
             return FsResult(0)
         if name == "ListFiles":
-            with _fd(root, path, os.O_RDONLY | os.O_DIRECTORY) as fd:
+            with root.opened(path, os.O_RDONLY | os.O_DIRECTORY) as fd:
                 names = sorted(os.listdir(fd))
                 base = path.rstrip("/")
                 entries = [_entry(f"{base}/{n}", fd, n) for n in names]
@@ -194,14 +183,14 @@ def run(name: str, params: dict[str, object], root: FsRoot, stdin: bytes = b"") 
                 _makedirs(root, path)
             else:
                 parent, leaf = _split(path)
-                with _fd(root, parent, os.O_PATH | os.O_DIRECTORY) as fd:
+                with root.opened(parent, os.O_PATH | os.O_DIRECTORY) as fd:
                     os.mkdir(leaf, 0o755, dir_fd=fd)
             return FsResult(0)
         if name == "Remove":
             if path == "/":
                 return _error("PermissionDenied", "Operation not permitted")
             parent, leaf = _split(path)
-            with _fd(root, parent, os.O_RDONLY | os.O_DIRECTORY) as fd:
+            with root.opened(parent, os.O_RDONLY | os.O_DIRECTORY) as fd:
                 st = os.stat(leaf, dir_fd=fd, follow_symlinks=False)
                 if stat_mod.S_ISDIR(st.st_mode):
                     if params.get("recursive"):
@@ -215,7 +204,7 @@ def run(name: str, params: dict[str, object], root: FsRoot, stdin: bytes = b"") 
             if path == "/":
                 return FsResult(0, json.dumps(_stat_root(root)).encode())
             parent, leaf = _split(path)
-            with _fd(root, parent, os.O_RDONLY | os.O_DIRECTORY) as fd:
+            with root.opened(parent, os.O_RDONLY | os.O_DIRECTORY) as fd:
                 return FsResult(0, json.dumps(_entry(path, fd, leaf)).encode())
     except OSError as exc:
         return _os_error(exc)

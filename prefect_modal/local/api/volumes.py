@@ -59,15 +59,6 @@ def _root(vol: VolumeInfo) -> Iterator[FsRoot]:
         root.close()
 
 
-@contextlib.contextmanager
-def _opened(root: FsRoot, path: str, flags: int, mode: int = 0o644) -> Iterator[int]:
-    fd = root.open(path, flags, mode)
-    try:
-        yield fd
-    finally:
-        os.close(fd)
-
-
 def _entry(rel: str, st: os.stat_result) -> api_pb2.FileEntry:
     if stat_mod.S_ISLNK(st.st_mode):
         kind = FileType.SYMLINK
@@ -88,14 +79,14 @@ def _list(vol: VolumeInfo, path: str, recursive: bool) -> list[api_pb2.FileEntry
     norm = _norm(path)
     out: list[api_pb2.FileEntry] = []
     with _root(vol) as root:
-        with _opened(root, norm, os.O_PATH | os.O_NOFOLLOW) as fd:
+        with root.opened(norm, os.O_PATH | os.O_NOFOLLOW) as fd:
             st = os.stat(fd)
             if not stat_mod.S_ISDIR(st.st_mode):
                 return [_entry(norm, st)]
         stack = [norm]
         while stack:
             here = stack.pop()
-            with _opened(root, here, os.O_RDONLY | os.O_DIRECTORY) as dfd:
+            with root.opened(here, os.O_RDONLY | os.O_DIRECTORY) as dfd:
                 for name in sorted(os.listdir(dfd)):
                     st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
                     rel = posixpath.join(here, name)
@@ -108,7 +99,7 @@ def _list(vol: VolumeInfo, path: str, recursive: bool) -> list[api_pb2.FileEntry
 def _write_file(root: FsRoot, path: str, blocks: list[Path], mode: int, no_overwrite: bool) -> None:
     parent, name = posixpath.split(path)
     _makedirs(root, parent)
-    with _opened(root, parent, os.O_PATH | os.O_DIRECTORY) as pfd:
+    with root.opened(parent, os.O_PATH | os.O_DIRECTORY) as pfd:
         if no_overwrite and os.path.lexists(f"/proc/self/fd/{pfd}/{name}"):
             raise FileExistsError(errno.EEXIST, "File exists", path)
         tmp = f".{name}.upload-{os.getpid()}-{id(blocks)}"
@@ -135,7 +126,7 @@ def _copy(vol: VolumeInfo, srcs: list[str], dst: str, recursive: bool) -> None:
             target = posixpath.join(dst_n, posixpath.basename(src_n)) if into else dst_n
             if target == src_n:
                 raise ValueError(f"cannot copy {src!r} onto itself")
-            with _opened(root, src_n, os.O_PATH | os.O_NOFOLLOW) as sfd:
+            with root.opened(src_n, os.O_PATH | os.O_NOFOLLOW) as sfd:
                 src_is_dir = stat_mod.S_ISDIR(os.stat(sfd).st_mode)
                 if src_is_dir and not recursive:
                     raise IsADirectoryError(
@@ -143,13 +134,13 @@ def _copy(vol: VolumeInfo, srcs: list[str], dst: str, recursive: bool) -> None:
                     )
                 parent, name = posixpath.split(target)
                 _makedirs(root, parent)
-                with _opened(root, parent, os.O_PATH | os.O_DIRECTORY) as pfd:
+                with root.opened(parent, os.O_PATH | os.O_DIRECTORY) as pfd:
                     if src_is_dir:
                         if (target + "/").startswith(src_n.rstrip("/") + "/"):
                             raise ValueError(f"cannot copy {src!r} into itself ({dst!r})")
                         layers.copy_tree(f"/proc/self/fd/{sfd}", f"/proc/self/fd/{pfd}/{name}")
                     else:
-                        with _opened(root, src_n, os.O_RDONLY) as rfd:
+                        with root.opened(src_n, os.O_RDONLY) as rfd:
                             mode = os.stat(rfd).st_mode
                             wfd = os.open(
                                 name,
@@ -170,7 +161,7 @@ def _remove(vol: VolumeInfo, path: str, recursive: bool) -> None:
     if norm == "/":
         raise PermissionError(errno.EPERM, "the root of a volume cannot be removed", path)
     parent, name = posixpath.split(norm)
-    with _root(vol) as root, _opened(root, parent, os.O_RDONLY | os.O_DIRECTORY) as pfd:
+    with _root(vol) as root, root.opened(parent, os.O_RDONLY | os.O_DIRECTORY) as pfd:
         st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
         if stat_mod.S_ISDIR(st.st_mode):
             if not recursive:
@@ -183,7 +174,7 @@ def _remove(vol: VolumeInfo, path: str, recursive: bool) -> None:
 
 
 def _file_size(vol: VolumeInfo, path: str) -> int:
-    with _root(vol) as root, _opened(root, _norm(path), os.O_RDONLY) as fd:
+    with _root(vol) as root, root.opened(_norm(path), os.O_RDONLY) as fd:
         st = os.fstat(fd)
         if stat_mod.S_ISDIR(st.st_mode):
             raise IsADirectoryError(errno.EISDIR, "Is a directory", path)

@@ -308,8 +308,9 @@ def _write(fd, text):
             pass
 
 
-def _init(child, status_w):
-    """pid 1: reap everything; when the entrypoint ends, report its status and end."""
+def _init(child, status_w, info_fd):
+    """pid 1: reap everything; when the entrypoint ends, report its status (to the
+    server on the info pipe, to the monitor on ``status_w``) and end."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     while True:
         try:
@@ -319,6 +320,7 @@ def _init(child, status_w):
         except InterruptedError:
             continue
         if pid == child:
+            _write(info_fd, f"exit {status}\n")
             _write(status_w, str(status))
             os._exit(0)
 
@@ -366,7 +368,8 @@ def start(request, info_fd):
     """In the fork server's child: become a new sandbox's entrypoint (returns there only).
 
     ``info_fd`` gets ``init <pid>`` (the init's host pid, for ``exec`` and the
-    file API) and then ``ready`` once the root is built.
+    file API), ``ready`` once the root is built, and ``exit <wait status>``
+    when the entrypoint ends: the server's quickest news of the sandbox's end.
     """
     spec = request["isolate"]
     flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
@@ -393,7 +396,6 @@ def start(request, info_fd):
         _write(status_w, str(126 << 8))  # a wait status: exited 126, as a shell says "cannot run"
         os._exit(126)
     _write(info_fd, "ready\n")
-    os.close(info_fd)
     go_fd = spec.get("go_fd")
     if go_fd is not None:  # the server attaches the network first (pasta)
         os.read(go_fd, 1)
@@ -402,11 +404,12 @@ def start(request, info_fd):
     program = os.fork()
     if program == 0:
         os.close(status_w)
+        os.close(info_fd)
         _become_program(request, init_pid)
         return
     _quiet_stdio()
     drop_privileges()
-    _init(program, status_w)
+    _init(program, status_w, info_fd)
 
 
 def join(request):

@@ -25,6 +25,7 @@ sandbox says so in its first log line, and what cannot be had is refused
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -38,7 +39,7 @@ import struct
 import subprocess
 import sys
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -297,6 +298,15 @@ class FsRoot:
             return open_in_root(self.fd, path, flags, mode)
         rel = posixpath.normpath("/" + path).lstrip("/") or "."
         return os.open(rel, flags | os.O_CLOEXEC, mode, dir_fd=self.fd)
+
+    @contextlib.contextmanager
+    def opened(self, path: str, flags: int, mode: int = 0o644) -> Iterator[int]:
+        """`open`, closed when the block ends."""
+        fd = self.open(path, flags, mode)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         os.close(self.fd)

@@ -235,6 +235,9 @@ class LocalSandbox:
         self._not_isolated_because = not_isolated_because
         self.init_pid: int | None = None  # the container's pid 1, as this host sees it
         self._container_up = asyncio.Event()  # init known and root built, or never will be
+        #: the entrypoint's wait status as its container's init reports it (before the
+        #: monitor process, which waits for it, has ended: see `container`)
+        self._reported_exit: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._pasta: asyncio.subprocess.Process | None = None
         self.tags = dict(spec.tags)
         self.created_at = time.time()
@@ -533,7 +536,9 @@ class LocalSandbox:
                         os.close(go_w)
                         go_w = None
                 elif line == "ready":
-                    break
+                    self._container_up.set()
+                elif line.startswith("exit ") and not self._reported_exit.done():
+                    self._reported_exit.set_result(int(line.split()[1]))
         finally:
             transport.close()
             if go_w is not None:
@@ -653,10 +658,19 @@ class LocalSandbox:
                     break
                 # with an idle timeout, look again every second (activity moves the deadline)
                 cap = 1.0 if self.spec.idle_timeout_s else 3600.0
+                waiting: set[asyncio.Future[Any]] = {exited, kill_wait, self._reported_exit}
                 await asyncio.wait(
-                    {exited, kill_wait}, timeout=min(delay, cap), return_when="FIRST_COMPLETED"
+                    waiting,
+                    timeout=min(delay, cap),
+                    return_when="FIRST_COMPLETED",
                 )
                 if exited.done():
+                    break
+                if self._reported_exit.done() and not kill_wait.done():
+                    # the entrypoint has ended: that is the sandbox's end, reported now;
+                    # its monitor ends next and is reaped below as usual
+                    status = self._reported_exit.result()
+                    self._finish("exited", _exit_code(os.waitstatus_to_exitcode(status)))
                     break
                 if kill_wait.done():
                     reason = self._kill_reason or "terminated"
