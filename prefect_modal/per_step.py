@@ -66,7 +66,9 @@ class PerStepTaskRunner(ModalTaskRunner[Any]):
         override = self.task_specs.get(task.name)
         if override is None or options.local:
             return options
-        return type(options)(spec=(options.spec or self.spec).merged_with(override), local=False)
+        return type(options)(
+            spec=(options.spec or self.spec).merged_with(override), local=False, reuse=options.reuse
+        )
 
 
 def pool_spec_from_env(environ: dict[str, str] | os._Environ[str] = os.environ) -> SandboxSpec:

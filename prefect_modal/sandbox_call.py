@@ -548,15 +548,16 @@ class SandboxCall:
         self.env.registry.add(self)
         driving = False
         pool = self.env.pool if self.reuse else None
+        lease: WarmSandbox | None = None
         try:
             drive: Callable[..., None]
             drive_args: tuple[Any, ...]
             if pool is not None:
                 key = pool_key(self.spec)
-                while (lease := pool.acquire(key, _SLOT_SLICE)) is False:
+                while (lease := pool.lease(key, _SLOT_SLICE, self._warm_starter)) is None:
                     if self._cancel_reason:
                         return self._cancelled_state()
-                drive, drive_args = self._drive_warm, (pool, key, lease, header + payload)
+                drive, drive_args = self._drive_warm, (pool, lease, header + payload)
             else:
                 while not self.env.acquire_slot(_SLOT_SLICE):
                     if self._cancel_reason:
@@ -582,6 +583,8 @@ class SandboxCall:
             # Prefect's timeout (raised into this thread), Ctrl-C, a cancelled flow:
             # whatever ends the wait ends the sandbox.
             self.cancel("interrupted")
+            if pool is not None and lease is not None and not driving:
+                pool.give_back(lease, keep=True)  # leased, never used: still warm
             raise
         finally:
             if not driving:
@@ -733,33 +736,26 @@ class SandboxCall:
 
     # -- the driver thread, warm mode ----------------------------------------------
 
-    def _drive_warm(
-        self, pool: WarmPool, key: str, lease: WarmSandbox | bool, stdin_data: bytes
-    ) -> None:
-        """Run the call on a warm sandbox (`lease`), or on one started for it (True)."""
-        warm = lease if isinstance(lease, WarmSandbox) else None
+    def _warm_starter(self) -> tuple[SandboxSpec, Any, str, dict[str, str]]:
+        """Spec, client, name and tags of a warm sandbox started ahead for this call (it
+        may serve others with equal settings, so its name is not this task run's)."""
+        flow = self.info.flow_run_id.hex[:8] if self.info.flow_run_id else "noflow"
+        tags = {
+            tag_keys.MODE: "per_step",
+            tag_keys.WARM: "1",
+            tag_keys.TASK_NAME: self.info.task_name[:60],
+        }
+        if self.info.flow_run_id:
+            tags[tag_keys.FLOW_RUN] = str(self.info.flow_run_id)
+        return self.spec, self.env.client, f"pf-{flow}-warm-{secrets.token_hex(8)}", tags
+
+    def _drive_warm(self, pool: WarmPool, warm: WarmSandbox, stdin_data: bytes) -> None:
+        """Run the call on the warm sandbox it leased."""
         started = False
         try:
             if self._cancel_reason:
                 self._outcome = _Outcome(cancelled=self._cancel_reason)
                 return
-            if warm is None:
-                flow = self.info.flow_run_id.hex[:8] if self.info.flow_run_id else "noflow"
-                # the task it was started for; it may serve others with equal settings
-                tags = {
-                    tag_keys.MODE: "per_step",
-                    tag_keys.WARM: "1",
-                    tag_keys.TASK_NAME: self.info.task_name[:60],
-                }
-                if self.info.flow_run_id:
-                    tags[tag_keys.FLOW_RUN] = str(self.info.flow_run_id)
-                warm = pool.start(
-                    key,
-                    self.spec,
-                    self.env.client,
-                    name=f"pf-{flow}-warm-{secrets.token_hex(8)}",
-                    tags=tags,
-                )
             self._warm = warm
             self.call_index = warm.begin(self)
             with self._lock:
@@ -799,18 +795,15 @@ class SandboxCall:
             if started:
                 self._finish_record(None)
         finally:
-            if warm is not None:
-                warm.end(self)
-                error = self._outcome.error
-                keep = (
-                    not self._cancel_reason
-                    and not self._warm_exited
-                    and not isinstance(error, (SandboxCrashedError, *REMOTE_INTERRUPTS))
-                    and (self._warm_frames or error is None)
-                )
-                pool.give_back(warm, keep=bool(keep))
-            elif lease is True and not started and self._cancel_reason:
-                pool.release_slot()  # cancelled before the start: the slot was never used
+            warm.end(self)
+            error = self._outcome.error
+            keep = not started or (  # a call cancelled before it began leaves it warm
+                not self._cancel_reason
+                and not self._warm_exited
+                and not isinstance(error, (SandboxCrashedError, *REMOTE_INTERRUPTS))
+                and (self._warm_frames or error is None)
+            )
+            pool.give_back(warm, keep=bool(keep))
             self.env.registry.discard(self)
             self._done.set()
 

@@ -53,6 +53,8 @@ from prefect_modal.sandbox_call import (
 from prefect_modal.settings import SandboxSpec
 from prefect_modal.warm import DEFAULT_IDLE_SECONDS, WarmPool
 
+logger = logging.getLogger("prefect_modal.task_runner")
+
 if TYPE_CHECKING:
     from prefect.tasks import Task
 
@@ -272,6 +274,7 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
         """Normal exit: like ThreadPoolTaskRunner, running calls finish, queued ones are
         cancelled.  Exit by an exception (cancelled, crashed, Ctrl-C): this runner's
         sandboxes are terminated and nothing waits for them."""
+        logger.debug("prefect-modal: the flow run's task runner exits (%s)", exc_type)
         for event in self._cancel_events.values():
             event.set()
         if exc_type is not None:

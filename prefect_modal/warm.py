@@ -25,6 +25,8 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Callable
+from contextvars import copy_context
 from typing import TYPE_CHECKING, Any
 
 from prefect_modal import remote, sandboxes
@@ -32,6 +34,9 @@ from prefect_modal.settings import SandboxSpec
 
 if TYPE_CHECKING:
     from prefect_modal.sandbox_call import SandboxCall
+
+#: What a new warm sandbox needs: its spec, the modal client, its name and tags.
+Starter = Callable[[], tuple[SandboxSpec, Any, str, dict[str, str]]]
 
 logger = logging.getLogger("prefect_modal.task_runner")
 
@@ -47,6 +52,14 @@ BACKSTOP_GRACE_SECONDS = 60
 #: A warm sandbox older than this share of its lifetime (`timeout`) takes no new
 #: call: a call must not meet the sandbox's end half-way.
 MAX_AGE_SHARE = 0.5
+
+#: A start running longer than this many times the pool's median start (and at
+#: least `SLOW_START_MIN_S`) gets one spare start while calls wait: Modal's start
+#: time has a long tail (median 2.66 s, p99 22.39 s on ComputeSDK's leaderboard).
+SLOW_START_FACTOR = 3.0
+SLOW_START_MIN_S = 5.0
+#: Starts of a spec that must have finished before one counts as slow.
+SLOW_START_SAMPLES = 3
 
 #: How long a finished call waits for the last of its output lines.
 _END_WAIT_SECONDS = 5.0
@@ -69,6 +82,7 @@ class WarmSandbox:
         self.sandbox_id = ""
         self.name = ""
         self.calls_served = 0
+        self.created = time.monotonic()  # when its start began (`started`: when it was up)
         self.started = time.monotonic()
         self.idle_since = time.monotonic()
         self.returncode: int | None = None
@@ -152,6 +166,7 @@ class WarmSandbox:
 
     def terminate(self) -> None:
         self.retiring = True
+        logger.debug("prefect-modal: terminating warm sandbox %s", self.sandbox_id or "(starting)")
         try:
             sandboxes.terminate(self.sandbox)
         except Exception as exc:
@@ -213,7 +228,16 @@ class WarmSandbox:
 
 
 class WarmPool:
-    """The warm sandboxes of one runner instance (one flow run), keyed by effective spec."""
+    """The warm sandboxes of one runner instance (one flow run), keyed by effective spec.
+
+    Starts run ahead of the calls, in the pool's own threads: a call that finds
+    no idle sandbox of its spec registers as waiting, and the pool starts
+    sandboxes (up to the free slots) until the starts in flight cover the
+    waiting calls.  A call takes whichever sandbox of its spec is idle first,
+    not the one started for it, so a slow start (Modal's p99 is ~8x its
+    median) delays no call while another sandbox is free; and a start that
+    takes far longer than this pool's median start gets a spare one.
+    """
 
     def __init__(self, slots: threading.BoundedSemaphore, idle_seconds: float) -> None:
         self.slots = slots
@@ -223,43 +247,106 @@ class WarmPool:
         self._all: set[WarmSandbox] = set()
         self._closed = False
         self._reaper: threading.Thread | None = None
+        #: per key: calls waiting for a sandbox, starts in flight, failed starts not yet
+        #: reported to a call, and the durations of the starts that succeeded
+        self._waiting: dict[str, int] = {}
+        self._starting: dict[str, list[WarmSandbox]] = {}
+        self._spared: set[WarmSandbox] = set()
+        self._failures: dict[str, list[BaseException]] = {}
+        self._durations: dict[str, list[float]] = {}
+        self._start_threads: set[threading.Thread] = set()
         #: every sandbox this pool started: (sandbox id, calls served), for tests and tables
         self.started: list[WarmSandbox] = []
 
     # -- slots -----------------------------------------------------------------------
 
     def acquire(self, key: str | None, timeout: float) -> WarmSandbox | bool:
-        """An idle warm sandbox for `key`, or True: a slot to start a sandbox (or run a
-        per-call one when `key` is None), or False after `timeout` without either.
+        """A slot for a per-call sandbox (`key` None): True, or False after `timeout`.
 
-        When no slot is free, an idle sandbox of another spec is retired to make one.
+        When no slot is free, an idle sandbox is retired to make one.  Warm calls
+        use `lease` instead.
         """
         deadline = time.monotonic() + timeout
         while True:
             with self._cond:
                 if self._closed:
                     raise RuntimeError("the flow run's sandboxes were shut down")
-                if key is not None:
-                    for warm in reversed(self._idle):
-                        if warm.key == key and warm.usable():
-                            self._idle.remove(warm)
-                            return warm
             if self.slots.acquire(timeout=0):
                 return True
-            victim = None
-            with self._cond:
-                others = [w for w in self._idle if w.key != key or not w.usable()]
-                if others:
-                    victim = min(others, key=lambda w: w.idle_since)
-                    self._idle.remove(victim)
-            if victim is not None:
-                self._retire(victim)
+            if self._retire_one(key):
                 continue
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
             with self._cond:
                 self._cond.wait(min(left, 0.05))
+
+    def lease(self, key: str, timeout: float, starter: Starter) -> WarmSandbox | None:
+        """An idle warm sandbox of `key` for one call, or None after `timeout`.
+
+        While the call waits, starts run ahead for it (`starter` says how: spec,
+        client, name and tags of a new sandbox).  A start that failed is raised
+        here, in one waiting call, as it would have been in a call starting its
+        own sandbox.
+        """
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._waiting[key] = self._waiting.get(key, 0) + 1
+        try:
+            while True:
+                with self._cond:
+                    if self._closed:
+                        raise RuntimeError("the flow run's sandboxes were shut down")
+                    for warm in reversed(self._idle):
+                        if warm.key == key and warm.usable():
+                            self._idle.remove(warm)
+                            return warm
+                    failures = self._failures.get(key)
+                    if failures:
+                        raise failures.pop(0)
+                    starting = self._starting.get(key, [])
+                    wanted = self._waiting[key] > len(starting) or self._slow_start(key)
+                if wanted:
+                    if self.slots.acquire(timeout=0):
+                        self._start_ahead(key, starter)
+                        continue
+                    if self._retire_one(key):
+                        continue
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                with self._cond:
+                    self._cond.wait(min(left, 0.25))
+        finally:
+            with self._cond:
+                self._waiting[key] -= 1
+
+    def _slow_start(self, key: str) -> bool:
+        """A start of `key` in flight far beyond this pool's median (the tail): one spare
+        start for it.  Called with the lock held."""
+        done = self._durations.get(key, [])
+        if len(done) < SLOW_START_SAMPLES:  # no median yet: a slow machine is not a slow start
+            return False
+        median = sorted(done)[len(done) // 2]
+        limit = max(SLOW_START_MIN_S, SLOW_START_FACTOR * median)
+        now = time.monotonic()
+        for warm in self._starting.get(key, []):
+            if warm not in self._spared and now - warm.created > limit:
+                self._spared.add(warm)
+                return True
+        return False
+
+    def _retire_one(self, key: str | None) -> bool:
+        """Retire the longest-idle sandbox of another spec (or an unusable one) to free a
+        slot; False if there is none."""
+        with self._cond:
+            others = [w for w in self._idle if w.key != key or not w.usable()]
+            if not others:
+                return False
+            victim = min(others, key=lambda w: w.idle_since)
+            self._idle.remove(victim)
+        self._retire(victim)
+        return True
 
     def release_slot(self) -> None:
         self.slots.release()
@@ -268,32 +355,69 @@ class WarmPool:
 
     # -- sandboxes -------------------------------------------------------------------
 
-    def start(
-        self, key: str, spec: SandboxSpec, client: Any, name: str, tags: dict[str, str]
-    ) -> WarmSandbox:
-        """Start a warm sandbox in the slot the caller holds (freed again on failure)."""
+    def _start_ahead(self, key: str, starter: Starter) -> None:
+        """Start a sandbox of `key` in the slot the caller holds, in a thread of its own.
+
+        It is registered (in `_all`, so `close` sees it) before its create call
+        goes out; a start that returns after the pool closed is terminated.
+        """
+        spec, client, name, tags = starter()
         warm = WarmSandbox(self, key, spec)
         with self._cond:
-            closed = self._closed
-            if not closed:
+            if self._closed:
+                closed = True
+            else:
+                closed = False
                 self._all.add(warm)
                 self.started.append(warm)
+                self._starting.setdefault(key, []).append(warm)
         if closed:
             self.release_slot()
             raise RuntimeError("the flow run's sandboxes were shut down")
+        thread = threading.Thread(
+            target=copy_context().run,
+            args=(self._run_start, warm, client, name, tags),
+            name="prefect-modal-warm-start",
+            daemon=True,
+        )
+        with self._cond:
+            self._start_threads.add(thread)
+        thread.start()
+
+    def _run_start(self, warm: WarmSandbox, client: Any, name: str, tags: dict[str, str]) -> None:
+        key = warm.key
         try:
             warm.start(client, name, tags)
-        except BaseException:
+        except BaseException as exc:
             with self._cond:
+                self._forget_start(warm)
                 self._all.discard(warm)
+                if self._waiting.get(key) and not self._closed:
+                    self._failures.setdefault(key, []).append(exc)
+            if warm.sandbox is not None:  # created, then failed (its greeting): not ours to keep
+                warm.terminate()
             self.release_slot()
-            raise
+            return
         with self._cond:
+            self._forget_start(warm)
+            self._durations.setdefault(key, []).append(time.monotonic() - warm.created)
             closed = self._closed
-        if closed:
+            if not closed and not warm.dead.is_set():
+                warm.idle_since = time.monotonic()
+                self._idle.append(warm)
+            self._cond.notify_all()
+        if closed:  # the flow run ended while it started: it must not outlive it
             warm.terminate()
-        self._ensure_reaper()
-        return warm
+        else:
+            self._ensure_reaper()
+
+    def _forget_start(self, warm: WarmSandbox) -> None:
+        """Called with the lock held."""
+        starting = self._starting.get(warm.key, [])
+        if warm in starting:
+            starting.remove(warm)
+        self._spared.discard(warm)
+        self._start_threads.discard(threading.current_thread())
 
     def give_back(self, warm: WarmSandbox, keep: bool) -> None:
         """A call is done with `warm`: idle for the next call, or terminated."""
@@ -362,15 +486,20 @@ class WarmPool:
             everything = list(self._all)
             idle = set(self._idle)
             self._idle.clear()
+            # a start in flight terminates what its create returns (see `_run_start`)
+            starts = list(self._start_threads)
             self._cond.notify_all()
         threads = []
         for warm in everything:
+            if warm.sandbox is None:
+                continue
             end: Any = (
                 functools.partial(warm.finish, 3.0) if graceful and warm in idle else warm.terminate
             )
             thread = threading.Thread(target=end, name="prefect-modal-close", daemon=True)
             thread.start()
             threads.append(thread)
+        threads += starts
         if wait:
             deadline = time.monotonic() + wait
             for thread in threads:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -48,6 +49,11 @@ def main_flow() -> dict:
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["sleepers"]:  # for the Ctrl-C test: runs until interrupted
+        # the runner's debug lines, timed, for the test's failure report
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(created).3f %(threadName)s %(message)s"))
+        logging.getLogger("prefect_modal").addHandler(handler)
+        logging.getLogger("prefect_modal").setLevel(logging.DEBUG)
         cancel_me(4)
         sys.exit(0)
     out = main_flow()
