@@ -80,6 +80,39 @@ def _rss_mib() -> float:
     return 0.0
 
 
+def _proc_cpu_s(pid: int | str) -> float:
+    """utime + stime (+ reaped children's) of one process, in seconds."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_by_process() -> dict[str, float]:
+    """CPU seconds so far of this (flow) process, which includes the embedded local Modal
+    server, and of its child processes by kind: the Prefect API server (the test
+    harness's uvicorn) and everything else (sandboxes, the local runtime's helpers)."""
+    me = os.getpid()
+    out = {"flow_process": _proc_cpu_s(me), "prefect_server": 0.0, "sandboxes_and_helpers": 0.0}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid != me:
+                continue
+            with open(f"/proc/{pid}/cmdline") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        kind = "prefect_server" if "uvicorn" in cmd else "sandboxes_and_helpers"
+        out[kind] += _proc_cpu_s(pid)
+    return out
+
+
 def run_once(runner, n: int) -> tuple[float, float]:
     """(wall, settled) seconds of one flow run of `n` trivial tasks."""
 
@@ -179,6 +212,9 @@ def main() -> None:
     parser.add_argument("--server", choices=["both", "embedded", "process"], default="embedded")
     parser.add_argument("--latency", choices=["both", "off", "modal"], default="both")
     parser.add_argument("--big", type=int, default=1000, help="tasks of the RSS map (0: skip)")
+    parser.add_argument(
+        "--quiet-wait", type=float, default=60.0, help="most seconds to wait for an idle machine"
+    )
     args = parser.parse_args()
     latencies = ["off", "modal"] if args.latency == "both" else [args.latency]
     servers = ["embedded", "process"] if args.server == "both" else [args.server]
@@ -212,19 +248,24 @@ def main() -> None:
             if "modal latency" not in name or "warm" in name:
                 run_once(make(), 5)  # warm-up: imports, pools, image and app lookups
         times: dict[tuple[str, int], list[tuple[float, float]]] = {}
+        #: CPU seconds per process during the (last) run, until settled
+        cpu: dict[tuple[str, int], dict[str, float]] = {}
         for _ in range(args.repeat):
             for n in args.sizes:
                 for name, make in runners.items():
-                    wait_until_quiet()
+                    wait_until_quiet(limit=args.quiet_wait)
+                    cpu_before = _cpu_by_process()
                     wall, settled = run_once(make(), n)
+                    cpu_after = _cpu_by_process()
                     times.setdefault((name, n), []).append((wall, settled))
+                    cpu[(name, n)] = {k: round(cpu_after[k] - v, 2) for k, v in cpu_before.items()}
                     print(
                         f"  {name:40s} {n:4d} tasks  {wall:7.2f} s  (settled {settled:6.2f} s)",
                         flush=True,
                     )
         big = None
         if args.big and warm_creds is not None and "off" in _servers:
-            wait_until_quiet()
+            wait_until_quiet(limit=args.quiet_wait)
             big = _big_map(
                 ModalTaskRunner(credentials=warm_creds, max_parallelism=PARALLELISM),
                 args.big,
@@ -243,6 +284,7 @@ def main() -> None:
                     "per_task_ms": round(1000 * wall / n, 1),
                     "settled_s": round(settled, 3),
                     "runs": [[round(w, 3), round(s, 3)] for w, s in runs],
+                    "cpu_s": cpu.get((name, n)),
                 }
             )
 

@@ -242,7 +242,11 @@ class WarmPool:
     def __init__(self, slots: threading.BoundedSemaphore, idle_seconds: float) -> None:
         self.slots = slots
         self.idle_seconds = idle_seconds
-        self._cond = threading.Condition()
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
+        #: calls waiting in `lease`, one condition per key on the pool's lock: an idle
+        #: sandbox wakes one waiter of its key, not every waiting thread of the map
+        self._key_conds: dict[str, threading.Condition] = {}
         self._idle: list[WarmSandbox] = []
         self._all: set[WarmSandbox] = set()
         self._closed = False
@@ -306,17 +310,22 @@ class WarmPool:
                         raise failures.pop(0)
                     starting = self._starting.get(key, [])
                     wanted = self._waiting[key] > len(starting) or self._slow_start(key)
-                if wanted:
-                    if self.slots.acquire(timeout=0):
-                        self._start_ahead(key, starter)
+                    if not wanted:  # wait under the same lock: no idle sandbox is missed
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            return None
+                        self._key_cond(key).wait(min(left, 0.25))
                         continue
-                    if self._retire_one(key):
-                        continue
+                if self.slots.acquire(timeout=0):
+                    self._start_ahead(key, starter)
+                    continue
+                if self._retire_one(key):
+                    continue
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return None
                 with self._cond:
-                    self._cond.wait(min(left, 0.25))
+                    self._key_cond(key).wait(min(left, 0.25))
         finally:
             with self._cond:
                 self._waiting[key] -= 1
@@ -352,6 +361,15 @@ class WarmPool:
         self.slots.release()
         with self._cond:
             self._cond.notify_all()
+            for cond in self._key_conds.values():  # a waiter of each key may start one
+                cond.notify()
+
+    def _key_cond(self, key: str) -> threading.Condition:
+        """Called with the lock held."""
+        cond = self._key_conds.get(key)
+        if cond is None:
+            cond = self._key_conds[key] = threading.Condition(self._mutex)
+        return cond
 
     # -- sandboxes -------------------------------------------------------------------
 
@@ -394,6 +412,7 @@ class WarmPool:
                 self._all.discard(warm)
                 if self._waiting.get(key) and not self._closed:
                     self._failures.setdefault(key, []).append(exc)
+                    self._key_cond(key).notify()
             if warm.sandbox is not None:  # created, then failed (its greeting): not ours to keep
                 warm.terminate()
             self.release_slot()
@@ -405,7 +424,7 @@ class WarmPool:
             if not closed and not warm.dead.is_set():
                 warm.idle_since = time.monotonic()
                 self._idle.append(warm)
-            self._cond.notify_all()
+            self._key_cond(key).notify()
         if closed:  # the flow run ended while it started: it must not outlive it
             warm.terminate()
         else:
@@ -426,7 +445,8 @@ class WarmPool:
                 if not self._closed and not warm.dead.is_set():
                     warm.idle_since = time.monotonic()
                     self._idle.append(warm)
-                    self._cond.notify_all()
+                    self._key_cond(warm.key).notify()
+                    self._cond.notify_all()  # a per-call sandbox may retire it for its slot
                     return
         self._retire(warm)
 
@@ -489,6 +509,8 @@ class WarmPool:
             # a start in flight terminates what its create returns (see `_run_start`)
             starts = list(self._start_threads)
             self._cond.notify_all()
+            for cond in self._key_conds.values():
+                cond.notify_all()
         threads = []
         for warm in everything:
             if warm.sandbox is None:
