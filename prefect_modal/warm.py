@@ -296,6 +296,7 @@ class WarmPool:
         deadline = time.monotonic() + timeout
         with self._cond:
             self._waiting[key] = self._waiting.get(key, 0) + 1
+        counted = True
         try:
             while True:
                 with self._cond:
@@ -303,10 +304,16 @@ class WarmPool:
                         raise RuntimeError("the flow run's sandboxes were shut down")
                     for warm in reversed(self._idle):
                         if warm.key == key and warm.usable():
+                            # no longer waiting, in the same step as taking it: another
+                            # waiter must not count this call and start one more
                             self._idle.remove(warm)
+                            self._waiting[key] -= 1
+                            counted = False
                             return warm
                     failures = self._failures.get(key)
                     if failures:
+                        self._waiting[key] -= 1
+                        counted = False
                         raise failures.pop(0)
                     starting = self._starting.get(key, [])
                     wanted = self._waiting[key] > len(starting) or self._slow_start(key)
@@ -316,9 +323,11 @@ class WarmPool:
                             return None
                         self._key_cond(key).wait(min(left, 0.25))
                         continue
-                if self.slots.acquire(timeout=0):
-                    self._start_ahead(key, starter)
-                    continue
+                    if self.slots.acquire(timeout=0):
+                        # counted as starting under the lock that saw it wanted, so two
+                        # waiters never start two sandboxes for one call
+                        self._start_ahead(key, starter)
+                        continue
                 if self._retire_one(key):
                     continue
                 left = deadline - time.monotonic()
@@ -327,8 +336,9 @@ class WarmPool:
                 with self._cond:
                     self._key_cond(key).wait(min(left, 0.25))
         finally:
-            with self._cond:
-                self._waiting[key] -= 1
+            if counted:
+                with self._cond:
+                    self._waiting[key] -= 1
 
     def _slow_start(self, key: str) -> bool:
         """A start of `key` in flight far beyond this pool's median (the tail): one spare
@@ -375,31 +385,27 @@ class WarmPool:
 
     def _start_ahead(self, key: str, starter: Starter) -> None:
         """Start a sandbox of `key` in the slot the caller holds, in a thread of its own.
+        Called with the lock held (the pool is open).
 
         It is registered (in `_all`, so `close` sees it) before its create call
         goes out; a start that returns after the pool closed is terminated.
         """
-        spec, client, name, tags = starter()
+        try:
+            spec, client, name, tags = starter()
+        except BaseException:
+            self.slots.release()
+            raise
         warm = WarmSandbox(self, key, spec)
-        with self._cond:
-            if self._closed:
-                closed = True
-            else:
-                closed = False
-                self._all.add(warm)
-                self.started.append(warm)
-                self._starting.setdefault(key, []).append(warm)
-        if closed:
-            self.release_slot()
-            raise RuntimeError("the flow run's sandboxes were shut down")
+        self._all.add(warm)
+        self.started.append(warm)
+        self._starting.setdefault(key, []).append(warm)
         thread = threading.Thread(
             target=copy_context().run,
             args=(self._run_start, warm, client, name, tags),
             name="prefect-modal-warm-start",
             daemon=True,
         )
-        with self._cond:
-            self._start_threads.add(thread)
+        self._start_threads.add(thread)
         thread.start()
 
     def _run_start(self, warm: WarmSandbox, client: Any, name: str, tags: dict[str, str]) -> None:
