@@ -39,7 +39,7 @@ from prefect_modal import tags as tag_keys
 from prefect_modal.artifacts import SandboxArtifact, write_sandbox_artifact
 from prefect_modal.nested import NestedCalls
 from prefect_modal.settings import DEFAULT_TIMEOUT_SECONDS, SandboxSpec
-from prefect_modal.warm import WarmPool, WarmSandbox, pool_key
+from prefect_modal.warm import PoolClosedError, WarmPool, WarmSandbox, pool_key
 
 #: The Python minor version the payload is pickled with; the sandbox must match.
 LOCAL_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -554,7 +554,15 @@ class SandboxCall:
             drive_args: tuple[Any, ...]
             if pool is not None:
                 key = pool_key(self.spec)
-                while (lease := pool.lease(key, _SLOT_SLICE, self._warm_starter)) is None:
+                while True:
+                    try:
+                        lease = pool.lease(key, _SLOT_SLICE, self._warm_starter)
+                    except PoolClosedError:
+                        if self._cancel_reason:  # cancelled while it waited for a sandbox
+                            return self._cancelled_state()
+                        raise
+                    if lease is not None:
+                        break
                     if self._cancel_reason:
                         return self._cancelled_state()
                 drive, drive_args = self._drive_warm, (pool, lease, header + payload)

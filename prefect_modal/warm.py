@@ -65,6 +65,11 @@ SLOW_START_SAMPLES = 3
 _END_WAIT_SECONDS = 5.0
 
 
+class PoolClosedError(RuntimeError):
+    """The flow run's sandboxes were shut down (it ended or was cancelled) while a call
+    waited for one."""
+
+
 def pool_key(spec: SandboxSpec) -> str:
     """Calls share sandboxes only when every setting is equal (secrets by name)."""
     return spec.model_dump_json()
@@ -274,7 +279,7 @@ class WarmPool:
         while True:
             with self._cond:
                 if self._closed:
-                    raise RuntimeError("the flow run's sandboxes were shut down")
+                    raise PoolClosedError("the flow run's sandboxes were shut down")
             if self.slots.acquire(timeout=0):
                 return True
             if self._retire_one(key):
@@ -301,7 +306,7 @@ class WarmPool:
             while True:
                 with self._cond:
                     if self._closed:
-                        raise RuntimeError("the flow run's sandboxes were shut down")
+                        raise PoolClosedError("the flow run's sandboxes were shut down")
                     for warm in reversed(self._idle):
                         if warm.key == key and warm.usable():
                             # no longer waiting, in the same step as taking it: another
