@@ -786,6 +786,8 @@ class SandboxCall:
                     self.on_warm_exit(warm.returncode)
             if not self._warm_exited:
                 self._warm_end.wait(5.0)  # the call's last output lines
+            elif not self._warm_frames:  # it exited: its last frame may still be in the pipe
+                warm.channel_done.wait(5.0)
             with self._lock:
                 self._finished = True
             self._outcome = self._outcome_of(

@@ -92,6 +92,8 @@ class WarmSandbox:
         self.idle_since = time.monotonic()
         self.returncode: int | None = None
         self.dead = threading.Event()
+        #: its channel (stdout) has been read to the end
+        self.channel_done = threading.Event()
         self.retiring = False
         self._lock = threading.Lock()
         self._stdin_lock = threading.Lock()
@@ -202,6 +204,8 @@ class WarmSandbox:
             sandboxes.follow_stdout(self.sandbox, on_chunk)
         except Exception as exc:
             logger.debug("prefect-modal: warm channel of %s ended: %s", self.sandbox_id, exc)
+        finally:
+            self.channel_done.set()
 
     def _follow_stderr(self) -> None:
         def on_line(line: str) -> None:
