@@ -94,6 +94,8 @@ class WarmSandbox:
         self.dead = threading.Event()
         #: its channel (stdout) has been read to the end
         self.channel_done = threading.Event()
+        #: its stderr (the calls' output lines) has been read to the end
+        self.stderr_done = threading.Event()
         self.retiring = False
         self._lock = threading.Lock()
         self._stdin_lock = threading.Lock()
@@ -219,6 +221,8 @@ class WarmSandbox:
             sandboxes.follow_stderr(self.sandbox, on_line)
         except Exception as exc:
             logger.debug("prefect-modal: warm stderr of %s ended: %s", self.sandbox_id, exc)
+        finally:
+            self.stderr_done.set()
 
     def _wait_exit(self) -> None:
         try:
@@ -230,6 +234,13 @@ class WarmSandbox:
         if call is not None:
             call.on_warm_exit(self.returncode)
         self.pool._on_dead(self)
+        # Its exit is reported before its output is read to the end (the bootstrap writes
+        # a call's last frame, then exits at once: a Python mismatch's ERROR frame, say).
+        # Detaching closes the connection the readers stream on, and a reader between two
+        # reads of it then ends with the frame unread: detach only once both have ended.
+        deadline = time.monotonic() + _END_WAIT_SECONDS
+        for done in (self.channel_done, self.stderr_done):
+            done.wait(max(0.0, deadline - time.monotonic()))
         try:
             sandboxes.detach(self.sandbox)
         except Exception:
