@@ -317,7 +317,7 @@ class ServerContext:
             vol = reg.volumes_by_id.get(vm.volume_id)
             if vol is None:
                 fail(Status.NOT_FOUND, f"Volume {vm.volume_id!r} not found")
-            volumes[vm.mount_path] = (vol.name, vol.path)
+            volumes[vm.mount_path] = (vol.name or vol.id, vol.path)
 
         trees, binds, on_path = self._layers(
             image.layers if image else [], list(d.mount_ids), list(volumes)
