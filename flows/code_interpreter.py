@@ -39,12 +39,12 @@ from prefect_modal import SandboxSession, SandboxSnapshot, SandboxSpec
 WORKSPACE = "/workspace"
 
 #: What every evaluation sandbox starts with: data and a checker the candidates use.
-CHECKER = '''
+CHECKER = """
 import json, sys
 
 def report(name, value):
     print(json.dumps({"candidate": name, "value": value}))
-'''
+"""
 
 #: The programs an agent might have written.  Standard library only.
 CANDIDATES: dict[str, str] = {
