@@ -52,7 +52,7 @@ class SandboxArtifact(BaseModel):
     task_run_id: UUID | None = None
     task_name: str | None = None
     attempt: int | None = None
-    mode: Literal["per_step", "pipeline"]
+    mode: Literal["per_step", "pipeline", "session"]
     resources: dict[str, Any] = Field(default_factory=dict)
     status: SandboxStatus = "running"
     exit_code: int | None = None

@@ -119,7 +119,7 @@ def status(
         seconds = rec.seconds if rec else None
         table.add_row(
             report.sandbox_id,
-            (rec.task_name if rec else None) or "(flow run)",
+            _task_label(rec),
             str(rec.attempt) if rec and rec.attempt is not None else "-",
             report.display_status(state),
             "-" if report.returncode is None else str(report.returncode),
@@ -137,6 +137,14 @@ def status(
     note = lingering_note(reports, state)
     if note:
         console.print(note)
+
+
+def _task_label(rec: Any) -> str:
+    """What the sandbox did for the run: a task's call, the run itself, or a session."""
+    name = (rec.task_name if rec else None) or "(flow run)"
+    if rec is not None and rec.mode == "session":
+        return f"session in {rec.task_name or 'the flow body'}"
+    return name
 
 
 def _recent_runs(limit: int = 10) -> None:

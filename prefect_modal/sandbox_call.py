@@ -29,7 +29,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextvars import copy_context
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Protocol
 from uuid import UUID
 
 import cloudpickle
@@ -365,26 +365,36 @@ class ArtifactWriter:
                     return
 
 
+class Cancellable(Protocol):
+    """What a registry holds: a task call, or a sandbox session (`sessions.py`)."""
+
+    owner: object
+
+    def cancel(self, reason: str) -> threading.Thread | None: ...
+
+
 class CallRegistry:
     """The calls in flight for one runner and all its duplicates and copies in this process.
 
     Prefect cancels a flow run by calling `cancel_all()` on the flow's *template*
     runner, while the calls were started by its duplicate; both find them here.
+    Sandbox sessions opened in the flow run register here too, so the same
+    cancellation ends them.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._calls: set[SandboxCall] = set()
+        self._calls: set[Cancellable] = set()
 
-    def add(self, call: SandboxCall) -> None:
+    def add(self, call: Cancellable) -> None:
         with self._lock:
             self._calls.add(call)
 
-    def discard(self, call: SandboxCall) -> None:
+    def discard(self, call: Cancellable) -> None:
         with self._lock:
             self._calls.discard(call)
 
-    def active(self, owner: object | None = None) -> list[SandboxCall]:
+    def active(self, owner: object | None = None) -> list[Cancellable]:
         with self._lock:
             return [c for c in self._calls if owner is None or c.owner is owner]
 

@@ -428,3 +428,129 @@ def returncode_by_id(sandbox_id: str, client: modal.Client) -> int | None:
 
 def sandbox_tags(sandbox: modal.Sandbox) -> dict[str, str]:
     return dict(sandbox.get_tags())
+
+
+# -- sessions: a long-lived idle sandbox driven by exec and file calls ----------------
+
+#: Filesystem errors of a session, translated to Python's own where one fits.
+SandboxFilesystemError = modal.exception.SandboxFilesystemError
+
+
+def build_session_image(spec: SandboxSpec) -> modal.Image:
+    """A session's image: the spec's registry image, or debian_slim with the spec's
+    packages only (a session runs the user's commands, never our bootstrap, so it
+    needs no cloudpickle)."""
+    if spec.image:
+        return build_image(spec)
+    image = modal.Image.debian_slim(python_version=spec.effective_python_version)
+    if spec.pip_packages:
+        image = image.pip_install(*spec.pip_packages)
+    return image
+
+
+def image_from_id(image_id: str, client: modal.Client) -> modal.Image:
+    """A snapshot's image, by id (valid only on the Modal that took it)."""
+    return modal.Image.from_id(image_id, client=client)
+
+
+def create_session_sandbox(
+    spec: SandboxSpec,
+    *,
+    client: modal.Client,
+    tags: dict[str, str],
+    image_id: str | None = None,
+    block_network: bool = False,
+) -> modal.Sandbox:
+    """An idle sandbox (Modal's default entrypoint) for a session to exec into.
+
+    `image_id` starts it from a snapshot instead of the spec's image.
+    """
+    image = image_from_id(image_id, client) if image_id else build_session_image(spec)
+    kwargs = spec.sandbox_kwargs()
+    env = kwargs.pop("env") or None
+    kwargs.pop("secrets")
+    kwargs.pop("volumes")
+    return modal.Sandbox.create(
+        app=lookup_app(spec, client),
+        image=image,
+        tags=tags,
+        env=env,
+        secrets=resolve_secrets(spec),
+        volumes=resolve_volumes(spec),
+        block_network=block_network,
+        client=client,
+        **kwargs,
+    )
+
+
+def exec_process(
+    sandbox: modal.Sandbox,
+    command: Sequence[str],
+    *,
+    workdir: str | None = None,
+    env: dict[str, str] | None = None,
+    timeout: int | None = None,
+) -> Any:
+    """Start a command in a running sandbox; the handle has stdout, stderr, wait()."""
+    return sandbox.exec(*command, workdir=workdir, env=env, timeout=timeout)  # type: ignore[arg-type]
+
+
+def process_wait(process: Any) -> int:
+    return int(process.wait())
+
+
+def snapshot_filesystem(sandbox: modal.Sandbox) -> str:
+    """Snapshot the sandbox's filesystem; the id of the image that starts from it."""
+    return str(sandbox.snapshot_filesystem().object_id)
+
+
+def _translated(path: str, exc: Exception) -> Exception:
+    """Modal's filesystem errors as the Python errors a file API user expects."""
+    if isinstance(exc, modal.exception.SandboxFilesystemNotFoundError):
+        return FileNotFoundError(2, "No such file or directory in the sandbox", path)
+    if isinstance(exc, modal.exception.SandboxFilesystemNotADirectoryError):
+        return NotADirectoryError(20, "Not a directory in the sandbox", path)
+    if isinstance(exc, modal.exception.SandboxFilesystemIsADirectoryError):
+        return IsADirectoryError(21, "Is a directory in the sandbox", path)
+    if isinstance(exc, modal.exception.SandboxFilesystemPermissionError):
+        return PermissionError(13, "Permission denied in the sandbox", path)
+    return exc
+
+
+def fs_write_bytes(sandbox: modal.Sandbox, path: str, data: bytes) -> None:
+    try:
+        sandbox.filesystem.write_bytes(data, path)
+    except SandboxFilesystemError as exc:
+        raise _translated(path, exc) from exc
+
+
+def fs_read_bytes(sandbox: modal.Sandbox, path: str) -> bytes:
+    try:
+        return bytes(sandbox.filesystem.read_bytes(path))
+    except SandboxFilesystemError as exc:
+        raise _translated(path, exc) from exc
+
+
+def fs_list(sandbox: modal.Sandbox, path: str) -> list[dict[str, Any]]:
+    """Entries of a directory as plain dicts (name, path, type, size, modified_time)."""
+    try:
+        entries = sandbox.filesystem.list_files(path)
+    except SandboxFilesystemError as exc:
+        raise _translated(path, exc) from exc
+    return [
+        {
+            "name": e.name,
+            "path": e.path,
+            "type": getattr(e.type, "value", str(e.type)),
+            "size": e.size,
+            "modified_time": e.modified_time,
+        }
+        for e in entries
+    ]
+
+
+def fs_remove(sandbox: modal.Sandbox, path: str, recursive: bool = False) -> None:
+    try:
+        sandbox.filesystem.remove(path, recursive=recursive)
+    except SandboxFilesystemError as exc:
+        raise _translated(path, exc) from exc
