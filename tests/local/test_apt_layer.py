@@ -167,8 +167,18 @@ def test_layers_add_files_under_the_read_only_usr_and_etc(
             "etc-ro",
             "changed",
         ]
+        snap = sb.snapshot_filesystem()
     finally:
         sb.terminate()
+    # a snapshot keeps what the layers add under /usr and /etc, and the sandbox's writes
+    sb2 = modal.Sandbox.create(app=app, image=snap, client=local_modal.client)
+    try:
+        code, out, err = _run(
+            sb2, "sh", "-c", "pm-layer-probe; cat /etc/pm-layer.conf /opt/data/x.txt"
+        )
+        assert (code, out.split()) == (0, ["upper", "from-the-layer", "changed"]), err
+    finally:
+        sb2.terminate()
     # the sandbox changed neither the layer nor the host
     assert (lower / "opt/data/x.txt").read_text() == "copied\n"
     assert not os.path.exists("/usr/bin/pm-layer-probe")

@@ -382,6 +382,12 @@ class LocalSandbox:
         if self.spec.workdir and self.spec.workdir != "/":
             self.paths.resolve(self.spec.workdir).mkdir(parents=True, exist_ok=True)
 
+    @property
+    def overlays(self) -> dict[str, list[str]]:
+        """The read-only view directories its image's layers add files to, each with
+        the layers' directories there, top-most first (`layers.overlays`)."""
+        return dict(self._overlays)
+
     def workdir_problem(self) -> str | None:
         """Why the requested ``workdir`` cannot be the entrypoint's, or None.
 
