@@ -184,7 +184,9 @@ def test_layers_add_files_under_the_read_only_usr_and_etc(
     assert not os.path.exists("/usr/bin/pm-layer-probe")
 
 
-@pytest.mark.parametrize("value", ["Bad_Name", "-oAPT::Get::x=1", "j", "jq;rm", "jq=", ""])
+@pytest.mark.parametrize(
+    "value", ["Bad_Name", "-oAPT::Get::x=1", "j", "jq;rm", "jq=", "", "jq/", "jq/x=1"]
+)
 def test_a_bad_name_fails_before_any_network(value: str, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     lines: list[str] = []
