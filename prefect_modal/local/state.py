@@ -40,7 +40,8 @@ class ImageInfo:
     description: str
     env: dict[str, str] = field(default_factory=dict)
     #: file trees copied, in order, into the root of a sandbox made from it
-    #: (a snapshot's files, ``add_local_*(copy=True)``): see `runtime.layers`
+    #: (a snapshot's files, ``add_local_*(copy=True)``, an ``apt_install``);
+    #: what they hold under /usr or /etc is overlaid there: see `runtime.layers`
     layers: list[Path] = field(default_factory=list)
 
 

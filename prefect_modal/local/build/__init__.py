@@ -1,0 +1,1 @@
+"""Image building for the local Modal server."""
