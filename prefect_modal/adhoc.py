@@ -240,13 +240,12 @@ async def result_storage_for(worker: ModalWorker, flow: Flow[Any, Any]) -> Any:
     storage = await default_result_storage()
     worker._logger.info(
         "Flow %r names no result storage and pool %r has no default: its value goes to "
-        "the Modal Volume %r (block 'modal-volume/%s'). Choose another with "
-        "`prefect-modal storage configure --pool %s --volume <name>`.",
+        "the Modal Volume %r (block 'modal-volume/%s'). Choose another with the flow's "
+        "result_storage or the pool's default result storage.",
         flow.name,
         worker.work_pool.name,
         storage.volume_name,
         "prefect-modal-results",
-        worker.work_pool.name,
     )
     return storage
 
@@ -297,7 +296,12 @@ async def submit_adhoc_run(
     upload_command: list[str] | None = None
     upload_step: dict[str, Any] | None = None
     if steps.bundle_upload_step is None or steps.bundle_execution_step is None:
-        command = bootstrap_command(get_launcher_for_side(launcher, "execution"))
+        execution = get_launcher_for_side(launcher, "execution")
+        if execution is None:
+            # The sandbox's interpreter runs the bundle: the image holds the
+            # packages, so Prefect's `uv pip freeze` snapshot would go unused.
+            flow = _with_execution_launcher(flow, ["python"])
+        command = bootstrap_command(execution)
     else:
         upload_step = resolve_bundle_step_with_launcher(
             steps.bundle_upload_step, launcher, "upload"
@@ -395,6 +399,19 @@ async def submit_adhoc_run(
         )
     finally:
         worker.stdin_payloads.pop(flow_run.id, None)
+
+
+def _with_execution_launcher(flow: Flow[Any, Any], command: list[str]) -> Flow[Any, Any]:
+    from prefect._internal.launchers import normalize_launcher
+    from prefect.flows import InfrastructureBoundFlow
+
+    launcher = dict(normalize_launcher(getattr(flow, "launcher", None)) or {})
+    launcher["execution"] = command
+    if isinstance(flow, InfrastructureBoundFlow):
+        return flow.with_options(launcher=launcher)  # type: ignore[arg-type]
+    new = copy.copy(flow)
+    new.launcher = launcher  # type: ignore[attr-defined]
+    return new
 
 
 def _with_per_step_runner(flow: Flow[Any, Any], configuration: Any) -> Flow[Any, Any]:
