@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
+from prefect._internal.compatibility.async_dispatch import async_dispatch
 from prefect.filesystems import WritableDeploymentStorage, WritableFileSystem
 from pydantic import Field, field_validator
 
@@ -201,18 +202,35 @@ class ModalVolume(WritableFileSystem, WritableDeploymentStorage):
         sandboxes.volume_remove(self._volume(), self.volume_path(path), recursive=recursive)
 
     # -- Prefect's filesystem contract --------------------------------------------
+    # Each method has an async twin (`aread_path`...) and dispatches to it when
+    # awaited, as Prefect's own blocks do: the result store calls the sync one
+    # with `_sync=True` and the async one by its `a` name.
 
-    async def read_path(self, path: str) -> bytes:
+    async def aread_path(self, path: str) -> bytes:
         return await anyio.to_thread.run_sync(self.read_bytes, path)
 
-    async def write_path(self, path: str, content: bytes) -> str:  # type: ignore[override]
+    @async_dispatch(aread_path)
+    def read_path(self, path: str) -> bytes:  # type: ignore[override]
+        return self.read_bytes(path)
+
+    async def awrite_path(self, path: str, content: bytes) -> str:
         return await anyio.to_thread.run_sync(self.write_bytes, path, content)
 
-    async def get_directory(
+    @async_dispatch(awrite_path)
+    def write_path(self, path: str, content: bytes) -> str:  # type: ignore[override]
+        return self.write_bytes(path, content)
+
+    async def aget_directory(
+        self, from_path: str | None = None, local_path: str | None = None
+    ) -> None:
+        await anyio.to_thread.run_sync(self._get_directory, from_path or "", local_path or ".")
+
+    @async_dispatch(aget_directory)
+    def get_directory(  # type: ignore[override]
         self, from_path: str | None = None, local_path: str | None = None
     ) -> None:
         """Copy a folder of the volume (default: `base_path`) into `local_path` (default: cwd)."""
-        await anyio.to_thread.run_sync(self._get_directory, from_path or "", local_path or ".")
+        self._get_directory(from_path or "", local_path or ".")
 
     def _get_directory(self, from_path: str, local_path: str) -> None:
         from prefect_modal import sandboxes
@@ -227,7 +245,16 @@ class ModalVolume(WritableFileSystem, WritableDeploymentStorage):
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(sandboxes.volume_read(vol, "/" + path.lstrip("/")))
 
-    async def put_directory(  # type: ignore[override]
+    async def aput_directory(
+        self,
+        local_path: str | None = None,
+        to_path: str | None = None,
+        ignore_file: str | None = None,
+    ) -> int:
+        return await anyio.to_thread.run_sync(self._put_directory, local_path, to_path)
+
+    @async_dispatch(aput_directory)
+    def put_directory(  # type: ignore[override]
         self,
         local_path: str | None = None,
         to_path: str | None = None,
@@ -237,18 +264,15 @@ class ModalVolume(WritableFileSystem, WritableDeploymentStorage):
 
         `ignore_file` is not applied: upload a folder that holds only what runs need.
         """
+        return self._put_directory(local_path, to_path)
 
-        def put() -> int:
-            from prefect_modal import sandboxes
+    def _put_directory(self, local_path: str | None, to_path: str | None) -> int:
+        from prefect_modal import sandboxes
 
-            source = Path(local_path or ".")
-            count = sum(1 for p in source.rglob("*") if p.is_file())
-            sandboxes.volume_put_directory(
-                self._volume(), str(source), self.volume_path(to_path or "")
-            )
-            return count
-
-        return await anyio.to_thread.run_sync(put)
+        source = Path(local_path or ".")
+        count = sum(1 for p in source.rglob("*") if p.is_file())
+        sandboxes.volume_put_directory(self._volume(), str(source), self.volume_path(to_path or ""))
+        return count
 
 
 def _sync(mount: str) -> None:
