@@ -257,10 +257,9 @@ def volumes_to_mount(flow: Flow[Any, Any], pool: WorkPool) -> list[str]:
     names = []
     if isinstance(flow.result_storage, ModalVolume):
         names.append(flow.result_storage.volume_name)
-    step = pool.storage_configuration.bundle_execution_step or {}
-    for args in step.values():
-        if isinstance(args, dict) and args.get("volume"):
-            names.append(str(args["volume"]))
+    from prefect_modal.bundles import volume_names
+
+    names += volume_names(pool)
     return list(dict.fromkeys(names))
 
 
@@ -309,6 +308,12 @@ async def submit_adhoc_run(
         execute_step = resolve_bundle_step_with_launcher(
             steps.bundle_execution_step, launcher, "execution"
         )
+        step_args: dict[str, Any] = dict(next(iter(execute_step.values())))
+        step_launcher = step_args.get("launcher")
+        if step_launcher and get_launcher_for_side(launcher, "execution") is None:
+            # The pool's step runs the bundle with its own interpreter (our steps use
+            # the image's `python`): Prefect then skips its `uv pip freeze` snapshot.
+            flow = _with_execution_launcher(flow, list(step_launcher))
         upload_command = convert_step_to_command(upload_step, bundle_key, quiet=True)
         command = shlex.join(convert_step_to_command(execute_step, bundle_key))
     job_variables = dict(job_variables or {}) | {"command": command}

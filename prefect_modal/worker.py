@@ -372,6 +372,11 @@ class ModalWorkerJobConfiguration(BaseJobConfiguration):
             flow_run, deployment, flow, work_pool, worker_name, worker_id=worker_id
         )
         self.name = sandbox_name_for(self.name if template else None, flow_run.id)
+        if work_pool is not None:
+            from prefect_modal.bundles import volume_names
+
+            # A pool whose bundles live on a Modal Volume: the execute step reads it.
+            self.mount_storage_volumes(volume_names(work_pool))
 
     def mount_storage_volumes(self, volume_names: list[str]) -> None:
         """Mount `ModalVolume` storage (results, bundles) and tell the sandbox where.
@@ -388,7 +393,9 @@ class ModalWorkerJobConfiguration(BaseJobConfiguration):
         self.volumes = {**(self.volumes or {}), **mounts}  # type: ignore[assignment]
         values = {n: getattr(self, n) for n in SPEC_FIELDS if getattr(self, n) is not None}
         self._spec = _spec_or_error(values, where="")
-        self.env[ENV_VOLUME_MOUNTS] = json.dumps({name: path for path, name in mounts.items()})
+        known = json.loads(self.env.get(ENV_VOLUME_MOUNTS) or "{}")
+        known.update({name: path for path, name in mounts.items()})
+        self.env[ENV_VOLUME_MOUNTS] = json.dumps(known)
 
     def sandbox_tags(self, flow_run: FlowRun) -> dict[str, str]:
         """Tags that let any worker find this run's sandbox (see `reconcile.py`)."""
