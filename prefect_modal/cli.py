@@ -22,6 +22,7 @@ from rich.table import Table
 from prefect_modal import tags
 from prefect_modal.demo import REPO_FLOWS, run_demo
 from prefect_modal.local.cli import local_app
+from prefect_modal.pool_cli import pool_app
 
 app = typer.Typer(
     name="prefect-modal",
@@ -30,6 +31,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 app.add_typer(local_app, name="local")
+app.add_typer(pool_app, name="pool")
 console = Console(highlight=False)
 
 CredentialsOption = Annotated[

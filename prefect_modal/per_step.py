@@ -98,6 +98,7 @@ def runner_from_env(
             default_local=flow_runner.default_local,
             max_result_bytes=flow_runner.max_result_bytes,
             log_level=flow_runner.log_level,
+            result_volume=getattr(flow_runner, "result_volume", None),
         )
     kwargs["spec"] = spec
     if environ.get(ENV_MAX_PARALLELISM):

@@ -153,7 +153,10 @@ class Reconciler:
             while True:
                 try:
                     await self.watch_in_flight()
-                    if time.monotonic() - self._last_full >= FULL_INTERVAL_SECONDS:
+                    if (
+                        self.worker.reconcile_pool
+                        and time.monotonic() - self._last_full >= FULL_INTERVAL_SECONDS
+                    ):
                         self._last_full = time.monotonic()
                         await self.reconcile_all()
                 except Exception:

@@ -469,6 +469,8 @@ class SandboxCall:
     #: Submits a task on the flow's runner: how nested submits from the sandbox run.
     submit_child: Callable[..., Any] | None = None
     nonce: str = field(default_factory=lambda: secrets.token_hex(16))
+    #: Where a result over `max_result_bytes` goes by reference (`result_refs.py`).
+    result_volume: Any = None
 
     def __post_init__(self) -> None:
         self.owner = self.env.owner
@@ -506,6 +508,8 @@ class SandboxCall:
                     self.submit_child, self._reply, self.nonce, copy_context(), self.run_logger
                 )
         self.spec = self._with_packages(self.spec)
+        if self.result_volume is not None:
+            self.spec = self.result_volume.spec_with_mount(self.spec)
         header = remote.make_header(
             self.nonce,
             len(payload),
@@ -514,6 +518,7 @@ class SandboxCall:
             self.env.log_level,
             needs=self.requirements.modules,
             context=with_context,
+            ref_dir=self.result_volume.header_value() if self.result_volume else "",
         )
         self.env.registry.add(self)
         driving = False
@@ -843,6 +848,8 @@ class SandboxCall:
         frames = dict(remote.decode_frames(nonce, output))
         if "OK" in frames:
             return _Outcome(value=cloudpickle.loads(frames["OK"]))
+        if "REF" in frames and self.result_volume is not None:
+            return _Outcome(value=self.result_volume.read(frames["REF"]))
         if "RAISE" in frames:
             return _Outcome(error=self._remote_exception(cloudpickle.loads(frames["RAISE"])))
         if "ERROR" in frames:
@@ -897,10 +904,11 @@ class SandboxCall:
             )
         if reason == "too-large":
             return ResultTooLargeError(
-                f"{message} (ModalTaskRunner(max_result_bytes=...)). Return a smaller value: "
-                "write large data to a Modal volume (SandboxSpec(volumes={'/data': 'my-volume'})) "
-                "or to object storage and return its path, or persist results with Prefect "
-                "result storage from inside the task."
+                f"{message} (ModalTaskRunner(max_result_bytes=...)). Send it by reference "
+                "on a Modal Volume: ModalTaskRunner(result_volume='my-volume'), or a "
+                "ModalVolume block as the flow's or task's result_storage. Or return a smaller "
+                "value: write large data to a Modal volume (SandboxSpec(volumes={'/data': "
+                "'my-volume'})) or to object storage and return its path."
             )
         if reason == "load":
             return SandboxImageError(f"Modal sandbox {self.sandbox_id}: {message}")

@@ -10,6 +10,7 @@ with the real client.
 
 from __future__ import annotations
 
+import io
 import logging
 import threading
 from collections import deque
@@ -554,3 +555,62 @@ def fs_remove(sandbox: modal.Sandbox, path: str, recursive: bool = False) -> Non
         sandbox.filesystem.remove(path, recursive=recursive)
     except SandboxFilesystemError as exc:
         raise _translated(path, exc) from exc
+
+
+# -- volumes as file stores (the `ModalVolume` block, results by reference) -----------
+
+#: Largest piece written to a sandbox's stdin at once (the client buffers 2 MiB).
+STDIN_CHUNK = 1024 * 1024
+
+
+def send_stdin_chunked(sandbox: modal.Sandbox, data: bytes, chunk: int = STDIN_CHUNK) -> None:
+    """Write `data` of any size to the sandbox's stdin, then close it.
+
+    The client refuses to buffer more than 2 MiB before a drain, so a bundle
+    (tens of MB with included files) goes in chunks, each drained.
+    """
+    view = memoryview(data)
+    for start in range(0, len(view), chunk):
+        sandbox.stdin.write(bytes(view[start : start + chunk]))
+        sandbox.stdin.drain()
+    sandbox.stdin.write_eof()
+    sandbox.stdin.drain()
+
+
+def volume(name: str, client: modal.Client, environment_name: str | None = None) -> modal.Volume:
+    """The named volume (created on first use), hydrated so later calls skip the lookup."""
+    vol = modal.Volume.from_name(
+        name, create_if_missing=True, environment_name=environment_name, client=client
+    )
+    vol.hydrate(client=client)
+    return vol
+
+
+def volume_read(vol: modal.Volume, path: str) -> bytes:
+    """A file's bytes; FileNotFoundError (naming the path) when it is not there."""
+    return b"".join(vol.read_file(path))
+
+
+def volume_write(vol: modal.Volume, path: str, data: bytes) -> None:
+    """Write (or replace) one file from memory."""
+    with vol.batch_upload(force=True) as batch:
+        batch.put_file(io.BytesIO(data), path)
+
+
+def volume_put_directory(vol: modal.Volume, local_dir: str, remote_dir: str) -> None:
+    with vol.batch_upload(force=True) as batch:
+        batch.put_directory(local_dir, remote_dir)
+
+
+def volume_list(
+    vol: modal.Volume, path: str, recursive: bool = False
+) -> list[tuple[str, bool, int]]:
+    """(path, is_directory, size) of the entries under `path`; NotFoundError if missing."""
+    return [
+        (e.path, e.type == modal.volume.FileEntryType.DIRECTORY, int(e.size))
+        for e in vol.listdir(path, recursive=recursive)
+    ]
+
+
+def volume_remove(vol: modal.Volume, path: str, recursive: bool = False) -> None:
+    vol.remove_file(path, recursive=recursive)

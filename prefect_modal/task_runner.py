@@ -34,10 +34,11 @@ from prefect.logging.loggers import get_run_logger
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from typing_extensions import Self
 
-from prefect_modal import run_context
+from prefect_modal import result_refs, run_context
 from prefect_modal.artifacts import SandboxArtifact, write_flow_summary
 from prefect_modal.credentials import ModalCredentials
 from prefect_modal.options import ModalOptions, options_for
+from prefect_modal.result_refs import ResultVolume
 from prefect_modal.sandbox_call import (
     DEFAULT_MAX_RESULT_BYTES,
     REMOTE_INTERRUPTS,
@@ -49,6 +50,7 @@ from prefect_modal.sandbox_call import (
     registry_for,
 )
 from prefect_modal.settings import SandboxSpec
+from prefect_modal.storage import ModalVolume
 
 if TYPE_CHECKING:
     from prefect.tasks import Task
@@ -114,6 +116,10 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
             ThreadPoolTaskRunner reads it, else max(256, max_parallelism).
         max_result_bytes: largest pickled return value a sandbox may send back.
         log_level: level of the `logging` root logger inside the sandbox.
+        result_volume: a `ModalVolume` block or a Modal Volume name: a result over
+            `max_result_bytes` is written there by the sandbox (the volume is
+            mounted in it) and read back through the Volume API.  Default: the
+            task's result storage when it is a `ModalVolume` (see `result_refs.py`).
 
     Only *submitted* calls (`task.submit`, `task.map`) go to the runner; a task
     called directly inside a flow runs in the flow's process, as in Prefect.
@@ -128,6 +134,7 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
         max_workers: int | None = None,
         max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
         log_level: int = logging.INFO,
+        result_volume: ModalVolume | str | None = None,
         _family: str | None = None,
     ) -> None:
         if isinstance(spec, dict):
@@ -151,6 +158,7 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
         self.default_local = default_local
         self.max_result_bytes = max_result_bytes
         self.log_level = log_level
+        self.result_volume = result_refs.check_setting(result_volume)
         self._requested_workers = max_workers
         # One family per user-created runner: its duplicates and unpickled copies
         # share it, so `cancel_all()` on the template reaches the duplicate's calls.
@@ -180,6 +188,7 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
             max_workers=self._requested_workers,
             max_result_bytes=self.max_result_bytes,
             log_level=self.log_level,
+            result_volume=self.result_volume,
             _family=self._family,
         )
 
@@ -194,6 +203,7 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
             and self._max_workers == value._max_workers
             and self.max_result_bytes == value.max_result_bytes
             and self.log_level == value.log_level
+            and self.result_volume == value.result_volume
         )
 
     __hash__ = None  # type: ignore[assignment]  # mutable, compared by configuration
@@ -463,6 +473,7 @@ def _call_for(
     if ctx is None:  # pragma: no cover - the engine always sets it
         raise RuntimeError("a ModalTaskRunner task function ran outside a Prefect task run")
     task_run = ctx.task_run
+    volume = result_refs.resolve(runner.result_volume, runner.credentials, ctx)
     info = CallInfo(
         task_run_id=task_run.id,
         flow_run_id=task_run.flow_run_id,
@@ -482,6 +493,7 @@ def _call_for(
             ctx, fn, plain_containers(dict(ctx.parameters or {}))
         ),
         submit_child=runner.submit,
+        result_volume=ResultVolume.for_spec(volume, spec) if volume is not None else None,
     )
 
 

@@ -283,6 +283,7 @@ class ModalWorkerJobConfiguration(BaseJobConfiguration):
     model_config = ConfigDict(hide_input_in_errors=True)
 
     _spec: SandboxSpec = PrivateAttr(default_factory=SandboxSpec)
+    _needs_prefect_modal: bool = PrivateAttr(default=False)
     _task_specs: dict[str, SandboxSpec] = PrivateAttr(default_factory=dict)
     _user_env_names: list[str] = PrivateAttr(default_factory=list)
 
@@ -335,7 +336,7 @@ class ModalWorkerJobConfiguration(BaseJobConfiguration):
         extra: dict[str, Any] = {}
         if not spec.image:
             packages = [f"prefect=={prefect.__version__}"]
-            if self.mode == "per_step":
+            if self.mode == "per_step" or self._needs_prefect_modal:
                 packages.append("prefect-modal")
             extra["pip_packages"] = packages
         if self.mode == "per_step" and spec.gpu_config:
@@ -371,6 +372,30 @@ class ModalWorkerJobConfiguration(BaseJobConfiguration):
             flow_run, deployment, flow, work_pool, worker_name, worker_id=worker_id
         )
         self.name = sandbox_name_for(self.name if template else None, flow_run.id)
+        if work_pool is not None:
+            from prefect_modal.bundles import volume_names
+
+            # A pool whose bundles live on a Modal Volume: the execute step reads it.
+            self.mount_storage_volumes(volume_names(work_pool))
+
+    def mount_storage_volumes(self, volume_names: list[str]) -> None:
+        """Mount `ModalVolume` storage (results, bundles) and tell the sandbox where.
+
+        The block inside the sandbox then reads and writes the mounted folder, so
+        the sandbox needs no Modal token to store a result (see `storage.py`).
+        """
+        from prefect_modal.storage import ENV_VOLUME_MOUNTS, mount_path_for
+
+        if not volume_names:
+            return
+        mounts = {mount_path_for(name): name for name in volume_names}
+        self._needs_prefect_modal = True  # the block's class must unpickle there
+        self.volumes = {**(self.volumes or {}), **mounts}  # type: ignore[assignment]
+        values = {n: getattr(self, n) for n in SPEC_FIELDS if getattr(self, n) is not None}
+        self._spec = _spec_or_error(values, where="")
+        known = json.loads(self.env.get(ENV_VOLUME_MOUNTS) or "{}")
+        known.update({name: path for path, name in mounts.items()})
+        self.env[ENV_VOLUME_MOUNTS] = json.dumps(known)
 
     def sandbox_tags(self, flow_run: FlowRun) -> dict[str, str]:
         """Tags that let any worker find this run's sandbox (see `reconcile.py`)."""
@@ -476,8 +501,13 @@ class ModalWorker(BaseWorker[ModalWorkerJobConfiguration, Any, ModalWorkerResult
     _documentation_url = "https://github.com/prefect-modal/prefect-modal#worker"
     _logo_url = "https://modal.com/assets/favicon.svg"
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, reconcile_pool: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        #: False for the in-process worker of an ad-hoc call (`@modal`): it watches
+        #: only its own runs, never adopts or reaps other sandboxes of the pool.
+        self.reconcile_pool = reconcile_pool
+        #: Bytes to write to a new sandbox's stdin (an ad-hoc run's bundle), by run id.
+        self.stdin_payloads: dict[UUID, bytes] = {}
         self.in_flight: dict[UUID, InFlight] = {}
         self._reconciler: Reconciler | None = None
         self._reconcile_scope: anyio.CancelScope | None = None
@@ -515,6 +545,22 @@ class ModalWorker(BaseWorker[ModalWorkerJobConfiguration, Any, ModalWorkerResult
             fn, *args, limiter=self._wait_limiter, abandon_on_cancel=True
         )
 
+    # -- ad-hoc runs (`@modal`, `worker.submit`) ----------------------------------
+
+    async def _submit_adhoc_run(  # type: ignore[override]
+        self,
+        flow: Any,
+        parameters: dict[str, Any] | None = None,
+        job_variables: dict[str, Any] | None = None,
+        task_status: anyio.abc.TaskStatus[FlowRun] | None = None,
+        flow_run: FlowRun | None = None,
+    ) -> None:
+        """Run a called flow in one sandbox; the bundle goes in on stdin when the
+        pool has no bundle storage (see `adhoc.py`)."""
+        from prefect_modal.adhoc import submit_adhoc_run
+
+        await submit_adhoc_run(self, flow, parameters, job_variables, task_status, flow_run)
+
     # -- run ----------------------------------------------------------------------
 
     async def run(
@@ -547,6 +593,9 @@ class ModalWorker(BaseWorker[ModalWorkerJobConfiguration, Any, ModalWorkerResult
             )
             entry.sandbox = sandbox
             entry.sandbox_id = sandboxes.sandbox_id(sandbox)
+            payload = self.stdin_payloads.pop(flow_run.id, None)
+            if payload is not None and created:
+                await self.in_thread(sandboxes.send_stdin_chunked, sandbox, payload)
             logger.info(
                 "%s Modal sandbox %s (%s) in app %r on %s; see: %s",
                 "Started" if created else "Found running",

@@ -84,6 +84,7 @@ class Snapshots(Room):
         image_id = ids.new_id("im")
         dest = self.reg.image_dir(image_id) / "layer"
         dest.parent.mkdir(parents=True, exist_ok=True)
+
         def copy() -> None:
             layers.copy_tree(sb.paths.fs, dest, self._skipped(sb))
             # what its image's layers add under /usr or /etc (overlaid there, read-only,
