@@ -9,8 +9,7 @@ Modal-compatible server in :mod:`prefect_modal.local`.
 from prefect_modal.credentials import ModalCredentials
 from prefect_modal.decorators import modal
 from prefect_modal.options import modal_options
-from prefect_modal.session_config import ModalSandboxConfig
-from prefect_modal.sessions import SandboxSession, SandboxSnapshot
+from prefect_modal.sessions import ModalSandboxConfig, SandboxSession, SandboxSnapshot
 from prefect_modal.settings import SandboxSpec
 from prefect_modal.storage import ModalVolume
 from prefect_modal.task_runner import ModalTaskRunner

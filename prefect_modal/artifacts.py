@@ -98,6 +98,16 @@ class SandboxArtifact(BaseModel):
             for name, value in data.items()
         ]
 
+    def description(self) -> str:
+        """The artifact's description: the line the UI shows above the table."""
+        return (
+            f"Modal sandbox `{self.sandbox_id}` ({self.status}"
+            + (f", exit code {self.exit_code}" if self.exit_code is not None else "")
+            + f") in app `{self.app_name}` on {self.target}."
+            + (f" See: `{self.link}`" if self.link else "")
+            + _lingering_hint(self)
+        )
+
     @classmethod
     def from_rows(cls, rows: list[dict[str, Any]]) -> SandboxArtifact:
         return cls.model_validate({row["field"]: row["value"] for row in rows})
@@ -202,17 +212,10 @@ def write_sandbox_artifact(
     Pass an open ``client`` when writing many: opening one costs ten times the
     write itself (see `sandbox_call.ArtifactWriter`).
     """
-    description = (
-        f"Modal sandbox `{record.sandbox_id}` ({record.status}"
-        + (f", exit code {record.exit_code}" if record.exit_code is not None else "")
-        + f") in app `{record.app_name}` on {record.target}."
-        + (f" See: `{record.link}`" if record.link else "")
-        + _lingering_hint(record)
-    )
     artifact = ArtifactCreate(
         key=record.key,
         type=ARTIFACT_TYPE,
-        description=description,
+        description=record.description(),
         data=json.dumps(record.rows()),
         flow_run_id=record.flow_run_id,
         task_run_id=record.task_run_id,

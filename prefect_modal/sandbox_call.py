@@ -366,7 +366,7 @@ class ArtifactWriter:
 
 
 class Cancellable(Protocol):
-    """What a registry holds: a task call, or a sandbox session (`sessions.py`)."""
+    """What a registry holds: a task call, or a sandbox session (`sessions/`)."""
 
     owner: object
 

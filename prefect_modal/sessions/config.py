@@ -14,7 +14,8 @@ from prefect.blocks.core import Block
 from pydantic import Field
 
 from prefect_modal.credentials import ModalCredentials
-from prefect_modal.sessions import SandboxSession, SandboxSnapshot
+from prefect_modal.sessions.results import SandboxSnapshot
+from prefect_modal.sessions.session import SandboxSession
 from prefect_modal.settings import SandboxSpec
 
 
