@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterator
 
 import pytest
+from session_support import running_sessions
 
 from prefect_modal import ModalCredentials
 from prefect_modal.local import LocalModal
@@ -36,14 +37,6 @@ def credentials(modal_server: LocalModal) -> ModalCredentials:
         token_secret=modal_server.env["MODAL_TOKEN_SECRET"],
         server_url=modal_server.url,
     )
-
-
-def running_sessions(server: LocalModal) -> list[str]:
-    return [
-        s.id
-        for s in server.sandboxes()
-        if s.tags.get("prefect-modal.mode") == "session" and s.status == "running"
-    ]
 
 
 @pytest.fixture(autouse=True)

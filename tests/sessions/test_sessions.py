@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import running_sessions
 from prefect import flow, task
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
@@ -22,6 +21,7 @@ from prefect.client.schemas.filters import (
 )
 from prefect.context import get_run_context
 from prefect.states import Cancelling
+from session_support import running_sessions
 from waiting import wait_for
 
 from prefect_modal import ModalSandboxConfig, SandboxSession, SandboxSnapshot, SandboxSpec
