@@ -19,8 +19,10 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from . import ids
+from .build.builder import ImageState
 from .records import SandboxRecord, record_json, write_listing
 from .runtime.sandbox import LocalSandbox
 
@@ -40,6 +42,11 @@ class ImageInfo:
     #: file trees copied, in order, into the root of a sandbox made from it
     #: (a snapshot's files, ``add_local_*(copy=True)``): see `runtime.layers`
     layers: list[Path] = field(default_factory=list)
+    #: how it was built (its Python environment, workdir...), once it is; None for
+    #: images that are not built here (snapshots of such, and images being built)
+    state: ImageState | None = None
+    #: the build in progress or done (logs, result), for ImageJoinStreaming
+    build: Any = None
 
 
 @dataclass

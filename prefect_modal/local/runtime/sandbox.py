@@ -108,6 +108,12 @@ class SandboxSpec:
     image_id: str = ""  # the image it was created from (a snapshot inherits its ENV)
     #: read-only binds of local files (container path -> host path), isolated sandboxes
     binds: dict[str, Path] = field(default_factory=dict)
+    #: the image's own view (a built image: its Python, not the server's), else the server's
+    view: ImageView | None = None
+    #: PATH of the image (its environment's bin first), else the server's
+    path: list[str] = field(default_factory=list)
+    #: a line for the sandbox's log before its program's output (e.g. a registry image)
+    notice: str = ""
 
 
 @dataclass
@@ -262,6 +268,12 @@ class LocalSandbox:
         self._background: set[asyncio.Task[None]] = set()
         self._env: dict[str, str] = {}
 
+    @property
+    def view(self) -> ImageView:
+        """What this sandbox sees of the host read-only (isolated sandboxes only)."""
+        assert self.isolation is not None
+        return self.spec.view or self.isolation.view
+
     # ----- public view -----------------------------------------------------
 
     def record(self) -> SandboxRecord:
@@ -323,8 +335,10 @@ class LocalSandbox:
     # ----- start -----------------------------------------------------------
 
     def _build_env(self) -> dict[str, str]:
-        path = [os.path.dirname(sys.executable), "/usr/local/sbin", "/usr/local/bin"]
-        path += ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+        path = list(self.spec.path)
+        if not path:
+            path = [os.path.dirname(sys.executable), "/usr/local/sbin", "/usr/local/bin"]
+            path += ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
         if self.isolation is not None:
             home, tmp = "/root", "/tmp"
         else:  # a host path: the process sees the host's file system
@@ -351,11 +365,11 @@ class LocalSandbox:
 
     def _prepare_dirs(self) -> None:
         if self.isolation is not None:
-            isolation.prepare_root(self.paths.fs, self.isolation.view)
+            isolation.prepare_root(self.paths.fs, self.view)
             for layer in self.spec.layers:
                 layers.copy_tree(layer, self.paths.fs)
             if self.spec.layers:  # a snapshot's symlinks must not lead a mount point astray
-                view = self.isolation.view
+                view = self.view
                 targets = [*view.dirs, *view.host_dirs, *view.masked, *self.spec.volumes]
                 targets += [*self.spec.binds, "/proc", "/dev"]
                 layers.clear_way(self.paths.fs, targets)
@@ -397,12 +411,14 @@ class LocalSandbox:
             if layers.under(norm, target):
                 rest = norm[len(target) :].lstrip("/")
                 return None if (source / rest).is_dir() else self._missing(workdir)
-        if self.isolation.view.resolve_readonly(norm) is not None:
+        if self.view.resolve_readonly(norm) is not None:
             return None if os.path.isdir(norm) else self._missing(workdir)
+        if any((layer / norm.lstrip("/")).is_dir() for layer in self.spec.layers):
+            return None
         if norm.strip("/") in isolation.ROOT_DIRS:
             return None
         # a directory on the way to a mount exists too (/work of /work/project/.venv)
-        inner = [*self.isolation.view.dirs, *self.isolation.view.host_dirs, *self.spec.volumes]
+        inner = [*self.view.dirs, *self.view.host_dirs, *self.spec.volumes]
         inner += list(self.spec.binds)
         if any(p.startswith(norm.rstrip("/") + "/") for p in inner):
             return None
@@ -424,6 +440,8 @@ class LocalSandbox:
     async def start(self) -> None:
         """Start the entrypoint and supervise it; never raises for a bad command."""
         self._env = self._build_env()
+        if self.spec.notice:
+            self.stderr.append(self.spec.notice.encode())
         if self.isolation is None and self._not_isolated_because:
             self.stderr.append(
                 isolation.NOT_ISOLATED_NOTICE.format(why=self._not_isolated_because).encode()
@@ -487,7 +505,7 @@ class LocalSandbox:
         assert self.isolation is not None and self._forkserver is not None
         spec = isolation.layout(
             self.paths.fs,
-            self.isolation.view,
+            self.view,
             {mp: host for mp, (_name, host) in self.spec.volumes.items()},
             hostname=self.id.replace("_", "-")[:63],
             network=self.spec.network,
