@@ -444,8 +444,8 @@ class ForkServer:
         if z is None or z.dead:
             live = sum(1 for other in self._zygotes.values() if not other.dead)
             if live < MAX_ZYGOTES + 1 and self._starts < MAX_STARTS:
-                preload = _preload_spec() if interpreter == sys.executable else _env_preload(
-                    interpreter
+                preload = (
+                    _preload_spec() if interpreter == sys.executable else _env_preload(interpreter)
                 )
                 self._start(key, flags, dict(startup), preload, interpreter)
             return None
