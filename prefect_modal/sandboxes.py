@@ -121,9 +121,12 @@ def build_image(spec: SandboxSpec) -> modal.Image:
         if spec.pip_packages:
             image = image.pip_install(*spec.pip_packages)
         return image
-    return modal.Image.debian_slim(python_version=spec.effective_python_version).pip_install(
+    image = modal.Image.debian_slim(python_version=spec.effective_python_version).pip_install(
         *packages
     )
+    if spec.local_python_sources:
+        image = image.add_local_python_source(*spec.local_python_sources)
+    return image
 
 
 def resolve_secrets(

@@ -37,7 +37,6 @@ from uuid import UUID
 import anyio
 import anyio.abc
 import anyio.to_thread
-import prefect
 from prefect.client.schemas.objects import FlowRun
 from prefect.exceptions import InfrastructureNotFound
 from prefect.workers.base import BaseJobConfiguration, BaseWorker, BaseWorkerResult
@@ -54,6 +53,7 @@ from pydantic import (
 
 from prefect_modal import resources, tags
 from prefect_modal.credentials import ModalCredentials
+from prefect_modal.packages import dependency_pins, missing_pins, requirement_name
 from prefect_modal.settings import SandboxSpec, name_the_value
 
 if TYPE_CHECKING:
@@ -147,6 +147,11 @@ def sandbox_name_for(rendered: str | None, flow_run_id: UUID | str) -> str:
     return f"{base[: _MAX_NAME - len(run_id) - 1].rstrip('-.')}-{run_id}".lstrip("-.")
 
 
+def _is_self(pin: str) -> bool:
+    """prefect-modal's own pin (it is not on PyPI; it goes in as local source)."""
+    return requirement_name(pin) == "prefect-modal"
+
+
 class ModalWorkerJobConfiguration(BaseJobConfiguration):
     """What the worker needs to start one flow run's sandbox.
 
@@ -235,6 +240,9 @@ class ModalWorkerJobConfiguration(BaseJobConfiguration):
     )
     pip_packages: list[str] | None = Field(
         default=None, description=SandboxSpec.model_fields["pip_packages"].description
+    )
+    local_python_sources: list[str] | None = Field(
+        default=None, description=SandboxSpec.model_fields["local_python_sources"].description
     )
     auto_packages: bool | None = Field(
         default=None, description=SandboxSpec.model_fields["auto_packages"].description
@@ -334,10 +342,13 @@ class ModalWorkerJobConfiguration(BaseJobConfiguration):
         spec = self._spec
         extra: dict[str, Any] = {}
         if not spec.image:
-            packages = [f"prefect=={prefect.__version__}"]
+            # prefect-modal is not on PyPI: its code goes in as local source (as on
+            # Modal), its dependencies and prefect's at this worker's versions
+            roots = ["prefect", "prefect-modal"] if self.mode == "per_step" else ["prefect"]
+            pins = [p for p in dependency_pins(*roots) if not _is_self(p)]
+            extra["pip_packages"] = missing_pins(pins, spec.pip_packages or [])
             if self.mode == "per_step":
-                packages.append("prefect-modal")
-            extra["pip_packages"] = packages
+                extra["local_python_sources"] = ["prefect_modal"]
         if self.mode == "per_step" and spec.gpu_config:
             extra["gpu"] = None
             extra["gpu_count"] = None
@@ -345,6 +356,10 @@ class ModalWorkerJobConfiguration(BaseJobConfiguration):
             return spec
         data = {n: getattr(spec, n) for n in spec.model_fields_set}
         data.update({k: v for k, v in extra.items() if k != "pip_packages"})
+        if "local_python_sources" in extra:
+            data["local_python_sources"] = list(
+                dict.fromkeys([*extra["local_python_sources"], *(spec.local_python_sources or [])])
+            )
         if "pip_packages" in extra:
             data["pip_packages"] = list(
                 dict.fromkeys([*extra["pip_packages"], *(spec.pip_packages or [])])

@@ -33,7 +33,9 @@ def isolated(local_modal: LocalModal) -> LocalModal:
     return local_modal
 
 
-def test_pinned_pip_install_is_there_and_the_flow_env_is_not(isolated: LocalModal, app: Any) -> None:
+def test_pinned_pip_install_is_there_and_the_flow_env_is_not(
+    isolated: LocalModal, app: Any
+) -> None:
     image = modal.Image.debian_slim().pip_install("six==1.16.0")
     code, out, err = _run(
         app,
