@@ -32,9 +32,9 @@ def test_a_package_missing_from_the_image_fails_as_on_modal(make_runner):
     def f():
         fut = hidden_version.submit()
         fut.wait()
-        return fut.state
+        return [fut.state]  # in a list: a returned failed state would fail the flow
 
-    state = f()
+    (state,) = f()
     assert state.is_failed()
     exc = state.result(raise_on_failure=False)
     assert isinstance(exc, ModuleNotFoundError) and exc.name == HIDDEN
