@@ -166,9 +166,7 @@ def test_server_stop_leaves_no_process(tmp_path: Any) -> None:
         app = modal.App.lookup("stop-app", create_if_missing=True, client=lm.client)
         sbs = [modal.Sandbox.create("sh", "-c", TREE, app=app, client=lm.client) for _ in range(3)]
         children = [
-            p
-            for sb in sbs
-            for p in host_pids(_init_pid(lm, sb.object_id), _spawned_pids(sb, 3))
+            p for sb in sbs for p in host_pids(_init_pid(lm, sb.object_id), _spawned_pids(sb, 3))
         ]
         mains = [r.pid for r in lm.sandboxes()]
         ex = sbs[0].exec("sleep", "1000")

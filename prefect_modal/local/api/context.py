@@ -413,7 +413,7 @@ class ServerContext:
             vol = reg.volumes_by_id.get(vm.volume_id)
             if vol is None:
                 fail(Status.NOT_FOUND, f"Volume {vm.volume_id!r} not found")
-            volumes[vm.mount_path] = (vol.name, vol.path)
+            volumes[vm.mount_path] = (vol.name or vol.id, vol.path)
 
         state = image.state if image else None
         if state is not None and state.venv:
