@@ -89,7 +89,8 @@ def _link_tree(src: Path, dst: Path) -> None:
         target = dst / rel if rel != "." else dst
         target.mkdir(exist_ok=True)
         shutil.copystat(dirpath, target)
-        for name in [*filenames, *[d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]]:
+        linked_dirs = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+        for name in [*filenames, *linked_dirs]:
             s = os.path.join(dirpath, name)
             st = os.lstat(s)
             if stat.S_ISLNK(st.st_mode):
