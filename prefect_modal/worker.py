@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal
@@ -558,7 +559,14 @@ class ModalWorker(BaseWorker[ModalWorkerJobConfiguration, Any, ModalWorkerResult
             plain, secret = configuration.sandbox_env(target.env)
             entry.secret_values = tuple(v for v in secret.values() if len(v) >= 6)
             sandbox, created = await self.in_thread(
-                self._find_or_create, flow_run, configuration, spec, target, plain, secret
+                self._find_or_create,
+                flow_run,
+                configuration,
+                spec,
+                target,
+                plain,
+                secret,
+                logger.info,
             )
             entry.sandbox = sandbox
             entry.sandbox_id = sandboxes.sandbox_id(sandbox)
@@ -591,6 +599,7 @@ class ModalWorker(BaseWorker[ModalWorkerJobConfiguration, Any, ModalWorkerResult
         target: Target,
         plain: dict[str, str],
         secret: dict[str, str],
+        log: Callable[[str], None] | None = None,
     ) -> tuple[Any, bool]:
         """The run's running sandbox if there is one, else a new one: never two."""
         from prefect_modal import sandboxes
@@ -616,6 +625,7 @@ class ModalWorker(BaseWorker[ModalWorkerJobConfiguration, Any, ModalWorkerResult
                 tags=configuration.sandbox_tags(flow_run),
                 extra_env=plain,
                 extra_secret_env=secret,
+                log=log,  # a first image build can take a minute: say so in the run's log
             )
         except sandboxes.AlreadyExistsError:
             existing = sandboxes.from_name(

@@ -26,6 +26,9 @@ from .context import IMAGE_BUILDER_VERSION
 
 log = logging.getLogger("prefect_modal.local")
 
+#: How many lines of a failed build's log its error carries.
+BUILD_LOG_TAIL_LINES = 25
+
 _IMAGE_ENV_SKIP = {"PATH", "HOME", "TMPDIR", "LANG", "LC_ALL"}
 
 
@@ -41,6 +44,10 @@ class BuildJob:
         if text:
             self.lines.append(text)
             self.changed.set()
+
+    def tail(self, count: int) -> str:
+        """The last ``count`` lines of the log."""
+        return "\n".join("".join(self.lines).splitlines()[-count:])
 
     def finish(self, result: api_pb2.GenericResult) -> None:
         self.result = result
@@ -142,8 +149,13 @@ class Images(Room):
                 recipe, parent.state if parent is not None else None, job.log
             )
         except ImageBuildError as exc:
+            tail = job.tail(BUILD_LOG_TAIL_LINES)
             job.log(f"{exc}\n")
-            job.finish(_failed(str(exc)))
+            # the log's end goes with the error: a client without enable_output() (a
+            # worker, a per-step runner) shows only the exception, and it should say why
+            job.finish(
+                _failed(f"{exc}\n--- last lines of the build log ---\n{tail}" if tail else str(exc))
+            )
             return
         except Exception as exc:  # a bug or the machine: the client must hear of it
             log.exception("building image %s failed", info.id)
