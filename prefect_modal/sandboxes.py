@@ -30,6 +30,9 @@ from prefect_modal.settings import SandboxSpec
 #: cloudpickle to read its payload; nothing else of ours is needed remotely.
 BASE_PIP_PACKAGES: tuple[str, ...] = ("cloudpickle",)
 
+#: What `local_python_sources` leave out of the image: bytecode, which Python remakes.
+LOCAL_SOURCE_IGNORE: tuple[str, ...] = ("**/__pycache__", "**/*.pyc")
+
 #: How many trailing output lines a handle keeps for error messages.
 TAIL_LINES = 40
 
@@ -196,7 +199,11 @@ def build_image(spec: SandboxSpec) -> modal.Image:
         *packages
     )
     if spec.local_python_sources:
-        image = image.add_local_python_source(*spec.local_python_sources)
+        # their data files too (Modal's default keeps only .py files; prefect_modal
+        # reads its price table, for one), without bytecode caches
+        image = image.add_local_python_source(
+            *spec.local_python_sources, ignore=LOCAL_SOURCE_IGNORE
+        )
     return image
 
 
