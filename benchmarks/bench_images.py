@@ -67,26 +67,27 @@ def _default_images() -> dict[str, Any]:
 
 
 def _cold_builds(work: Path) -> dict[str, dict[str, float]]:
-    """Seconds to build each default image with empty caches, then with a warm uv cache."""
+    """Seconds to build each default image with empty caches (a uv cache of its own),
+    then again into an empty image cache with that uv cache warm."""
     import modal
 
     from prefect_modal.local import LocalModal
 
     out: dict[str, dict[str, float]] = {}
-    uv_cache = work / "uv-cold"
     previous = os.environ.get("UV_CACHE_DIR")
-    os.environ["UV_CACHE_DIR"] = str(uv_cache)  # read by the builder's uv processes
     try:
-        for phase in ("empty uv cache", "warm uv cache"):
-            for name in _default_images():
-                cache = work / f"images-{len(out)}-{phase.split()[0]}"
+        for i, name in enumerate(_default_images()):
+            os.environ["UV_CACHE_DIR"] = str(work / f"uv-{i}")  # read by the builder's uv
+            for phase in ("empty uv cache", "warm uv cache"):
+                cache = work / f"images-{i}-{phase.split()[0]}"
                 with LocalModal(state_dir=work / "state-cold", image_cache=cache) as lm:
                     app = modal.App.lookup("bench-cold", create_if_missing=True, client=lm.client)
                     image = _default_images()[name]  # a new object for this server
                     t0 = time.perf_counter()
                     image.build(app)
                     out.setdefault(name, {})[phase] = time.perf_counter() - t0
-                print(f"  {name}, {phase}: {out[name][phase]:.1f} s", flush=True)
+                    builds = lm.image_builds["builds"]
+                print(f"  {name}, {phase}: {out[name][phase]:.1f} s, {builds} layers", flush=True)
     finally:
         if previous is None:
             os.environ.pop("UV_CACHE_DIR", None)

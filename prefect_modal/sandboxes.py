@@ -202,7 +202,7 @@ def build_image(spec: SandboxSpec) -> modal.Image:
         # their data files too (Modal's default keeps only .py files; prefect_modal
         # reads its price table, for one), without bytecode caches
         image = image.add_local_python_source(
-            *spec.local_python_sources, ignore=LOCAL_SOURCE_IGNORE
+            *spec.local_python_sources, ignore=list(LOCAL_SOURCE_IGNORE)
         )
     return image
 

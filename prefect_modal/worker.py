@@ -71,7 +71,13 @@ SPEC_FIELDS: tuple[str, ...] = tuple(name for name in SandboxSpec.model_fields i
 #: Spec fields that describe the image; ZenML refuses per-step Docker settings in
 #: its pipeline mode for the same reason we refuse per-task ones: one sandbox
 #: runs every task, so there is no per-task image to apply them to.
-IMAGE_FIELDS = ("image", "registry_secret", "python_version", "pip_packages")
+IMAGE_FIELDS = (
+    "image",
+    "registry_secret",
+    "python_version",
+    "pip_packages",
+    "local_python_sources",
+)
 
 #: Tag names on every sandbox the worker starts: how it is found again.
 TAG_FLOW_RUN = tags.FLOW_RUN
