@@ -42,7 +42,8 @@ class ImageInfo:
     description: str
     env: dict[str, str] = field(default_factory=dict)
     #: file trees copied, in order, into the root of a sandbox made from it
-    #: (a snapshot's files, ``add_local_*(copy=True)``): see `runtime.layers`
+    #: (a snapshot's files, ``add_local_*(copy=True)``, an ``apt_install``);
+    #: what they hold under /usr or /etc is overlaid there: see `runtime.layers`
     layers: list[Path] = field(default_factory=list)
     #: how it was built (its Python environment, workdir...), once it is; None for
     #: images that are not built here (snapshots of such, and images being built)

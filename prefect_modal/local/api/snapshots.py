@@ -85,8 +85,17 @@ class Snapshots(Room):
         image_id = ids.new_id("im")
         dest = self.reg.image_dir(image_id) / "layer"
         dest.parent.mkdir(parents=True, exist_ok=True)
+
+        def copy() -> None:
+            layers.copy_tree(sb.paths.fs, dest, self._skipped(sb))
+            # what its image's layers add under /usr or /etc (overlaid there, read-only,
+            # so as the sandbox sees it): bottom layer first, the top one wins
+            for path, lowers in sb.overlays.items():
+                for lower in reversed(lowers):
+                    layers.copy_tree(lower, dest / path.lstrip("/"))
+
         try:
-            await asyncio.to_thread(layers.copy_tree, sb.paths.fs, dest, self._skipped(sb))
+            await asyncio.to_thread(copy)
         except OSError as exc:
             fail(
                 Status.FAILED_PRECONDITION,

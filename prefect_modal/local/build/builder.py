@@ -245,18 +245,17 @@ class Builder:
         return await self._layer(key, build, log)
 
     async def _apt(self, packages: list[str], dest: Path, log: Log) -> None:
-        try:
-            from . import apt  # type: ignore[attr-defined]  # written on its own branch
-        except ImportError:
-            raise ImageBuildError(
-                f"apt_install({', '.join(packages)}): Debian packages are not built into "
-                "local images yet (prefect_modal.local.build.apt is missing)"
-            ) from None
+        from . import apt
+
         dest.mkdir(parents=True, exist_ok=True)
-        cache_dir = self.cache.root.parent / "apt"
+        cache_dir = self.cache.root.parent / "apt"  # apt's private lists and archives
+
+        def line(text: str) -> None:  # apt's log gives lines without their newline
+            log(text if text.endswith("\n") else text + "\n")
+
         try:
             await asyncio.to_thread(
-                apt.unpack_packages, packages, dest, cache_dir=cache_dir, log=log
+                apt.unpack_packages, packages, dest, cache_dir=cache_dir, log=line
             )
         except apt.AptError as exc:
             raise ImageBuildError(f"apt_install({', '.join(packages)}) failed: {exc}") from None

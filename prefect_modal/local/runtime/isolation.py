@@ -234,13 +234,21 @@ def layout(
     hostname: str,
     network: str,
     binds: dict[str, Path] | None = None,
+    overlays: dict[str, list[str]] | None = None,
 ) -> dict[str, Any]:
     """The container spec `container.start` builds (JSON-able). Mounts are
     ordered so a parent is bound before what lies inside it. ``binds``: more
-    read-only binds, container path -> host file or directory (local files)."""
+    read-only binds, container path -> host file or directory (local files).
+    ``overlays``: view directories the image's layers add files to, container
+    path -> the layers' directories there, top-most first (`layers.overlays`);
+    such a directory is a read-only overlay of those over the host's."""
     mounts: list[tuple[str, str | None, str]] = []
+    over = overlays or {}
     for d in (*view.dirs, *view.host_dirs):
-        mounts.append(("ro", d, d))
+        if d in over:
+            mounts.append(("overlay", overlay_lowerdir([*over[d], d]), d))
+        else:
+            mounts.append(("ro", d, d))
     for target, source in (binds or {}).items():
         mounts.append(("ro", str(source), target))
     for m in view.masked:
@@ -254,6 +262,18 @@ def layout(
         "hostname": hostname,
         "network": network,
     }
+
+
+def overlay_lowerdir(dirs: Sequence[str]) -> str:
+    """An overlay mount's ``lowerdir=`` value: ``dirs`` top-most first, with the
+    characters overlayfs gives a meaning (``:`` separates, ``,`` ends the
+    option, ``\\`` escapes) escaped."""
+    escaped = []
+    for d in dirs:
+        for ch in "\\:,":
+            d = d.replace(ch, "\\" + ch)
+        escaped.append(d)
+    return ":".join(escaped)
 
 
 # ----- reaching into a running sandbox ------------------------------------------------
@@ -418,6 +438,7 @@ __all__ = [
     "host_dirs_from_env",
     "layout",
     "open_in_root",
+    "overlay_lowerdir",
     "pasta",
     "pasta_command",
     "prepare_root",

@@ -245,6 +245,8 @@ class LocalSandbox:
         #: monitor process, which waits for it, has ended: see `container`)
         self._reported_exit: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._pasta: asyncio.subprocess.Process | None = None
+        #: read-only view directories its image's layers add files to (`layers.overlays`)
+        self._overlays: dict[str, list[str]] = {}
         self.tags = dict(spec.tags)
         self.created_at = time.time()
         self.finished_at: float | None = None
@@ -365,11 +367,14 @@ class LocalSandbox:
 
     def _prepare_dirs(self) -> None:
         if self.isolation is not None:
-            isolation.prepare_root(self.paths.fs, self.view)
+            view = self.view
+            isolation.prepare_root(self.paths.fs, view)
+            readonly = [*view.dirs, *view.host_dirs]
+            # under the read-only directories a layer's files are overlaid, not copied
+            self._overlays = layers.overlays(self.spec.layers, readonly)
             for layer in self.spec.layers:
-                layers.copy_tree(layer, self.paths.fs)
+                layers.copy_tree(layer, self.paths.fs, layers.relative_skips(readonly))
             if self.spec.layers:  # a snapshot's symlinks must not lead a mount point astray
-                view = self.view
                 targets = [*view.dirs, *view.host_dirs, *view.masked, *self.spec.volumes]
                 targets += [*self.spec.binds, "/proc", "/dev"]
                 layers.clear_way(self.paths.fs, targets)
@@ -390,6 +395,12 @@ class LocalSandbox:
             link.symlink_to(host_dir, target_is_directory=True)
         if self.spec.workdir and self.spec.workdir != "/":
             self.paths.resolve(self.spec.workdir).mkdir(parents=True, exist_ok=True)
+
+    @property
+    def overlays(self) -> dict[str, list[str]]:
+        """The read-only view directories its image's layers add files to, each with
+        the layers' directories there, top-most first (`layers.overlays`)."""
+        return dict(self._overlays)
 
     def workdir_problem(self) -> str | None:
         """Why the requested ``workdir`` cannot be the entrypoint's, or None.
@@ -510,6 +521,7 @@ class LocalSandbox:
             hostname=self.id.replace("_", "-")[:63],
             network=self.spec.network,
             binds=self.spec.binds,
+            overlays=self._overlays,
         )
         go_r = go_w = None
         if self.spec.network == "own" and self.isolation.pasta:
