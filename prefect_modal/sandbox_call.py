@@ -616,7 +616,7 @@ class SandboxCall:
                 self._outcome = _Outcome(cancelled=self._cancel_reason)
                 return
             spec = self._call_spec()
-            app, image = sandboxes.prepare(spec, self.env.client)
+            app, image = sandboxes.prepare(spec, self.env.client, self.run_logger.info)
             attached = False
             try:
                 sandbox = sandboxes.create_sandbox(

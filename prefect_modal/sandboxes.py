@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,8 +31,18 @@ from prefect_modal.settings import SandboxSpec
 #: cloudpickle to read its payload; nothing else of ours is needed remotely.
 BASE_PIP_PACKAGES: tuple[str, ...] = ("cloudpickle",)
 
+#: What `local_python_sources` leave out of the image: bytecode, which Python remakes.
+LOCAL_SOURCE_IGNORE: tuple[str, ...] = ("**/__pycache__", "**/*.pyc")
+
 #: How many trailing output lines a handle keeps for error messages.
 TAIL_LINES = 40
+
+#: An image still building after this long gets a line in the run's log (a
+#: first build of a default image with prefect in it takes tens of seconds;
+#: a cached one is found in milliseconds and says nothing).
+BUILD_NOTICE_AFTER_S = 2.0
+#: ...and another line this often while the build goes on.
+BUILD_PROGRESS_EVERY_S = 30.0
 
 logger = logging.getLogger("prefect_modal.sandboxes")
 
@@ -103,6 +114,69 @@ def lookup_app(spec: SandboxSpec, client: modal.Client) -> modal.App:
     )
 
 
+def describe_image(spec: SandboxSpec) -> str:
+    """A short description of `spec`'s image for log lines (no secrets: specs hold none)."""
+    if spec.image:
+        return repr(spec.image)
+    packages = [*BASE_PIP_PACKAGES, *(spec.pip_packages or [])]
+    more = f" and {len(packages) - 4} more" if len(packages) > 4 else ""
+    shown = ", ".join(packages[:4]) + more
+    text = f"debian_slim(python_version={spec.effective_python_version!r}) + pip_install({shown})"
+    if spec.local_python_sources:
+        text += f" + add_local_python_source({', '.join(spec.local_python_sources)})"
+    return text
+
+
+def _hydrated(obj: Any) -> bool:
+    """Whether a modal object is loaded (the client's public API has only object_id)."""
+    try:
+        return bool(obj.object_id)
+    except AttributeError:
+        return False
+
+
+def ensure_built(
+    image: modal.Image, app: modal.App, log: Callable[[str], None], what: str
+) -> modal.Image:
+    """Build `image` now (or find it built), telling `log` when that takes a while.
+
+    Why: `Sandbox.create` builds a missing image silently unless the process has
+    `modal.enable_output()`, so a run whose first build takes a minute looks
+    hung in the Prefect UI. Building first, with a line after
+    `BUILD_NOTICE_AFTER_S` and every `BUILD_PROGRESS_EVERY_S`, puts the wait in
+    the run's log; a built image costs one lookup and logs nothing.
+    """
+    if _hydrated(image):
+        return image
+    done = threading.Event()
+    started = time.monotonic()
+    announced = threading.Event()
+
+    def watch() -> None:
+        if done.wait(BUILD_NOTICE_AFTER_S):
+            return
+        announced.set()
+        log(f"Building image {what} (a first build; later sandboxes use the cached image)")
+        while not done.wait(BUILD_PROGRESS_EVERY_S):
+            log(f"Still building image {what} ({time.monotonic() - started:.0f}s so far)")
+
+    watcher = threading.Thread(target=watch, name="prefect-modal-image-build", daemon=True)
+    watcher.start()
+    try:
+        image.build(app)
+    except modal.exception.ImageBuildError as exc:
+        done.set()
+        watcher.join()
+        log(f"Building image {what} failed after {time.monotonic() - started:.1f}s: {exc}")
+        raise
+    finally:
+        done.set()
+        watcher.join()
+    if announced.is_set():
+        log(f"Built image {image.object_id} in {time.monotonic() - started:.1f}s")
+    return image
+
+
 def build_image(spec: SandboxSpec) -> modal.Image:
     """The image a sandbox runs: a registry image, or debian_slim with our Python.
 
@@ -122,9 +196,16 @@ def build_image(spec: SandboxSpec) -> modal.Image:
         if spec.pip_packages:
             image = image.pip_install(*spec.pip_packages)
         return image
-    return modal.Image.debian_slim(python_version=spec.effective_python_version).pip_install(
+    image = modal.Image.debian_slim(python_version=spec.effective_python_version).pip_install(
         *packages
     )
+    if spec.local_python_sources:
+        # their data files too (Modal's default keeps only .py files; prefect_modal
+        # reads its price table, for one), without bytecode caches
+        image = image.add_local_python_source(
+            *spec.local_python_sources, ignore=list(LOCAL_SOURCE_IGNORE)
+        )
+    return image
 
 
 def resolve_secrets(
@@ -161,21 +242,27 @@ def create_sandbox(
     extra_secret_env: dict[str, str] | None = None,
     app: modal.App | None = None,
     image: modal.Image | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> modal.Sandbox:
     """Create one sandbox running `command`, named and tagged so it can be found again.
 
     `extra_env` / `extra_secret_env` are the caller's additions (e.g. Prefect's
     API URL / API key); secrets always travel as a `modal.Secret`.
     Raises `AlreadyExistsError` when a sandbox of that name is running.
+    With `log`, a long image build is reported there (`ensure_built`).
     """
+    app = app or lookup_app(spec, client)
+    image = image or build_image(spec)
+    if log is not None:
+        ensure_built(image, app, log, describe_image(spec))
     kwargs = spec.sandbox_kwargs()
     env = {**(kwargs.pop("env") or {}), **(extra_env or {})}
     kwargs.pop("secrets")
     kwargs.pop("volumes")
     return modal.Sandbox.create(
         *command,
-        app=app or lookup_app(spec, client),
-        image=image or build_image(spec),
+        app=app,
+        image=image,
         name=name,
         tags=tags,
         env=env or None,  # type: ignore[arg-type]
@@ -360,12 +447,15 @@ _prepared_lock = threading.Lock()
 _prepared: dict[tuple[Any, ...], tuple[modal.Client, modal.App, modal.Image]] = {}
 
 
-def prepare(spec: SandboxSpec, client: modal.Client) -> tuple[modal.App, modal.Image]:
+def prepare(
+    spec: SandboxSpec, client: modal.Client, log: Callable[[str], None] | None = None
+) -> tuple[modal.App, modal.Image]:
     """The app and image for `spec`, looked up once per client and reused.
 
     A per-step runner creates hundreds of sandboxes from a handful of specs; a
     hydrated `modal.Image` / `modal.App` skips the lookup RPCs on every later
-    create, which is most of the per-task cost on a fast server.
+    create, which is most of the per-task cost on a fast server. With `log`, the
+    image is built here and a long build is reported there (`ensure_built`).
     """
     key = (
         id(client),
@@ -375,12 +465,15 @@ def prepare(spec: SandboxSpec, client: modal.Client) -> tuple[modal.App, modal.I
         spec.registry_secret,
         spec.effective_python_version,
         tuple(spec.pip_packages or ()),
+        tuple(spec.local_python_sources or ()),
     )
     with _prepared_lock:
         hit = _prepared.get(key)
         if hit is not None and hit[0] is client:
             return hit[1], hit[2]
     app, image = lookup_app(spec, client), build_image(spec)
+    if log is not None:
+        ensure_built(image, app, log, describe_image(spec))
     with _prepared_lock:
         _prepared[key] = (client, app, image)
     return app, image

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal
@@ -37,7 +38,6 @@ from uuid import UUID
 import anyio
 import anyio.abc
 import anyio.to_thread
-import prefect
 from prefect.client.schemas.objects import FlowRun
 from prefect.exceptions import InfrastructureNotFound
 from prefect.workers.base import BaseJobConfiguration, BaseWorker, BaseWorkerResult
@@ -54,6 +54,7 @@ from pydantic import (
 
 from prefect_modal import resources, tags
 from prefect_modal.credentials import ModalCredentials
+from prefect_modal.packages import dependency_pins, missing_pins, requirement_name
 from prefect_modal.settings import SandboxSpec, name_the_value
 
 if TYPE_CHECKING:
@@ -70,7 +71,13 @@ SPEC_FIELDS: tuple[str, ...] = tuple(name for name in SandboxSpec.model_fields i
 #: Spec fields that describe the image; ZenML refuses per-step Docker settings in
 #: its pipeline mode for the same reason we refuse per-task ones: one sandbox
 #: runs every task, so there is no per-task image to apply them to.
-IMAGE_FIELDS = ("image", "registry_secret", "python_version", "pip_packages")
+IMAGE_FIELDS = (
+    "image",
+    "registry_secret",
+    "python_version",
+    "pip_packages",
+    "local_python_sources",
+)
 
 #: Tag names on every sandbox the worker starts: how it is found again.
 TAG_FLOW_RUN = tags.FLOW_RUN
@@ -145,6 +152,11 @@ def sandbox_name_for(rendered: str | None, flow_run_id: UUID | str) -> str:
         return base
     base = base.replace(run_id, "").strip("-.")
     return f"{base[: _MAX_NAME - len(run_id) - 1].rstrip('-.')}-{run_id}".lstrip("-.")
+
+
+def _is_self(pin: str) -> bool:
+    """prefect-modal's own pin (it is not on PyPI; it goes in as local source)."""
+    return requirement_name(pin) == "prefect-modal"
 
 
 class ModalWorkerJobConfiguration(BaseJobConfiguration):
@@ -235,6 +247,9 @@ class ModalWorkerJobConfiguration(BaseJobConfiguration):
     )
     pip_packages: list[str] | None = Field(
         default=None, description=SandboxSpec.model_fields["pip_packages"].description
+    )
+    local_python_sources: list[str] | None = Field(
+        default=None, description=SandboxSpec.model_fields["local_python_sources"].description
     )
     auto_packages: bool | None = Field(
         default=None, description=SandboxSpec.model_fields["auto_packages"].description
@@ -335,10 +350,15 @@ class ModalWorkerJobConfiguration(BaseJobConfiguration):
         spec = self._spec
         extra: dict[str, Any] = {}
         if not spec.image:
-            packages = [f"prefect=={prefect.__version__}"]
-            if self.mode == "per_step" or self._needs_prefect_modal:
-                packages.append("prefect-modal")
-            extra["pip_packages"] = packages
+            # prefect-modal is not on PyPI: its code goes in as local source (as on
+            # Modal), its dependencies and prefect's at this worker's versions. A pool
+            # whose storage steps or result volume run prefect_modal code needs it too.
+            with_self = self.mode == "per_step" or self._needs_prefect_modal
+            roots = ["prefect", "prefect-modal"] if with_self else ["prefect"]
+            pins = [p for p in dependency_pins(*roots) if not _is_self(p)]
+            extra["pip_packages"] = missing_pins(pins, spec.pip_packages or [])
+            if with_self:
+                extra["local_python_sources"] = ["prefect_modal"]
         if self.mode == "per_step" and spec.gpu_config:
             extra["gpu"] = None
             extra["gpu_count"] = None
@@ -346,6 +366,10 @@ class ModalWorkerJobConfiguration(BaseJobConfiguration):
             return spec
         data = {n: getattr(spec, n) for n in spec.model_fields_set}
         data.update({k: v for k, v in extra.items() if k != "pip_packages"})
+        if "local_python_sources" in extra:
+            data["local_python_sources"] = list(
+                dict.fromkeys([*extra["local_python_sources"], *(spec.local_python_sources or [])])
+            )
         if "pip_packages" in extra:
             data["pip_packages"] = list(
                 dict.fromkeys([*extra["pip_packages"], *(spec.pip_packages or [])])
@@ -589,7 +613,14 @@ class ModalWorker(BaseWorker[ModalWorkerJobConfiguration, Any, ModalWorkerResult
             plain, secret = configuration.sandbox_env(target.env)
             entry.secret_values = tuple(v for v in secret.values() if len(v) >= 6)
             sandbox, created = await self.in_thread(
-                self._find_or_create, flow_run, configuration, spec, target, plain, secret
+                self._find_or_create,
+                flow_run,
+                configuration,
+                spec,
+                target,
+                plain,
+                secret,
+                logger.info,
             )
             entry.sandbox = sandbox
             entry.sandbox_id = sandboxes.sandbox_id(sandbox)
@@ -625,6 +656,7 @@ class ModalWorker(BaseWorker[ModalWorkerJobConfiguration, Any, ModalWorkerResult
         target: Target,
         plain: dict[str, str],
         secret: dict[str, str],
+        log: Callable[[str], None] | None = None,
     ) -> tuple[Any, bool]:
         """The run's running sandbox if there is one, else a new one: never two."""
         from prefect_modal import sandboxes
@@ -650,6 +682,7 @@ class ModalWorker(BaseWorker[ModalWorkerJobConfiguration, Any, ModalWorkerResult
                 tags=configuration.sandbox_tags(flow_run),
                 extra_env=plain,
                 extra_secret_env=secret,
+                log=log,  # a first image build can take a minute: say so in the run's log
             )
         except sandboxes.AlreadyExistsError:
             existing = sandboxes.from_name(

@@ -21,8 +21,10 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from . import ids
+from .build.builder import ImageState
 from .records import SandboxRecord, record_json, write_listing
 from .runtime.sandbox import LocalSandbox
 
@@ -43,6 +45,11 @@ class ImageInfo:
     #: (a snapshot's files, ``add_local_*(copy=True)``, an ``apt_install``);
     #: what they hold under /usr or /etc is overlaid there: see `runtime.layers`
     layers: list[Path] = field(default_factory=list)
+    #: how it was built (its Python environment, workdir...), once it is; None for
+    #: images that are not built here (snapshots of such, and images being built)
+    state: ImageState | None = None
+    #: the build in progress or done (logs, result), for ImageJoinStreaming
+    build: Any = None
 
 
 @dataclass

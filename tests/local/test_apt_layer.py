@@ -124,6 +124,36 @@ def test_jq_unpacked_by_apt_runs_in_a_sandbox(
         sb.terminate()
 
 
+def test_apt_install_through_the_client_gives_a_working_jq(
+    local_modal: LocalModal, app: Any
+) -> None:
+    """The whole way: the client's apt_install line, the builder's apt layer (in the
+    shared cache), a sandbox of that image running the layer's jq."""
+    _needs_isolation(local_modal)
+    _needs_mirror()
+    image = modal.Image.debian_slim().apt_install("jq")
+    sb = modal.Sandbox.create(
+        "sh",
+        "-c",
+        "echo '{\"a\":1}' | jq .a && sha256sum $(command -v jq)",
+        app=app,
+        image=image,
+        client=local_modal.client,
+    )
+    sb.wait(raise_on_termination=False)
+    out, err = sb.stdout.read(), sb.stderr.read()
+    assert sb.returncode == 0, err
+    value, digest_line = out.splitlines()
+    assert value == "1"
+    digest, path = digest_line.split()
+    assert path == "/usr/bin/jq"
+    built = [
+        subprocess.run(["sha256sum", str(p)], capture_output=True, text=True).stdout.split()[0]
+        for p in local_modal.image_cache.glob("*/fs/usr/bin/jq")
+    ]
+    assert digest in built  # the layer's jq, whether or not this machine has one
+
+
 def test_layers_add_files_under_the_read_only_usr_and_etc(
     local_modal: LocalModal, app: Any, tmp_path: Path
 ) -> None:

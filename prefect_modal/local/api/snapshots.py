@@ -58,7 +58,7 @@ class Snapshots(Room):
     def _skipped(self, sb: LocalSandbox) -> list[str]:
         skip = [*_ALWAYS_SKIPPED, *sb.spec.volumes, *sb.spec.binds]
         if sb.isolation is not None:
-            view = sb.isolation.view
+            view = sb.view
             skip += [*view.dirs, *view.host_dirs, *view.masked]
         return layers.relative_skips(skip)
 
@@ -71,6 +71,7 @@ class Snapshots(Room):
                 description,
                 dict(base.env) if base else {},
                 [layer] if root else [],
+                state=base.state if base else None,
             )
         )
 

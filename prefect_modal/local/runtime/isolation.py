@@ -195,6 +195,17 @@ class ImageView:
         masked = [m for m in MASKED if os.path.lexists(m) and _under(m, shown)]
         return cls(dirs=shown, symlinks=symlinks, masked=masked, host_dirs=_outermost(extra))
 
+    def for_image(self, ro_dirs: Sequence[str]) -> ImageView:
+        """The view of a built image: this machine's userland (not the server's
+        Python environment) plus the image's ``ro_dirs`` (its Python's prefix and
+        its own environment), and the operator's ``host_dirs``."""
+        userland = [d for d in self.dirs if _under(d, SYSTEM_DIRS)]
+        dirs = _outermost([*userland, *ro_dirs])
+        masked = [m for m in MASKED if os.path.lexists(m) and _under(m, dirs)]
+        return ImageView(
+            dirs=dirs, symlinks=dict(self.symlinks), masked=masked, host_dirs=list(self.host_dirs)
+        )
+
     def resolve_readonly(self, path: str) -> str | None:
         """The host path behind a sandbox path inside the view, else None."""
         for d in (*self.dirs, *self.host_dirs):

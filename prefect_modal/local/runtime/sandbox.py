@@ -108,6 +108,12 @@ class SandboxSpec:
     image_id: str = ""  # the image it was created from (a snapshot inherits its ENV)
     #: read-only binds of local files (container path -> host path), isolated sandboxes
     binds: dict[str, Path] = field(default_factory=dict)
+    #: the image's own view (a built image: its Python, not the server's), else the server's
+    view: ImageView | None = None
+    #: PATH of the image (its environment's bin first), else the server's
+    path: list[str] = field(default_factory=list)
+    #: a line for the sandbox's log before its program's output (e.g. a registry image)
+    notice: str = ""
 
 
 @dataclass
@@ -264,6 +270,12 @@ class LocalSandbox:
         self._background: set[asyncio.Task[None]] = set()
         self._env: dict[str, str] = {}
 
+    @property
+    def view(self) -> ImageView:
+        """What this sandbox sees of the host read-only (isolated sandboxes only)."""
+        assert self.isolation is not None
+        return self.spec.view or self.isolation.view
+
     # ----- public view -----------------------------------------------------
 
     def record(self) -> SandboxRecord:
@@ -325,8 +337,10 @@ class LocalSandbox:
     # ----- start -----------------------------------------------------------
 
     def _build_env(self) -> dict[str, str]:
-        path = [os.path.dirname(sys.executable), "/usr/local/sbin", "/usr/local/bin"]
-        path += ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+        path = list(self.spec.path)
+        if not path:
+            path = [os.path.dirname(sys.executable), "/usr/local/sbin", "/usr/local/bin"]
+            path += ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
         if self.isolation is not None:
             home, tmp = "/root", "/tmp"
         else:  # a host path: the process sees the host's file system
@@ -353,8 +367,8 @@ class LocalSandbox:
 
     def _prepare_dirs(self) -> None:
         if self.isolation is not None:
-            isolation.prepare_root(self.paths.fs, self.isolation.view)
-            view = self.isolation.view
+            view = self.view
+            isolation.prepare_root(self.paths.fs, view)
             readonly = [*view.dirs, *view.host_dirs]
             # under the read-only directories a layer's files are overlaid, not copied
             self._overlays = layers.overlays(self.spec.layers, readonly)
@@ -408,12 +422,14 @@ class LocalSandbox:
             if layers.under(norm, target):
                 rest = norm[len(target) :].lstrip("/")
                 return None if (source / rest).is_dir() else self._missing(workdir)
-        if self.isolation.view.resolve_readonly(norm) is not None:
+        if self.view.resolve_readonly(norm) is not None:
             return None if os.path.isdir(norm) else self._missing(workdir)
+        if any((layer / norm.lstrip("/")).is_dir() for layer in self.spec.layers):
+            return None
         if norm.strip("/") in isolation.ROOT_DIRS:
             return None
         # a directory on the way to a mount exists too (/work of /work/project/.venv)
-        inner = [*self.isolation.view.dirs, *self.isolation.view.host_dirs, *self.spec.volumes]
+        inner = [*self.view.dirs, *self.view.host_dirs, *self.spec.volumes]
         inner += list(self.spec.binds)
         if any(p.startswith(norm.rstrip("/") + "/") for p in inner):
             return None
@@ -435,6 +451,8 @@ class LocalSandbox:
     async def start(self) -> None:
         """Start the entrypoint and supervise it; never raises for a bad command."""
         self._env = self._build_env()
+        if self.spec.notice:
+            self.stderr.append(self.spec.notice.encode())
         if self.isolation is None and self._not_isolated_because:
             self.stderr.append(
                 isolation.NOT_ISOLATED_NOTICE.format(why=self._not_isolated_because).encode()
@@ -498,7 +516,7 @@ class LocalSandbox:
         assert self.isolation is not None and self._forkserver is not None
         spec = isolation.layout(
             self.paths.fs,
-            self.isolation.view,
+            self.view,
             {mp: host for mp, (_name, host) in self.spec.volumes.items()},
             hostname=self.id.replace("_", "-")[:63],
             network=self.spec.network,
