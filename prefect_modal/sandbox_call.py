@@ -562,14 +562,29 @@ class SandboxCall:
         if spec.image or spec.auto_packages is False:
             return spec
         added = packages.missing_pins(self.requirements.pins, spec.pip_packages or ())
-        if not added:
+        sources: list[str] = []
+        if "prefect_modal" in self.requirements.modules and "prefect_modal" not in (
+            spec.local_python_sources or ()
+        ):
+            # prefect-modal is not on PyPI: its code goes in as local source (as the
+            # worker's per_step image does), its dependencies at this environment's versions
+            sources = ["prefect_modal"]
+            deps = [
+                pin
+                for pin in packages.dependency_pins("prefect-modal")
+                if packages.requirement_name(pin) != "prefect-modal"
+            ]
+            added += packages.missing_pins(deps, [*(spec.pip_packages or ()), *added])
+        if not added and not sources:
             return spec
         self.run_logger.info(
             "Adding to the default image the flow environment's versions of the packages this "
             "call refers to: %s (turn off with modal_options(auto_packages=False))",
-            ", ".join(added),
+            ", ".join([*added, *(f"{s} (local source)" for s in sources)]),
         )
-        return spec.merged_with(SandboxSpec(pip_packages=added))
+        return spec.merged_with(
+            SandboxSpec(pip_packages=added or None, local_python_sources=sources or None)
+        )
 
     def _deadline(self) -> float | None:
         if not self.info.timeout_seconds:
