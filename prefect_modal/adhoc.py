@@ -29,16 +29,52 @@ import struct
 import sys
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import prefect
 
 if TYPE_CHECKING:
+    import logging
+    from uuid import UUID
+
     import anyio.abc
+    from prefect.client.orchestration import PrefectClient
     from prefect.client.schemas.objects import FlowRun, WorkPool
     from prefect.flows import Flow
+    from prefect.logging.loggers import LoggingAdapter, PrefectLogAdapter
 
-    from prefect_modal.worker import ModalWorker, ModalWorkerJobConfiguration
+    from prefect_modal.job_configuration import ModalWorkerJobConfiguration
+
+
+class ModalWorker(Protocol):
+    """What an ad-hoc call uses of its `ModalWorker`: a protocol, so that this
+    module need not import the worker, which calls it."""
+
+    name: str
+    backend_id: UUID | None
+    job_configuration: type[ModalWorkerJobConfiguration]
+    stdin_payloads: dict[UUID, bytes]
+    _logger: logging.Logger | LoggingAdapter
+
+    @property
+    def client(self) -> PrefectClient: ...
+
+    @property
+    def work_pool(self) -> WorkPool: ...
+
+    def get_flow_run_logger(self, flow_run: FlowRun) -> PrefectLogAdapter: ...
+
+    async def run(
+        self,
+        flow_run: FlowRun,
+        configuration: ModalWorkerJobConfiguration,
+        task_status: anyio.abc.TaskStatus[Any] | None = None,
+    ) -> Any: ...
+
+    async def _propose_crashed_state(
+        self, flow_run: FlowRun, message: str, client: PrefectClient | None = None
+    ) -> None: ...
+
 
 #: Exit code of the bootstrap when the image cannot run the bundle (EX_CONFIG).
 EXIT_IMAGE = 78
@@ -200,7 +236,7 @@ async def read_pool(pool_name: str) -> WorkPool | None:
 
 async def preflight(flow: Flow[Any, Any], pool_name: str, job_variables: dict[str, Any]) -> None:
     """Every check that needs no flow run: pool, job variables, bundling."""
-    from prefect_modal.worker import ModalWorkerJobConfiguration
+    from prefect_modal.job_configuration import ModalWorkerJobConfiguration
 
     pool = await read_pool(pool_name)
     check_pool(pool_name, pool)

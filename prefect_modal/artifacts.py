@@ -37,6 +37,14 @@ SandboxStatus = Literal[
 ]
 
 
+#: A pipeline sandbox still running this long after its flow run became final
+#: is terminated by the worker (see `reconcile.py`).  Prefect's engine reports
+#: the final state a moment before its process exits (it flushes logs and
+#: events), so a sandbox may show "running" for a few seconds after its run
+#: ended; beyond this grace it is ended, and shown final.
+FINAL_GRACE_SECONDS = 10.0
+
+
 def _now() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -194,8 +202,6 @@ def summary_artifact_key(flow_run_id: UUID | str) -> str:
 def _lingering_hint(record: SandboxArtifact) -> str:
     if record.mode != "pipeline" or record.status != "running":
         return ""
-    from prefect_modal.status import FINAL_GRACE_SECONDS
-
     return (
         " It ends with its flow run: the worker terminates it if it still runs "
         f"{FINAL_GRACE_SECONDS:.0f} s after the run is final."

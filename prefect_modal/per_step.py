@@ -42,14 +42,14 @@ import sys
 from typing import Any
 from uuid import UUID
 
-from prefect_modal.settings import SandboxSpec
-from prefect_modal.task_runner import ModalTaskRunner
-from prefect_modal.worker import (
+from prefect_modal.job_configuration import (
     ENV_MAX_PARALLELISM,
     ENV_TASK_ENV_NAMES,
     ENV_TASK_SPEC,
     ENV_TASK_SPECS,
 )
+from prefect_modal.settings import SandboxSpec
+from prefect_modal.task_runner import ModalTaskRunner
 
 
 class PerStepTaskRunner(ModalTaskRunner[Any]):
