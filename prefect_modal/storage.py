@@ -68,7 +68,7 @@ class ModalVolume(WritableFileSystem, WritableDeploymentStorage):
     """Files on a Modal Volume: flow and task results, and flow-run bundles.
 
     Save it once, then use it as ``result_storage=`` or as a work pool's storage
-    (``prefect-modal storage configure --pool P --volume V``).
+    (``prefect-modal pool storage configure POOL --volume V``).
     """
 
     _block_type_name = "Modal Volume"
