@@ -37,6 +37,14 @@ SandboxStatus = Literal[
 ]
 
 
+#: A pipeline sandbox still running this long after its flow run became final
+#: is terminated by the worker (see `reconcile.py`).  Prefect's engine reports
+#: the final state a moment before its process exits (it flushes logs and
+#: events), so a sandbox may show "running" for a few seconds after its run
+#: ended; beyond this grace it is ended, and shown final.
+FINAL_GRACE_SECONDS = 10.0
+
+
 def _now() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -54,7 +62,7 @@ class SandboxArtifact(BaseModel):
     attempt: int | None = None
     #: Warm sandboxes: which call of the sandbox this task run was (1 = it started it).
     call_in_sandbox: int | None = None
-    mode: Literal["per_step", "pipeline"]
+    mode: Literal["per_step", "pipeline", "session"]
     resources: dict[str, Any] = Field(default_factory=dict)
     status: SandboxStatus = "running"
     exit_code: int | None = None
@@ -99,6 +107,16 @@ class SandboxArtifact(BaseModel):
             {"field": name, "value": json.dumps(value) if isinstance(value, dict | list) else value}
             for name, value in data.items()
         ]
+
+    def description(self) -> str:
+        """The artifact's description: the line the UI shows above the table."""
+        return (
+            f"Modal sandbox `{self.sandbox_id}` ({self.status}"
+            + (f", exit code {self.exit_code}" if self.exit_code is not None else "")
+            + f") in app `{self.app_name}` on {self.target}."
+            + (f" See: `{self.link}`" if self.link else "")
+            + _lingering_hint(self)
+        )
 
     @classmethod
     def from_rows(cls, rows: list[dict[str, Any]]) -> SandboxArtifact:
@@ -189,8 +207,6 @@ def summary_artifact_key(flow_run_id: UUID | str) -> str:
 def _lingering_hint(record: SandboxArtifact) -> str:
     if record.mode != "pipeline" or record.status != "running":
         return ""
-    from prefect_modal.status import FINAL_GRACE_SECONDS
-
     return (
         " It ends with its flow run: the worker terminates it if it still runs "
         f"{FINAL_GRACE_SECONDS:.0f} s after the run is final."
@@ -207,17 +223,10 @@ def write_sandbox_artifact(
     Pass an open ``client`` when writing many: opening one costs ten times the
     write itself (see `sandbox_call.ArtifactWriter`).
     """
-    description = (
-        f"Modal sandbox `{record.sandbox_id}` ({record.status}"
-        + (f", exit code {record.exit_code}" if record.exit_code is not None else "")
-        + f") in app `{record.app_name}` on {record.target}."
-        + (f" See: `{record.link}`" if record.link else "")
-        + _lingering_hint(record)
-    )
     artifact = ArtifactCreate(
         key=record.key,
         type=ARTIFACT_TYPE,
-        description=description,
+        description=record.description(),
         data=json.dumps(record.rows()),
         flow_run_id=record.flow_run_id,
         task_run_id=record.task_run_id,

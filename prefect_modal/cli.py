@@ -22,6 +22,7 @@ from rich.table import Table
 from prefect_modal import tags
 from prefect_modal.demo import REPO_FLOWS, run_demo
 from prefect_modal.local.cli import local_app
+from prefect_modal.pool_cli import pool_app
 
 app = typer.Typer(
     name="prefect-modal",
@@ -30,6 +31,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 app.add_typer(local_app, name="local")
+app.add_typer(pool_app, name="pool")
 console = Console(highlight=False)
 
 CredentialsOption = Annotated[
@@ -117,7 +119,7 @@ def status(
         rec = report.record
         res = rec.resources if rec else {}
         seconds = rec.seconds if rec else None
-        task = (rec.task_name if rec else None) or "(flow run)"
+        task = _task_label(rec)
         if len(report.calls) > 1:  # a warm sandbox: the task runs it served, in order
             task = ", ".join(f"{c.task_name} ({str(c.task_run_id)[:8]})" for c in report.calls)
         table.add_row(
@@ -140,6 +142,14 @@ def status(
     note = lingering_note(reports, state)
     if note:
         console.print(note)
+
+
+def _task_label(rec: Any) -> str:
+    """What the sandbox did for the run: a task's call, the run itself, or a session."""
+    name = (rec.task_name if rec else None) or "(flow run)"
+    if rec is not None and rec.mode == "session":
+        return f"session in {rec.task_name or 'the flow body'}"
+    return name
 
 
 def _recent_runs(limit: int = 10) -> None:

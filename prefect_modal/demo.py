@@ -340,6 +340,11 @@ def _run_all(
          lambda: _run_in_process(hello.hello, "per_step"))  # fmt: skip
     step("Running flows/ml_pipeline.py (CPU preprocess, GPU train, GPU evaluate)...",
          lambda: _run_in_process(ml.ml_pipeline, "per_step", samples=300))  # fmt: skip
+    interpreter = flows_dir / "code_interpreter.py"
+    if interpreter.exists():
+        ci = _load_module(interpreter)
+        step("Running flows/code_interpreter.py (sessions from one snapshot, in parallel)...",
+             lambda: _run_in_process(ci.code_interpreter, "sessions"))  # fmt: skip
 
     with console.status("Creating the 'modal' work pool and deployments, starting a worker..."):
         deployments = _create_pool_and_deployments(flows_dir)

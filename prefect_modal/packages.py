@@ -171,6 +171,38 @@ def missing_pins(pins: Iterable[str], pinned: Iterable[str]) -> list[str]:
     return [p for p in pins if requirement_name(p) not in have]
 
 
+def dependency_pins(*roots: str) -> list[str]:
+    """``dist==version`` of ``roots`` and everything they require, as installed here.
+
+    Why: an image that installs ``prefect==X`` alone gets the newest versions of
+    its dependencies, which need not work with it (constraints.txt pins fastapi
+    for that reason); pinning the whole closure to this environment's versions
+    gives the sandbox the set that is known to work, on Modal as locally."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    seen: dict[str, str] = {}
+    stack = list(roots)
+    while stack:
+        name = stack.pop()
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        key = requirement_name(dist.metadata["Name"])
+        if key in seen:
+            continue
+        seen[key] = f"{dist.metadata['Name']}=={dist.version}"
+        for line in dist.requires or []:
+            try:
+                req = Requirement(line)
+            except InvalidRequirement:
+                continue
+            if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+                continue
+            stack.append(req.name)
+    return sorted(seen.values(), key=str.lower)
+
+
 def pins_for(modules: Iterable[str]) -> list[str]:
     """``dist==version`` of the installed distributions providing `modules`."""
     dists = _distributions_of()

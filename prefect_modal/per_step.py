@@ -42,14 +42,14 @@ import sys
 from typing import Any
 from uuid import UUID
 
-from prefect_modal.settings import SandboxSpec
-from prefect_modal.task_runner import ModalTaskRunner
-from prefect_modal.worker import (
+from prefect_modal.job_configuration import (
     ENV_MAX_PARALLELISM,
     ENV_TASK_ENV_NAMES,
     ENV_TASK_SPEC,
     ENV_TASK_SPECS,
 )
+from prefect_modal.settings import SandboxSpec
+from prefect_modal.task_runner import ModalTaskRunner
 
 
 class PerStepTaskRunner(ModalTaskRunner[Any]):
@@ -102,6 +102,7 @@ def runner_from_env(
             log_level=flow_runner.log_level,
             reuse_sandboxes=flow_runner.reuse_sandboxes,
             idle_seconds=flow_runner.idle_seconds,
+            result_volume=getattr(flow_runner, "result_volume", None),
         )
     kwargs["spec"] = spec
     if environ.get(ENV_MAX_PARALLELISM):

@@ -30,7 +30,7 @@ import logging
 import re
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from uuid import UUID
 
 import anyio
@@ -46,10 +46,17 @@ from prefect.client.schemas.objects import FlowRun, StateType, WorkerStatus
 from prefect.client.schemas.sorting import FlowRunSort
 
 from prefect_modal import status as _status
+from prefect_modal import tags
+from prefect_modal.inflight import InFlight
 
 if TYPE_CHECKING:
+    import anyio.abc
+    from prefect.client.orchestration import PrefectClient
+    from prefect.client.schemas.objects import WorkPool
+    from prefect.logging.loggers import LoggingAdapter, PrefectLogAdapter
+
+    from prefect_modal.job_configuration import ModalWorkerJobConfiguration
     from prefect_modal.targets import Target
-    from prefect_modal.worker import InFlight, ModalWorker, ModalWorkerJobConfiguration
 
 #: How often in-flight runs are checked for cancellation.
 WATCH_INTERVAL_SECONDS = 2.0
@@ -137,10 +144,47 @@ class SandboxLogForwarder:
         self.flow_run_logger.info("[sandbox %s %s] %s", self.sandbox_id, stream, line)
 
 
+class WatchedWorker(Protocol):
+    """What the watcher uses of its `ModalWorker`: a protocol, so that this module
+    need not import the worker, which starts the watcher."""
+
+    name: str
+    backend_id: UUID | None
+    reconcile_pool: bool
+    in_flight: dict[UUID, InFlight]
+    job_configuration: type[ModalWorkerJobConfiguration]
+    _logger: logging.Logger | LoggingAdapter
+    _work_pool: WorkPool | None
+    _runs_task_group: anyio.abc.TaskGroup | None
+    _submitting_flow_run_ids: set[UUID]
+
+    @property
+    def client(self) -> PrefectClient: ...
+
+    @property
+    def work_pool(self) -> WorkPool: ...
+
+    def get_flow_run_logger(self, flow_run: FlowRun) -> PrefectLogAdapter: ...
+
+    async def in_thread(self, fn: Any, *args: Any) -> Any: ...
+
+    async def target_for(self, configuration: ModalWorkerJobConfiguration) -> Target: ...
+
+    async def follow(self, entry: InFlight, flow_run: FlowRun, stream: bool) -> int: ...
+
+    async def cancel_in_flight(self, entry: InFlight) -> None: ...
+
+    async def mark_cancelled(self, flow_run_id: UUID, sandbox_id: str | None) -> None: ...
+
+    async def _propose_crashed_state(
+        self, flow_run: FlowRun, message: str, client: PrefectClient | None = None
+    ) -> None: ...
+
+
 class Reconciler:
     """The watcher loop of one `ModalWorker` (see the module docstring)."""
 
-    def __init__(self, worker: ModalWorker) -> None:
+    def __init__(self, worker: WatchedWorker) -> None:
         self.worker = worker
         self.logger = worker._logger
         self._last_full = 0.0
@@ -153,7 +197,10 @@ class Reconciler:
             while True:
                 try:
                     await self.watch_in_flight()
-                    if time.monotonic() - self._last_full >= FULL_INTERVAL_SECONDS:
+                    if (
+                        self.worker.reconcile_pool
+                        and time.monotonic() - self._last_full >= FULL_INTERVAL_SECONDS
+                    ):
                         self._last_full = time.monotonic()
                         await self.reconcile_all()
                 except Exception:
@@ -247,21 +294,20 @@ class Reconciler:
     ) -> set[UUID]:
         """Sandboxes tagged with this pool, against their runs' states."""
         from prefect_modal import sandboxes
-        from prefect_modal.worker import ROLE_FLOW, TAG_FLOW_RUN, TAG_ROLE, TAG_WORK_POOL
 
         spec = config.spec
         found = await self.worker.in_thread(
             sandboxes.list_in_app,
             spec.effective_app_name,
-            {TAG_WORK_POOL: pool_id, TAG_ROLE: ROLE_FLOW},
+            {tags.WORK_POOL: pool_id, tags.ROLE: tags.ROLE_FLOW_RUN},
             target.client,
             spec.modal_environment,
         )
         by_run: dict[UUID, Any] = {}
         for sandbox in found:
-            tags = await self.worker.in_thread(sandboxes.sandbox_tags, sandbox)
+            found_tags = await self.worker.in_thread(sandboxes.sandbox_tags, sandbox)
             try:
-                run_id = UUID(tags.get(TAG_FLOW_RUN, ""))
+                run_id = UUID(found_tags.get(tags.FLOW_RUN, ""))
             except ValueError:
                 continue
             if run_id not in self.worker.in_flight:
@@ -393,7 +439,6 @@ class Reconciler:
         config: ModalWorkerJobConfiguration | None = None,
     ) -> None:
         from prefect_modal import sandboxes
-        from prefect_modal.worker import InFlight
 
         if run.id in self.worker.in_flight:
             return

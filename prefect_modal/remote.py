@@ -24,9 +24,11 @@ The protocol (one call per process):
   therefore never write into the channel.  On it go frames
   ``<nonce> <KIND> <n>\\n<n base64 chars>\\n<nonce> END\\n``: ``HELLO`` first (our
   Python version, before any user code; the version check happens here), then
-  one of ``OK`` (pickled result), ``RAISE`` (pickled exception info with the
-  remote traceback) or ``ERROR`` (``reason\\nmessage``: the bootstrap could not
-  do its job: Python version mismatch, unloadable payload, result too large).
+  one of ``OK`` (pickled result), ``REF`` (the result was over the limit and
+  went to the mounted result volume: ``name= size= sha256=``), ``RAISE``
+  (pickled exception info with the remote traceback) or ``ERROR``
+  (``reason\\nmessage``: the bootstrap could not do its job: Python version
+  mismatch, unloadable payload, result too large).
 * stderr: every line is the user's output.  Lines that start with ``MARK`` carry
   their origin: ``\\x1fO\\x1f`` stdout (INFO), ``\\x1fL<levelno>\\x1f`` a ``logging``
   record at that level, ``\\x1fR<levelno>\\x1f`` a record of Prefect's run logger
@@ -157,9 +159,12 @@ def classify_line(line):
     return "stderr", 30, line
 
 
-def make_header(nonce, size, python, max_result_bytes, log_level=20, needs=(), context=False):
+def make_header(
+    nonce, size, python, max_result_bytes, log_level=20, needs=(), context=False, ref_dir=""
+):
     """The first stdin line: ``key=value`` words (no JSON: the bootstrap avoids `json`'s
-    import cost, which is a measurable share of a trivial task)."""
+    import cost, which is a measurable share of a trivial task).  `ref_dir` (hex of a
+    folder on a mounted volume) is where a result over the limit goes by reference."""
     fields = {
         "protocol": PROTOCOL,
         "nonce": nonce,
@@ -170,6 +175,8 @@ def make_header(nonce, size, python, max_result_bytes, log_level=20, needs=(), c
         "needs": ",".join(needs),
         "context": 1 if context else 0,
     }
+    if ref_dir:
+        fields["ref_dir"] = ref_dir
     return (
         "prefect-modal " + " ".join("{}={}".format(*kv) for kv in fields.items()) + "\n"
     ).encode()
@@ -436,6 +443,30 @@ def _fast_site():
     sys.meta_path.append(_LateSite())
 
 
+def _write_reference(ref_dir_hex, nonce, body):
+    """Write a result too large for the channel to the mounted result volume; the
+    handle (``name= size= sha256=``) goes back instead.  Written under a temporary
+    name and renamed, then synced, so a reader never sees half a file."""
+    import hashlib
+    import subprocess
+
+    folder = binascii.unhexlify(ref_dir_hex).decode("utf-8")
+    os.makedirs(folder, exist_ok=True)
+    name = nonce + ".pkl"
+    tmp = os.path.join(folder, "." + name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(body)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(folder, name))
+    try:  # Modal persists a sandbox's volume writes on `sync` of the mount (and at exit)
+        subprocess.run(["sync", folder], check=False, capture_output=True, timeout=120)
+    except Exception:
+        pass
+    digest = hashlib.sha256(body).hexdigest()
+    return f"name={name} size={len(body)} sha256={digest}".encode("ascii")
+
+
 def _redirect_stdout():
     """Point fd 1 at a fresh pipe whose lines a pump re-emits, marked, on stderr."""
     sys.stdout.flush()
@@ -499,7 +530,10 @@ def _run_call(fn, args, kwargs, header, scope):
                 scope.close()
         body = _dumps(result)
         limit = int(header.get("max_result_bytes") or 0)
-        if limit and len(body) > limit:
+        ref_dir = header.get("ref_dir")
+        if limit and len(body) > limit and ref_dir:
+            kind, body = "REF", _write_reference(ref_dir, header.get("nonce", ""), body)
+        elif limit and len(body) > limit:
             kind = "ERROR"
             message = (
                 f"the task's result is {len(body)} bytes pickled, over the limit of {limit} bytes"
@@ -607,7 +641,7 @@ def main():
     kind, body = _run_call(fn, args, kwargs, header, scope)
     _drain_stdout(pump)
     _write_frame(channel, nonce, kind, body)
-    os._exit({"OK": 0, "RAISE": 1}.get(kind, EXIT_BOOTSTRAP_FAILED))
+    os._exit({"OK": 0, "REF": 0, "RAISE": 1}.get(kind, EXIT_BOOTSTRAP_FAILED))
 
 
 def _read_stdin_frames(fd, session, calls, state):

@@ -24,6 +24,7 @@ from uuid import UUID
 import cloudpickle
 
 from prefect_modal import remote_context
+from prefect_modal.options import ATTRIBUTE as OPTIONS_ATTRIBUTE
 
 #: Task attributes that never travel: hooks and policies run in the flow's
 #: process (the engine is there), and storage blocks may hold credentials.
@@ -60,6 +61,9 @@ def _light_task(task: Any, fn: Callable[..., Any]) -> Any:
     for name, value in _STAY_HOME.items():
         if hasattr(light, name):
             setattr(light, name, value)
+    # `modal_options(...)(task)` options are the flow's business; pickled by reference
+    # they would make the sandbox import prefect_modal, which its image need not have
+    light.__dict__.pop(OPTIONS_ATTRIBUTE, None)
     return light
 
 

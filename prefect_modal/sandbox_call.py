@@ -29,7 +29,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextvars import copy_context
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Protocol
 from uuid import UUID
 
 import cloudpickle
@@ -366,16 +366,26 @@ class ArtifactWriter:
                     return
 
 
+class Cancellable(Protocol):
+    """What a registry holds: a task call, or a sandbox session (`sessions/`)."""
+
+    owner: object
+
+    def cancel(self, reason: str) -> threading.Thread | None: ...
+
+
 class CallRegistry:
     """The calls in flight for one runner and all its duplicates and copies in this process.
 
     Prefect cancels a flow run by calling `cancel_all()` on the flow's *template*
     runner, while the calls were started by its duplicate; both find them here.
+    Sandbox sessions opened in the flow run register here too, so the same
+    cancellation ends them.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._calls: set[SandboxCall] = set()
+        self._calls: set[Cancellable] = set()
         self._pools: dict[int, tuple[object, WarmPool]] = {}
 
     def add_pool(self, owner: object, pool: WarmPool) -> None:
@@ -386,15 +396,15 @@ class CallRegistry:
         with self._lock:
             self._pools.pop(id(pool), None)
 
-    def add(self, call: SandboxCall) -> None:
+    def add(self, call: Cancellable) -> None:
         with self._lock:
             self._calls.add(call)
 
-    def discard(self, call: SandboxCall) -> None:
+    def discard(self, call: Cancellable) -> None:
         with self._lock:
             self._calls.discard(call)
 
-    def active(self, owner: object | None = None) -> list[SandboxCall]:
+    def active(self, owner: object | None = None) -> list[Cancellable]:
         with self._lock:
             return [c for c in self._calls if owner is None or c.owner is owner]
 
@@ -491,6 +501,8 @@ class SandboxCall:
     nonce: str = field(default_factory=lambda: secrets.token_hex(16))
     #: Run on a warm sandbox of the flow run's pool (when the runner has one).
     reuse: bool = False
+    #: Where a result over `max_result_bytes` goes by reference (`result_refs.py`).
+    result_volume: Any = None
 
     def __post_init__(self) -> None:
         self.owner = self.env.owner
@@ -536,6 +548,8 @@ class SandboxCall:
                     self.submit_child, self._reply, self.nonce, copy_context(), self.run_logger
                 )
         self.spec = self._with_packages(self.spec)
+        if self.result_volume is not None:
+            self.spec = self.result_volume.spec_with_mount(self.spec)
         header = remote.make_header(
             self.nonce,
             len(payload),
@@ -544,6 +558,7 @@ class SandboxCall:
             self.env.log_level,
             needs=self.requirements.modules,
             context=with_context,
+            ref_dir=self.result_volume.header_value() if self.result_volume else "",
         )
         self.env.registry.add(self)
         driving = False
@@ -609,14 +624,29 @@ class SandboxCall:
         if spec.image or spec.auto_packages is False:
             return spec
         added = packages.missing_pins(self.requirements.pins, spec.pip_packages or ())
-        if not added:
+        sources: list[str] = []
+        if "prefect_modal" in self.requirements.modules and "prefect_modal" not in (
+            spec.local_python_sources or ()
+        ):
+            # prefect-modal is not on PyPI: its code goes in as local source (as the
+            # worker's per_step image does), its dependencies at this environment's versions
+            sources = ["prefect_modal"]
+            deps = [
+                pin
+                for pin in packages.dependency_pins("prefect-modal")
+                if packages.requirement_name(pin) != "prefect-modal"
+            ]
+            added += packages.missing_pins(deps, [*(spec.pip_packages or ()), *added])
+        if not added and not sources:
             return spec
         self.run_logger.info(
             "Adding to the default image the flow environment's versions of the packages this "
             "call refers to: %s (turn off with modal_options(auto_packages=False))",
-            ", ".join(added),
+            ", ".join([*added, *(f"{s} (local source)" for s in sources)]),
         )
-        return spec.merged_with(SandboxSpec(pip_packages=added))
+        return spec.merged_with(
+            SandboxSpec(pip_packages=added or None, local_python_sources=sources or None)
+        )
 
     def _deadline(self) -> float | None:
         if not self.info.timeout_seconds:
@@ -663,7 +693,7 @@ class SandboxCall:
                 self._outcome = _Outcome(cancelled=self._cancel_reason)
                 return
             spec = self._call_spec()
-            app, image = sandboxes.prepare(spec, self.env.client)
+            app, image = sandboxes.prepare(spec, self.env.client, self.run_logger.info)
             attached = False
             try:
                 sandbox = sandboxes.create_sandbox(
@@ -1012,6 +1042,8 @@ class SandboxCall:
     def _outcome_of(self, frames: dict[str, bytes], returncode: int | None) -> _Outcome:
         if "OK" in frames:
             return _Outcome(value=cloudpickle.loads(frames["OK"]))
+        if "REF" in frames and self.result_volume is not None:
+            return _Outcome(value=self.result_volume.read(frames["REF"]))
         if "RAISE" in frames:
             return _Outcome(error=self._remote_exception(cloudpickle.loads(frames["RAISE"])))
         if "ERROR" in frames:
@@ -1066,10 +1098,11 @@ class SandboxCall:
             )
         if reason == "too-large":
             return ResultTooLargeError(
-                f"{message} (ModalTaskRunner(max_result_bytes=...)). Return a smaller value: "
-                "write large data to a Modal volume (SandboxSpec(volumes={'/data': 'my-volume'})) "
-                "or to object storage and return its path, or persist results with Prefect "
-                "result storage from inside the task."
+                f"{message} (ModalTaskRunner(max_result_bytes=...)). Send it by reference "
+                "on a Modal Volume: ModalTaskRunner(result_volume='my-volume'), or a "
+                "ModalVolume block as the flow's or task's result_storage. Or return a smaller "
+                "value: write large data to a Modal volume (SandboxSpec(volumes={'/data': "
+                "'my-volume'})) or to object storage and return its path."
             )
         if reason == "load":
             return SandboxImageError(f"Modal sandbox {self.sandbox_id}: {message}")

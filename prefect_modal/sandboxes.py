@@ -10,8 +10,10 @@ with the real client.
 
 from __future__ import annotations
 
+import io
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,8 +31,18 @@ from prefect_modal.settings import SandboxSpec
 #: cloudpickle to read its payload; nothing else of ours is needed remotely.
 BASE_PIP_PACKAGES: tuple[str, ...] = ("cloudpickle",)
 
+#: What `local_python_sources` leave out of the image: bytecode, which Python remakes.
+LOCAL_SOURCE_IGNORE: tuple[str, ...] = ("**/__pycache__", "**/*.pyc")
+
 #: How many trailing output lines a handle keeps for error messages.
 TAIL_LINES = 40
+
+#: An image still building after this long gets a line in the run's log (a
+#: first build of a default image with prefect in it takes tens of seconds;
+#: a cached one is found in milliseconds and says nothing).
+BUILD_NOTICE_AFTER_S = 2.0
+#: ...and another line this often while the build goes on.
+BUILD_PROGRESS_EVERY_S = 30.0
 
 logger = logging.getLogger("prefect_modal.sandboxes")
 
@@ -102,6 +114,69 @@ def lookup_app(spec: SandboxSpec, client: modal.Client) -> modal.App:
     )
 
 
+def describe_image(spec: SandboxSpec) -> str:
+    """A short description of `spec`'s image for log lines (no secrets: specs hold none)."""
+    if spec.image:
+        return repr(spec.image)
+    packages = [*BASE_PIP_PACKAGES, *(spec.pip_packages or [])]
+    more = f" and {len(packages) - 4} more" if len(packages) > 4 else ""
+    shown = ", ".join(packages[:4]) + more
+    text = f"debian_slim(python_version={spec.effective_python_version!r}) + pip_install({shown})"
+    if spec.local_python_sources:
+        text += f" + add_local_python_source({', '.join(spec.local_python_sources)})"
+    return text
+
+
+def _hydrated(obj: Any) -> bool:
+    """Whether a modal object is loaded (the client's public API has only object_id)."""
+    try:
+        return bool(obj.object_id)
+    except AttributeError:
+        return False
+
+
+def ensure_built(
+    image: modal.Image, app: modal.App, log: Callable[[str], None], what: str
+) -> modal.Image:
+    """Build `image` now (or find it built), telling `log` when that takes a while.
+
+    Why: `Sandbox.create` builds a missing image silently unless the process has
+    `modal.enable_output()`, so a run whose first build takes a minute looks
+    hung in the Prefect UI. Building first, with a line after
+    `BUILD_NOTICE_AFTER_S` and every `BUILD_PROGRESS_EVERY_S`, puts the wait in
+    the run's log; a built image costs one lookup and logs nothing.
+    """
+    if _hydrated(image):
+        return image
+    done = threading.Event()
+    started = time.monotonic()
+    announced = threading.Event()
+
+    def watch() -> None:
+        if done.wait(BUILD_NOTICE_AFTER_S):
+            return
+        announced.set()
+        log(f"Building image {what} (a first build; later sandboxes use the cached image)")
+        while not done.wait(BUILD_PROGRESS_EVERY_S):
+            log(f"Still building image {what} ({time.monotonic() - started:.0f}s so far)")
+
+    watcher = threading.Thread(target=watch, name="prefect-modal-image-build", daemon=True)
+    watcher.start()
+    try:
+        image.build(app)
+    except modal.exception.ImageBuildError as exc:
+        done.set()
+        watcher.join()
+        log(f"Building image {what} failed after {time.monotonic() - started:.1f}s: {exc}")
+        raise
+    finally:
+        done.set()
+        watcher.join()
+    if announced.is_set():
+        log(f"Built image {image.object_id} in {time.monotonic() - started:.1f}s")
+    return image
+
+
 def build_image(spec: SandboxSpec) -> modal.Image:
     """The image a sandbox runs: a registry image, or debian_slim with our Python.
 
@@ -121,9 +196,16 @@ def build_image(spec: SandboxSpec) -> modal.Image:
         if spec.pip_packages:
             image = image.pip_install(*spec.pip_packages)
         return image
-    return modal.Image.debian_slim(python_version=spec.effective_python_version).pip_install(
+    image = modal.Image.debian_slim(python_version=spec.effective_python_version).pip_install(
         *packages
     )
+    if spec.local_python_sources:
+        # their data files too (Modal's default keeps only .py files; prefect_modal
+        # reads its price table, for one), without bytecode caches
+        image = image.add_local_python_source(
+            *spec.local_python_sources, ignore=list(LOCAL_SOURCE_IGNORE)
+        )
+    return image
 
 
 def resolve_secrets(
@@ -160,21 +242,27 @@ def create_sandbox(
     extra_secret_env: dict[str, str] | None = None,
     app: modal.App | None = None,
     image: modal.Image | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> modal.Sandbox:
     """Create one sandbox running `command`, named and tagged so it can be found again.
 
     `extra_env` / `extra_secret_env` are the caller's additions (e.g. Prefect's
     API URL / API key); secrets always travel as a `modal.Secret`.
     Raises `AlreadyExistsError` when a sandbox of that name is running.
+    With `log`, a long image build is reported there (`ensure_built`).
     """
+    app = app or lookup_app(spec, client)
+    image = image or build_image(spec)
+    if log is not None:
+        ensure_built(image, app, log, describe_image(spec))
     kwargs = spec.sandbox_kwargs()
     env = {**(kwargs.pop("env") or {}), **(extra_env or {})}
     kwargs.pop("secrets")
     kwargs.pop("volumes")
     return modal.Sandbox.create(
         *command,
-        app=app or lookup_app(spec, client),
-        image=image or build_image(spec),
+        app=app,
+        image=image,
         name=name,
         tags=tags,
         env=env or None,  # type: ignore[arg-type]
@@ -359,12 +447,15 @@ _prepared_lock = threading.Lock()
 _prepared: dict[tuple[Any, ...], tuple[modal.Client, modal.App, modal.Image]] = {}
 
 
-def prepare(spec: SandboxSpec, client: modal.Client) -> tuple[modal.App, modal.Image]:
+def prepare(
+    spec: SandboxSpec, client: modal.Client, log: Callable[[str], None] | None = None
+) -> tuple[modal.App, modal.Image]:
     """The app and image for `spec`, looked up once per client and reused.
 
     A per-step runner creates hundreds of sandboxes from a handful of specs; a
     hydrated `modal.Image` / `modal.App` skips the lookup RPCs on every later
-    create, which is most of the per-task cost on a fast server.
+    create, which is most of the per-task cost on a fast server. With `log`, the
+    image is built here and a long build is reported there (`ensure_built`).
     """
     key = (
         id(client),
@@ -374,12 +465,15 @@ def prepare(spec: SandboxSpec, client: modal.Client) -> tuple[modal.App, modal.I
         spec.registry_secret,
         spec.effective_python_version,
         tuple(spec.pip_packages or ()),
+        tuple(spec.local_python_sources or ()),
     )
     with _prepared_lock:
         hit = _prepared.get(key)
         if hit is not None and hit[0] is client:
             return hit[1], hit[2]
     app, image = lookup_app(spec, client), build_image(spec)
+    if log is not None:
+        ensure_built(image, app, log, describe_image(spec))
     with _prepared_lock:
         _prepared[key] = (client, app, image)
     return app, image
@@ -428,3 +522,188 @@ def returncode_by_id(sandbox_id: str, client: modal.Client) -> int | None:
 
 def sandbox_tags(sandbox: modal.Sandbox) -> dict[str, str]:
     return dict(sandbox.get_tags())
+
+
+# -- sessions: a long-lived idle sandbox driven by exec and file calls ----------------
+
+#: Filesystem errors of a session, translated to Python's own where one fits.
+SandboxFilesystemError = modal.exception.SandboxFilesystemError
+
+
+def build_session_image(spec: SandboxSpec) -> modal.Image:
+    """A session's image: the spec's registry image, or debian_slim with the spec's
+    packages only (a session runs the user's commands, never our bootstrap, so it
+    needs no cloudpickle)."""
+    if spec.image:
+        return build_image(spec)
+    image = modal.Image.debian_slim(python_version=spec.effective_python_version)
+    if spec.pip_packages:
+        image = image.pip_install(*spec.pip_packages)
+    return image
+
+
+def image_from_id(image_id: str, client: modal.Client) -> modal.Image:
+    """A snapshot's image, by id (valid only on the Modal that took it)."""
+    return modal.Image.from_id(image_id, client=client)
+
+
+def create_session_sandbox(
+    spec: SandboxSpec,
+    *,
+    client: modal.Client,
+    tags: dict[str, str],
+    image_id: str | None = None,
+    block_network: bool = False,
+) -> modal.Sandbox:
+    """An idle sandbox (Modal's default entrypoint) for a session to exec into.
+
+    `image_id` starts it from a snapshot instead of the spec's image.
+    """
+    image = image_from_id(image_id, client) if image_id else build_session_image(spec)
+    kwargs = spec.sandbox_kwargs()
+    env = kwargs.pop("env") or None
+    kwargs.pop("secrets")
+    kwargs.pop("volumes")
+    return modal.Sandbox.create(
+        app=lookup_app(spec, client),
+        image=image,
+        tags=tags,
+        env=env,
+        secrets=resolve_secrets(spec),
+        volumes=resolve_volumes(spec),
+        block_network=block_network,
+        client=client,
+        **kwargs,
+    )
+
+
+def exec_process(
+    sandbox: modal.Sandbox,
+    command: Sequence[str],
+    *,
+    workdir: str | None = None,
+    env: dict[str, str] | None = None,
+    timeout: int | None = None,
+) -> Any:
+    """Start a command in a running sandbox; the handle has stdout, stderr, wait()."""
+    return sandbox.exec(*command, workdir=workdir, env=env, timeout=timeout)  # type: ignore[arg-type]
+
+
+def process_wait(process: Any) -> int:
+    return int(process.wait())
+
+
+def snapshot_filesystem(sandbox: modal.Sandbox) -> str:
+    """Snapshot the sandbox's filesystem; the id of the image that starts from it."""
+    return str(sandbox.snapshot_filesystem().object_id)
+
+
+def _translated(path: str, exc: Exception) -> Exception:
+    """Modal's filesystem errors as the Python errors a file API user expects."""
+    if isinstance(exc, modal.exception.SandboxFilesystemNotFoundError):
+        return FileNotFoundError(2, "No such file or directory in the sandbox", path)
+    if isinstance(exc, modal.exception.SandboxFilesystemNotADirectoryError):
+        return NotADirectoryError(20, "Not a directory in the sandbox", path)
+    if isinstance(exc, modal.exception.SandboxFilesystemIsADirectoryError):
+        return IsADirectoryError(21, "Is a directory in the sandbox", path)
+    if isinstance(exc, modal.exception.SandboxFilesystemPermissionError):
+        return PermissionError(13, "Permission denied in the sandbox", path)
+    return exc
+
+
+def fs_write_bytes(sandbox: modal.Sandbox, path: str, data: bytes) -> None:
+    try:
+        sandbox.filesystem.write_bytes(data, path)
+    except SandboxFilesystemError as exc:
+        raise _translated(path, exc) from exc
+
+
+def fs_read_bytes(sandbox: modal.Sandbox, path: str) -> bytes:
+    try:
+        return bytes(sandbox.filesystem.read_bytes(path))
+    except SandboxFilesystemError as exc:
+        raise _translated(path, exc) from exc
+
+
+def fs_list(sandbox: modal.Sandbox, path: str) -> list[dict[str, Any]]:
+    """Entries of a directory as plain dicts (name, path, type, size, modified_time)."""
+    try:
+        entries = sandbox.filesystem.list_files(path)
+    except SandboxFilesystemError as exc:
+        raise _translated(path, exc) from exc
+    return [
+        {
+            "name": e.name,
+            "path": e.path,
+            "type": getattr(e.type, "value", str(e.type)),
+            "size": e.size,
+            "modified_time": e.modified_time,
+        }
+        for e in entries
+    ]
+
+
+def fs_remove(sandbox: modal.Sandbox, path: str, recursive: bool = False) -> None:
+    try:
+        sandbox.filesystem.remove(path, recursive=recursive)
+    except SandboxFilesystemError as exc:
+        raise _translated(path, exc) from exc
+
+
+# -- volumes as file stores (the `ModalVolume` block, results by reference) -----------
+
+#: Largest piece written to a sandbox's stdin at once (the client buffers 2 MiB).
+STDIN_CHUNK = 1024 * 1024
+
+
+def send_stdin_chunked(sandbox: modal.Sandbox, data: bytes, chunk: int = STDIN_CHUNK) -> None:
+    """Write `data` of any size to the sandbox's stdin, then close it.
+
+    The client refuses to buffer more than 2 MiB before a drain, so a bundle
+    (tens of MB with included files) goes in chunks, each drained.
+    """
+    view = memoryview(data)
+    for start in range(0, len(view), chunk):
+        sandbox.stdin.write(bytes(view[start : start + chunk]))
+        sandbox.stdin.drain()
+    sandbox.stdin.write_eof()
+    sandbox.stdin.drain()
+
+
+def volume(name: str, client: modal.Client, environment_name: str | None = None) -> modal.Volume:
+    """The named volume (created on first use), hydrated so later calls skip the lookup."""
+    vol = modal.Volume.from_name(
+        name, create_if_missing=True, environment_name=environment_name, client=client
+    )
+    vol.hydrate(client=client)
+    return vol
+
+
+def volume_read(vol: modal.Volume, path: str) -> bytes:
+    """A file's bytes; FileNotFoundError (naming the path) when it is not there."""
+    return b"".join(vol.read_file(path))
+
+
+def volume_write(vol: modal.Volume, path: str, data: bytes) -> None:
+    """Write (or replace) one file from memory."""
+    with vol.batch_upload(force=True) as batch:
+        batch.put_file(io.BytesIO(data), path)
+
+
+def volume_put_directory(vol: modal.Volume, local_dir: str, remote_dir: str) -> None:
+    with vol.batch_upload(force=True) as batch:
+        batch.put_directory(local_dir, remote_dir)
+
+
+def volume_list(
+    vol: modal.Volume, path: str, recursive: bool = False
+) -> list[tuple[str, bool, int]]:
+    """(path, is_directory, size) of the entries under `path`; NotFoundError if missing."""
+    return [
+        (e.path, e.type == modal.volume.FileEntryType.DIRECTORY, int(e.size))
+        for e in vol.listdir(path, recursive=recursive)
+    ]
+
+
+def volume_remove(vol: modal.Volume, path: str, recursive: bool = False) -> None:
+    vol.remove_file(path, recursive=recursive)

@@ -211,14 +211,31 @@ def wait_ready(service: Service, ready: Any, timeout: float, what: str) -> None:
     )
 
 
+def shared_build_caches(env: Mapping[str, str]) -> dict[str, str]:
+    """Where `env`'s processes keep built image layers and uv's wheels, spelled out.
+
+    Why: those caches are the machine's, shared by every local server; a process
+    given a HOME of its own (`isolated_env`, tests) would otherwise start with
+    empty ones and rebuild every image, downloading each wheel again."""
+    home = Path(env.get("HOME") or Path.home())
+    xdg = env.get("XDG_CACHE_HOME") or str(home / ".cache")
+    return {
+        "PREFECT_MODAL_IMAGE_CACHE": env.get("PREFECT_MODAL_IMAGE_CACHE")
+        or str(home / ".cache" / "prefect-modal" / "images"),
+        "UV_CACHE_DIR": env.get("UV_CACHE_DIR") or str(Path(xdg) / "uv"),
+    }
+
+
 def isolated_env(home: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
     """`base` (os.environ) without any PREFECT_* or MODAL_* setting, and with its own HOME,
-    Modal config and Prefect home under `home`: no developer profile or token leaks in."""
+    Modal config and Prefect home under `home`: no developer profile or token leaks in.
+    The machine's build caches stay shared (`shared_build_caches`)."""
     env = {
         k: v
         for k, v in (base if base is not None else os.environ).items()
         if not k.startswith(("PREFECT_", "MODAL_"))
     }
+    env.update(shared_build_caches(base if base is not None else os.environ))
     env.update(
         HOME=str(home),
         MODAL_CONFIG_PATH=str(home / ".modal.toml"),

@@ -175,6 +175,13 @@ class SandboxSpec(BaseModel):
     pip_packages: list[str] | None = Field(
         default=None, description="Extra pip packages installed into the image."
     )
+    local_python_sources: list[str] | None = Field(
+        default=None,
+        description=(
+            "Python packages of this machine added to the default image with "
+            "Image.add_local_python_source (e.g. 'my_project'): code that is not on PyPI."
+        ),
+    )
     auto_packages: bool | None = Field(
         default=None,
         description=(

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-from prefect_modal import tags
+from prefect_modal import artifacts, tags
 from prefect_modal.artifacts import SandboxArtifact, read_sandbox_artifacts
 from prefect_modal.credentials import ModalCredentials
 from prefect_modal.settings import DEFAULT_APP_NAME
@@ -26,12 +26,9 @@ FLOW_RUN_TAG = tags.FLOW_RUN
 
 _EXIT_STATUS = {0: "succeeded", 137: "terminated", 124: "timeout"}
 
-#: A pipeline sandbox still running this long after its flow run became final
-#: is terminated by the worker (see `reconcile.py`).  Prefect's engine reports
-#: the final state a moment before its process exits (it flushes logs and
-#: events), so a sandbox may show "running" for a few seconds after its run
-#: ended; beyond this grace it is ended, and shown final.
-FINAL_GRACE_SECONDS = 10.0
+#: A pipeline sandbox's grace after its run is final (defined with the records
+#: that explain it, in `artifacts.py`).
+FINAL_GRACE_SECONDS = artifacts.FINAL_GRACE_SECONDS
 
 _FINAL_RECORD = ("succeeded", "failed", "terminated", "timeout", "crashed")
 

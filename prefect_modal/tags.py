@@ -19,3 +19,5 @@ MODE = "prefect-modal.mode"
 WARM = "prefect-modal.warm"
 #: The worker's sandboxes: "flow-run" (the run itself) or a task's.
 ROLE = "prefect-modal.role"
+#: The role of a flow run's own sandbox (the worker's; a task's has another).
+ROLE_FLOW_RUN = "flow-run"

@@ -36,10 +36,11 @@ from prefect.logging.loggers import get_run_logger
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from typing_extensions import Self
 
-from prefect_modal import run_context
+from prefect_modal import result_refs, run_context
 from prefect_modal.artifacts import SandboxArtifact, write_flow_summary
 from prefect_modal.credentials import ModalCredentials
 from prefect_modal.options import ModalOptions, options_for
+from prefect_modal.result_refs import ResultVolume
 from prefect_modal.sandbox_call import (
     DEFAULT_MAX_RESULT_BYTES,
     REMOTE_INTERRUPTS,
@@ -51,6 +52,7 @@ from prefect_modal.sandbox_call import (
     registry_for,
 )
 from prefect_modal.settings import SandboxSpec
+from prefect_modal.storage import ModalVolume
 from prefect_modal.warm import DEFAULT_IDLE_SECONDS, WarmPool
 
 logger = logging.getLogger("prefect_modal.task_runner")
@@ -128,6 +130,10 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
         idle_seconds: how long a warm sandbox waits idle for another call
             before it is terminated (the sandbox's own `idle_timeout`, this
             plus a minute, is the backstop should the flow process die).
+        result_volume: a `ModalVolume` block or a Modal Volume name: a result over
+            `max_result_bytes` is written there by the sandbox (the volume is
+            mounted in it) and read back through the Volume API.  Default: the
+            task's result storage when it is a `ModalVolume` (see `result_refs.py`).
 
     Only *submitted* calls (`task.submit`, `task.map`) go to the runner; a task
     called directly inside a flow runs in the flow's process, as in Prefect.
@@ -144,6 +150,7 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
         log_level: int = logging.INFO,
         reuse_sandboxes: bool = True,
         idle_seconds: float = DEFAULT_IDLE_SECONDS,
+        result_volume: ModalVolume | str | None = None,
         _family: str | None = None,
     ) -> None:
         if isinstance(spec, dict):
@@ -180,6 +187,7 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
         self.log_level = log_level
         self.reuse_sandboxes = reuse_sandboxes
         self.idle_seconds = float(idle_seconds)
+        self.result_volume = result_refs.check_setting(result_volume)
         self._requested_workers = max_workers
         # One family per user-created runner: its duplicates and unpickled copies
         # share it, so `cancel_all()` on the template reaches the duplicate's calls.
@@ -212,6 +220,7 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
             log_level=self.log_level,
             reuse_sandboxes=self.reuse_sandboxes,
             idle_seconds=self.idle_seconds,
+            result_volume=self.result_volume,
             _family=self._family,
         )
 
@@ -228,6 +237,7 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
             and self.log_level == value.log_level
             and self.reuse_sandboxes == value.reuse_sandboxes
             and self.idle_seconds == value.idle_seconds
+            and self.result_volume == value.result_volume
         )
 
     __hash__ = None  # type: ignore[assignment]  # mutable, compared by configuration
@@ -523,6 +533,7 @@ def _call_for(
     if ctx is None:  # pragma: no cover - the engine always sets it
         raise RuntimeError("a ModalTaskRunner task function ran outside a Prefect task run")
     task_run = ctx.task_run
+    volume = result_refs.resolve(runner.result_volume, runner.credentials, ctx)
     info = CallInfo(
         task_run_id=task_run.id,
         flow_run_id=task_run.flow_run_id,
@@ -543,6 +554,7 @@ def _call_for(
         ),
         submit_child=runner.submit,
         reuse=reuse,
+        result_volume=ResultVolume.for_spec(volume, spec) if volume is not None else None,
     )
 
 

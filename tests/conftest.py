@@ -27,7 +27,12 @@ from collections.abc import Iterator  # noqa: E402
 
 import pytest  # noqa: E402
 
+from prefect_modal import services  # noqa: E402
 from prefect_modal.local import LocalModal  # noqa: E402
+
+# Each test gets a HOME of its own (below), but image layers and uv's wheels stay in
+# the machine's caches, shared by every test's server, as by every local server.
+os.environ.update(services.shared_build_caches(os.environ))
 
 
 @pytest.fixture(autouse=True)
@@ -60,3 +65,17 @@ def local_modal(tmp_path: Path) -> Iterator[LocalModal]:
     """
     with LocalModal(state_dir=tmp_path / "local-modal") as lm:
         yield lm
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Prefect's own test harness: a temporary API server and database for the session,
+    one for every folder that asks for it (two harnesses alive at once would leave
+    Prefect's settings pointing at whichever started last)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect-home")))
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield str(PREFECT_API_URL.value())

@@ -66,6 +66,7 @@ class LocalModal:
         fork_server: bool | None = None,
         isolation: bool | None = None,
         host_dirs: Sequence[str | Path] | None = None,
+        image_cache: str | Path | None = None,
         retention_s: float | None = DEFAULT_RETENTION_S,
         latency: str | LatencyModel | None = None,
     ) -> None:
@@ -97,6 +98,7 @@ class LocalModal:
             ],
             host=host,
             latency=self.latency,
+            image_cache=Path(image_cache) if image_cache is not None else None,
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -221,6 +223,17 @@ class LocalModal:
     def isolation(self) -> Isolation | None:
         """How sandboxes are isolated (their image view, pasta), or None if they are not."""
         return self._ctx.isolation
+
+    @property
+    def image_builds(self) -> dict[str, int]:
+        """Image layers this server built and found already built (in the shared cache)."""
+        cache = self._ctx.builder.cache
+        return {"builds": cache.builds, "hits": cache.hits}
+
+    @property
+    def image_cache(self) -> Path:
+        """Where built image layers are kept (shared by the local servers of this machine)."""
+        return self._ctx.builder.cache.root
 
     @property
     def not_isolated_because(self) -> str | None:

@@ -45,7 +45,7 @@ def check_retention(retention_s: float | None) -> float | None:
     return float(retention_s)
 
 
-def _remove_tree(path: Path) -> None:
+def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
     if not path.exists():
         return
@@ -66,7 +66,7 @@ def remove_paths(paths: list[Path]) -> None:
     for path in paths:
         try:
             if path.is_dir() and not path.is_symlink():
-                _remove_tree(path)
+                remove_tree(path)
             else:
                 path.unlink(missing_ok=True)
         except OSError as exc:

@@ -16,11 +16,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import shutil
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from . import ids
+from .build.builder import ImageState
 from .records import SandboxRecord, record_json, write_listing
 from .runtime.sandbox import LocalSandbox
 
@@ -38,8 +42,14 @@ class ImageInfo:
     description: str
     env: dict[str, str] = field(default_factory=dict)
     #: file trees copied, in order, into the root of a sandbox made from it
-    #: (a snapshot's files, ``add_local_*(copy=True)``): see `runtime.layers`
+    #: (a snapshot's files, ``add_local_*(copy=True)``, an ``apt_install``);
+    #: what they hold under /usr or /etc is overlaid there: see `runtime.layers`
     layers: list[Path] = field(default_factory=list)
+    #: how it was built (its Python environment, workdir...), once it is; None for
+    #: images that are not built here (snapshots of such, and images being built)
+    state: ImageState | None = None
+    #: the build in progress or done (logs, result), for ImageJoinStreaming
+    build: Any = None
 
 
 @dataclass
@@ -62,8 +72,13 @@ class SecretInfo:
 @dataclass
 class VolumeInfo:
     id: str
-    name: str
+    name: str  # "" for an ephemeral volume
     path: Path
+    #: Modal's VolumeFS version (1 or 2): it decides which RPCs the client sends
+    version: int = 2
+    #: monotonic time of the last heartbeat of an ephemeral volume (None: a named one)
+    heartbeat: float | None = None
+    created_at: float = field(default_factory=time.time)
 
 
 class Registry:
@@ -78,6 +93,8 @@ class Registry:
         self.state_dir = state_dir
         self.retention_s = retention_s or None  # None (or 0): keep for the server's life
         state_dir.mkdir(parents=True, exist_ok=True)
+        # ephemeral volumes end with the server that made them (a state dir may be reused)
+        shutil.rmtree(state_dir / "volumes-ephemeral", ignore_errors=True)
         self.apps: dict[tuple[str, str], str] = {}
         self.app_names: dict[str, str] = {}
         self.environments: dict[str, str] = {}
@@ -170,15 +187,30 @@ class Registry:
 
     # ----- volumes ---------------------------------------------------------
 
-    def volume_get_or_create(self, name: str, create: bool) -> VolumeInfo | None:
+    def volume_get_or_create(self, name: str, create: bool, version: int = 2) -> VolumeInfo | None:
         info = self.volumes_by_name.get(name)
         path = self.state_dir / "volumes" / name
         if info is None and (create or path.is_dir()):
             path.mkdir(parents=True, exist_ok=True)
-            info = VolumeInfo(ids.new_id("vo"), name, path)
+            info = VolumeInfo(ids.new_id("vo"), name, path, version=version)
             self.volumes_by_name[name] = info
             self.volumes_by_id[info.id] = info
         return info
+
+    def ephemeral_volume(self, version: int) -> VolumeInfo:
+        """A nameless volume that lives while its client sends heartbeats."""
+        vid = ids.new_id("vo")
+        path = self.state_dir / "volumes-ephemeral" / vid
+        path.mkdir(parents=True)
+        info = VolumeInfo(vid, "", path, version=version, heartbeat=time.monotonic())
+        self.volumes_by_id[vid] = info
+        return info
+
+    def forget_volume(self, info: VolumeInfo) -> None:
+        """Drop a volume from the registry (its directory is the caller's to remove)."""
+        self.volumes_by_id.pop(info.id, None)
+        if info.name and self.volumes_by_name.get(info.name) is info:
+            del self.volumes_by_name[info.name]
 
     # ----- sandboxes -------------------------------------------------------
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +73,7 @@ def test_add_local_python_source_is_importable(
     sb = modal.Sandbox.create(app=app, image=image, client=local_modal.client)
     try:
         code, out, err = _run(
-            sb, sys.executable, "-c", "import localpkg_for_test as m; print(m.VALUE, m.__file__)"
+            sb, "python", "-c", "import localpkg_for_test as m; print(m.VALUE, m.__file__)"
         )
         assert code == 0, err
         assert out.strip() == "from the laptop /root/localpkg_for_test/__init__.py"

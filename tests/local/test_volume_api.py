@@ -136,3 +136,76 @@ def test_a_symlink_made_in_a_sandbox_cannot_point_the_server_outside(
     sb.wait()
     with pytest.raises(FileNotFoundError):
         _read(vol, "/link")
+
+
+def test_a_v1_volume_uploads_lists_removes_and_copies(local_modal: LocalModal, app: Any) -> None:
+    """VolumeFS v1 volumes: the client sends each file whole (MountPutFile, first asking
+    whether the content is there), then VolumePutFiles / VolumeListFiles / ..."""
+    vol = modal.Volume.from_name("v1", create_if_missing=True, version=1, client=local_modal.client)
+    with vol.batch_upload() as batch:
+        batch.put_file(io.BytesIO(b"one"), "/a/one.txt")
+        batch.put_file(io.BytesIO(b""), "/a/empty")
+    with pytest.raises(FileExistsError, match=r"one\.txt"):
+        with vol.batch_upload() as batch:
+            batch.put_file(io.BytesIO(b"two"), "/a/one.txt")
+    assert sorted(e.path for e in vol.listdir("/", recursive=True)) == [
+        "a",
+        "a/empty",
+        "a/one.txt",
+    ]
+    vol.copy_files(["/a/one.txt"], "/b.txt")
+    vol.remove_file("/a/empty")
+    assert _read(vol, "/b.txt") == b"one"
+    assert sorted(e.path for e in vol.listdir("/", recursive=True)) == ["a", "a/one.txt", "b.txt"]
+    sb = modal.Sandbox.create(
+        "cat", "/v/a/one.txt", app=app, volumes={"/v": vol}, client=local_modal.client
+    )
+    sb.wait()
+    assert sb.stdout.read() == "one"
+
+
+def test_an_ephemeral_volume_lives_while_its_client_heartbeats(
+    local_modal: LocalModal, app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prefect_modal.local.api import volumes as volumes_api
+
+    with modal.Volume.ephemeral(client=local_modal.client) as vol:
+        with vol.batch_upload() as batch:
+            batch.put_file(io.BytesIO(b"scratch"), "/s.txt")
+        sb = modal.Sandbox.create(
+            "cat", "/scratch/s.txt", app=app, volumes={"/scratch": vol}, client=local_modal.client
+        )
+        sb.wait()
+        assert sb.stdout.read() == "scratch"
+        # a nameless volume is not listed among the named ones
+        assert vol.object_id not in {
+            v.object_id for v in modal.Volume.objects.list(client=local_modal.client)
+        }
+        volume_id = vol.object_id
+    # its client stopped heartbeating: once the timeout passes, the server forgets it
+    monkeypatch.setattr(volumes_api, "EPHEMERAL_TIMEOUT_S", 0.0)
+    other = _vol(local_modal, "other")  # any volume call sweeps
+    assert other.listdir("/") == []
+    with pytest.raises(modal.exception.NotFoundError, match=volume_id):
+        modal.Volume.from_id(volume_id, client=local_modal.client).listdir("/")
+
+
+def test_delete_a_volume_by_name_and_list_them(local_modal: LocalModal, app: Any) -> None:
+    vol = _vol(local_modal, "to-delete")
+    with vol.batch_upload() as batch:
+        batch.put_file(io.BytesIO(b"x"), "/x")
+    names = {v.name for v in modal.Volume.objects.list(client=local_modal.client)}
+    assert "to-delete" in names
+    sb = modal.Sandbox.create(
+        "sleep", "30", app=app, volumes={"/v": vol}, client=local_modal.client
+    )
+    try:
+        with pytest.raises(Exception, match=r"mounted by running sandbox.*terminate them first"):
+            modal.Volume.objects.delete("to-delete", client=local_modal.client)
+    finally:
+        sb.terminate()
+        sb.wait(raise_on_termination=False)
+    modal.Volume.objects.delete("to-delete", client=local_modal.client)
+    assert "to-delete" not in {v.name for v in modal.Volume.objects.list(client=local_modal.client)}
+    with pytest.raises(modal.exception.NotFoundError):
+        modal.Volume.from_name("to-delete", client=local_modal.client).listdir("/")

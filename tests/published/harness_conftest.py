@@ -18,6 +18,7 @@ and gives the session a Prefect API (Prefect's test harness).
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import importlib.util
 import inspect
 import os
@@ -34,7 +35,7 @@ import prefect.flows
 import prefect.task_runners
 from prefect.futures import PrefectConcurrentFuture
 
-from prefect_modal import ModalCredentials, ModalTaskRunner
+from prefect_modal import ModalCredentials, ModalTaskRunner, SandboxSpec
 from prefect_modal.local import LocalModal
 
 _server = LocalModal(state_dir=tempfile.mkdtemp(prefix="published-suite-modal-"))
@@ -57,6 +58,9 @@ _FOREIGN = (
 )
 
 
+_PYTEST_PIN = f"pytest=={importlib.metadata.version('pytest')}"
+
+
 class SubstitutedRunner(ModalTaskRunner[Any]):
     """`ModalTaskRunner` on the session's local Modal server, taking the substituted
     runner's constructor arguments (`max_workers` kept, Dask's ignored)."""
@@ -67,6 +71,9 @@ class SubstitutedRunner(ModalTaskRunner[Any]):
         for name in _FOREIGN:
             kwargs.pop(name, None)
         kwargs.setdefault("credentials", _credentials)
+        # the suites' tasks live in test modules that refer to pytest's objects: their
+        # images need pytest, as they would on Modal (images hold only what they list)
+        kwargs.setdefault("spec", SandboxSpec(pip_packages=[_PYTEST_PIN]))
         kwargs.setdefault("max_parallelism", int(os.environ.get("PUBLISHED_MAX_PARALLELISM", "64")))
         super().__init__(*args, **kwargs)
 

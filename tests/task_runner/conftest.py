@@ -7,7 +7,6 @@ tag, so tests share the servers and still count only their own sandboxes.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -15,18 +14,6 @@ import pytest
 
 from prefect_modal import ModalCredentials, ModalTaskRunner
 from prefect_modal.local import LocalModal
-
-
-@pytest.fixture(scope="session")
-def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Prefect's own test harness: a temporary API server and database for the session."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect-home")))
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=60):
-        yield str(PREFECT_API_URL.value())
 
 
 @pytest.fixture(scope="session")

@@ -345,21 +345,33 @@ def logs_something() -> int:
     return 1
 
 
+#: the user's own requirement for prefect: another spelling of this flow's version
+#: (a pickled Prefect call needs the same Prefect on both sides)
+USER_PREFECT = f"prefect>={PREFECT_PIN.split('==')[1]},<={PREFECT_PIN.split('==')[1]}"
+
+
 def test_packages_added_to_the_default_image_are_logged(make_runner):
     off = modal_options(auto_packages=False)(logs_something)
-    pinned = modal_options(pip_packages=["prefect>=3"])(logs_something)
+    pinned = modal_options(pip_packages=[USER_PREFECT])(logs_something)
 
     @flow(task_runner=make_runner())
     def f():
         futures = [logs_something.submit(), off.submit(), pinned.submit()]
-        return [fu.result() for fu in futures], [fu.task_run_id for fu in futures], _flow_run_id()
+        for fu in futures:
+            fu.wait()
+        states = [fu.state for fu in futures]  # in a list: a failed state would fail the flow
+        return states, [fu.task_run_id for fu in futures], _flow_run_id()
 
-    values, (auto_id, off_id, pinned_id), flow_run_id = f()
-    assert values == [1, 1, 1]
+    (auto, no_auto, user), (auto_id, off_id, pinned_id), flow_run_id = f()
+    assert auto.result() == 1 and user.result() == 1
+    # without auto_packages the image has no Prefect, as on Modal: the bootstrap says so
+    error = no_auto.result(raise_on_failure=False)
+    assert isinstance(error, sandbox_call.SandboxImageError), error
+    assert "lacks prefect" in str(error) and PREFECT_PIN in str(error)
     records = {r.task_run_id: r for r in read_sandbox_artifacts(flow_run_id)}
     assert records[auto_id].resources["pip_packages"] == [PREFECT_PIN]
     assert not records[off_id].resources.get("pip_packages")
-    assert records[pinned_id].resources["pip_packages"] == ["prefect>=3"]  # the user's wins
+    assert records[pinned_id].resources["pip_packages"] == [USER_PREFECT]  # the user's wins
 
     def added_line(task_run_id: Any) -> list[str]:
         return [

@@ -522,28 +522,29 @@ def test_an_import_probe_inside_another_import_loads_no_pth_files(modal_server):
     misses; a probe missing inside another module's import (here `nt`, while
     `pathlib` imports) must not run them against the half-imported module.  An
     editable install's `.pth` imports pathlib: that is what broke."""
-    import site
+    import importlib.metadata
 
     import modal
 
     from prefect_modal import remote
 
-    pth_imports = [
-        p
-        for d in site.getsitepackages()
-        if os.path.isdir(d)
-        for p in Path(d).glob("*.pth")
-        if any(line.startswith("import ") for line in p.read_text().splitlines())
-    ]
-    if not pth_imports:
-        pytest.skip(reason="no .pth file with an import line here (the editable install has one)")
+    # An image whose environment has a `.pth` file with an import line, as an
+    # editable install's has.
+    image = (
+        modal.Image.debian_slim(python_version=sandbox_call.LOCAL_PYTHON)
+        .pip_install(f"cloudpickle=={importlib.metadata.version('cloudpickle')}")
+        .run_commands(
+            'python -c "import site; '
+            "open(site.getsitepackages()[0] + '/probe.pth', 'w').write('import pathlib\\n')\""
+        )
+    )
     app = modal.App.lookup("pth-probe", create_if_missing=True, client=modal_server.client)
     nonce = "probe"
     payload = sandbox_call.dumps_call(_reimport_pathlib, (), {})
     header = remote.make_header(nonce, len(payload), sandbox_call.LOCAL_PYTHON, 1 << 20)
     for _ in range(3):  # the first may start as a fresh process, the next are forked
         sb = modal.Sandbox.create(
-            *sandbox_call.bootstrap_command(), app=app, client=modal_server.client
+            *sandbox_call.bootstrap_command(), app=app, image=image, client=modal_server.client
         )
         sb.stdin.write(header + payload)
         sb.stdin.write_eof()

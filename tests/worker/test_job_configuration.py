@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 from typing import Any
 from uuid import uuid4
@@ -86,9 +87,17 @@ def test_spec_normalised_and_flow_sandbox_spec() -> None:
     config = ModalWorkerJobConfiguration(memory="2GiB", gpu="a100", gpu_count=2, cpu=1)
     assert config.spec.memory == 2048 and config.spec.gpu_config == "A100:2"
     flow_spec = config.sandbox_spec()
-    assert flow_spec.pip_packages and flow_spec.pip_packages[0].startswith("prefect==")
+    # prefect and its dependencies at the worker's versions; no prefect-modal (pipeline)
+    pins = flow_spec.pip_packages or []
+    assert f"prefect=={importlib.metadata.version('prefect')}" in pins
+    assert f"pydantic=={importlib.metadata.version('pydantic')}" in pins
+    assert not any(p.lower().startswith(("prefect-modal", "prefect_modal")) for p in pins)
+    assert not flow_spec.local_python_sources
     per_step = ModalWorkerJobConfiguration(mode="per_step", gpu="A100").sandbox_spec()
     assert per_step.gpu_config is None  # the GPU is for the task sandboxes
+    # per_step: prefect_modal as local source (not on PyPI), its dependencies pinned
+    assert per_step.local_python_sources == ["prefect_modal"]
+    assert f"modal=={importlib.metadata.version('modal')}" in (per_step.pip_packages or [])
 
 
 def _flow_run() -> FlowRun:

@@ -77,7 +77,7 @@ def test_per_step_lays_the_flows_own_runner_spec_over_the_pools(
     dep = deploy(
         api,
         MAIN_POOL,
-        "flows.py:layered",
+        "layered.py:layered",
         "layered",
         job_variables={
             "mode": "per_step",

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
+import os
 import posixpath
+import shutil
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +22,8 @@ from modal_proto import api_pb2
 from .. import ids
 from ..auth import Credentials
 from ..blobs import BlobStore
+from ..build.builder import Builder, ImageState, Log
+from ..build.cache import LayerCache
 from ..runtime import isolation as isolation_mod
 from ..runtime import layers, processes
 from ..runtime.forkserver import ForkServer
@@ -119,6 +124,15 @@ def validate_probe(d: api_pb2.Sandbox) -> api_pb2.Probe | None:
     return p
 
 
+def _registry_notice(state: ImageState | None) -> str:
+    if state is None or state.kind != "host" or not state.registry:
+        return ""
+    return (
+        f"[prefect-modal local] image {state.registry!r} could not be pulled here: this "
+        "sandbox runs on this machine's userland and the local server's Python instead\n"
+    )
+
+
 def _top(path: str, view: ImageView) -> str:
     for d in (*view.dirs, *view.host_dirs):
         if path == d or path.startswith(d.rstrip("/") + "/"):
@@ -141,6 +155,7 @@ class ServerContext:
         host_dirs: Sequence[str] = (),
         host: str = "127.0.0.1",
         latency: Any = None,
+        image_cache: Path | None = None,
     ) -> None:
         #: `latency.LatencyModel` or None: Modal-like delays for benchmarks (off by default)
         self.latency = latency
@@ -160,6 +175,14 @@ class ServerContext:
         self.tunnels = TunnelManager(registry.state_dir, host)
         self.probes = ProbeRunner()
         self.blobs = BlobStore(registry.state_dir, host)
+        self.builder = Builder(LayerCache(image_cache), self.run_build_command)
+        self._background: set[asyncio.Task[None]] = set()
+
+    def spawn_background(self, coro: Any) -> None:
+        """Run ``coro`` on the server's loop, kept referenced until it ends (image builds)."""
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def start_isolation(self) -> None:
         """Find out once, at server start, whether sandboxes can be isolated; say so if not."""
@@ -241,6 +264,79 @@ class ServerContext:
 
     def router_access(self, sb: LocalSandbox) -> tuple[str, str]:
         return self.url, self.creds.mint_jwt(sb.task_id)
+
+    # ----- image builds ----------------------------------------------------
+
+    async def run_build_command(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        workdir: str,
+        root: Path,
+        image_layers: list[Path],
+        ro_dirs: list[str],
+        rw: dict[str, Path],
+        log: Log,
+    ) -> int:
+        """A ``run_commands`` line in a build sandbox: the runtime's container over
+        ``image_layers``, ``rw`` bound writable; its root, as left, moved to ``root``."""
+        if self.isolation is None:
+            raise RuntimeError("build sandboxes need isolation")
+        work = root.parent / "build"
+        build_id = "sb-build-" + root.parent.name[:16]
+        spec = SandboxSpec(
+            version=0,
+            app_id="",
+            app_name=None,
+            name=None,
+            args=argv,
+            env=env,
+            env_names=[],
+            secret_names=[],
+            workdir=workdir,
+            timeout_s=3600.0,
+            idle_timeout_s=None,
+            cpu=None,
+            memory_mib=None,
+            memory_max_mib=None,
+            gpu=None,
+            region=None,
+            cloud=None,
+            image="build",
+            volumes={path: ("image-build", host) for path, host in rw.items()},
+            tags={},
+            layers=image_layers,
+            view=self.isolation.view.for_image(ro_dirs),
+            path=env["PATH"].split(":"),
+        )
+        sb = LocalSandbox(
+            spec,
+            sandbox_id=build_id,
+            task_id=build_id,
+            paths=SandboxPaths(work),
+            marker=f"{self.server_uid}:{build_id}",
+            on_change=lambda: None,
+            sweeper=self.sweeper,
+            forkserver=self.forkserver,
+            isolation=self.isolation,
+        )
+        await sb.start()
+        offsets = [0, 0]
+        while True:
+            finished = sb.done.is_set()
+            for i, buf in enumerate((sb.stdout, sb.stderr)):
+                data = buf.read(offsets[i], 1 << 20)
+                if data:
+                    offsets[i] += len(data)
+                    log(data.decode(errors="replace"))
+            if finished:
+                break
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(sb.done.wait(), 0.2)
+        code = sb.returncode if sb.returncode is not None else -1
+        await asyncio.to_thread(os.rename, sb.paths.fs, root)
+        await asyncio.to_thread(shutil.rmtree, work, True)
+        return code
 
     # ----- sandbox creation ------------------------------------------------
 
@@ -324,10 +420,16 @@ class ServerContext:
             vol = reg.volumes_by_id.get(vm.volume_id)
             if vol is None:
                 fail(Status.NOT_FOUND, f"Volume {vm.volume_id!r} not found")
-            volumes[vm.mount_path] = (vol.name, vol.path)
+            volumes[vm.mount_path] = (vol.name or vol.id, vol.path)
 
+        state = image.state if image else None
+        if state is not None and state.venv:
+            self.forkserver.envs.add(f"{state.venv}/bin")
+        view = None
+        if state is not None and state.kind == "python" and self.isolation is not None:
+            view = self.isolation.view.for_image(state.ro_dirs)
         trees, binds, on_path = self._layers(
-            image.layers if image else [], list(d.mount_ids), list(volumes)
+            image.layers if image else [], list(d.mount_ids), list(volumes), view
         )
         if on_path and "PYTHONPATH" not in env:
             env["PYTHONPATH"] = "/root"  # as on Modal, where add_local_python_source puts code
@@ -347,7 +449,7 @@ class ServerContext:
             env=env,
             env_names=sorted(set(env_names)),
             secret_names=list(dict.fromkeys(secret_names)),
-            workdir=d.workdir or None,
+            workdir=d.workdir or (state.workdir if state else "") or None,
             timeout_s=float(timeout),
             idle_timeout_s=float(d.idle_timeout_secs) if d.idle_timeout_secs else None,
             cpu=res.milli_cpu / 1000 if res.milli_cpu else None,
@@ -365,6 +467,9 @@ class ServerContext:
             layers=trees,
             binds=binds,
             image_id=d.image_id if image else "",
+            view=view,
+            path=state.path if state else [],
+            notice=_registry_notice(state),
         )
         ports = validate_ports(d)
         allow = validate_inbound_cidrs(d)
@@ -409,7 +514,11 @@ class ServerContext:
         return sb
 
     def _layers(
-        self, image_layers: list[Path], mount_ids: list[str], volume_paths: list[str]
+        self,
+        image_layers: list[Path],
+        mount_ids: list[str],
+        volume_paths: list[str],
+        view: ImageView | None = None,
     ) -> tuple[list[Path], dict[str, Path], bool]:
         """The file trees a new sandbox's root starts with (its image's), the
         read-only binds of its mounts (``add_local_*`` without ``copy``), and
@@ -432,7 +541,7 @@ class ServerContext:
         on_path = False
         shared = {"/" + d for d in isolation_mod.ROOT_DIRS}
         if self.isolation is not None:
-            view = self.isolation.view
+            view = view or self.isolation.view
             for p in [*view.dirs, *view.host_dirs, *view.masked, *volume_paths]:
                 parts = [x for x in layers.abs_path(p).split("/") if x]
                 shared.update("/" + "/".join(parts[:i]) for i in range(1, len(parts) + 1))

@@ -32,6 +32,8 @@ from ..runtime import layers
 from ..state import MountInfo
 from .base import Room, fail
 
+_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+
 
 class Mounts(Room):
     """The mount RPCs and ``BlobCreate``."""
@@ -85,6 +87,10 @@ class Mounts(Room):
                     Status.INVALID_ARGUMENT,
                     f"blob {req.data_blob_id!r} hashes to {got}, not {req.sha256_hex}",
                 )
+        elif not req.data and sha != _EMPTY_SHA256 and not blobs.has(sha):
+            # the client's first call only asks whether the content is here (v1 volumes)
+            await stream.send_message(api_pb2.MountPutFileResponse(exists=False))
+            return
         elif not blobs.has(sha):
             try:
                 await asyncio.to_thread(blobs.put_bytes, req.data, sha)

@@ -58,7 +58,7 @@ class Snapshots(Room):
     def _skipped(self, sb: LocalSandbox) -> list[str]:
         skip = [*_ALWAYS_SKIPPED, *sb.spec.volumes, *sb.spec.binds]
         if sb.isolation is not None:
-            view = sb.isolation.view
+            view = sb.view
             skip += [*view.dirs, *view.host_dirs, *view.masked]
         return layers.relative_skips(skip)
 
@@ -71,6 +71,7 @@ class Snapshots(Room):
                 description,
                 dict(base.env) if base else {},
                 [layer] if root else [],
+                state=base.state if base else None,
             )
         )
 
@@ -84,8 +85,17 @@ class Snapshots(Room):
         image_id = ids.new_id("im")
         dest = self.reg.image_dir(image_id) / "layer"
         dest.parent.mkdir(parents=True, exist_ok=True)
+
+        def copy() -> None:
+            layers.copy_tree(sb.paths.fs, dest, self._skipped(sb))
+            # what its image's layers add under /usr or /etc (overlaid there, read-only,
+            # so as the sandbox sees it): bottom layer first, the top one wins
+            for path, lowers in sb.overlays.items():
+                for lower in reversed(lowers):
+                    layers.copy_tree(lower, dest / path.lstrip("/"))
+
         try:
-            await asyncio.to_thread(layers.copy_tree, sb.paths.fs, dest, self._skipped(sb))
+            await asyncio.to_thread(copy)
         except OSError as exc:
             fail(
                 Status.FAILED_PRECONDITION,

@@ -9,6 +9,12 @@ resolved by the kernel inside the volume's directory (`isolation.open_in_root`):
 sandboxes write to volumes, and a symlink one made cannot point the server at a
 host file.
 
+VolumeFS v1 volumes (``version=1``) get the v1 RPCs: each file is sent whole
+(``MountPutFile``), then named (``VolumePutFiles``). ``Volume.ephemeral()`` makes a
+nameless volume the server forgets `EPHEMERAL_TIMEOUT_S` after its client's last
+heartbeat (unless a running sandbox mounts it), and with the server.
+``Volume.objects.delete`` refuses while a running sandbox mounts the volume.
+
 Visibility: a volume is one live directory bound into every sandbox that
 mounts it, so a write is seen by every other sandbox at once; ``commit`` and
 ``reload`` succeed and change nothing (on Modal, another running container
@@ -24,6 +30,7 @@ import os
 import posixpath
 import shutil
 import stat as stat_mod
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,6 +39,7 @@ from grpclib import Status
 from grpclib.server import Stream
 from modal_proto import api_pb2
 
+from ..retention import remove_tree
 from ..runtime import layers
 from ..runtime.isolation import FsRoot
 from ..state import VolumeInfo
@@ -195,6 +203,19 @@ def _os_fail(exc: OSError, vol: VolumeInfo, path: str) -> None:
     fail(Status.FAILED_PRECONDITION, f"{where}: {exc.strerror or exc}")
 
 
+#: An ephemeral volume is forgotten this long after its client's last heartbeat
+#: (the client sends one every 300 s while its ``with Volume.ephemeral()`` is open).
+EPHEMERAL_TIMEOUT_S = 900.0
+
+
+def _version(vol: VolumeInfo) -> api_pb2.VolumeFsVersion.ValueType:
+    return api_pb2.VolumeFsVersion.ValueType(vol.version)
+
+
+def _metadata(vol: VolumeInfo) -> api_pb2.VolumeMetadata:
+    return api_pb2.VolumeMetadata(name=vol.name, version=_version(vol))
+
+
 class Volumes(Room):
     """Volumes: named directories in the server's state directory, and the Volume API."""
 
@@ -209,26 +230,38 @@ class Volumes(Room):
     ) -> None:
         req = await stream.recv_message()
         assert req is not None
-        name = req.deployment_name
-        if not NAME_RE.match(name):
-            fail(
-                Status.INVALID_ARGUMENT,
-                f"invalid volume name {name!r}: use letters, digits, '.', '_' or '-'",
-            )
+        self._sweep_ephemeral()
         ot = req.object_creation_type
-        if (
-            ot == api_pb2.OBJECT_CREATION_TYPE_CREATE_FAIL_IF_EXISTS
-            and name in self.reg.volumes_by_name
+        if req.version not in (
+            api_pb2.VOLUME_FS_VERSION_UNSPECIFIED,
+            api_pb2.VOLUME_FS_VERSION_V1,
+            api_pb2.VOLUME_FS_VERSION_V2,
         ):
-            fail(Status.ALREADY_EXISTS, f"Volume {name!r} already exists")
-        create = ot != api_pb2.OBJECT_CREATION_TYPE_UNSPECIFIED
-        info = self.reg.volume_get_or_create(name, create)
-        if info is None:
-            fail(Status.NOT_FOUND, f"Volume {name!r} not found; use create_if_missing=True")
+            fail(Status.INVALID_ARGUMENT, f"Volume version {req.version!r}: expected 1 or 2")
         version = req.version or api_pb2.VOLUME_FS_VERSION_V2
-        md = api_pb2.VolumeMetadata(name=name, version=version)
+        if ot == api_pb2.OBJECT_CREATION_TYPE_EPHEMERAL:
+            info = self.reg.ephemeral_volume(version)
+        else:
+            name = req.deployment_name
+            if not NAME_RE.match(name):
+                fail(
+                    Status.INVALID_ARGUMENT,
+                    f"invalid volume name {name!r}: use letters, digits, '.', '_' or '-'",
+                )
+            if (
+                ot == api_pb2.OBJECT_CREATION_TYPE_CREATE_FAIL_IF_EXISTS
+                and name in self.reg.volumes_by_name
+            ):
+                fail(Status.ALREADY_EXISTS, f"Volume {name!r} already exists")
+            create = ot != api_pb2.OBJECT_CREATION_TYPE_UNSPECIFIED
+            found = self.reg.volume_get_or_create(name, create, version)
+            if found is None:
+                fail(Status.NOT_FOUND, f"Volume {name!r} not found; use create_if_missing=True")
+            info = found
         await stream.send_message(
-            api_pb2.VolumeGetOrCreateResponse(volume_id=info.id, version=version, metadata=md)
+            api_pb2.VolumeGetOrCreateResponse(
+                volume_id=info.id, version=_version(info), metadata=_metadata(info)
+            )
         )
 
     async def VolumeGetById(
@@ -237,8 +270,77 @@ class Volumes(Room):
         req = await stream.recv_message()
         assert req is not None
         vol = self._volume(req.volume_id)
-        md = api_pb2.VolumeMetadata(name=vol.name, version=api_pb2.VOLUME_FS_VERSION_V2)
-        await stream.send_message(api_pb2.VolumeGetByIdResponse(volume_id=vol.id, metadata=md))
+        await stream.send_message(
+            api_pb2.VolumeGetByIdResponse(volume_id=vol.id, metadata=_metadata(vol))
+        )
+
+    async def VolumeHeartbeat(
+        self, stream: Stream[api_pb2.VolumeHeartbeatRequest, empty_pb2.Empty]
+    ) -> None:
+        req = await stream.recv_message()
+        assert req is not None
+        vol = self._volume(req.volume_id)
+        if vol.heartbeat is not None:
+            vol.heartbeat = time.monotonic()
+        self._sweep_ephemeral()
+        await stream.send_message(empty_pb2.Empty())
+
+    async def VolumeList(
+        self, stream: Stream[api_pb2.VolumeListRequest, api_pb2.VolumeListResponse]
+    ) -> None:
+        req = await stream.recv_message()
+        assert req is not None
+        items = [
+            api_pb2.VolumeListItem(
+                label=v.name, volume_id=v.id, created_at=v.created_at, metadata=_metadata(v)
+            )
+            for v in sorted(self.reg.volumes_by_name.values(), key=lambda v: v.created_at)
+        ]
+        if req.HasField("pagination") and req.pagination.max_objects:
+            before = req.pagination.created_before or float("inf")
+            items = [i for i in items if i.created_at < before]
+            items = items[-req.pagination.max_objects :]
+        await stream.send_message(
+            api_pb2.VolumeListResponse(items=items, environment_name=req.environment_name)
+        )
+
+    async def VolumeDelete(
+        self, stream: Stream[api_pb2.VolumeDeleteRequest, empty_pb2.Empty]
+    ) -> None:
+        req = await stream.recv_message()
+        assert req is not None
+        vol = self._volume(req.volume_id)
+        users = self._mounted_by(vol)
+        if users:
+            fail(
+                Status.FAILED_PRECONDITION,
+                f"Volume {vol.name or vol.id!r} is mounted by running sandbox(es) "
+                f"{', '.join(users)}: terminate them first",
+            )
+        self.reg.forget_volume(vol)
+        await asyncio.to_thread(remove_tree, vol.path)
+        await stream.send_message(empty_pb2.Empty())
+
+    def _mounted_by(self, vol: VolumeInfo) -> list[str]:
+        """Ids of running sandboxes that mount ``vol``."""
+        return sorted(
+            sb.id
+            for sb in self.reg.sandboxes.values()
+            if sb.returncode is None
+            and any(path == vol.path for _name, path in sb.spec.volumes.values())
+        )
+
+    def _sweep_ephemeral(self) -> None:
+        """Forget ephemeral volumes whose client stopped its heartbeats (and that no
+        running sandbox mounts), as Modal does; their directories go in a thread."""
+        now = time.monotonic()
+        for vol in list(self.reg.volumes_by_id.values()):
+            if vol.heartbeat is None or now - vol.heartbeat < EPHEMERAL_TIMEOUT_S:
+                continue
+            if self._mounted_by(vol):
+                continue
+            self.reg.forget_volume(vol)
+            asyncio.get_running_loop().run_in_executor(None, remove_tree, vol.path)
 
     async def VolumePutFiles2(
         self, stream: Stream[api_pb2.VolumePutFiles2Request, api_pb2.VolumePutFiles2Response]
@@ -264,26 +366,11 @@ class Volumes(Room):
             await stream.send_message(api_pb2.VolumePutFiles2Response(missing_blocks=missing))
             return
 
-        def write_all() -> None:
-            with _root(vol) as root:
-                for f in req.files:
-                    blocks = [blobs.path(b.contents_sha256.hex()) for b in f.blocks]
-                    try:
-                        _write_file(
-                            root,
-                            _norm(f.path),
-                            blocks,
-                            f.mode,
-                            req.disallow_overwrite_existing_files,
-                        )
-                    except OSError as exc:
-                        exc.filename = f.path
-                        raise
-
-        try:
-            await asyncio.to_thread(write_all)
-        except OSError as exc:
-            _os_fail(exc, vol, str(exc.filename))
+        files = [
+            (f.path, [blobs.path(b.contents_sha256.hex()) for b in f.blocks], f.mode)
+            for f in req.files
+        ]
+        await self._write_files(vol, files, req.disallow_overwrite_existing_files)
         await stream.send_message(api_pb2.VolumePutFiles2Response())
 
     async def VolumeListFiles2(
@@ -291,17 +378,21 @@ class Volumes(Room):
     ) -> None:
         req = await stream.recv_message()
         assert req is not None
-        vol = self._volume(req.volume_id)
-        try:
-            entries = await asyncio.to_thread(_list, vol, req.path, req.recursive)
-        except OSError as exc:
-            _os_fail(exc, vol, req.path)
-        if req.max_entries:
-            entries = entries[: req.max_entries]
-        for i in range(0, len(entries), _LIST_BATCH):
-            await stream.send_message(
-                api_pb2.VolumeListFiles2Response(entries=entries[i : i + _LIST_BATCH])
-            )
+        for batch in await self._list_batches(
+            req.volume_id, req.path, req.recursive, req.max_entries
+        ):
+            await stream.send_message(api_pb2.VolumeListFiles2Response(entries=batch))
+
+    async def VolumeListFiles(
+        self, stream: Stream[api_pb2.VolumeListFilesRequest, api_pb2.VolumeListFilesResponse]
+    ) -> None:
+        """VolumeFS v1's listing: the same entries as v2's."""
+        req = await stream.recv_message()
+        assert req is not None
+        for batch in await self._list_batches(
+            req.volume_id, req.path, req.recursive, req.max_entries
+        ):
+            await stream.send_message(api_pb2.VolumeListFilesResponse(entries=batch))
 
     async def VolumeGetFile2(
         self, stream: Stream[api_pb2.VolumeGetFile2Request, api_pb2.VolumeGetFile2Response]
@@ -332,11 +423,15 @@ class Volumes(Room):
     ) -> None:
         req = await stream.recv_message()
         assert req is not None
-        vol = self._volume(req.volume_id)
-        try:
-            await asyncio.to_thread(_remove, vol, req.path, req.recursive)
-        except OSError as exc:
-            _os_fail(exc, vol, req.path)
+        await self._remove(req.volume_id, req.path, req.recursive)
+        await stream.send_message(empty_pb2.Empty())
+
+    async def VolumeRemoveFile(
+        self, stream: Stream[api_pb2.VolumeRemoveFileRequest, empty_pb2.Empty]
+    ) -> None:
+        req = await stream.recv_message()
+        assert req is not None
+        await self._remove(req.volume_id, req.path, req.recursive)
         await stream.send_message(empty_pb2.Empty())
 
     async def VolumeCopyFiles2(
@@ -344,16 +439,87 @@ class Volumes(Room):
     ) -> None:
         req = await stream.recv_message()
         assert req is not None
+        await self._copy(req.volume_id, list(req.src_paths), req.dst_path, req.recursive)
+        await stream.send_message(empty_pb2.Empty())
+
+    async def VolumeCopyFiles(
+        self, stream: Stream[api_pb2.VolumeCopyFilesRequest, empty_pb2.Empty]
+    ) -> None:
+        req = await stream.recv_message()
+        assert req is not None
+        await self._copy(req.volume_id, list(req.src_paths), req.dst_path, req.recursive)
+        await stream.send_message(empty_pb2.Empty())
+
+    async def VolumePutFiles(
+        self, stream: Stream[api_pb2.VolumePutFilesRequest, empty_pb2.Empty]
+    ) -> None:
+        """VolumeFS v1's upload: each file was sent whole with ``MountPutFile`` first."""
+        req = await stream.recv_message()
+        assert req is not None
         vol = self._volume(req.volume_id)
-        if not req.src_paths:
+        blobs = self.ctx.blobs
+        files: list[tuple[str, list[Path], int]] = []
+        for f in req.files:
+            if not f.filename or _norm(f.filename) == "/":
+                fail(Status.INVALID_ARGUMENT, f"{f.filename!r} is not a file path in a volume")
+            sha = f.sha256_hex.lower()
+            if not blobs.has(sha):
+                fail(
+                    Status.FAILED_PRECONDITION,
+                    f"{f.filename!r}: its content ({sha}) was never uploaded with MountPutFile",
+                )
+            files.append((f.filename, [blobs.path(sha)], f.mode))
+        await self._write_files(vol, files, req.disallow_overwrite_existing_files)
+        await stream.send_message(empty_pb2.Empty())
+
+    async def _write_files(
+        self, vol: VolumeInfo, files: list[tuple[str, list[Path], int]], no_overwrite: bool
+    ) -> None:
+        """Write each (path, content blocks, mode) into the volume, in a thread."""
+
+        def write_all() -> None:
+            with _root(vol) as root:
+                for path, blocks, mode in files:
+                    try:
+                        _write_file(root, _norm(path), blocks, mode, no_overwrite)
+                    except OSError as exc:
+                        exc.filename = path
+                        raise
+
+        try:
+            await asyncio.to_thread(write_all)
+        except OSError as exc:
+            _os_fail(exc, vol, str(exc.filename))
+
+    async def _list_batches(
+        self, volume_id: str, path: str, recursive: bool, max_entries: int
+    ) -> list[list[api_pb2.FileEntry]]:
+        vol = self._volume(volume_id)
+        try:
+            entries = await asyncio.to_thread(_list, vol, path, recursive)
+        except OSError as exc:
+            _os_fail(exc, vol, path)
+        if max_entries:
+            entries = entries[:max_entries]
+        return [entries[i : i + _LIST_BATCH] for i in range(0, len(entries), _LIST_BATCH)]
+
+    async def _remove(self, volume_id: str, path: str, recursive: bool) -> None:
+        vol = self._volume(volume_id)
+        try:
+            await asyncio.to_thread(_remove, vol, path, recursive)
+        except OSError as exc:
+            _os_fail(exc, vol, path)
+
+    async def _copy(self, volume_id: str, srcs: list[str], dst: str, recursive: bool) -> None:
+        vol = self._volume(volume_id)
+        if not srcs:
             fail(Status.INVALID_ARGUMENT, "copy_files: no source paths given")
         try:
-            await asyncio.to_thread(_copy, vol, list(req.src_paths), req.dst_path, req.recursive)
+            await asyncio.to_thread(_copy, vol, srcs, dst, recursive)
         except ValueError as exc:
-            fail(Status.INVALID_ARGUMENT, f"copy_files in volume {vol.name!r}: {exc}")
+            fail(Status.INVALID_ARGUMENT, f"copy_files in volume {vol.name or vol.id!r}: {exc}")
         except OSError as exc:
-            _os_fail(exc, vol, str(exc.filename or req.dst_path))
-        await stream.send_message(empty_pb2.Empty())
+            _os_fail(exc, vol, str(exc.filename or dst))
 
     async def VolumeCommit(
         self, stream: Stream[api_pb2.VolumeCommitRequest, api_pb2.VolumeCommitResponse]

@@ -22,10 +22,12 @@ A sandbox is three processes (host pids in the server's view):
 
 The root: a bind of the sandbox's own directory (its writable layer), the
 image's directories bound read-only at their paths (recursively read-only,
-with ``mount_setattr``), volumes bound read-write, files that hold host
-secrets (``/etc/shadow``...) masked, a private ``/proc`` (with ``/proc/sys``
-read-only), a small ``/dev`` of its own, then ``pivot_root`` and the host's
-tree detached. Nothing of the host outside those binds is reachable.
+with ``mount_setattr``; a read-only overlay instead where the image's layers
+add files there, as ``apt_install`` does under ``/usr``), volumes bound
+read-write, files that hold host secrets (``/etc/shadow``...) masked, a
+private ``/proc`` (with ``/proc/sys`` read-only), a small ``/dev`` of its
+own, then ``pivot_root`` and the host's tree detached. Nothing of the host
+outside those binds is reachable.
 
 ``exec`` joins a running sandbox: the fork server's child enters the init's
 namespaces (``setns``; the mount namespace puts it at the sandbox's root),
@@ -150,6 +152,15 @@ def _bind(source, target, readonly):
         _make_readonly(target)
 
 
+def _overlay(lowerdir, target):
+    """A read-only overlay at ``target``: the image layers' files over the host's
+    directory (``lowerdir`` lists them top-most first, the host's last). With
+    lower layers only, overlayfs itself is read-only: the sandbox can change
+    neither the layers nor the host's files."""
+    os.makedirs(target, exist_ok=True)
+    mount("overlay", target, "overlay", MS_RDONLY | MS_NOSUID | MS_NODEV, "lowerdir=" + lowerdir)
+
+
 def _mask(target):
     """Hide a host file or directory that the image's binds would otherwise show."""
     if os.path.isdir(target):
@@ -230,6 +241,8 @@ def build_root(spec):
         target = root + path
         if kind == "mask":
             _mask(target)
+        elif kind == "overlay":
+            _overlay(source, target)
         else:
             _bind(source, target, readonly=kind == "ro")
     _make_proc(root)

@@ -9,7 +9,9 @@ is the local server's equivalent, and it changes only how long a start takes.
 When it applies (otherwise the sandbox is started with `processes.spawn`, as
 before): the command is ``python -c CODE [ARGS]`` or ``python -S -c CODE
 [ARGS]``, ``python`` resolves on the sandbox's ``PATH`` to this server's own
-interpreter, and no memory limit is asked for.  One zygote is kept per flag set
+interpreter or to a built image's environment (`ForkServer.envs`: its venv runs
+on this machine at the path the sandbox sees it at, so paths agree after the
+fork), and no memory limit is asked for.  One zygote is kept per interpreter, flag set
 and start-up environment (``PYTHON*``, ``LANG``, ``LC_ALL``, ``LC_CTYPE``: what an
 interpreter reads when it starts), at most `MAX_ZYGOTES`; each is started on
 first use, and commands go the old way until it is ready.
@@ -104,6 +106,14 @@ def _preload_spec() -> str:
         parent = os.path.dirname(os.path.dirname(os.path.abspath(spec.origin)))
         if os.path.realpath(parent) not in stdlib and parent not in paths:
             paths.append(parent)
+    return json.dumps({"modules": list(PRELOAD_MODULES), "paths": paths})
+
+
+def _env_preload(interpreter: str) -> str:
+    """`PRELOAD_MODULES` for a built image's environment: its own site-packages (a
+    ``-S`` zygote has none on its path); modules it lacks are skipped by the zygote."""
+    venv = Path(interpreter).parent.parent
+    paths = sorted(str(p) for p in venv.glob("lib/python3*/site-packages"))
     return json.dumps({"modules": list(PRELOAD_MODULES), "paths": paths})
 
 
@@ -219,7 +229,12 @@ class _Zygote:
     """One warm interpreter and the socket to it, driven by the server's event loop."""
 
     def __init__(
-        self, flags: tuple[str, ...], env: dict[str, str], log_path: Path, preload: str
+        self,
+        flags: tuple[str, ...],
+        env: dict[str, str],
+        log_path: Path,
+        preload: str,
+        executable: str = sys.executable,
     ) -> None:
         self.ready = False
         self.isolation: bool | None = None
@@ -235,7 +250,7 @@ class _Zygote:
         self._early_exits: dict[int, int] = {}
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         argv = [
-            sys.executable,
+            executable,
             *flags,
             "-c",
             _LAUNCHER,
@@ -377,24 +392,34 @@ class ForkServer:
         self._zygotes: dict[tuple[object, ...], _Zygote] = {}
         self._home = state_dir / "forkserver-home"  # empty: no user site-packages
         self._starts = 0  # zygotes started, live or not: a broken one is not retried forever
+        #: bin directories of built images' environments: their ``python`` gets warm
+        #: zygotes too (one per environment), run at the path the sandbox sees it at
+        self.envs: set[str] = set()
 
-    @staticmethod
-    def match(args: Sequence[str], env: Mapping[str, str]) -> tuple[tuple[str, ...], int] | None:
-        """``(flags, index of CODE)`` if ``args`` is a ``python [-S] -c`` of our interpreter."""
+    def match(
+        self, args: Sequence[str], env: Mapping[str, str]
+    ) -> tuple[tuple[str, ...], int, str] | None:
+        """``(flags, index of CODE, interpreter)`` if ``args`` is a ``python [-S] -c``
+        of our interpreter or of a built image's environment (`envs`)."""
         if len(args) < 3 or args[0] == "":
             return None
         exe = args[0] if "/" in args[0] else shutil.which(args[0], path=env.get("PATH", ""))
         if exe is None:
             return None
+        exe = os.path.abspath(exe)
         ours = os.path.abspath(sys.executable)
-        if os.path.dirname(os.path.abspath(exe)) != os.path.dirname(ours):
+        if os.path.dirname(exe) in self.envs:
+            interpreter = exe  # a venv's python: its path, not the base it links to
+        elif os.path.dirname(exe) != os.path.dirname(ours):
             return None  # another directory is another environment (a venv is its bin/)
-        if os.path.realpath(exe) != os.path.realpath(ours):
+        elif os.path.realpath(exe) != os.path.realpath(ours):
             return None
+        else:
+            interpreter = sys.executable
         for prefix, flags in _FLAVOURS.items():
             n = len(prefix)
             if tuple(args[1 : 1 + n]) == prefix and len(args) > 1 + n:
-                return flags, n + 1
+                return flags, n + 1, interpreter
         return None
 
     async def start_launcher(self, timeout: float = 30.0) -> bool:
@@ -408,16 +433,21 @@ class ForkServer:
             await asyncio.wait_for(z.ready_event.wait(), timeout)
         return bool(z.ready and z.isolation)
 
-    def _warm(self, flags: tuple[str, ...], env: Mapping[str, str]) -> _Zygote | None:
-        """The ready warm zygote for these flags and start-up env, if there is one
-        (if not, one is started for the next sandbox)."""
+    def _warm(
+        self, flags: tuple[str, ...], env: Mapping[str, str], interpreter: str
+    ) -> _Zygote | None:
+        """The ready warm zygote for this interpreter, flags and start-up env, if
+        there is one (if not, one is started for the next sandbox)."""
         startup = _startup_env(env)
-        key = (flags, startup)
+        key = (interpreter, flags, startup)
         z = self._zygotes.get(key)
         if z is None or z.dead:
             live = sum(1 for other in self._zygotes.values() if not other.dead)
             if live < MAX_ZYGOTES + 1 and self._starts < MAX_STARTS:
-                self._start(key, flags, dict(startup), _preload_spec())
+                preload = (
+                    _preload_spec() if interpreter == sys.executable else _env_preload(interpreter)
+                )
+                self._start(key, flags, dict(startup), preload, interpreter)
             return None
         return z if z.ready else None
 
@@ -457,7 +487,7 @@ class ForkServer:
         found = self.match(args, env) if self.warm and join is None else None
         if found is not None and not rlimit_as_bytes:
             # the warm interpreter's address space is not what a memory limit was sized for
-            zygote = self._warm(found[0], env)
+            zygote = self._warm(found[0], env, found[2])
             fields["code_index"] = found[1]
         if zygote is None:
             if isolate is None and join is None:
@@ -498,11 +528,12 @@ class ForkServer:
         flags: tuple[str, ...],
         startup: dict[str, str],
         preload: str,
+        interpreter: str = sys.executable,
     ) -> _Zygote | None:
         self._home.mkdir(parents=True, exist_ok=True)
         env = {
             "PATH": os.pathsep.join(
-                [os.path.dirname(sys.executable), "/usr/local/bin", "/usr/bin", "/bin"]
+                [os.path.dirname(interpreter), "/usr/local/bin", "/usr/bin", "/bin"]
             ),
             "HOME": str(self._home),
             **startup,
@@ -516,7 +547,7 @@ class ForkServer:
                 self._state_dir / "forkserver.log",
             )
         try:
-            z = _Zygote(flags, env, self._state_dir / "forkserver.log", preload)
+            z = _Zygote(flags, env, self._state_dir / "forkserver.log", preload, interpreter)
         except OSError as exc:
             log.warning("could not start the local server's fork server: %s", exc)
             return None

@@ -195,6 +195,17 @@ class ImageView:
         masked = [m for m in MASKED if os.path.lexists(m) and _under(m, shown)]
         return cls(dirs=shown, symlinks=symlinks, masked=masked, host_dirs=_outermost(extra))
 
+    def for_image(self, ro_dirs: Sequence[str]) -> ImageView:
+        """The view of a built image: this machine's userland (not the server's
+        Python environment) plus the image's ``ro_dirs`` (its Python's prefix and
+        its own environment), and the operator's ``host_dirs``."""
+        userland = [d for d in self.dirs if _under(d, SYSTEM_DIRS)]
+        dirs = _outermost([*userland, *ro_dirs])
+        masked = [m for m in MASKED if os.path.lexists(m) and _under(m, dirs)]
+        return ImageView(
+            dirs=dirs, symlinks=dict(self.symlinks), masked=masked, host_dirs=list(self.host_dirs)
+        )
+
     def resolve_readonly(self, path: str) -> str | None:
         """The host path behind a sandbox path inside the view, else None."""
         for d in (*self.dirs, *self.host_dirs):
@@ -223,13 +234,21 @@ def layout(
     hostname: str,
     network: str,
     binds: dict[str, Path] | None = None,
+    overlays: dict[str, list[str]] | None = None,
 ) -> dict[str, Any]:
     """The container spec `container.start` builds (JSON-able). Mounts are
     ordered so a parent is bound before what lies inside it. ``binds``: more
-    read-only binds, container path -> host file or directory (local files)."""
+    read-only binds, container path -> host file or directory (local files).
+    ``overlays``: view directories the image's layers add files to, container
+    path -> the layers' directories there, top-most first (`layers.overlays`);
+    such a directory is a read-only overlay of those over the host's."""
     mounts: list[tuple[str, str | None, str]] = []
+    over = overlays or {}
     for d in (*view.dirs, *view.host_dirs):
-        mounts.append(("ro", d, d))
+        if d in over:
+            mounts.append(("overlay", overlay_lowerdir([*over[d], d]), d))
+        else:
+            mounts.append(("ro", d, d))
     for target, source in (binds or {}).items():
         mounts.append(("ro", str(source), target))
     for m in view.masked:
@@ -243,6 +262,18 @@ def layout(
         "hostname": hostname,
         "network": network,
     }
+
+
+def overlay_lowerdir(dirs: Sequence[str]) -> str:
+    """An overlay mount's ``lowerdir=`` value: ``dirs`` top-most first, with the
+    characters overlayfs gives a meaning (``:`` separates, ``,`` ends the
+    option, ``\\`` escapes) escaped."""
+    escaped = []
+    for d in dirs:
+        for ch in "\\:,":
+            d = d.replace(ch, "\\" + ch)
+        escaped.append(d)
+    return ":".join(escaped)
 
 
 # ----- reaching into a running sandbox ------------------------------------------------
@@ -407,6 +438,7 @@ __all__ = [
     "host_dirs_from_env",
     "layout",
     "open_in_root",
+    "overlay_lowerdir",
     "pasta",
     "pasta_command",
     "prepare_root",

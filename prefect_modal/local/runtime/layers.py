@@ -6,6 +6,10 @@ from an image with layers starts with a *copy* of them in its writable root
 (never hard links: the sandbox may change its files in place, and a hard link
 would change the layer, and so every later sandbox made from it).
 
+What a layer holds under the image's read-only directories (``/usr``,
+``/etc``: the host's, standing in for the image) is not copied: it is shown
+over them by a read-only overlay (`overlays`).
+
 Copies keep modes, times and symlinks (never followed); devices, FIFOs and
 sockets are left out (a root has none worth keeping: /dev is made fresh).
 """
@@ -193,6 +197,30 @@ def materialize(files: Iterable[tuple[str, Path, int]], tree: Path) -> None:
         os.chmod(target, (mode & 0o7777) or 0o644)
 
 
+def overlays(trees: Iterable[Path], readonly_dirs: Iterable[str]) -> dict[str, list[str]]:
+    """Which of the image's read-only directories (``/usr``, ``/etc``) the layers
+    add files to: container path -> the layers' directories there, top-most
+    (the last layer) first.
+
+    Those directories are the host's, bound read-only over the sandbox's root,
+    so a layer's ``/usr/bin/jq`` copied into the root would be hidden. They are
+    mounted as a read-only overlay instead (the layers' directories over the
+    host's, see `container.build_root`): nothing is copied, and the layer's
+    files can no more be changed by the sandbox than the host's."""
+    found: dict[str, list[str]] = {}
+    trees = list(trees)
+    for d in readonly_dirs:
+        rel = abs_path(d).lstrip("/")
+        lowers = [
+            str(tree / rel)
+            for tree in reversed(trees)
+            if not os.path.islink(tree / rel) and os.path.isdir(tree / rel)
+        ]
+        if lowers:
+            found[abs_path(d)] = lowers
+    return found
+
+
 def relative_skips(paths: Iterable[str]) -> list[str]:
     """Container paths (``/usr``, ``/proc``) as `copy_tree` skips."""
     return [p.strip("/") for p in paths if p.strip("/")]
@@ -204,6 +232,7 @@ __all__ = [
     "clear_way",
     "copy_tree",
     "materialize",
+    "overlays",
     "relative_skips",
     "under",
 ]

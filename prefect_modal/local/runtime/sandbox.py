@@ -108,6 +108,12 @@ class SandboxSpec:
     image_id: str = ""  # the image it was created from (a snapshot inherits its ENV)
     #: read-only binds of local files (container path -> host path), isolated sandboxes
     binds: dict[str, Path] = field(default_factory=dict)
+    #: the image's own view (a built image: its Python, not the server's), else the server's
+    view: ImageView | None = None
+    #: PATH of the image (its environment's bin first), else the server's
+    path: list[str] = field(default_factory=list)
+    #: a line for the sandbox's log before its program's output (e.g. a registry image)
+    notice: str = ""
 
 
 @dataclass
@@ -239,6 +245,8 @@ class LocalSandbox:
         #: monitor process, which waits for it, has ended: see `container`)
         self._reported_exit: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._pasta: asyncio.subprocess.Process | None = None
+        #: read-only view directories its image's layers add files to (`layers.overlays`)
+        self._overlays: dict[str, list[str]] = {}
         self.tags = dict(spec.tags)
         self.created_at = time.time()
         self.finished_at: float | None = None
@@ -261,6 +269,12 @@ class LocalSandbox:
         self._supervisor: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._env: dict[str, str] = {}
+
+    @property
+    def view(self) -> ImageView:
+        """What this sandbox sees of the host read-only (isolated sandboxes only)."""
+        assert self.isolation is not None
+        return self.spec.view or self.isolation.view
 
     # ----- public view -----------------------------------------------------
 
@@ -323,8 +337,10 @@ class LocalSandbox:
     # ----- start -----------------------------------------------------------
 
     def _build_env(self) -> dict[str, str]:
-        path = [os.path.dirname(sys.executable), "/usr/local/sbin", "/usr/local/bin"]
-        path += ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+        path = list(self.spec.path)
+        if not path:
+            path = [os.path.dirname(sys.executable), "/usr/local/sbin", "/usr/local/bin"]
+            path += ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
         if self.isolation is not None:
             home, tmp = "/root", "/tmp"
         else:  # a host path: the process sees the host's file system
@@ -351,11 +367,14 @@ class LocalSandbox:
 
     def _prepare_dirs(self) -> None:
         if self.isolation is not None:
-            isolation.prepare_root(self.paths.fs, self.isolation.view)
+            view = self.view
+            isolation.prepare_root(self.paths.fs, view)
+            readonly = [*view.dirs, *view.host_dirs]
+            # under the read-only directories a layer's files are overlaid, not copied
+            self._overlays = layers.overlays(self.spec.layers, readonly)
             for layer in self.spec.layers:
-                layers.copy_tree(layer, self.paths.fs)
+                layers.copy_tree(layer, self.paths.fs, layers.relative_skips(readonly))
             if self.spec.layers:  # a snapshot's symlinks must not lead a mount point astray
-                view = self.isolation.view
                 targets = [*view.dirs, *view.host_dirs, *view.masked, *self.spec.volumes]
                 targets += [*self.spec.binds, "/proc", "/dev"]
                 layers.clear_way(self.paths.fs, targets)
@@ -377,6 +396,12 @@ class LocalSandbox:
         if self.spec.workdir and self.spec.workdir != "/":
             self.paths.resolve(self.spec.workdir).mkdir(parents=True, exist_ok=True)
 
+    @property
+    def overlays(self) -> dict[str, list[str]]:
+        """The read-only view directories its image's layers add files to, each with
+        the layers' directories there, top-most first (`layers.overlays`)."""
+        return dict(self._overlays)
+
     def workdir_problem(self) -> str | None:
         """Why the requested ``workdir`` cannot be the entrypoint's, or None.
 
@@ -397,12 +422,14 @@ class LocalSandbox:
             if layers.under(norm, target):
                 rest = norm[len(target) :].lstrip("/")
                 return None if (source / rest).is_dir() else self._missing(workdir)
-        if self.isolation.view.resolve_readonly(norm) is not None:
+        if self.view.resolve_readonly(norm) is not None:
             return None if os.path.isdir(norm) else self._missing(workdir)
+        if any((layer / norm.lstrip("/")).is_dir() for layer in self.spec.layers):
+            return None
         if norm.strip("/") in isolation.ROOT_DIRS:
             return None
         # a directory on the way to a mount exists too (/work of /work/project/.venv)
-        inner = [*self.isolation.view.dirs, *self.isolation.view.host_dirs, *self.spec.volumes]
+        inner = [*self.view.dirs, *self.view.host_dirs, *self.spec.volumes]
         inner += list(self.spec.binds)
         if any(p.startswith(norm.rstrip("/") + "/") for p in inner):
             return None
@@ -424,6 +451,8 @@ class LocalSandbox:
     async def start(self) -> None:
         """Start the entrypoint and supervise it; never raises for a bad command."""
         self._env = self._build_env()
+        if self.spec.notice:
+            self.stderr.append(self.spec.notice.encode())
         if self.isolation is None and self._not_isolated_because:
             self.stderr.append(
                 isolation.NOT_ISOLATED_NOTICE.format(why=self._not_isolated_because).encode()
@@ -487,11 +516,12 @@ class LocalSandbox:
         assert self.isolation is not None and self._forkserver is not None
         spec = isolation.layout(
             self.paths.fs,
-            self.isolation.view,
+            self.view,
             {mp: host for mp, (_name, host) in self.spec.volumes.items()},
             hostname=self.id.replace("_", "-")[:63],
             network=self.spec.network,
             binds=self.spec.binds,
+            overlays=self._overlays,
         )
         go_r = go_w = None
         if self.spec.network == "own" and self.isolation.pasta:

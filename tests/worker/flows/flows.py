@@ -58,27 +58,6 @@ def fan_out(n: int = 2) -> list[int]:
     return [f.result() for f in futures]
 
 
-@task
-def show_env() -> str:
-    seen = " ".join(f"{k}={os.environ.get(k)}" for k in ("POOL_VAR", "FLOW_VAR", "SHARED"))
-    print(f"LAYERED-ENV {seen}", flush=True)
-    return seen
-
-
-def _layered_runner():  # imported here: the sandbox image of other flows needs no prefect_modal
-    from prefect_modal import ModalTaskRunner, SandboxSpec
-
-    return ModalTaskRunner(
-        spec=SandboxSpec(cpu=0.5, env={"FLOW_VAR": "from-flow", "SHARED": "from-flow"}),
-        max_parallelism=3,
-    )
-
-
-@flow(task_runner=_layered_runner())
-def layered() -> str:
-    return show_env.submit().result()
-
-
 @flow
 def lingering() -> str:
     """Returns at once, but a non-daemon thread keeps its process (and sandbox) alive."""

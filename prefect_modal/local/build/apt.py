@@ -1,0 +1,593 @@
+"""``Image.apt_install`` for the local Modal server: Debian packages unpacked into a layer.
+
+A local image's base is this machine's Debian userland (its ``/usr`` and
+``/etc``, read-only in every sandbox), so what an ``apt_install`` layer must
+hold is what Debian would add to *this* system: the named packages (always,
+even when this machine has them: the image says it wants them) and those of
+their dependencies that this machine does not have, resolved by apt against
+its dpkg status. apt-get does the resolving and fetching, with everything it
+writes kept under ``cache_dir`` (its own package lists, archives and caches;
+``APT::Sandbox::User=root`` so it can write there), so the host's apt state is
+never touched and nothing is installed on the host. Each ``.deb`` is then
+unpacked with ``dpkg-deb -x`` into the layer directory, laid out as the
+sandbox's root (``dest/usr/bin/jq``); on a merged-``/usr`` host what a
+package ships under ``/bin`` or ``/lib`` goes to ``/usr/bin`` or ``/usr/lib``,
+where the sandbox's ``/bin -> usr/bin`` leads.
+
+What cannot work this way (documented in the README, said in the build log):
+
+* **Maintainer scripts are never run** (no ``preinst`` / ``postinst``): a
+  package whose script does more than ``ldconfig`` or triggers (creates
+  users, registers alternatives, enables services, generates files) gets a
+  *warning* naming the package and the commands it would have run, not an
+  error: most such packages still work for what a sandbox does with them
+  (their program runs), and refusing them would refuse much of Debian. Shared
+  libraries need no ``ldconfig``: the loader's default paths find them.
+* **Files under /etc**: the sandbox's ``/etc`` is this machine's, read-only;
+  the layer's ``/etc`` files are shown over it (a read-only overlay, see
+  `runtime.layers.overlays`), so a package's configuration files are there,
+  but a program that writes its own ``/etc`` files at run time cannot; the
+  log says how many ``/etc`` files a layer brings. Host files that are masked
+  in sandboxes (``/etc/shadow``...) stay masked.
+* Packages this machine's sources do not have, version pins they cannot
+  satisfy, and removals (a package that conflicts with one of this machine's
+  cannot take its place: the base is read-only) are reported, not worked
+  around.
+
+Package lists are refreshed (``apt-get update`` into the private lists) when
+missing, older than `LISTS_MAX_AGE_S`, older than the host's sources, or
+when a package or file is not found with lists older than
+`LISTS_RETRY_AGE_S`; a mirror that cannot be reached with lists at hand is a warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import io
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..runtime import layers
+
+#: Package lists older than this are refreshed before a build (a day, as the
+#: mirror's security updates come).
+LISTS_MAX_AGE_S = 24 * 3600
+#: A package or file not found with lists older than this refreshes them once
+#: (the mirror moved on); younger lists make it an error at once.
+LISTS_RETRY_AGE_S = 10 * 60
+#: apt-get runs at most this long (a large package set on a slow mirror).
+APT_TIMEOUT_S = 30 * 60
+
+#: Debian Policy 5.6.1: lower-case letters, digits, '+', '-', '.'; two characters
+#: at least; starting with a letter or digit. A version pin may follow '='.
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9+.-]+")
+_VERSION_RE = re.compile(r"[0-9][A-Za-z0-9.+~:-]*")
+_RELEASE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+~-]*")
+NAME_RULE = (
+    "Debian package names are lower-case letters, digits, '+', '-' and '.', at least two "
+    "characters, starting with a letter or digit, optionally with '=<version>' or "
+    "'/<release>' (e.g. 'jq', 'jq=1.6-2.1' or 'jq/bookworm')"
+)
+
+#: Top-level directories a merged-/usr system has as symlinks into /usr.
+_USR_ALIASES = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
+#: Commands a maintainer script may run without needing to be run here: shell
+#: structure and tests, and what the loader or dpkg's triggers do anyway.
+_HARMLESS = {
+    "ldconfig",
+    "dpkg-trigger",
+    "dpkg-maintscript-helper",
+    "set",
+    "exit",
+    "return",
+    "shift",
+    "true",
+    "false",
+    ":",
+    "[",
+    "[[",
+    "test",
+    "echo",
+    "printf",
+    "which",
+    "command",
+    "type",
+    "local",
+    "export",
+    "unset",
+    ".",
+    "read",
+    "umask",
+    "cd",
+    "continue",
+    "break",
+    "trap",
+    "readlink",
+    "realpath",
+    "dirname",
+    "basename",
+    "grep",
+    "dpkg-query",
+}
+_SHELL_WORDS = {"if", "then", "else", "elif", "fi", "case", "esac", "in", "for", "do", "done"}
+_SHELL_WORDS |= {"while", "until", "{", "}", "!", "(", ")"}
+_CASE_LABEL = re.compile(r"^\s*[^\s()]+(\s*\|\s*[^\s()]+)*\s*\)")
+_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+_COMMAND_NAME = re.compile(r"[A-Za-z_][\w.+-]*")
+_FUNCTION = re.compile(r"^\s*(?:function\s+)?([A-Za-z_][\w-]*)\s*\(\)", re.M)
+_HEREDOC = re.compile(r"<<-?\s*['\"]?(\w+)")
+_INST = re.compile(r"^Inst (\S+) (?:\[[^\]]*\] )?\((\S+) [^\[]*\[([^\]]+)\]\)")
+_REMV = re.compile(r"^Remv (\S+)")
+
+
+class AptError(Exception):
+    """A package cannot be put into the image's layer; the message says which,
+    why (apt's own words where it has them) and what to do."""
+
+
+class _ListsMayBeStale(AptError):
+    """Not found with package lists that were not refreshed by this call: worth one retry."""
+
+
+@dataclass(frozen=True)
+class _Deb:
+    name: str
+    version: str
+    arch: str
+
+    @property
+    def filename(self) -> str:
+        # apt's archive file name: the version's ':' (an epoch) is quoted
+        return f"{self.name}_{self.version.replace(':', '%3a')}_{self.arch}.deb"
+
+
+def _validate_names(packages: Sequence[str]) -> list[str]:
+    """The packages as apt-get arguments; AptError for a value that is not a
+    Debian package name (checked before anything runs: a value such as
+    ``-o...`` must never reach apt-get as an option)."""
+    if isinstance(packages, str):
+        packages = [packages]
+    names: list[str] = []
+    for value in packages:
+        if not isinstance(value, str):
+            raise AptError(f"apt_install: {value!r} is not a string: {NAME_RULE}")
+        name, sep, version = value.partition("=")
+        name, slash, release = name.partition("/")
+        if (
+            not _NAME_RE.fullmatch(name)
+            or (sep and not _VERSION_RE.fullmatch(version))
+            or (slash and not _RELEASE_RE.fullmatch(release))
+            or (sep and slash)
+        ):
+            raise AptError(f"apt_install: {value!r} is not a Debian package name: {NAME_RULE}")
+        names.append(value)
+    return list(dict.fromkeys(names))
+
+
+def unpack_packages(
+    packages: Sequence[str],
+    dest: Path,
+    *,
+    cache_dir: Path,
+    log: Callable[[str], None],
+) -> None:
+    """Fetch ``packages`` and the dependencies this machine lacks, and unpack
+    them into ``dest`` (a layer laid out as the sandbox's root). ``cache_dir``
+    holds apt's private lists and archives: a second call for the same
+    packages fetches nothing. Progress goes to ``log`` line by line."""
+    names = _validate_names(packages)
+    if not names:
+        log("apt: no packages to install")
+        return
+    if any(ch in str(cache_dir) for ch in '"\n;{}'):
+        raise AptError(
+            f"apt_install: the apt cache directory {str(cache_dir)!r} has a character apt's "
+            "configuration cannot hold ('\"', ';', '{', '}', a newline): use another directory"
+        )
+    t0 = time.monotonic()
+    apt = _PrivateApt(Path(cache_dir), log)
+    with apt.locked():
+        fresh = False
+        if apt.lists_stale():
+            apt.update()
+            fresh = True
+        try:
+            plan, debs = apt.resolve_and_fetch(names)
+        except _ListsMayBeStale as exc:
+            if fresh or not apt.lists_older_than(LISTS_RETRY_AGE_S):
+                raise AptError(str(exc)) from None
+            log("apt: not found with the package lists at hand; refreshing them and retrying")
+            apt.update()
+            try:
+                plan, debs = apt.resolve_and_fetch(names)
+            except _ListsMayBeStale as again:
+                raise AptError(str(again)) from None
+        _unpack(plan, debs, Path(dest), log)
+    log(f"apt: {' '.join(names)} done in {time.monotonic() - t0:.1f} s")
+
+
+# ----- apt-get with private state -------------------------------------------------------
+
+
+class _PrivateApt:
+    """apt-get reading this machine's sources and dpkg status, writing only under ``cache``."""
+
+    def __init__(self, cache: Path, log: Callable[[str], None]) -> None:
+        self.cache = cache.absolute()
+        self.log = log
+        self.lists = self.cache / "lists"
+        self.archives = self.cache / "archives"
+        self.stamp = self.cache / "lists.updated"
+        for d in (self.lists / "partial", self.archives / "partial", self.cache / "apt-cache"):
+            d.mkdir(parents=True, exist_ok=True)
+        (self.cache / "log").mkdir(exist_ok=True)
+        self.conf = self.cache / "apt.conf"
+        self.conf.write_text(self._config())
+
+    def _config(self) -> str:
+        c = self.cache
+        # hooks of the host's apt.conf.d (docker-clean, packagekit, appstream) would
+        # act on the host's files: cleared for these runs
+        cleared = [
+            "APT::Update::Pre-Invoke",
+            "APT::Update::Post-Invoke",
+            "APT::Update::Post-Invoke-Success",
+            "DPkg::Pre-Invoke",
+            "DPkg::Post-Invoke",
+            "DPkg::Pre-Install-Pkgs",
+        ]
+        lines = [f"#clear {k};" for k in cleared]
+        lines += [
+            f'Dir::State::Lists "{self.lists}/";',
+            f'Dir::State::extended_states "{c}/extended_states";',
+            f'Dir::Cache "{c}/apt-cache/";',
+            f'Dir::Cache::archives "{self.archives}/";',
+            # apt's binary cache of the lists: without it each run parses them again
+            # (seconds); the host may turn it off (docker-clean), ours is private
+            'Dir::Cache::pkgcache "pkgcache.bin";',
+            'Dir::Cache::srcpkgcache "srcpkgcache.bin";',
+            f'Dir::Log "{c}/log";',
+            'APT::Sandbox::User "root";',
+            'APT::Install-Recommends "false";',
+            'Acquire::http::Timeout "30";',
+            'Acquire::Retries "2";',
+        ]
+        return "\n".join(lines) + "\n"
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """One apt run per cache at a time (two builds may share it)."""
+        with open(self.cache / "build.lock", "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if k != "APT_CONFIG"}
+        env.update(LC_ALL="C", LANG="C", DEBIAN_FRONTEND="noninteractive")
+        cmd = ["apt-get", "-c", str(self.conf), "-q", *args]
+        try:
+            return subprocess.run(
+                cmd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                errors="replace",
+                timeout=APT_TIMEOUT_S,
+            )
+        except FileNotFoundError:
+            raise AptError(
+                "apt_install: apt-get is not on this machine: the local server unpacks Debian "
+                "packages with apt-get and dpkg-deb, so it needs a Debian or Ubuntu host"
+            ) from None
+        except subprocess.TimeoutExpired:
+            raise AptError(
+                f"apt_install: apt-get {args[0]!r} did not finish in {APT_TIMEOUT_S} s: check "
+                "the network and the mirror in /etc/apt/sources.list*"
+            ) from None
+
+    # --- package lists
+
+    def _has_lists(self) -> bool:
+        return any("_Packages" in p.name for p in self.lists.iterdir())
+
+    def lists_older_than(self, seconds: float) -> bool:
+        return not self.stamp.exists() or time.time() - self.stamp.stat().st_mtime > seconds
+
+    def lists_stale(self) -> bool:
+        if not self.stamp.exists() or not self._has_lists():
+            return True
+        made = self.stamp.stat().st_mtime
+        if time.time() - made > LISTS_MAX_AGE_S:
+            return True
+        sources = [Path("/etc/apt/sources.list"), *Path("/etc/apt/sources.list.d").glob("*")]
+        return any(p.exists() and p.stat().st_mtime > made for p in sources)
+
+    def update(self) -> None:
+        self.log(f"apt: updating package lists (private, in {self.lists})")
+        t0 = time.monotonic()
+        out = self.run("update")
+        failed = out.returncode != 0 or any(
+            line.startswith(("E:", "W: Failed", "Err:")) for line in out.stdout.splitlines()
+        )
+        if failed:
+            said = _apt_says(out.stdout)
+            if self._has_lists():
+                self.log(
+                    f"apt: warning: cannot refresh the package lists ({said}); using those at hand"
+                )
+                return
+            raise AptError(
+                "apt_install: cannot fetch Debian's package lists from this machine's sources: "
+                f"apt-get update says: {said}. Check the network and the mirror in "
+                "/etc/apt/sources.list*"
+            )
+        self.stamp.touch()
+        size = sum(p.stat().st_size for p in self.lists.iterdir() if p.is_file())
+        self.log(f"apt: package lists updated ({_size(size)}) in {time.monotonic() - t0:.1f} s")
+
+    # --- resolving and fetching
+
+    def _install_args(self, names: list[str]) -> list[str]:
+        # --reinstall: the named packages are fetched even when this machine has them
+        return ["--no-install-recommends", "--reinstall", "--allow-downgrades", "install", *names]
+
+    def plan(self, names: list[str]) -> list[_Deb]:
+        out = self.run("-s", *self._install_args(names))
+        if out.returncode != 0:
+            raise _resolve_error(names, out.stdout)
+        plan: list[_Deb] = []
+        removed: list[str] = []
+        for line in out.stdout.splitlines():
+            m = _INST.match(line)
+            if m:
+                plan.append(_Deb(m.group(1), m.group(2), m.group(3).split()[0]))
+            m = _REMV.match(line)
+            if m:
+                removed.append(m.group(1))
+        if removed:
+            self.log(
+                f"apt: warning: Debian would remove {', '.join(removed)} to install these; the "
+                "base is this machine's read-only userland, so those stay (the layer's files "
+                "are shown over theirs)"
+            )
+        if not plan:
+            raise AptError(
+                f"apt_install({', '.join(names)}): apt-get plans nothing to install: "
+                f"{_apt_says(out.stdout)}"
+            )
+        return plan
+
+    def resolve_and_fetch(self, names: list[str]) -> tuple[list[_Deb], list[Path]]:
+        t0 = time.monotonic()
+        plan = self.plan(names)
+        self.log(
+            f"apt: {len(plan)} package{'s' if len(plan) > 1 else ''} for {' '.join(names)}: "
+            + ", ".join(f"{d.name} {d.version}" for d in plan)
+            + f" (resolved in {time.monotonic() - t0:.1f} s; what this machine has is not fetched)"
+        )
+        missing = [d for d in plan if not (self.archives / d.filename).exists()]
+        if missing:
+            self.log(f"apt: fetching {len(missing)}: {', '.join(d.name for d in missing)}")
+            t0 = time.monotonic()
+            out = self.run("-y", "--download-only", *self._install_args(names))
+            if out.returncode != 0:
+                said = _apt_says(out.stdout)
+                if "404" in out.stdout or "Failed to fetch" in out.stdout:
+                    raise _ListsMayBeStale(
+                        f"apt_install({', '.join(names)}): cannot fetch the packages: {said}. "
+                        "Check the network and the mirror in /etc/apt/sources.list*"
+                    )
+                raise AptError(f"apt_install({', '.join(names)}): apt-get fails: {said}")
+            fetched = sum(
+                (self.archives / d.filename).stat().st_size
+                for d in missing
+                if (self.archives / d.filename).exists()
+            )
+            self.log(
+                f"apt: fetched {len(missing)} package{'s' if len(missing) > 1 else ''} "
+                f"({_size(fetched)}) in {time.monotonic() - t0:.1f} s"
+            )
+        debs = [self.archives / d.filename for d in plan]
+        gone = [d.filename for d, p in zip(plan, debs, strict=True) if not p.exists()]
+        if gone:
+            raise AptError(
+                f"apt_install({', '.join(names)}): apt-get reported success but "
+                f"{', '.join(gone)} is not in {self.archives}: remove that directory and retry"
+            )
+        if not missing:
+            total = sum(p.stat().st_size for p in debs)
+            self.log(f"apt: all {len(debs)} in the cache ({_size(total)}), nothing fetched")
+        return plan, debs
+
+
+def _apt_says(output: str) -> str:
+    """apt's error lines (else its last lines), in one line."""
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith(("E:", "W:", "Err:"))]
+    picked = errors or lines[-5:]
+    return " / ".join(picked[-8:]) or "no output"
+
+
+def _resolve_error(names: list[str], output: str) -> AptError:
+    missing = re.findall(r"^E: Unable to locate package (\S+)", output, re.M)
+    if missing:
+        which = ", ".join(repr(m) for m in missing)
+        return _ListsMayBeStale(
+            f"apt_install: no Debian package named {which} in this machine's package sources "
+            "(/etc/apt/sources.list*): check the name (`apt-cache search <word>` lists "
+            "candidates) or add the source that has it"
+        )
+    no_candidate = re.findall(r"^E: Package '([^']+)' has no installation candidate", output, re.M)
+    if no_candidate:
+        which = ", ".join(repr(m) for m in no_candidate)
+        return AptError(
+            f"apt_install: {which} has no installable version (a virtual package, or one only "
+            f"named by others): apt says: {_apt_says(output)}. Install a package that provides it"
+        )
+    bad_version = re.findall(r"^E: Version '([^']+)' for '([^']+)' was not found", output, re.M)
+    if bad_version:
+        which = ", ".join(f"{n}={v}" for v, n in bad_version)
+        return _ListsMayBeStale(
+            f"apt_install: version {which} is not in this machine's package sources: pin a "
+            "version they have (`apt-cache policy <name>`) or none"
+        )
+    return AptError(
+        f"apt_install({', '.join(names)}): apt cannot resolve these against this machine's "
+        f"packages: {_apt_says(output)}"
+    )
+
+
+# ----- unpacking -------------------------------------------------------------------------
+
+
+def _unpack(plan: list[_Deb], debs: list[Path], dest: Path, log: Callable[[str], None]) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    etc_before = _files_under(dest / "etc")
+    for deb, path in zip(plan, debs, strict=True):
+        for script, commands in _script_effects(path).items():
+            log(
+                f"apt: warning: {deb.name}'s {script} does more than ldconfig/triggers "
+                f"({'; '.join(commands)}); the local server never runs maintainer scripts, so "
+                "what it sets up (users, alternatives, services, generated files) is missing "
+                "here and the package may not work as on Modal"
+            )
+        out = subprocess.run(
+            ["dpkg-deb", "-x", str(path), str(dest)],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            errors="replace",
+        )
+        if out.returncode != 0:
+            raise AptError(
+                f"apt_install: cannot unpack {deb.name} ({path.name}): "
+                f"{out.stderr.strip() or out.stdout.strip()}. Remove it from {path.parent} "
+                "and retry"
+            )
+        _fold_into_usr(dest)
+    size = sum(p.stat().st_size for p in debs)
+    log(
+        f"apt: unpacked {len(debs)} package{'s' if len(debs) > 1 else ''} ({_size(size)}) "
+        f"in {time.monotonic() - t0:.1f} s"
+    )
+    etc = sorted(_files_under(dest / "etc") - etc_before)
+    if etc:
+        shown = ", ".join("/etc/" + p for p in etc[:5]) + (" ..." if len(etc) > 5 else "")
+        log(
+            f"apt: note: {len(etc)} file{'s' if len(etc) > 1 else ''} under /etc ({shown}): the "
+            "sandbox shows them read-only over this machine's /etc; a program that changes "
+            "its /etc files at run time cannot"
+        )
+
+
+def _files_under(top: Path) -> set[str]:
+    if not top.is_dir():
+        return set()
+    found: set[str] = set()
+    for here, _dirs, files in os.walk(top):
+        for name in files:
+            found.add(os.path.relpath(os.path.join(here, name), top))
+    return found
+
+
+def _fold_into_usr(dest: Path) -> None:
+    """On a merged-/usr host (``/bin -> usr/bin``), move what a package put
+    under ``dest/bin`` into ``dest/usr/bin``: a real ``bin`` directory in the
+    layer would replace the sandbox's ``/bin`` symlink, hiding the host's."""
+    for alias in _USR_ALIASES:
+        host = Path("/") / alias
+        here = dest / alias
+        if not host.is_symlink() or here.is_symlink() or not here.is_dir():
+            continue
+        target = os.path.normpath(os.path.join("/", os.readlink(host)))
+        layers.copy_tree(here, dest / target.lstrip("/"))
+        shutil.rmtree(here)
+
+
+def _script_effects(deb: Path) -> dict[str, list[str]]:
+    """The commands a package's preinst / postinst would run beyond the harmless ones."""
+    out = subprocess.run(
+        ["dpkg-deb", "--ctrl-tarfile", str(deb)], stdin=subprocess.DEVNULL, capture_output=True
+    )
+    if out.returncode != 0:
+        raise AptError(
+            f"apt_install: {deb.name} is not a readable Debian package: "
+            f"{out.stderr.decode(errors='replace').strip()}. Remove it and retry"
+        )
+    found: dict[str, list[str]] = {}
+    with tarfile.open(fileobj=io.BytesIO(out.stdout)) as tar:
+        for member in tar.getmembers():
+            name = member.name.lstrip("./")
+            if name not in ("preinst", "postinst") or not member.isfile():
+                continue
+            f = tar.extractfile(member)
+            if f is None:
+                continue
+            commands = _effectful_commands(f.read().decode(errors="replace"))
+            if commands:
+                found[name] = commands
+    return found
+
+
+def _effectful_commands(script: str) -> list[str]:
+    """The names of the commands a maintainer script runs that are not shell
+    structure, tests, its own functions or `_HARMLESS` (up to four, in order).
+    A heuristic: it reads lines, not the shell's grammar (continuation lines
+    and here-documents are skipped), and errs towards naming more."""
+    functions = set(_FUNCTION.findall(script))
+    found: list[str] = []
+    heredoc: str | None = None
+    continued = False
+    for raw in script.splitlines():
+        if heredoc is not None:
+            if raw.strip() == heredoc:
+                heredoc = None
+            continue
+        was_continued, continued = continued, raw.rstrip().endswith("\\")
+        marker = _HEREDOC.search(raw)
+        if marker:
+            heredoc = marker.group(1)
+        if was_continued or raw.lstrip().startswith("#"):
+            continue
+        line = _CASE_LABEL.sub("", re.sub(r"\s#.*$", "", raw), count=1)
+        for piece in re.split(r";;|;|&&|\|\||\|", line):
+            words = piece.split()
+            while words and (words[0] in _SHELL_WORDS or _ASSIGNMENT.match(words[0])):
+                words.pop(0)
+            if not words or words[0] in ("case", "for", "select"):
+                continue
+            first = words[0]
+            if not _COMMAND_NAME.fullmatch(first) or first in _HARMLESS or first in functions:
+                continue
+            if first == "dpkg" and words[1:2] == ["--compare-versions"]:
+                continue
+            if first not in found:
+                found.append(first)
+            if len(found) == 4:
+                return found
+    return found
+
+
+def _size(n: int) -> str:
+    if n < 1000:
+        return f"{n} B"
+    if n < 1000**2:
+        return f"{n / 1000:.1f} kB"
+    return f"{n / 1000**2:.1f} MB"
+
+
+__all__ = ["AptError", "unpack_packages"]

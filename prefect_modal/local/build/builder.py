@@ -1,0 +1,292 @@
+"""Build an image's layers from its recipe, each one cached (`cache`), with build logs.
+
+An image built here (`ImageState`) is: this machine's Debian userland
+read-only (as every sandbox has it), a base Python of the version asked for
+(its prefix read-only at its own path), the image's own virtual environment
+(made with ``uv``, read-only at the same absolute path as on this machine:
+nothing of the server's environment), file layers copied into each new
+sandbox root (``apt_install``, ``run_commands``, ``workdir``), and its
+``ENV`` / ``WORKDIR`` / ``ENTRYPOINT`` / ``CMD``.
+
+``run_commands`` run in a build sandbox (the runtime's container, over the
+layers so far, the environment writable); the root they leave is the next
+layer. Registry images cannot be pulled here: they keep the server's view
+(this machine's userland and the server's Python) and their steps are not run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import stat
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import pip, pythons
+from .cache import LayerCache, layer_key
+from .pip import BuildStepError
+from .recipe import Recipe, Step
+
+Log = Callable[[str], None]
+#: Runs a build command in a container: (argv, env, workdir, root dir, layers,
+#: read-only dirs, writable binds, log) -> exit code.
+RunInSandbox = Callable[
+    [list[str], dict[str, str], str, Path, list[Path], list[str], dict[str, Path], Log],
+    Awaitable[int],
+]
+
+#: PATH in an image with a Python environment: its bin first, as Modal's images
+#: have /usr/local/bin/python first.
+STANDARD_PATH = ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+
+
+class ImageBuildError(Exception):
+    """The build failed; the message is what the client shows (`GenericResult.exception`)."""
+
+
+@dataclass
+class ImageState:
+    """What sandboxes of a built image get (JSON-able: kept in each layer's meta.json)."""
+
+    key: str = ""
+    kind: str = "host"  # "python" (built here) or "host" (a registry image: the server's view)
+    registry: str = ""  # the FROM of a registry image
+    python: str = ""  # base interpreter
+    version: str = ""
+    prefixes: list[str] = field(default_factory=list)
+    venv: str = ""
+    layers: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    workdir: str = ""
+    entrypoint: list[str] = field(default_factory=list)
+    cmd: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ImageState:
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+    def copy(self) -> ImageState:
+        return ImageState.from_json(asdict(self))
+
+    @property
+    def ro_dirs(self) -> list[str]:
+        """Host directories a sandbox sees read-only at their paths (beyond the userland)."""
+        return [*self.prefixes, *([self.venv] if self.venv else [])]
+
+    @property
+    def path(self) -> list[str]:
+        return [f"{self.venv}/bin", *STANDARD_PATH] if self.venv else []
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """A copy of ``src`` whose files are hard links (a cached layer is never
+    changed in place: installs replace files, they do not rewrite them)."""
+    for dirpath, dirnames, filenames in os.walk(src):
+        rel = os.path.relpath(dirpath, src)
+        target = dst / rel if rel != "." else dst
+        target.mkdir(exist_ok=True)
+        shutil.copystat(dirpath, target)
+        linked_dirs = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+        for name in [*filenames, *linked_dirs]:
+            s = os.path.join(dirpath, name)
+            st = os.lstat(s)
+            if stat.S_ISLNK(st.st_mode):
+                os.symlink(os.readlink(s), target / name)
+            elif stat.S_ISREG(st.st_mode):
+                try:
+                    os.link(s, target / name)
+                except OSError:
+                    shutil.copy2(s, target / name)
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    shutil.copytree(src, dst, symlinks=True)
+
+
+class Builder:
+    """Builds recipes into `ImageState`s with the layer cache; counts on `cache`."""
+
+    def __init__(self, cache: LayerCache, run_in_sandbox: RunInSandbox | None) -> None:
+        self.cache = cache
+        self.run_in_sandbox = run_in_sandbox
+
+    # ----- planning -----------------------------------------------------------------
+
+    def base_state(self, recipe: Recipe, parent: ImageState | None) -> ImageState:
+        """The state the steps start from; raises `ImageBuildError` for a Python
+        version this machine does not have."""
+        if recipe.base is None:
+            if parent is None:
+                raise ImageBuildError("the image has no FROM and no base image")
+            return parent.copy()
+        if recipe.base.startswith("registry:"):
+            ref = recipe.base.removeprefix("registry:")
+            return ImageState(key=layer_key("", ["registry", ref]), kind="host", registry=ref)
+        series = recipe.base.removeprefix("python:")
+        interp = pythons.find(series)
+        if interp is None:
+            raise ImageBuildError(
+                f"Image.debian_slim(python_version={series!r}): this machine has no Python "
+                f"{series}, so the local Modal server cannot build this image (it never "
+                f"substitutes another version). Versions it can build: "
+                f"{pythons.describe_available()}. Install Python {series} (e.g. "
+                f"`pyenv install {series}`), or use one of those."
+            )
+        return ImageState(
+            key="",  # set by the base layer
+            kind="python",
+            python=interp.executable,
+            version=interp.version,
+            prefixes=list(interp.prefixes),
+        )
+
+    def planned_key(self, recipe: Recipe, parent: ImageState | None) -> str:
+        """The key of the image's last layer, without building anything."""
+        state = self.base_state(recipe, parent)
+        key = state.key or self._base_key(state)
+        for step in recipe.steps:
+            key = layer_key(key, step.definition())
+        return key
+
+    @staticmethod
+    def _base_key(state: ImageState) -> str:
+        return layer_key("", ["python", state.python, state.version])
+
+    def lookup(self, key: str) -> ImageState | None:
+        meta = self.cache.meta(key)
+        return ImageState.from_json(meta["state"]) if meta else None
+
+    # ----- building -----------------------------------------------------------------
+
+    async def build(self, recipe: Recipe, parent: ImageState | None, log: Log) -> ImageState:
+        state = self.base_state(recipe, parent)
+        if state.kind == "python" and not state.key:
+            key = self._base_key(state)
+
+            async def base(here: Path) -> dict[str, Any]:
+                log(f"Building the Python {state.version} environment ({state.python})\n")
+                await pip.make_venv(state.python, here / "venv", log)
+                done = state.copy()
+                done.key, done.venv = key, str(here / "venv")
+                return {"state": asdict(done)}
+
+            state = await self._layer(key, base, log)
+        for step in recipe.steps:
+            state = await self._step(state, step, log)
+        return state
+
+    async def _layer(
+        self, key: str, build: Callable[[Path], Awaitable[dict[str, Any]]], log: Log
+    ) -> ImageState:
+        try:
+            meta, built = await self.cache.get_or_build(key, build)
+        except BuildStepError as exc:
+            raise ImageBuildError(str(exc)) from None
+        if not built:
+            log(f"Layer {key[:12]}: cached\n")
+        return ImageState.from_json(meta["state"])
+
+    async def _step(self, state: ImageState, step: Step, log: Log) -> ImageState:
+        key = layer_key(state.key, step.definition())
+        kind, data = step.kind, step.data
+        if kind in ("env", "entrypoint", "cmd", "ignored", "copy"):
+            new = state.copy()
+            new.key = key
+            if kind == "env":
+                new.env.update(data["vars"])
+            elif kind == "entrypoint":
+                new.entrypoint = list(data["argv"])
+            elif kind == "cmd":
+                new.cmd = list(data["argv"])
+            elif kind == "copy" and data.get("layer"):
+                new.layers.append(str(data["layer"]))
+            elif kind == "ignored":
+                log(f"[prefect-modal local] not applied here: {data['line']}\n")
+            return new
+        if state.kind != "python":
+            new = state.copy()
+            new.key = key
+            log(
+                f"[prefect-modal local] not built: {kind} step on registry image "
+                f"{state.registry!r}, which this machine cannot pull\n"
+            )
+            return new
+
+        async def build(here: Path) -> dict[str, Any]:
+            new = state.copy()
+            new.key = key
+            if kind == "pip":
+                venv = here / "venv"
+                await asyncio.to_thread(_link_tree, Path(state.venv), venv)
+                scratch = here / "context"
+                scratch.mkdir()
+                await pip.install(venv, list(data["args"]), dict(data["files"]), log, scratch)
+                shutil.rmtree(scratch, ignore_errors=True)
+                new.venv = str(venv)
+            elif kind == "workdir":
+                path = _absolute(data["path"], state.workdir)
+                (here / "fs" / path.lstrip("/")).mkdir(parents=True, exist_ok=True)
+                new.layers.append(str(here / "fs"))
+                new.workdir = path
+            elif kind == "apt":
+                await self._apt(list(data["packages"]), here / "fs", log)
+                new.layers.append(str(here / "fs"))
+            elif kind == "run":
+                await self._run(state, data["command"], here, log)
+                new.layers = [str(here / "fs")]
+                new.venv = str(here / "venv")
+            else:
+                raise ImageBuildError(f"unknown build step {kind!r}")
+            return {"state": asdict(new)}
+
+        return await self._layer(key, build, log)
+
+    async def _apt(self, packages: list[str], dest: Path, log: Log) -> None:
+        from . import apt
+
+        dest.mkdir(parents=True, exist_ok=True)
+        cache_dir = self.cache.root.parent / "apt"  # apt's private lists and archives
+
+        def line(text: str) -> None:  # apt's log gives lines without their newline
+            log(text if text.endswith("\n") else text + "\n")
+
+        try:
+            await asyncio.to_thread(
+                apt.unpack_packages, packages, dest, cache_dir=cache_dir, log=line
+            )
+        except apt.AptError as exc:
+            raise ImageBuildError(f"apt_install({', '.join(packages)}) failed: {exc}") from None
+
+    async def _run(self, state: ImageState, command: str, here: Path, log: Log) -> None:
+        if self.run_in_sandbox is None:
+            raise ImageBuildError(
+                f"run_commands({command!r}): build commands run in an isolated build sandbox, "
+                "and this local server cannot isolate sandboxes (see its log)"
+            )
+        venv = here / "venv"
+        await asyncio.to_thread(_copy_tree, Path(state.venv), venv)
+        env = {**state.env, "PATH": ":".join([f"{venv}/bin", *STANDARD_PATH])}
+        log(f"$ {command}\n")
+        code = await self.run_in_sandbox(
+            ["/bin/sh", "-c", command],
+            env,
+            state.workdir or "/",
+            here / "fs",
+            [Path(p) for p in state.layers],
+            list(state.prefixes),
+            {str(venv): venv},
+            log,
+        )
+        if code != 0:
+            raise ImageBuildError(
+                f"run_commands: {command!r} failed with exit code {code}; see the build log"
+            )
+
+
+def _absolute(path: str, current: str) -> str:
+    import posixpath
+
+    return posixpath.normpath(posixpath.join(current or "/", path))
