@@ -120,8 +120,10 @@ def status(
         res = rec.resources if rec else {}
         seconds = rec.seconds if rec else None
         task = _task_label(rec)
-        if len(report.calls) > 1:  # a warm sandbox: the task runs it served, in order
-            task = ", ".join(f"{c.task_name} ({str(c.task_run_id)[:8]})" for c in report.calls)
+        if rec is not None and rec.warm:  # a warm sandbox: the task runs it served, in order
+            task = f"{len(report.calls)} calls: " + ", ".join(
+                f"{c.task_name} ({str(c.task_run_id)[:8]})" for c in report.calls
+            )
         table.add_row(
             report.sandbox_id,
             task,

@@ -25,7 +25,6 @@ import sysconfig
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextvars import copy_context
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -36,10 +35,19 @@ import cloudpickle
 
 from prefect_modal import events, packages, remote, sandboxes
 from prefect_modal import tags as tag_keys
-from prefect_modal.artifacts import SandboxArtifact, write_sandbox_artifact
+from prefect_modal.artifact_writer import ArtifactWriter
+from prefect_modal.artifacts import SandboxArtifact, SandboxStatus
 from prefect_modal.nested import NestedCalls
 from prefect_modal.settings import DEFAULT_TIMEOUT_SECONDS, SandboxSpec
-from prefect_modal.warm import PoolClosedError, WarmPool, WarmSandbox, pool_key
+from prefect_modal.warm import (
+    PoolClosedError,
+    StartPlan,
+    WarmPool,
+    WarmSandbox,
+    WarmStartError,
+    pool_key,
+)
+from prefect_modal.warm_records import WarmRecord
 
 #: The Python minor version the payload is pickled with; the sandbox must match.
 LOCAL_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -276,96 +284,6 @@ class CallInfo:
 # -- shared state: in-flight calls, artifact writing -------------------------------------
 
 
-class ArtifactWriter:
-    """Writes sandbox records to Prefect in the background, in order.
-
-    A record is written when a sandbox starts and again when it ends; on the
-    task's critical path that would be two API round trips per task, so one
-    thread writes them while the task goes on, and `flush()` waits at the end
-    of the flow run.  That thread keeps one Prefect client open between writes
-    (opening a client costs ~30 ms of CPU, ten times a write, and the flow
-    process's CPU is what a map of small tasks waits on); `flush()` closes it.
-    A failed write is logged, never fatal to a task.
-    """
-
-    def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefect-modal-artifacts")
-        self._pending: set[Future[None]] = set()
-        self._lock = threading.Lock()
-        # owned by the writer thread only
-        self._client: Any = None
-        self._client_url: str | None = None
-
-    def write(self, record: SandboxArtifact, wanted: Callable[[], bool] | None = None) -> None:
-        """Queue a write; ``wanted`` is asked again just before it is sent (a "running"
-        record whose sandbox has finished meanwhile is not worth an API call)."""
-        snapshot = record.model_copy()
-        context = copy_context()  # Prefect's settings (API URL) live in context vars
-        self._submit(context.run, self._write, snapshot, wanted)
-
-    def _submit(self, fn: Callable[..., None], *args: Any) -> None:
-        future = self._pool.submit(fn, *args)
-        with self._lock:
-            self._pending.add(future)
-        future.add_done_callback(self._forget)
-
-    def _forget(self, future: Future[None]) -> None:
-        with self._lock:
-            self._pending.discard(future)
-
-    def _open_client(self) -> Any:
-        """The writer thread's client, for the API URL of the record's context."""
-        from prefect.client.orchestration import get_client
-        from prefect.settings import PREFECT_API_URL
-
-        url = PREFECT_API_URL.value()
-        if self._client is None or url != self._client_url:
-            self._close_client()
-            client = get_client(sync_client=True)
-            client.__enter__()
-            self._client, self._client_url = client, url
-        return self._client
-
-    def _close_client(self) -> None:
-        client, self._client, self._client_url = self._client, None, None
-        if client is not None:
-            try:
-                client.__exit__(None, None, None)
-            except Exception:
-                pass
-
-    def _write(self, record: SandboxArtifact, wanted: Callable[[], bool] | None = None) -> None:
-        if wanted is not None and not wanted():
-            return
-        try:
-            write_sandbox_artifact(record, client=self._open_client())
-        except Exception as exc:
-            self._close_client()  # a broken connection must not poison the next write
-            logger.warning(
-                "prefect-modal: could not write the artifact of %s: %s", record.sandbox_id, exc
-            )
-
-    def flush(self, timeout: float | None = None) -> None:
-        """Wait for every write so far, then let the thread close its client."""
-        self._wait(timeout)
-        self._submit(self._close_client)
-        self._wait(timeout)
-
-    def _wait(self, timeout: float | None) -> None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            with self._lock:
-                pending = list(self._pending)
-            if not pending:
-                return
-            for future in pending:
-                left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                try:
-                    future.result(timeout=left)
-                except Exception:
-                    return
-
-
 class Cancellable(Protocol):
     """What a registry holds: a task call, or a sandbox session (`sessions/`)."""
 
@@ -475,6 +393,18 @@ class CallEnvironment:
             self.semaphore.release()
 
 
+def _start_failure(exc: WarmStartError) -> BaseException:
+    """A warm sandbox that died before its bootstrap started, told as a call's crash."""
+    meaning = EXIT_MEANINGS.get(exc.returncode or 0, "")
+    tail = "\n".join(exc.tail[-TAIL_LINES:]) or "(no output)"
+    message = (
+        f"Modal sandbox {exc.sandbox_id} ended with exit code {exc.returncode}"
+        + (f" ({meaning})" if meaning else "")
+        + f" before its bootstrap started. Last output lines:\n{tail}"
+    )
+    return TimeoutError(message) if exc.returncode == 124 else SandboxCrashedError(message)
+
+
 @dataclass
 class _Outcome:
     value: Any = None
@@ -576,6 +506,8 @@ class SandboxCall:
                         if self._cancel_reason:  # cancelled while it waited for a sandbox
                             return self._cancelled_state()
                         raise
+                    except WarmStartError as exc:  # as a sandbox of its own would have
+                        raise _start_failure(exc) from None
                     if lease is not None:
                         break
                     if self._cancel_reason:
@@ -671,6 +603,8 @@ class SandboxCall:
             ):
                 return self._terminator
             sandbox = self._sandbox
+            if self._warm is not None:  # its record says it was ended, not crashed
+                self._warm.terminated = True
             self._terminator = threading.Thread(
                 target=self._terminate, args=(sandbox,), name="prefect-modal-terminate", daemon=True
             )
@@ -774,9 +708,9 @@ class SandboxCall:
 
     # -- the driver thread, warm mode ----------------------------------------------
 
-    def _warm_starter(self) -> tuple[SandboxSpec, Any, str, dict[str, str]]:
-        """Spec, client, name and tags of a warm sandbox started ahead for this call (it
-        may serve others with equal settings, so its name is not this task run's)."""
+    def _warm_starter(self) -> StartPlan:
+        """How to start a warm sandbox ahead for this call (it may serve others with
+        equal settings, so its name and record are not this task run's)."""
         flow = self.info.flow_run_id.hex[:8] if self.info.flow_run_id else "noflow"
         tags = {
             tag_keys.MODE: "per_step",
@@ -785,7 +719,26 @@ class SandboxCall:
         }
         if self.info.flow_run_id:
             tags[tag_keys.FLOW_RUN] = str(self.info.flow_run_id)
-        return self.spec, self.env.client, f"pf-{flow}-warm-{secrets.token_hex(8)}", tags
+        name = f"pf-{flow}-warm-{secrets.token_hex(8)}"
+        return StartPlan(self.spec, self.env.client, name, tags, self._warm_record)
+
+    def _warm_record(self, warm: WarmSandbox) -> WarmRecord:
+        """The record of a warm sandbox that now exists: one artifact for all its calls."""
+        spec = warm.spec
+        record = SandboxArtifact(
+            sandbox_id=warm.sandbox_id,
+            sandbox_name=warm.name,
+            app_name=spec.effective_app_name,
+            target=self.env.target_kind,  # type: ignore[arg-type]
+            flow_run_id=self.info.flow_run_id,
+            mode="per_step",
+            resources=spec.describe(),
+            link=sandboxes.dashboard_url(
+                warm.sandbox_id, spec.effective_app_name, self.env.server_url
+            ),
+            calls=[],
+        )
+        return WarmRecord(record, self.env.artifacts, self.env.on_record, RUNNING_RECORD_AFTER_S)
 
     def _drive_warm(self, pool: WarmPool, warm: WarmSandbox, stdin_data: bytes) -> None:
         """Run the call on the warm sandbox it leased."""
@@ -802,6 +755,7 @@ class SandboxCall:
             started = True
             self._start_record(warm.sandbox, self.spec)
             if cancel_now:
+                warm.terminated = True
                 self._terminate(warm.sandbox)
             else:
                 try:
@@ -824,7 +778,7 @@ class SandboxCall:
                 self._warm_frames, self._warm_exit if self._warm_exited else None
             )
             kind = next(iter(self._warm_frames), None)
-            codes = {"OK": 0, "RAISE": 1}
+            codes = {"OK": 0, "REF": 0, "RAISE": 1}
             code = self._warm_exit if self._warm_exited else codes.get(kind or "", 3)
             self._finish_record(code)
         except BaseException as exc:
@@ -853,7 +807,7 @@ class SandboxCall:
             if self._nested is not None:
                 self._nested.on_frame(kind, body)
             return
-        if kind in ("OK", "RAISE", "ERROR"):
+        if kind in ("OK", "REF", "RAISE", "ERROR"):
             self._warm_frames.setdefault(kind, body)
             self._warm_settled.set()
 
@@ -971,7 +925,7 @@ class SandboxCall:
                 "Running in Modal sandbox %s, call %s in this sandbox (%s; %s)",
                 sid,
                 self.call_index,
-                "started for this call" if self.call_index == 1 else "warm",
+                "a new sandbox" if self.call_index == 1 else "warm",
                 _resource_summary(spec.describe()),
             )
         else:
@@ -981,6 +935,15 @@ class SandboxCall:
         # In this (driver) thread's copy of the run context: Prefect's events
         # worker adds the flow, deployment and work pool of the run itself.
         self._events = events.for_record(self.record)
+        if warm is not None:  # the sandbox's one record and events (`warm_records.py`)
+            if warm.record is not None:
+                warm.record.call_began(
+                    self.call_index or 0,
+                    self.info.task_run_id,
+                    self.info.task_name,
+                    self.info.attempt,
+                )
+            return
         self._events.created()
         timer = threading.Timer(
             RUNNING_RECORD_AFTER_S, copy_context().run, args=(self._write_running_record,)
@@ -1004,6 +967,7 @@ class SandboxCall:
         if self.record is None:
             return
         outcome = self._outcome
+        status: SandboxStatus
         if outcome.cancelled or returncode == 137:
             status = "terminated"
         elif returncode == 124 or isinstance(outcome.error, TimeoutError):
@@ -1021,11 +985,17 @@ class SandboxCall:
                 "ended_at": datetime.now(timezone.utc),
             }
         )
-        self.env.artifacts.write(self.record)
-        self.env.on_record(self.record)
+        if self._warm is not None:
+            if self._warm.record is not None:
+                self._warm.record.call_ended(self.call_index or 0, status)
+        else:
+            self.env.artifacts.write(self.record)
+            self.env.on_record(self.record)
         if self._events is not None:
             if self._cancel_reason and status in ("terminated", "timeout"):
                 self._events.terminated(self._cancel_reason)
+            if self._warm is not None:  # a warm sandbox's exit is its own (`warm_records.py`)
+                return
             self._events.exited(
                 returncode,
                 events.exit_reason(status, returncode),

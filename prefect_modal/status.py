@@ -41,7 +41,7 @@ class SandboxReport:
     live_status: str  # "running", "succeeded", "failed", "terminated", "timeout", "gone"
     returncode: int | None
     record: SandboxArtifact | None
-    #: A warm sandbox serves several task runs: the record of each, in call order.
+    #: The task runs it served, in call order: one record each (`call_views()`).
     calls: tuple[SandboxArtifact, ...] = ()
 
     @property
@@ -108,12 +108,7 @@ def flow_run_sandboxes(
         from prefect_modal.targets import resolve_target
 
         client = resolve_target(credentials).client
-    calls: dict[str, list[SandboxArtifact]] = {}
-    for record in read_sandbox_artifacts(run_id):
-        calls.setdefault(record.sandbox_id, []).append(record)
-    for found in calls.values():
-        found.sort(key=lambda r: (r.call_in_sandbox or 0, r.started_at))
-    records = {sid: found[-1] for sid, found in calls.items()}
+    records = {r.sandbox_id: r for r in read_sandbox_artifacts(run_id)}
     ids = list(records)
     apps = [DEFAULT_APP_NAME, *(r.app_name for r in records.values())]
     ids += [sid for sid in _running_by_tag(run_id, client, apps) if sid not in records]
@@ -126,7 +121,7 @@ def flow_run_sandboxes(
                 live_status=status,
                 returncode=code,
                 record=records.get(sid),
-                calls=tuple(calls.get(sid, ())),
+                calls=tuple(records[sid].call_views()) if sid in records else (),
             )
         )
     return reports

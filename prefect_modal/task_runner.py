@@ -37,14 +37,15 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from typing_extensions import Self
 
 from prefect_modal import result_refs, run_context
+from prefect_modal.artifact_writer import ArtifactWriter
 from prefect_modal.artifacts import SandboxArtifact, write_flow_summary
 from prefect_modal.credentials import ModalCredentials
+from prefect_modal.interrupts import InterruptWatcher
 from prefect_modal.options import ModalOptions, options_for
 from prefect_modal.result_refs import ResultVolume
 from prefect_modal.sandbox_call import (
     DEFAULT_MAX_RESULT_BYTES,
     REMOTE_INTERRUPTS,
-    ArtifactWriter,
     CallEnvironment,
     CallInfo,
     SandboxCall,
@@ -202,6 +203,7 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
         self._records: list[SandboxArtifact] = []
         self._records_lock = threading.Lock()
         self._pool: WarmPool | None = None
+        self._interrupts: InterruptWatcher | None = None
 
     @property
     def name(self) -> str:
@@ -261,6 +263,7 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
             "_executor",
             "_cancel_events",
             "_pool",
+            "_interrupts",
         ):
             state.pop(name, None)
         state["_started"] = False
@@ -278,7 +281,14 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
         if self.reuse_sandboxes:
             self._pool = WarmPool(self._semaphore, self.idle_seconds)
             registry_for(self._family).add_pool(self, self._pool)
+        # Ctrl-C ends this run's sandboxes even while the main thread cannot take it yet.
+        watcher = InterruptWatcher(self._on_ctrl_c)
+        self._interrupts = watcher if watcher.start() else None
         return self
+
+    def _on_ctrl_c(self) -> None:
+        logger.debug("prefect-modal: SIGINT: ending the flow run's sandboxes")
+        self._terminate_own("the flow process got Ctrl-C (SIGINT)")
 
     def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
         """Normal exit: like ThreadPoolTaskRunner, running calls finish, queued ones are
@@ -305,6 +315,9 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
         try:
             self._finish_records(timeout=30 if exc_type is None else 3)
         finally:
+            interrupts, self._interrupts = self._interrupts, None
+            if interrupts is not None:
+                interrupts.stop()
             TaskRunner.__exit__(self, exc_type, exc_value, traceback)
 
     def cancel_all(self) -> None:

@@ -27,16 +27,28 @@ import threading
 import time
 from collections.abc import Callable
 from contextvars import copy_context
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from prefect_modal import remote, sandboxes
 from prefect_modal.settings import SandboxSpec
 
 if TYPE_CHECKING:
     from prefect_modal.sandbox_call import SandboxCall
+    from prefect_modal.warm_records import WarmRecord
 
-#: What a new warm sandbox needs: its spec, the modal client, its name and tags.
-Starter = Callable[[], tuple[SandboxSpec, Any, str, dict[str, str]]]
+
+class StartPlan(NamedTuple):
+    """What a new warm sandbox needs: its spec, the modal client, its name and tags,
+    and how to make its record once it exists (`warm_records.WarmRecord`)."""
+
+    spec: SandboxSpec
+    client: Any
+    name: str
+    tags: dict[str, str]
+    make_record: Callable[[WarmSandbox], WarmRecord | None]
+
+
+Starter = Callable[[], StartPlan]
 
 logger = logging.getLogger("prefect_modal.task_runner")
 
@@ -63,6 +75,17 @@ SLOW_START_SAMPLES = 3
 
 #: How long a finished call waits for the last of its output lines.
 _END_WAIT_SECONDS = 5.0
+
+
+class WarmStartError(RuntimeError):
+    """A warm sandbox ended before its bootstrap greeted: it never served a call."""
+
+    def __init__(self, sandbox_id: str, returncode: int | None, tail: list[str]) -> None:
+        self.sandbox_id, self.returncode, self.tail = sandbox_id, returncode, tail
+        super().__init__(
+            f"warm sandbox {sandbox_id} ended with exit code {returncode} before its "
+            "bootstrap started"
+        )
 
 
 class PoolClosedError(RuntimeError):
@@ -97,6 +120,17 @@ class WarmSandbox:
         #: its stderr (the calls' output lines) has been read to the end
         self.stderr_done = threading.Event()
         self.retiring = False
+        #: ended by us (a cancel, a timeout, the flow run's end), not by itself
+        self.terminated = False
+        #: its record (one artifact per warm sandbox), made once it exists
+        self.record: WarmRecord | None = None
+        #: its end is recorded (the runner's table waits for this)
+        self.finalized = threading.Event()
+        #: its bootstrap greeted (HELLO on the channel): it can take a call.  On Modal
+        #: `create()` returns once the sandbox is scheduled; its container starts after.
+        self.ready = threading.Event()
+        #: output lines seen while no call ran (why a start failed)
+        self._idle_tail: list[str] = []
         self._lock = threading.Lock()
         self._stdin_lock = threading.Lock()
         self._current: SandboxCall | None = None
@@ -104,7 +138,8 @@ class WarmSandbox:
 
     # -- start -------------------------------------------------------------------
 
-    def start(self, client: Any, name: str, tags: dict[str, str]) -> None:
+    def start(self, plan: StartPlan) -> None:
+        client, name, tags = plan.client, plan.name, plan.tags
         spec = self.spec
         if spec.idle_timeout is None:
             backstop = int(self.pool.idle_seconds) + BACKSTOP_GRACE_SECONDS
@@ -118,6 +153,10 @@ class WarmSandbox:
         )
         self.sandbox_id = sandboxes.sandbox_id(self.sandbox)
         self.started = time.monotonic()
+        # Its record is made before its exit can be seen.  One that comes up after its
+        # flow run ended is terminated at once, served no call, and is not recorded.
+        if not self.pool.closed:
+            self.record = plan.make_record(self)
         greeting = remote.LOOP_GREETING + f"nonce={self.session}\n".encode()
         self._write(greeting)
         for target, label in (
@@ -126,6 +165,14 @@ class WarmSandbox:
             (self._wait_exit, "exit"),
         ):
             threading.Thread(target=target, name=f"prefect-modal-warm-{label}", daemon=True).start()
+        # Up is when the bootstrap greets, not when create returns: a call leased before
+        # would wait out the container's start (Modal's tail: p99 22 s) on this sandbox.
+        while not self.ready.wait(0.25):
+            if self.dead.is_set():
+                self.stderr_done.wait(_END_WAIT_SECONDS)
+                raise WarmStartError(self.sandbox_id, self.returncode, list(self._idle_tail))
+            if self.pool.closed:  # the flow run ended while it started: `_run_start` ends it
+                raise PoolClosedError("the flow run's sandboxes were shut down")
 
     # -- a call --------------------------------------------------------------------
 
@@ -175,6 +222,7 @@ class WarmSandbox:
 
     def terminate(self) -> None:
         self.retiring = True
+        self.terminated = True
         logger.debug("prefect-modal: terminating warm sandbox %s", self.sandbox_id or "(starting)")
         try:
             sandboxes.terminate(self.sandbox)
@@ -198,8 +246,11 @@ class WarmSandbox:
 
         def on_chunk(chunk: str) -> None:
             for kind, body in reader.feed(chunk):
+                if kind == "HELLO":
+                    self.ready.set()
+                    continue
                 call = self._current_call()
-                if call is not None and kind != "HELLO":
+                if call is not None:
                     call.on_warm_frame(kind, body)
 
         try:
@@ -216,6 +267,7 @@ class WarmSandbox:
                 call.on_warm_line(line)
             else:
                 logger.debug("prefect-modal: %s (idle): %s", self.sandbox_id, line)
+                self._idle_tail = [*self._idle_tail[-19:], line]
 
         try:
             sandboxes.follow_stderr(self.sandbox, on_line)
@@ -233,6 +285,13 @@ class WarmSandbox:
         call = self._current_call()
         if call is not None:
             call.on_warm_exit(self.returncode)
+        try:
+            if self.record is not None:  # recorded before the pool forgets it (see `close`)
+                self.record.sandbox_ended(self.returncode, self.terminated)
+        except Exception as exc:
+            logger.warning("prefect-modal: recording the end of %s: %s", self.sandbox_id, exc)
+        finally:
+            self.finalized.set()
         self.pool._on_dead(self)
         # Its exit is reported before its output is read to the end (the bootstrap writes
         # a call's last frame, then exits at once: a Python mismatch's ERROR frame, say).
@@ -281,6 +340,11 @@ class WarmPool:
         self._start_threads: set[threading.Thread] = set()
         #: every sandbox this pool started: (sandbox id, calls served), for tests and tables
         self.started: list[WarmSandbox] = []
+
+    @property
+    def closed(self) -> bool:
+        with self._cond:
+            return self._closed
 
     # -- slots -----------------------------------------------------------------------
 
@@ -411,37 +475,41 @@ class WarmPool:
         goes out; a start that returns after the pool closed is terminated.
         """
         try:
-            spec, client, name, tags = starter()
+            plan = starter()
         except BaseException:
             self.slots.release()
             raise
-        warm = WarmSandbox(self, key, spec)
+        warm = WarmSandbox(self, key, plan.spec)
         self._all.add(warm)
         self.started.append(warm)
         self._starting.setdefault(key, []).append(warm)
+        # Not a daemon: a start still in flight when the flow run ends terminates what
+        # its create returns, and the interpreter waits for that before it exits.
         thread = threading.Thread(
             target=copy_context().run,
-            args=(self._run_start, warm, client, name, tags),
+            args=(self._run_start, warm, plan),
             name="prefect-modal-warm-start",
-            daemon=True,
+            daemon=False,
         )
         self._start_threads.add(thread)
         thread.start()
 
-    def _run_start(self, warm: WarmSandbox, client: Any, name: str, tags: dict[str, str]) -> None:
+    def _run_start(self, warm: WarmSandbox, plan: StartPlan) -> None:
         key = warm.key
         try:
-            warm.start(client, name, tags)
+            warm.start(plan)
         except BaseException as exc:
             with self._cond:
                 self._forget_start(warm)
+                owned = warm in self._all  # its exit may have given the slot back already
                 self._all.discard(warm)
                 if self._waiting.get(key) and not self._closed:
                     self._failures.setdefault(key, []).append(exc)
                     self._key_cond(key).notify()
-            if warm.sandbox is not None:  # created, then failed (its greeting): not ours to keep
+            if warm.sandbox is not None and not warm.dead.is_set():  # not ours to keep
                 warm.terminate()
-            self.release_slot()
+            if owned:
+                self.release_slot()
             return
         with self._cond:
             self._forget_start(warm)
@@ -526,7 +594,13 @@ class WarmPool:
     def close(self, wait: float = 0.0, graceful: bool = False) -> list[threading.Thread]:
         """End every sandbox of the pool; new calls are refused.  `graceful` (the flow
         run ended normally): idle sandboxes exit 0, busy ones are terminated; else
-        (cancelled, crashed) every one is terminated at once."""
+        (cancelled, crashed) every one is terminated at once.
+
+        `wait` seconds at most for them to end and be recorded.  A start in flight
+        ends what its create returns without waiting for the container (Modal's
+        start has a long tail: p95 11.8 s), and its thread is no daemon: should
+        `wait` run out, the process still waits for it at exit.  Returns the threads.
+        """
         with self._cond:
             self._closed = True
             everything = list(self._all)
@@ -552,6 +626,9 @@ class WarmPool:
             deadline = time.monotonic() + wait
             for thread in threads:
                 thread.join(max(0.0, deadline - time.monotonic()))
+            for warm in everything:  # their records are final before the run's table
+                if warm.sandbox is not None and warm.record is not None:
+                    warm.finalized.wait(max(0.0, deadline - time.monotonic()))
         return threads
 
     def served(self) -> dict[str, int]:

@@ -5,12 +5,15 @@ Benchmarks and tests of the slow path (warm sandboxes, start-ahead) need the
 real shape of that cost, so `LocalModal(latency="modal")` (or
 `prefect-modal local serve --latency modal`) adds:
 
-* to every sandbox create, a delay drawn from a log-normal distribution
+* to every sandbox start, a delay drawn from a log-normal distribution
   fitted to ComputeSDK's public sandbox leaderboard (April 2026), which
   measured Modal's time from `create()` to a first command at median 2.66 s,
   p95 11.78 s and p99 22.39 s.  The median fixes mu = ln(2.66); sigma is the
   least-squares fit of the p95 and p99 in log space (0.912), which gives
-  p95 11.9 s and p99 22.2 s.  A simulation of Modal, not a measurement of it;
+  p95 11.9 s and p99 22.2 s.  A simulation of Modal, not a measurement of it.
+  As on Modal, `create()` returns at once (the sandbox is scheduled: it has
+  an id, takes stdin and can be terminated) and its command starts after the
+  delay, so the time to a first output is what the figures describe;
 * to every RPC, a round trip (default 30 ms, a client far from Modal's region).
 
 Off by default.  Draws come from a seeded generator, so a benchmark run is

@@ -368,7 +368,9 @@ def test_packages_added_to_the_default_image_are_logged(make_runner):
     error = no_auto.result(raise_on_failure=False)
     assert isinstance(error, sandbox_call.SandboxImageError), error
     assert "lacks prefect" in str(error) and PREFECT_PIN in str(error)
-    records = {r.task_run_id: r for r in read_sandbox_artifacts(flow_run_id)}
+    records = {
+        v.task_run_id: v for r in read_sandbox_artifacts(flow_run_id) for v in r.call_views()
+    }
     assert records[auto_id].resources["pip_packages"] == [PREFECT_PIN]
     assert not records[off_id].resources.get("pip_packages")
     assert records[pinned_id].resources["pip_packages"] == [USER_PREFECT]  # the user's wins
@@ -430,12 +432,15 @@ def test_thread_pool_max_workers_setting_is_honoured(credentials):
         ModalTaskRunner(credentials=credentials, max_workers=0)
 
 
-def test_artifact_keys_are_unique_per_task_run(make_runner):
+def test_artifact_keys_are_unique_per_task_run_without_reuse(make_runner):
+    """A sandbox per call: its artifact is the task run's (warm: one per sandbox, see
+    test_warm_sandboxes)."""
+
     @task
     def step(i: int) -> int:
         return i
 
-    @flow(task_runner=make_runner(spec=SandboxSpec(cpu=0.25)))
+    @flow(task_runner=make_runner(spec=SandboxSpec(cpu=0.25), reuse_sandboxes=False))
     def f():
         futures = step.map(range(6))
         return [fu.task_run_id for fu in futures], [fu.result() for fu in futures], _flow_run_id()

@@ -360,8 +360,8 @@ def test_artifact_writer_keeps_one_client_and_drops_stale_running_records(
 
     import prefect.client.orchestration as orchestration
 
+    from prefect_modal.artifact_writer import ArtifactWriter
     from prefect_modal.artifacts import SandboxArtifact
-    from prefect_modal.sandbox_call import ArtifactWriter
 
     opened: list[object] = []  # clients asked for by the writer's thread (not Prefect's own)
     real_get_client = orchestration.get_client
@@ -403,11 +403,14 @@ def test_artifact_writer_keeps_one_client_and_drops_stale_running_records(
 
 
 def test_artifacts_per_task_and_per_flow(make_runner):
+    """Without reuse each call's sandbox is its task run's artifact (warm sandboxes have
+    one per sandbox: test_warm_sandboxes)."""
+
     @task
     def fails() -> None:
         raise RuntimeError("nope")
 
-    @flow(task_runner=make_runner(spec=SandboxSpec(cpu=1)))
+    @flow(task_runner=make_runner(spec=SandboxSpec(cpu=1), reuse_sandboxes=False))
     def f():
         ok = double.submit(2)
         with modal_options(memory="256MiB"):

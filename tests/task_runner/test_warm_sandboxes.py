@@ -264,8 +264,17 @@ def test_cancel_with_warm_sandboxes_busy_and_idle_leaves_none(prefect_api, modal
     assert gone_after < 5, f"sandboxes still running {gone_after:.1f} s after the cancel request"
 
 
-def test_records_and_status_show_which_task_runs_a_sandbox_served(make_runner, credentials):
-    from prefect_modal.artifacts import read_sandbox_artifacts
+def test_records_and_status_show_which_task_runs_a_sandbox_served(
+    make_runner, credentials, modal_server
+):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from prefect_modal.artifacts import (
+        read_sandbox_artifacts,
+        summary_artifact_key,
+        warm_artifact_key,
+    )
     from prefect_modal.status import flow_run_sandboxes
 
     @flow(task_runner=make_runner(max_parallelism=1))
@@ -275,20 +284,48 @@ def test_records_and_status_show_which_task_runs_a_sandbox_served(make_runner, c
             fut.wait()
         return _flow_run_id(), [fut.task_run_id for fut in futures]
 
-    run_id, task_run_ids = f()
-    records = wait_until(
-        lambda: (found := read_sandbox_artifacts(run_id)) and len(found) == 3 and found,
-        timeout=30,
+    run_ids, task_run_ids = [], []
+    for _ in range(2):
+        run_id, ids = f()
+        run_ids.append(run_id)
+        task_run_ids.append(ids)
+    # one artifact per warm sandbox, on the flow run, listing its three calls in order
+    (record,) = read_sandbox_artifacts(run_ids[0])
+    (listed,) = sandboxes_of(modal_server, run_ids[0])
+    assert record.sandbox_id == listed.id and record.key == warm_artifact_key(listed.id)
+    assert record.status == "succeeded" and record.exit_code == 0 and record.ended_at
+    assert record.task_run_id is None and record.flow_run_id == run_ids[0]
+    assert record.calls is not None and [c.call for c in record.calls] == [1, 2, 3]
+    assert sorted(str(c.task_run_id) for c in record.calls) == sorted(
+        str(t) for t in task_run_ids[0]
     )
-    assert len({r.task_run_id for r in records}) == 3  # one artifact per task run
-    assert len({r.sandbox_id for r in records}) == 1
-    assert sorted(r.call_in_sandbox for r in records) == [1, 2, 3]
-    (report,) = flow_run_sandboxes(run_id, credentials=credentials)
-    # in the order the sandbox ran them (which of the three went first is the engine's choice)
-    by_call = sorted(records, key=lambda r: r.call_in_sandbox or 0)
-    assert report.row()["task_runs"] == [str(r.task_run_id) for r in by_call]
-    assert sorted(report.row()["task_runs"]) == sorted(str(t) for t in task_run_ids)
+    assert {c.status for c in record.calls} == {"succeeded"}
+    assert all(c.ended_at and c.ended_at >= c.started_at for c in record.calls)
+    # task run -> sandbox: one record per call
+    views = record.call_views()
+    assert [v.call_in_sandbox for v in views] == [1, 2, 3]
+    assert {v.sandbox_id for v in views} == {listed.id}
+    # the second run's sandbox has a key of its own
+    (other,) = read_sandbox_artifacts(run_ids[1])
+    assert other.key != record.key and other.sandbox_id != record.sandbox_id
+
+    (report,) = flow_run_sandboxes(run_ids[0], credentials=credentials)
+    assert report.row()["task_runs"] == [str(c.task_run_id) for c in record.calls]
     assert report.live_status == "succeeded" and report.returncode == 0
+    # the flow's table: one row per sandbox, counting its calls
+    with get_client(sync_client=True) as client:
+        (summary,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[summary_artifact_key(run_ids[0])])
+            )
+        )
+    rows = (
+        summary.data
+        if isinstance(summary.data, list)
+        else __import__("json").loads(str(summary.data))
+    )
+    assert rows[0]["sandbox_id"] == listed.id and rows[0]["calls_in_sandbox"] == 3
+    assert rows[-1]["sandbox_id"] == "1 sandbox, 3 calls"
 
 
 def test_bad_reuse_settings_fail_when_written(credentials):
@@ -322,7 +359,19 @@ def test_latency_model_fits_the_published_figures_and_delays_starts(tmp_path):
         client = lm.client
         app = modal.App.lookup("latency", create_if_missing=True, client=client)
         started = time.monotonic()
-        sb = modal.Sandbox.create("true", app=app, client=client)
-        took = time.monotonic() - started
+        sb = modal.Sandbox.create("cat", app=app, client=client)
+        created = time.monotonic() - started
+        # as on Modal: create returns once scheduled, the command starts after the delay;
+        # what was written meanwhile reaches it, and a terminate needs no start
+        sb.stdin.write(b"hello")
+        sb.stdin.write_eof()
+        sb.stdin.drain()
+        assert sb.stdout.read() == "hello"
+        first_output = time.monotonic() - started
         sb.wait(raise_on_termination=False)
-    assert took >= 0.6, took
+        assert sb.returncode == 0
+        pending = modal.Sandbox.create("sleep", "60", app=app, client=client)
+        pending.terminate()
+        pending.wait(raise_on_termination=False)
+        assert pending.returncode == 137
+    assert created < 0.6 <= first_output, (created, first_output)

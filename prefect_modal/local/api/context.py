@@ -348,8 +348,6 @@ class ServerContext:
         tags: list[api_pb2.SandboxTag],
         secret_sources: list[api_pb2.SecretSource],
     ) -> LocalSandbox:
-        if self.latency is not None:  # a container start on Modal (see local/latency.py)
-            await asyncio.sleep(self.latency.start_delay())
         reg = self.registry
         d = definition
         if app_id not in reg.app_names:
@@ -491,7 +489,9 @@ class ServerContext:
         if problem is not None:
             fail(Status.INVALID_ARGUMENT, problem)
         reg.add_sandbox(sb)
-        await sb.start()
+        # Modal's create returns once the sandbox is scheduled; its container starts
+        # after (the latency model's start delay, see local/latency.py).
+        await sb.start(self.latency.start_delay() if self.latency is not None else 0.0)
         try:
             await self.tunnels.open(sb, ports, allow)
         except OSError as exc:
