@@ -164,7 +164,14 @@ class WarmSandbox:
             (self._follow_stderr, "stderr"),
             (self._wait_exit, "exit"),
         ):
-            threading.Thread(target=target, name=f"prefect-modal-warm-{label}", daemon=True).start()
+            # In a copy of this thread's context: the calls' output lines are logged from
+            # these threads, and Prefect's settings (which API gets them) live there.
+            threading.Thread(
+                target=copy_context().run,
+                args=(target,),
+                name=f"prefect-modal-warm-{label}",
+                daemon=True,
+            ).start()
         # Up is when the bootstrap greets, not when create returns: a call leased before
         # would wait out the container's start (Modal's tail: p99 22 s) on this sandbox.
         while not self.ready.wait(0.25):

@@ -328,6 +328,32 @@ def test_records_and_status_show_which_task_runs_a_sandbox_served(
     assert rows[-1]["sandbox_id"] == "1 sandbox, 3 calls"
 
 
+def test_a_warm_sandbox_that_dies_before_its_bootstrap_fails_the_call_with_its_output(
+    make_runner, modal_server, monkeypatch
+):
+    """A warm sandbox is up when its bootstrap greets, not when create returns: one that
+    exits first (an image that cannot run it) fails the waiting call as a sandbox of
+    its own would, with its exit code and last lines, and is not started again."""
+    from prefect_modal import sandbox_call
+
+    def no_bootstrap() -> list[str]:
+        script = "import sys; print('no bootstrap in this image', file=sys.stderr); sys.exit(5)"
+        return ["python", "-c", script]
+
+    monkeypatch.setattr(sandbox_call, "bootstrap_command", no_bootstrap)
+
+    @flow(task_runner=make_runner(max_parallelism=2))
+    def f() -> tuple[object, object]:
+        return _flow_run_id(), double.submit(1).result(raise_on_failure=False)
+
+    run_id, error = f()
+    assert isinstance(error, sandbox_call.SandboxCrashedError), error
+    assert "exit code 5" in str(error) and "before its bootstrap started" in str(error)
+    assert "no bootstrap in this image" in str(error)
+    (only,) = sandboxes_of(modal_server, run_id)
+    assert only.status != "running"
+
+
 def test_bad_reuse_settings_fail_when_written(credentials):
     from prefect_modal import ModalTaskRunner
 
