@@ -1,11 +1,18 @@
 """Per-task overhead of ModalTaskRunner against Prefect's own task runners.
 
 One run: 50 and 200 trivial tasks (`task.map`) under ThreadPoolTaskRunner,
-ProcessPoolTaskRunner and ModalTaskRunner on the local Modal server, each
-after one warm-up flow.  Prints a table and writes JSON to benchmarks/results/.
+ProcessPoolTaskRunner and ModalTaskRunner on the local Modal server, warm
+(`reuse_sandboxes=True`, the default) and cold (`reuse_sandboxes=False`),
+each after one warm-up flow, all at a parallelism of 16.  With `--latency
+both` (default) the ModalTaskRunner rows are repeated against a local server
+with the Modal-like latency model (`LocalModal(latency="modal")`: start delays
+drawn from a fit to ComputeSDK's April 2026 figures for Modal, and a round
+trip per RPC; a simulation, see `prefect_modal/local/latency.py`).  Then one
+1,000-task map, warm: flow-process RSS before and after, sandboxes left
+running.  Prints a table and writes JSON to benchmarks/results/.
 
     python benchmarks/bench_task_runner.py [--sizes 50 200] [--repeat 1]
-        [--server both|embedded|process]
+        [--server both|embedded|process] [--latency both|off|modal] [--big 1000]
 
 Two times per run:
 
@@ -65,6 +72,47 @@ def trivial(i: int) -> int:
     return i + 1
 
 
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _proc_cpu_s(pid: int | str) -> float:
+    """utime + stime (+ reaped children's) of one process, in seconds."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_by_process() -> dict[str, float]:
+    """CPU seconds so far of this (flow) process, which includes the embedded local Modal
+    server, and of its child processes by kind: the Prefect API server (the test
+    harness's uvicorn) and everything else (sandboxes, the local runtime's helpers)."""
+    me = os.getpid()
+    out = {"flow_process": _proc_cpu_s(me), "prefect_server": 0.0, "sandboxes_and_helpers": 0.0}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid != me:
+                continue
+            with open(f"/proc/{pid}/cmdline") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        kind = "prefect_server" if "uvicorn" in cmd else "sandboxes_and_helpers"
+        out[kind] += _proc_cpu_s(pid)
+    return out
+
+
 def run_once(runner, n: int) -> tuple[float, float]:
     """(wall, settled) seconds of one flow run of `n` trivial tasks."""
 
@@ -120,10 +168,11 @@ def _completed_task_runs(client, flow_run_id) -> int:
 
 
 @contextmanager
-def _local_server(kind: str) -> Iterator[dict[str, str]]:
+def _local_server(kind: str, latency: str = "off") -> Iterator[dict[str, str]]:
     """MODAL_SERVER_URL and tokens of a local Modal server, embedded or in a process."""
     if kind == "embedded":
-        with LocalModal() as lm:
+        with LocalModal(latency=latency) as lm:
+            _servers[latency] = lm
             yield dict(lm.env)
         return
     service = start_local_modal(Path(tempfile.mkdtemp(prefix="bench-modal-")))
@@ -133,12 +182,41 @@ def _local_server(kind: str) -> Iterator[dict[str, str]]:
         service.stop()
 
 
+_servers: dict[str, LocalModal] = {}
+
+#: Task-level parallelism of every runner (the issue's setting).
+PARALLELISM = 16
+
+
+def _big_map(runner: ModalTaskRunner, n: int, server: LocalModal) -> dict[str, float | int]:
+    """One warm n-task map: flow-process RSS before and after, sandboxes left running."""
+    before = _rss_mib()
+    wall, settled = run_once(runner, n)
+    after = _rss_mib()
+    left = sum(1 for s in server.sandboxes() if s.status == "running")
+    return {
+        "tasks": n,
+        "wall_s": round(wall, 3),
+        "settled_s": round(settled, 3),
+        "rss_before_mib": round(before, 1),
+        "rss_after_mib": round(after, 1),
+        "rss_growth_mib": round(after - before, 1),
+        "sandboxes_left_running": left,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[50, 200])
     parser.add_argument("--repeat", type=int, default=1)
-    parser.add_argument("--server", choices=["both", "embedded", "process"], default="both")
+    parser.add_argument("--server", choices=["both", "embedded", "process"], default="embedded")
+    parser.add_argument("--latency", choices=["both", "off", "modal"], default="both")
+    parser.add_argument("--big", type=int, default=1000, help="tasks of the RSS map (0: skip)")
+    parser.add_argument(
+        "--quiet-wait", type=float, default=60.0, help="most seconds to wait for an idle machine"
+    )
     args = parser.parse_args()
+    latencies = ["off", "modal"] if args.latency == "both" else [args.latency]
     servers = ["embedded", "process"] if args.server == "both" else [args.server]
 
     with ExitStack() as stack:
@@ -147,32 +225,53 @@ def main() -> None:
 
             stack.enter_context(prefect_test_harness(server_startup_timeout=60))
         runners = {
-            "ThreadPoolTaskRunner": lambda: ThreadPoolTaskRunner(),
-            "ProcessPoolTaskRunner": lambda: ProcessPoolTaskRunner(),
+            "ThreadPoolTaskRunner": lambda: ThreadPoolTaskRunner(max_workers=PARALLELISM),
+            "ProcessPoolTaskRunner": lambda: ProcessPoolTaskRunner(max_workers=PARALLELISM),
         }
-        for kind in servers:
-            env = stack.enter_context(_local_server(kind))
-            creds = ModalCredentials(
-                token_id=env["MODAL_TOKEN_ID"],
-                token_secret=env["MODAL_TOKEN_SECRET"],
-                server_url=env["MODAL_SERVER_URL"],
-            )
-            runners[f"ModalTaskRunner (local, {kind})"] = lambda c=creds: ModalTaskRunner(
-                credentials=c
-            )
-        for make in runners.values():
-            run_once(make(), 5)  # warm-up: imports, pools, image and app lookups
+        warm_creds = None
+        for latency in latencies:
+            for kind in servers if latency == "off" else ["embedded"]:
+                env = stack.enter_context(_local_server(kind, latency))
+                creds = ModalCredentials(
+                    token_id=env["MODAL_TOKEN_ID"],
+                    token_secret=env["MODAL_TOKEN_SECRET"],
+                    server_url=env["MODAL_SERVER_URL"],
+                )
+                if latency == "off" and kind == "embedded":
+                    warm_creds = creds
+                where = kind if latency == "off" else f"{kind}, modal latency"
+                for mode, reuse in (("warm", True), ("cold", False)):
+                    runners[f"Modal {mode} ({where})"] = lambda c=creds, r=reuse: ModalTaskRunner(
+                        credentials=c, max_parallelism=PARALLELISM, reuse_sandboxes=r
+                    )
+        for name, make in runners.items():
+            if "modal latency" not in name or "warm" in name:
+                run_once(make(), 5)  # warm-up: imports, pools, image and app lookups
         times: dict[tuple[str, int], list[tuple[float, float]]] = {}
+        #: CPU seconds per process during the (last) run, until settled
+        cpu: dict[tuple[str, int], dict[str, float]] = {}
         for _ in range(args.repeat):
             for n in args.sizes:
                 for name, make in runners.items():
-                    wait_until_quiet()
+                    wait_until_quiet(limit=args.quiet_wait)
+                    cpu_before = _cpu_by_process()
                     wall, settled = run_once(make(), n)
+                    cpu_after = _cpu_by_process()
                     times.setdefault((name, n), []).append((wall, settled))
+                    cpu[(name, n)] = {k: round(cpu_after[k] - v, 2) for k, v in cpu_before.items()}
                     print(
-                        f"  {name:36s} {n:4d} tasks  {wall:7.2f} s  (settled {settled:6.2f} s)",
+                        f"  {name:40s} {n:4d} tasks  {wall:7.2f} s  (settled {settled:6.2f} s)",
                         flush=True,
                     )
+        big = None
+        if args.big and warm_creds is not None and "off" in _servers:
+            wait_until_quiet(limit=args.quiet_wait)
+            big = _big_map(
+                ModalTaskRunner(credentials=warm_creds, max_parallelism=PARALLELISM),
+                args.big,
+                _servers["off"],
+            )
+            print(f"  big map: {big}", flush=True)
         rows = []
         for (name, n), runs in times.items():
             wall = min(r[0] for r in runs)
@@ -185,6 +284,7 @@ def main() -> None:
                     "per_task_ms": round(1000 * wall / n, 1),
                     "settled_s": round(settled, 3),
                     "runs": [[round(w, 3), round(s, 3)] for w, s in runs],
+                    "cpu_s": cpu.get((name, n)),
                 }
             )
 
@@ -192,7 +292,7 @@ def main() -> None:
     by = {(r["runner"], r["tasks"]): r for r in rows}
     print()
     header = (
-        f"{'runner':36s} {'tasks':>5s} {'wall s':>7s} {'ms/task':>8s} {'vs thread':>10s} "
+        f"{'runner':40s} {'tasks':>5s} {'wall s':>7s} {'ms/task':>8s} {'vs thread':>10s} "
         f"{'vs process':>11s} {'settled s':>10s} {'vs thread':>10s}"
     )
     print(header)
@@ -204,7 +304,7 @@ def main() -> None:
         r["speedup_vs_process"] = round(process["wall_s"] / r["wall_s"], 2)
         r["settled_ratio_vs_thread"] = round(r["settled_s"] / thread["settled_s"], 2)
         print(
-            f"{r['runner']:36s} {r['tasks']:5d} {r['wall_s']:7.2f} {r['per_task_ms']:8.1f} "
+            f"{r['runner']:40s} {r['tasks']:5d} {r['wall_s']:7.2f} {r['per_task_ms']:8.1f} "
             f"{r['ratio_vs_thread']:9.2f}x {r['speedup_vs_process']:10.2f}x "
             f"{r['settled_s']:10.2f} {r['settled_ratio_vs_thread']:9.2f}x"
         )
@@ -226,11 +326,32 @@ def main() -> None:
                 "servers": servers,
                 "load_average_at_end": os.getloadavg(),
                 "rows": rows,
+                "big_map": big,
+                "warm_vs_cold": _warm_vs_cold(rows),
             },
             indent=2,
         )
     )
+    for line in _warm_vs_cold(rows):
+        print(line)
     print(f"\nwrote {out}")
+
+
+def _warm_vs_cold(rows: list[dict]) -> list[str]:
+    """How much faster warm is than cold, per server and size."""
+    by = {(r["runner"], r["tasks"]): r for r in rows}
+    lines = []
+    for (name, n), warm in by.items():
+        if not name.startswith("Modal warm"):
+            continue
+        cold = by.get((name.replace("warm", "cold", 1), n))
+        if cold:
+            lines.append(
+                f"{name.replace('Modal warm ', '')} {n} tasks: warm is "
+                f"{cold['wall_s'] / warm['wall_s']:.1f}x faster than cold (wall), "
+                f"{cold['settled_s'] / warm['settled_s']:.1f}x (settled)"
+            )
+    return lines
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ and parsed back by `read_sandbox_artifacts`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import datetime, timezone
 from typing import Any, Literal
@@ -49,8 +50,27 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+class CallEntry(BaseModel):
+    """One task run a warm sandbox served, in the sandbox's record."""
+
+    call: int
+    task_run_id: UUID | None = None
+    task_name: str | None = None
+    attempt: int | None = None
+    status: SandboxStatus = "running"
+    started_at: datetime = Field(default_factory=_now)
+    ended_at: datetime | None = None
+
+
 class SandboxArtifact(BaseModel):
-    """What we remember about one sandbox.  Never holds a secret value."""
+    """What we remember about one sandbox.  Never holds a secret value.
+
+    A sandbox that served one call (pipeline, session, a per-step call without
+    reuse) has its task run in `task_run_id`.  A warm sandbox serves many task
+    runs of its flow run, one at a time: its record belongs to the flow run
+    and lists them in `calls`, in the order it ran them (`call_views()` gives
+    one record per task run, for the task run -> sandbox direction).
+    """
 
     sandbox_id: str
     sandbox_name: str | None = None
@@ -60,6 +80,10 @@ class SandboxArtifact(BaseModel):
     task_run_id: UUID | None = None
     task_name: str | None = None
     attempt: int | None = None
+    #: In a record of `call_views()`: which call of its warm sandbox the task run was.
+    call_in_sandbox: int | None = None
+    #: A warm sandbox's calls (None: a sandbox of one call, or of the run itself).
+    calls: list[CallEntry] | None = None
     mode: Literal["per_step", "pipeline", "session"]
     resources: dict[str, Any] = Field(default_factory=dict)
     status: SandboxStatus = "running"
@@ -68,9 +92,9 @@ class SandboxArtifact(BaseModel):
     ended_at: datetime | None = None
     link: str | None = None
 
-    @field_validator("resources", mode="before")
+    @field_validator("resources", "calls", mode="before")
     @classmethod
-    def _resources(cls, value: Any) -> Any:
+    def _json_text(cls, value: Any) -> Any:
         return json.loads(value) if isinstance(value, str) else value
 
     @field_validator("attempt", "exit_code", mode="before")
@@ -80,6 +104,8 @@ class SandboxArtifact(BaseModel):
 
     @property
     def key(self) -> str:
+        if self.calls is not None:
+            return warm_artifact_key(self.sandbox_id)
         if self.task_run_id is not None:
             return task_artifact_key(self.task_run_id)
         if self.flow_run_id is not None:
@@ -97,6 +123,32 @@ class SandboxArtifact(BaseModel):
 
         return estimate_cost(self.resources, self.started_at, self.ended_at, now=now)
 
+    @property
+    def warm(self) -> bool:
+        return self.calls is not None
+
+    def call_views(self) -> list[SandboxArtifact]:
+        """One record per task run this sandbox served (itself, for a one-call sandbox):
+        the sandbox's fields with the task run's, its call number and the call's times."""
+        if self.calls is None:
+            return [self]
+        return [
+            self.model_copy(
+                update={
+                    "task_run_id": c.task_run_id,
+                    "task_name": c.task_name,
+                    "attempt": c.attempt,
+                    "call_in_sandbox": c.call,
+                    "status": c.status,
+                    "exit_code": None,
+                    "started_at": c.started_at,
+                    "ended_at": c.ended_at,
+                    "calls": None,
+                }
+            )
+            for c in self.calls
+        ]
+
     def rows(self) -> list[dict[str, Any]]:
         """One row per field, nested values as JSON text so every cell renders."""
         data = self.model_dump(mode="json")
@@ -112,6 +164,11 @@ class SandboxArtifact(BaseModel):
             f"Modal sandbox `{self.sandbox_id}` ({self.status}"
             + (f", exit code {self.exit_code}" if self.exit_code is not None else "")
             + f") in app `{self.app_name}` on {self.target}."
+            + (
+                f" Warm: it served {len(self.calls)} task run(s) of its flow run, one at a time."
+                if self.calls is not None
+                else ""
+            )
             + (f" See: `{self.link}`" if self.link else "")
             + _lingering_hint(self)
         )
@@ -127,6 +184,7 @@ class SandboxArtifact(BaseModel):
             "task": self.task_name or "(flow run)",
             "attempt": self.attempt,
             "sandbox_id": self.sandbox_id,
+            "calls_in_sandbox": len(self.calls) if self.calls is not None else 1,
             "status": self.status,
             "exit_code": self.exit_code,
             "gpu": res.get("gpu"),
@@ -149,9 +207,12 @@ def total_row(records: list[SandboxArtifact]) -> dict[str, Any]:
     """The table's last row: the run's estimated cost in total (sandboxes that ran to an end)."""
     costs = [r.estimated_cost() for r in records]
     known = [c for c in costs if c is not None]
+    sandboxes = len({r.sandbox_id for r in records})
+    served = sum(len(r.calls) if r.calls is not None else 1 for r in records)
+    calls = f", {served} calls" if served != sandboxes else ""
     return {
         "task": "(total, estimate)",
-        "sandbox_id": f"{len(records)} sandboxes",
+        "sandbox_id": f"{sandboxes} sandbox{'es' if sandboxes != 1 else ''}{calls}",
         "estimated_cost_usd": _rounded(sum(known)) if known else None,
     }
 
@@ -191,6 +252,11 @@ def task_artifact_key(task_run_id: UUID | str) -> str:
     return f"{KEY_PREFIX}{_short(task_run_id)}"
 
 
+def warm_artifact_key(sandbox_id: str) -> str:
+    """A warm sandbox's key: sandbox ids are case-sensitive, so a digest of the id."""
+    return f"{KEY_PREFIX}warm-{hashlib.sha256(sandbox_id.encode()).hexdigest()[:32]}"
+
+
 def flow_artifact_key(flow_run_id: UUID | str) -> str:
     return f"{KEY_PREFIX}flow-{_short(flow_run_id)}"
 
@@ -216,7 +282,7 @@ def write_sandbox_artifact(
     Called at sandbox start and again at its end, so the UI shows a running
     sandbox's id while it runs, and the final status and exit code afterwards.
     Pass an open ``client`` when writing many: opening one costs ten times the
-    write itself (see `sandbox_call.ArtifactWriter`).
+    write itself (see `artifact_writer.ArtifactWriter`).
     """
     artifact = ArtifactCreate(
         key=record.key,
@@ -253,7 +319,8 @@ def write_flow_summary(flow_run_id: UUID, records: list[SandboxArtifact]) -> Non
 
 
 def read_sandbox_artifacts(flow_run_id: UUID | str) -> list[SandboxArtifact]:
-    """The latest record of every sandbox of a flow run (tasks' and its own)."""
+    """The latest record of every sandbox of a flow run: its own, its tasks' and its
+    sessions' (one per artifact key; a warm sandbox's lists the task runs it served)."""
     body = {
         "artifacts": ArtifactFilter(
             flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(str(flow_run_id))]),

@@ -119,9 +119,14 @@ def status(
         rec = report.record
         res = rec.resources if rec else {}
         seconds = rec.seconds if rec else None
+        task = _task_label(rec)
+        if rec is not None and rec.warm:  # a warm sandbox: the task runs it served, in order
+            task = f"{len(report.calls)} calls: " + ", ".join(
+                f"{c.task_name} ({str(c.task_run_id)[:8]})" for c in report.calls
+            )
         table.add_row(
             report.sandbox_id,
-            _task_label(rec),
+            task,
             str(rec.attempt) if rec and rec.attempt is not None else "-",
             report.display_status(state),
             "-" if report.returncode is None else str(report.returncode),
@@ -205,7 +210,8 @@ def logs(
     # base64) and its stderr carries the user's output with origin markers
     # (see `remote.py`): show the user's lines, unmarked, where they were printed.
     try:
-        task_sandbox = tags.TASK_RUN in sandboxes.sandbox_tags(sandbox)
+        found = sandboxes.sandbox_tags(sandbox)
+        task_sandbox = tags.TASK_RUN in found or tags.WARM in found
     except Exception:
         task_sandbox = False
 
@@ -215,7 +221,7 @@ def logs(
                 sys.stdout.write(line + "\n")
             return
         origin, _level, text = remote.classify_line(line)
-        if origin == "bootstrap":
+        if origin in ("bootstrap", "end"):
             return
         (sys.stdout if origin in ("stdout", "log") else sys.stderr).write(text + "\n")
 

@@ -197,7 +197,8 @@ def _summary_tables(runs: list[RunSummary]) -> list[Table]:
             )
             boxes.add_row(
                 run.flow,
-                box.task_name or "(whole run)",
+                (box.task_name or "(whole run)")
+                + (f" ({len(box.calls)} calls, warm)" if box.calls is not None else ""),
                 box.sandbox_id,
                 status,
                 str(box.resources.get("gpu") or "-"),

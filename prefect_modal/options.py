@@ -54,13 +54,19 @@ class ModalOptions:
 
     spec: SandboxSpec | None = None
     local: bool | None = None
+    #: False: a fresh sandbox for every call of the task, never a warm one.
+    reuse: bool | None = None
 
     def over(self, other: ModalOptions | None) -> ModalOptions:
         """`other` laid on top of self (other wins where it says something)."""
         if other is None:
             return self
         spec = (self.spec or SandboxSpec()).merged_with(other.spec) if other.spec else self.spec
-        return ModalOptions(spec=spec, local=other.local if other.local is not None else self.local)
+        return ModalOptions(
+            spec=spec,
+            local=other.local if other.local is not None else self.local,
+            reuse=other.reuse if other.reuse is not None else self.reuse,
+        )
 
 
 class modal_options:
@@ -70,6 +76,9 @@ class modal_options:
         spec: a whole `SandboxSpec` to start from (fields below override it).
         local: True runs the task in the flow's process instead of a sandbox;
             False forces a sandbox even when the runner defaults to local.
+        reuse: False gives every call of the task a fresh sandbox even when the
+            runner reuses warm sandboxes (strict isolation: no module state,
+            files or processes left by an earlier call).
         **fields: any `SandboxSpec` field: gpu="A100", gpu_count=2, cpu=4,
             memory="16GiB", timeout=600, image=..., pip_packages=[...],
             secrets=[...], env={...}, volumes={...}, region=..., cloud=...
@@ -79,11 +88,20 @@ class modal_options:
     """
 
     def __init__(
-        self, spec: SandboxSpec | None = None, *, local: bool | None = None, **fields: Any
+        self,
+        spec: SandboxSpec | None = None,
+        *,
+        local: bool | None = None,
+        reuse: bool | None = None,
+        **fields: Any,
     ):
+        if reuse is not None and not isinstance(reuse, bool):
+            raise TypeError(f"modal_options(reuse={reuse!r}): reuse must be True or False")
         base = spec.model_dump(exclude_unset=True) if spec is not None else {}
         merged = {**base, **fields}
-        self.options = ModalOptions(spec=SandboxSpec(**merged) if merged else None, local=local)
+        self.options = ModalOptions(
+            spec=SandboxSpec(**merged) if merged else None, local=local, reuse=reuse
+        )
         self._token: Any = None
 
     # -- as a context manager -------------------------------------------------------

@@ -66,7 +66,9 @@ class PerStepTaskRunner(ModalTaskRunner[Any]):
         override = self.task_specs.get(task.name)
         if override is None or options.local:
             return options
-        return type(options)(spec=(options.spec or self.spec).merged_with(override), local=False)
+        return type(options)(
+            spec=(options.spec or self.spec).merged_with(override), local=False, reuse=options.reuse
+        )
 
 
 def pool_spec_from_env(environ: dict[str, str] | os._Environ[str] = os.environ) -> SandboxSpec:
@@ -98,6 +100,8 @@ def runner_from_env(
             default_local=flow_runner.default_local,
             max_result_bytes=flow_runner.max_result_bytes,
             log_level=flow_runner.log_level,
+            reuse_sandboxes=flow_runner.reuse_sandboxes,
+            idle_seconds=flow_runner.idle_seconds,
             result_volume=getattr(flow_runner, "result_volume", None),
         )
     kwargs["spec"] = spec

@@ -35,6 +35,16 @@ The protocol (one call per process):
   as one line of JSON (name, message, extra fields), ``\\x1fB\\x1f`` a bootstrap
   notice.  Unmarked lines are raw stderr (WARNING on the Prefect side).
 
+Warm mode (a sandbox that serves many calls of one flow run, `warm.py`): the
+first stdin line is ``prefect-modal-loop nonce=<session>``; after it,
+everything on stdin is a frame of the session nonce: ``CALL`` (a header line
+as above, then the payload), ``REPLY`` (an answer to the running call's nested
+submit, handed to that call's reply pipe, so replies never mix with the next
+call's payload) or ``PING`` (keeps the sandbox from its idle timeout).  Each
+call's outcome is one frame of the session nonce on the channel, after a
+``\x1fE\x1f<call nonce>`` line on stderr that follows the call's last output
+line.  A new pipe takes fd 1 for each call.  stdin's end ends the loop (exit 0).
+
 The same file is imported by the runner for the frame and line helpers below,
 so both ends of the protocol live in one place.
 """
@@ -48,6 +58,10 @@ PROTOCOL = 1
 MARK = "\x1f"
 STDOUT_TAG = MARK + "O" + MARK
 BOOTSTRAP_TAG = MARK + "B" + MARK
+#: Warm mode: the line after a call's last output line on stderr, with the call's nonce.
+END_TAG = MARK + "E" + MARK
+#: Warm mode: the first stdin line (``prefect-modal-loop nonce=<session>``).
+LOOP_GREETING = b"prefect-modal-loop "
 EXIT_BOOTSTRAP_FAILED = 3
 
 _write_lock = threading.Lock()
@@ -136,6 +150,8 @@ def classify_line(line):
                 return "stdout", 20, text
             if tag == "B":
                 return "bootstrap", 10, text
+            if tag == "E":
+                return "end", 10, text
             if tag[:1] == "L" and tag[1:].isdigit():
                 return "log", int(tag[1:]), text
             if tag[:1] == "R" and tag[1:].isdigit():
@@ -247,7 +263,7 @@ def _prefect_environment():
     os.environ.setdefault("PREFECT_HOME", os.path.join(tempfile.gettempdir(), "prefect-home"))
 
 
-def _enter_run_context(context, channel, nonce):
+def _enter_run_context(context, channel, nonce, send=None, replies=None):
     """Rebuild the task run's Prefect context; None (with a warning line) if it can't be.
 
     Nested submits go out on the channel as SUBMIT frames; the flow process's
@@ -256,13 +272,16 @@ def _enter_run_context(context, channel, nonce):
     """
     import types
 
-    replies = os.dup(0)
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.close(devnull)
+    if replies is None:
+        replies = os.dup(0)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
 
-    def send(kind, data):
-        _write_frame(channel, nonce, kind, data)
+    if send is None:
+
+        def send(kind, data):
+            _write_frame(channel, nonce, kind, data)
 
     def emit_record(levelno, body):
         _emit_line(f"{MARK}R{int(levelno)}{MARK}", body.replace("\n", " "))
@@ -448,53 +467,8 @@ def _write_reference(ref_dir_hex, nonce, body):
     return f"name={name} size={len(body)} sha256={digest}".encode("ascii")
 
 
-def main():
-    _fast_site()
-    import types
-
-    stdin = sys.stdin.buffer
-    header_line = stdin.readline()
-    try:
-        header = parse_fields(header_line.decode("utf-8"))
-        nonce = header["nonce"]
-    except Exception:
-        sys.stderr.write("prefect-modal bootstrap: no call header on stdin; exiting\n")
-        sys.exit(EXIT_BOOTSTRAP_FAILED)
-
-    channel = os.dup(1)  # the private channel; not inherited by user subprocesses
-    mine = "{}.{}".format(*sys.version_info[:2])
-    hello = {"python": sys.version.split()[0], "protocol": PROTOCOL, "pid": os.getpid()}
-    _write_frame(
-        channel, nonce, "HELLO", " ".join("{}={}".format(*kv) for kv in hello.items()).encode()
-    )
-
-    def fail(reason, message):
-        _write_frame(channel, nonce, "ERROR", encode_error(reason, message))
-        os._exit(EXIT_BOOTSTRAP_FAILED)
-
-    if header.get("protocol") != str(PROTOCOL):
-        fail(
-            "protocol",
-            "bootstrap protocol {!r}, runner sent {!r}".format(PROTOCOL, header.get("protocol")),
-        )
-    if header.get("python") != mine:
-        fail(
-            "python-version",
-            "the sandbox runs Python {} but the flow runs Python {}; cloudpickled "
-            "functions load only on the same minor version".format(
-                hello["python"], header.get("python")
-            ),
-        )
-
-    payload = b""
-    size = int(header["size"])
-    while len(payload) < size:
-        chunk = stdin.read(size - len(payload))
-        if not chunk:
-            fail("payload", f"stdin closed after {len(payload)} of {size} payload bytes")
-        payload += chunk
-
-    # From here on fd 1 belongs to the user; our channel is `channel`.
+def _redirect_stdout():
+    """Point fd 1 at a fresh pipe whose lines a pump re-emits, marked, on stderr."""
     sys.stdout.flush()
     read_fd, write_fd = os.pipe()
     os.dup2(write_fd, 1)
@@ -504,21 +478,30 @@ def main():
         reconfigure(line_buffering=True)
     pump = threading.Thread(target=_pump_stdout, args=(read_fd,), daemon=True)
     pump.start()
-    _install_logging(int(header.get("log_level") or 20))
+    return pump
 
-    needs = [name for name in (header.get("needs") or "").split(",") if name]
-    missing = _missing_modules(needs) if needs else []
-    if missing:
-        fail("missing", ",".join(missing))
-    if header.get("context") == "1":
-        _prefect_environment()
 
+def _drain_stdout(pump):
+    """Let the user's last output reach stderr: fd 1 to /dev/null closes our end of the
+    pipe, so the pump sees EOF (unless a child process still holds it)."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except Exception:
+        pass
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+    pump.join(timeout=5)
+
+
+def _load_call(payload):
+    """(fn, args, kwargs, context) from the payload, or ("load", message) on failure."""
     try:
         import pickle
 
         loaded = pickle.loads(payload)
-        fn, args, kwargs = loaded[0], loaded[1], loaded[2]
-        context = loaded[3] if len(loaded) > 3 else None
+        return (loaded[0], loaded[1], loaded[2], loaded[3] if len(loaded) > 3 else None), None
     except Exception as exc:
         missing = getattr(exc, "name", None) if isinstance(exc, ImportError) else None
         hint = (
@@ -527,9 +510,13 @@ def main():
             if missing
             else f"{type(exc).__name__}: {exc}"
         )
-        fail("load", "could not load the task's function and arguments: " + hint)
+        return None, "could not load the task's function and arguments: " + hint
 
-    scope = _enter_run_context(context, channel, nonce) if context is not None else None
+
+def _run_call(fn, args, kwargs, header, scope):
+    """Run one call; (kind, body) of the frame that carries its outcome."""
+    import types
+
     kind = "OK"
     try:
         try:
@@ -545,7 +532,7 @@ def main():
         limit = int(header.get("max_result_bytes") or 0)
         ref_dir = header.get("ref_dir")
         if limit and len(body) > limit and ref_dir:
-            kind, body = "REF", _write_reference(ref_dir, nonce, body)
+            kind, body = "REF", _write_reference(ref_dir, header.get("nonce", ""), body)
         elif limit and len(body) > limit:
             kind = "ERROR"
             message = (
@@ -570,18 +557,195 @@ def main():
                     "exception": None,
                 }
             )
+    return kind, body
 
-    # Let the user's last output reach stderr before the outcome is sent.
+
+def _version_problem(header, mine, full):
+    if header.get("protocol") != str(PROTOCOL):
+        return "protocol", "bootstrap protocol {!r}, runner sent {!r}".format(
+            PROTOCOL, header.get("protocol")
+        )
+    if header.get("python") != mine:
+        return "python-version", (
+            "the sandbox runs Python {} but the flow runs Python {}; cloudpickled "
+            "functions load only on the same minor version".format(full, header.get("python"))
+        )
+    return None
+
+
+def _read_first_line():
+    """The first stdin line, read from fd 0 unbuffered: in warm mode the frames that
+    follow are read from fd 0 by another reader, so nothing may sit in a buffer."""
+    data = bytearray()
+    while not data.endswith(b"\n"):
+        chunk = os.read(0, 1)
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
+def main():
+    _fast_site()
+    stdin = sys.stdin.buffer
+    header_line = _read_first_line()
     try:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        header = parse_fields(header_line.decode("utf-8"))
+        nonce = header["nonce"]
     except Exception:
-        pass
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)  # closes our end of the pipe: the pump sees EOF
-    pump.join(timeout=5)
+        sys.stderr.write("prefect-modal bootstrap: no call header on stdin; exiting\n")
+        sys.exit(EXIT_BOOTSTRAP_FAILED)
+
+    channel = os.dup(1)  # the private channel; not inherited by user subprocesses
+    mine = "{}.{}".format(*sys.version_info[:2])
+    hello = {"python": sys.version.split()[0], "protocol": PROTOCOL, "pid": os.getpid()}
+    _write_frame(
+        channel, nonce, "HELLO", " ".join("{}={}".format(*kv) for kv in hello.items()).encode()
+    )
+    if header_line.startswith(LOOP_GREETING):
+        _serve(channel, nonce, mine, hello["python"])
+        return
+
+    def fail(reason, message):
+        _write_frame(channel, nonce, "ERROR", encode_error(reason, message))
+        os._exit(EXIT_BOOTSTRAP_FAILED)
+
+    problem = _version_problem(header, mine, hello["python"])
+    if problem:
+        fail(*problem)
+
+    payload = b""
+    size = int(header["size"])
+    while len(payload) < size:
+        chunk = stdin.read(size - len(payload))
+        if not chunk:
+            fail("payload", f"stdin closed after {len(payload)} of {size} payload bytes")
+        payload += chunk
+
+    # From here on fd 1 belongs to the user; our channel is `channel`.
+    pump = _redirect_stdout()
+    _install_logging(int(header.get("log_level") or 20))
+
+    needs = [name for name in (header.get("needs") or "").split(",") if name]
+    missing = _missing_modules(needs) if needs else []
+    if missing:
+        fail("missing", ",".join(missing))
+    if header.get("context") == "1":
+        _prefect_environment()
+
+    loaded, problem_text = _load_call(payload)
+    if loaded is None:
+        fail("load", problem_text)
+    fn, args, kwargs, context = loaded
+    scope = _enter_run_context(context, channel, nonce) if context is not None else None
+    kind, body = _run_call(fn, args, kwargs, header, scope)
+    _drain_stdout(pump)
     _write_frame(channel, nonce, kind, body)
     os._exit({"OK": 0, "REF": 0, "RAISE": 1}.get(kind, EXIT_BOOTSTRAP_FAILED))
+
+
+def _read_stdin_frames(fd, session, calls, state):
+    """Warm mode: everything on stdin is a frame of the session.  CALL frames queue up
+    (one runs at a time); REPLY frames are the flow process's answers to the running
+    call's nested submits, passed to that call's reply pipe; PING keeps the sandbox
+    from its idle timeout while a long call runs.  EOF ends the loop."""
+    reader = FrameReader(session)
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:
+            chunk = b""
+        if not chunk:
+            calls.append(None)
+            state["ready"].release()
+            return
+        for kind, data in reader.feed(chunk.decode("ascii", "replace")):
+            if kind == "CALL":
+                calls.append(data)
+                state["ready"].release()
+            elif kind == "REPLY":
+                with state["lock"]:
+                    target = state["replies"]
+                    if target is not None:
+                        try:
+                            os.write(target, data)
+                        except OSError:
+                            pass
+
+
+def _serve(channel, session, mine, full):
+    """Warm mode: serve calls one after another until stdin ends.
+
+    Each call is a CALL frame holding the per-call header line and payload; its
+    outcome goes out as one frame of the session on the channel, after a marked
+    end line on stderr (so the runner knows every output line of the call has
+    arrived before it settles the call).  Module state persists between calls:
+    that is what a warm sandbox is for.
+    """
+    stdin_fd = os.dup(0)  # the user's code gets /dev/null as stdin
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    calls = []  # type: list
+    state = {"replies": None, "lock": threading.Lock(), "ready": threading.Semaphore(0)}  # type: dict
+    threading.Thread(
+        target=_read_stdin_frames, args=(stdin_fd, session, calls, state), daemon=True
+    ).start()
+    logging_installed = False
+    while True:
+        state["ready"].acquire()
+        body = calls.pop(0)
+        if body is None:
+            os._exit(0)
+        header_line, _, payload = body.partition(b"\n")
+        header = parse_fields(header_line.decode("utf-8", "replace"))
+        nonce = header.get("nonce", "")
+
+        def finish(kind, data, nonce=nonce):
+            _emit_line(END_TAG, nonce)
+            _write_frame(channel, session, kind, data)
+
+        problem = _version_problem(header, mine, full)
+        if problem:
+            finish("ERROR", encode_error(*problem))
+            os._exit(EXIT_BOOTSTRAP_FAILED)
+        pump = _redirect_stdout()
+        if not logging_installed:
+            _install_logging(int(header.get("log_level") or 20))
+            logging_installed = True
+        needs = [name for name in (header.get("needs") or "").split(",") if name]
+        missing = _missing_modules(needs) if needs else []
+        if missing:
+            _drain_stdout(pump)
+            finish("ERROR", encode_error("missing", ",".join(missing)))
+            continue
+        if header.get("context") == "1":
+            _prefect_environment()
+        loaded, problem_text = _load_call(payload)
+        if loaded is None:
+            _drain_stdout(pump)
+            finish("ERROR", encode_error("load", problem_text))
+            continue
+        fn, args, kwargs, context = loaded
+        scope = None
+        reply_write = None
+        if context is not None:
+            reply_read, reply_write = os.pipe()
+            with state["lock"]:
+                state["replies"] = reply_write
+
+            def send(kind, data):
+                _write_frame(channel, session, kind, data)
+
+            scope = _enter_run_context(context, channel, nonce, send=send, replies=reply_read)
+        kind, body = _run_call(fn, args, kwargs, header, scope)
+        del fn, args, kwargs, context, loaded
+        if reply_write is not None:
+            with state["lock"]:
+                state["replies"] = None
+            os.close(reply_write)  # the call's reply reader sees EOF
+        _drain_stdout(pump)
+        finish(kind, body)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ import sysconfig
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextvars import copy_context
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -36,9 +35,19 @@ import cloudpickle
 
 from prefect_modal import events, packages, remote, sandboxes
 from prefect_modal import tags as tag_keys
-from prefect_modal.artifacts import SandboxArtifact, write_sandbox_artifact
+from prefect_modal.artifact_writer import ArtifactWriter
+from prefect_modal.artifacts import SandboxArtifact, SandboxStatus
 from prefect_modal.nested import NestedCalls
 from prefect_modal.settings import DEFAULT_TIMEOUT_SECONDS, SandboxSpec
+from prefect_modal.warm import (
+    PoolClosedError,
+    StartPlan,
+    WarmPool,
+    WarmSandbox,
+    WarmStartError,
+    pool_key,
+)
+from prefect_modal.warm_records import WarmRecord
 
 #: The Python minor version the payload is pickled with; the sandbox must match.
 LOCAL_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -275,96 +284,6 @@ class CallInfo:
 # -- shared state: in-flight calls, artifact writing -------------------------------------
 
 
-class ArtifactWriter:
-    """Writes sandbox records to Prefect in the background, in order.
-
-    A record is written when a sandbox starts and again when it ends; on the
-    task's critical path that would be two API round trips per task, so one
-    thread writes them while the task goes on, and `flush()` waits at the end
-    of the flow run.  That thread keeps one Prefect client open between writes
-    (opening a client costs ~30 ms of CPU, ten times a write, and the flow
-    process's CPU is what a map of small tasks waits on); `flush()` closes it.
-    A failed write is logged, never fatal to a task.
-    """
-
-    def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefect-modal-artifacts")
-        self._pending: set[Future[None]] = set()
-        self._lock = threading.Lock()
-        # owned by the writer thread only
-        self._client: Any = None
-        self._client_url: str | None = None
-
-    def write(self, record: SandboxArtifact, wanted: Callable[[], bool] | None = None) -> None:
-        """Queue a write; ``wanted`` is asked again just before it is sent (a "running"
-        record whose sandbox has finished meanwhile is not worth an API call)."""
-        snapshot = record.model_copy()
-        context = copy_context()  # Prefect's settings (API URL) live in context vars
-        self._submit(context.run, self._write, snapshot, wanted)
-
-    def _submit(self, fn: Callable[..., None], *args: Any) -> None:
-        future = self._pool.submit(fn, *args)
-        with self._lock:
-            self._pending.add(future)
-        future.add_done_callback(self._forget)
-
-    def _forget(self, future: Future[None]) -> None:
-        with self._lock:
-            self._pending.discard(future)
-
-    def _open_client(self) -> Any:
-        """The writer thread's client, for the API URL of the record's context."""
-        from prefect.client.orchestration import get_client
-        from prefect.settings import PREFECT_API_URL
-
-        url = PREFECT_API_URL.value()
-        if self._client is None or url != self._client_url:
-            self._close_client()
-            client = get_client(sync_client=True)
-            client.__enter__()
-            self._client, self._client_url = client, url
-        return self._client
-
-    def _close_client(self) -> None:
-        client, self._client, self._client_url = self._client, None, None
-        if client is not None:
-            try:
-                client.__exit__(None, None, None)
-            except Exception:
-                pass
-
-    def _write(self, record: SandboxArtifact, wanted: Callable[[], bool] | None = None) -> None:
-        if wanted is not None and not wanted():
-            return
-        try:
-            write_sandbox_artifact(record, client=self._open_client())
-        except Exception as exc:
-            self._close_client()  # a broken connection must not poison the next write
-            logger.warning(
-                "prefect-modal: could not write the artifact of %s: %s", record.sandbox_id, exc
-            )
-
-    def flush(self, timeout: float | None = None) -> None:
-        """Wait for every write so far, then let the thread close its client."""
-        self._wait(timeout)
-        self._submit(self._close_client)
-        self._wait(timeout)
-
-    def _wait(self, timeout: float | None) -> None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            with self._lock:
-                pending = list(self._pending)
-            if not pending:
-                return
-            for future in pending:
-                left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                try:
-                    future.result(timeout=left)
-                except Exception:
-                    return
-
-
 class Cancellable(Protocol):
     """What a registry holds: a task call, or a sandbox session (`sessions/`)."""
 
@@ -385,6 +304,15 @@ class CallRegistry:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._calls: set[Cancellable] = set()
+        self._pools: dict[int, tuple[object, WarmPool]] = {}
+
+    def add_pool(self, owner: object, pool: WarmPool) -> None:
+        with self._lock:
+            self._pools[id(pool)] = (owner, pool)
+
+    def discard_pool(self, pool: WarmPool) -> None:
+        with self._lock:
+            self._pools.pop(id(pool), None)
 
     def add(self, call: Cancellable) -> None:
         with self._lock:
@@ -399,8 +327,14 @@ class CallRegistry:
             return [c for c in self._calls if owner is None or c.owner is owner]
 
     def cancel_all(self, reason: str, owner: object | None = None) -> list[threading.Thread]:
-        """Terminate every in-flight sandbox (of `owner`, or all); returns at once."""
-        return [t for c in self.active(owner) if (t := c.cancel(reason)) is not None]
+        """Terminate every in-flight sandbox (of `owner`, or all) and every warm one;
+        returns at once."""
+        threads = [t for c in self.active(owner) if (t := c.cancel(reason)) is not None]
+        with self._lock:
+            pools = [p for o, p in self._pools.values() if owner is None or o is owner]
+        for pool in pools:
+            threads += pool.close()
+        return threads
 
 
 _registries: dict[str, CallRegistry] = {}
@@ -443,6 +377,32 @@ class CallEnvironment:
     owner: object
     max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES
     log_level: int = logging.INFO
+    #: The flow run's warm sandboxes (None: every call gets a fresh sandbox).
+    pool: WarmPool | None = None
+
+    def acquire_slot(self, timeout: float) -> bool:
+        """A slot for a per-call sandbox (an idle warm one may be retired for it)."""
+        if self.pool is not None:
+            return self.pool.acquire(None, timeout) is True
+        return self.semaphore.acquire(timeout=timeout)
+
+    def release_slot(self) -> None:
+        if self.pool is not None:
+            self.pool.release_slot()
+        else:
+            self.semaphore.release()
+
+
+def _start_failure(exc: WarmStartError) -> BaseException:
+    """A warm sandbox that died before its bootstrap started, told as a call's crash."""
+    meaning = EXIT_MEANINGS.get(exc.returncode or 0, "")
+    tail = "\n".join(exc.tail[-TAIL_LINES:]) or "(no output)"
+    message = (
+        f"Modal sandbox {exc.sandbox_id} ended with exit code {exc.returncode}"
+        + (f" ({meaning})" if meaning else "")
+        + f" before its bootstrap started. Last output lines:\n{tail}"
+    )
+    return TimeoutError(message) if exc.returncode == 124 else SandboxCrashedError(message)
 
 
 @dataclass
@@ -469,6 +429,8 @@ class SandboxCall:
     #: Submits a task on the flow's runner: how nested submits from the sandbox run.
     submit_child: Callable[..., Any] | None = None
     nonce: str = field(default_factory=lambda: secrets.token_hex(16))
+    #: Run on a warm sandbox of the flow run's pool (when the runner has one).
+    reuse: bool = False
     #: Where a result over `max_result_bytes` goes by reference (`result_refs.py`).
     result_volume: Any = None
 
@@ -489,6 +451,14 @@ class SandboxCall:
         self._nested: NestedCalls | None = None
         self._stdin_lock = threading.Lock()
         self._stdout_chunks: list[str] = []
+        # warm mode: what the sandbox's readers hand this call
+        self._warm: WarmSandbox | None = None
+        self._warm_frames: dict[str, bytes] = {}
+        self._warm_settled = threading.Event()
+        self._warm_end = threading.Event()
+        self._warm_exit: int | None = None
+        self._warm_exited = False
+        self.call_index: int | None = None
 
     # -- the engine thread ---------------------------------------------------------
 
@@ -522,13 +492,35 @@ class SandboxCall:
         )
         self.env.registry.add(self)
         driving = False
+        pool = self.env.pool if self.reuse else None
+        lease: WarmSandbox | None = None
         try:
-            while not self.env.semaphore.acquire(timeout=_SLOT_SLICE):
-                if self._cancel_reason:
-                    return self._cancelled_state()
+            drive: Callable[..., None]
+            drive_args: tuple[Any, ...]
+            if pool is not None:
+                key = pool_key(self.spec)
+                while True:
+                    try:
+                        lease = pool.lease(key, _SLOT_SLICE, self._warm_starter)
+                    except PoolClosedError:
+                        if self._cancel_reason:  # cancelled while it waited for a sandbox
+                            return self._cancelled_state()
+                        raise
+                    except WarmStartError as exc:  # as a sandbox of its own would have
+                        raise _start_failure(exc) from None
+                    if lease is not None:
+                        break
+                    if self._cancel_reason:
+                        return self._cancelled_state()
+                drive, drive_args = self._drive_warm, (pool, lease, header + payload)
+            else:
+                while not self.env.acquire_slot(_SLOT_SLICE):
+                    if self._cancel_reason:
+                        return self._cancelled_state()
+                drive, drive_args = self._drive, (header + payload,)
             driver = threading.Thread(
                 target=copy_context().run,
-                args=(self._drive, header + payload),
+                args=(drive, *drive_args),
                 name=f"prefect-modal-{self.info.sandbox_name}",
                 daemon=True,
             )
@@ -546,6 +538,8 @@ class SandboxCall:
             # Prefect's timeout (raised into this thread), Ctrl-C, a cancelled flow:
             # whatever ends the wait ends the sandbox.
             self.cancel("interrupted")
+            if pool is not None and lease is not None and not driving:
+                pool.give_back(lease, keep=True)  # leased, never used: still warm
             raise
         finally:
             if not driving:
@@ -609,6 +603,8 @@ class SandboxCall:
             ):
                 return self._terminator
             sandbox = self._sandbox
+            if self._warm is not None:  # its record says it was ended, not crashed
+                self._warm.terminated = True
             self._terminator = threading.Thread(
                 target=self._terminate, args=(sandbox,), name="prefect-modal-terminate", daemon=True
             )
@@ -706,9 +702,127 @@ class SandboxCall:
             if started:
                 self._finish_record(None)
         finally:
-            self.env.semaphore.release()
+            self.env.release_slot()
             self.env.registry.discard(self)
             self._done.set()
+
+    # -- the driver thread, warm mode ----------------------------------------------
+
+    def _warm_starter(self) -> StartPlan:
+        """How to start a warm sandbox ahead for this call (it may serve others with
+        equal settings, so its name and record are not this task run's)."""
+        flow = self.info.flow_run_id.hex[:8] if self.info.flow_run_id else "noflow"
+        tags = {
+            tag_keys.MODE: "per_step",
+            tag_keys.WARM: "1",
+            tag_keys.TASK_NAME: self.info.task_name[:60],
+        }
+        if self.info.flow_run_id:
+            tags[tag_keys.FLOW_RUN] = str(self.info.flow_run_id)
+        name = f"pf-{flow}-warm-{secrets.token_hex(8)}"
+        return StartPlan(self.spec, self.env.client, name, tags, self._warm_record)
+
+    def _warm_record(self, warm: WarmSandbox) -> WarmRecord:
+        """The record of a warm sandbox that now exists: one artifact for all its calls."""
+        spec = warm.spec
+        record = SandboxArtifact(
+            sandbox_id=warm.sandbox_id,
+            sandbox_name=warm.name,
+            app_name=spec.effective_app_name,
+            target=self.env.target_kind,  # type: ignore[arg-type]
+            flow_run_id=self.info.flow_run_id,
+            mode="per_step",
+            resources=spec.describe(),
+            link=sandboxes.dashboard_url(
+                warm.sandbox_id, spec.effective_app_name, self.env.server_url
+            ),
+            calls=[],
+        )
+        return WarmRecord(record, self.env.artifacts, self.env.on_record, RUNNING_RECORD_AFTER_S)
+
+    def _drive_warm(self, pool: WarmPool, warm: WarmSandbox, stdin_data: bytes) -> None:
+        """Run the call on the warm sandbox it leased."""
+        started = False
+        try:
+            if self._cancel_reason:
+                self._outcome = _Outcome(cancelled=self._cancel_reason)
+                return
+            self._warm = warm
+            self.call_index = warm.begin(self)
+            with self._lock:
+                self._sandbox = warm.sandbox
+                cancel_now = self._cancel_reason is not None
+            started = True
+            self._start_record(warm.sandbox, self.spec)
+            if cancel_now:
+                warm.terminated = True
+                self._terminate(warm.sandbox)
+            else:
+                try:
+                    warm.send_call(stdin_data)
+                except Exception:
+                    if not self._cancel_reason and not warm.dead.is_set():
+                        raise
+            if self._events is not None:
+                self._events.running()
+            while not self._warm_settled.wait(0.5):
+                if warm.dead.is_set():  # it ended before this call became its current one
+                    self.on_warm_exit(warm.returncode)
+            if not self._warm_exited:
+                self._warm_end.wait(5.0)  # the call's last output lines
+            elif not self._warm_frames:  # it exited: its last frame may still be in the pipe
+                warm.channel_done.wait(5.0)
+            with self._lock:
+                self._finished = True
+            self._outcome = self._outcome_of(
+                self._warm_frames, self._warm_exit if self._warm_exited else None
+            )
+            kind = next(iter(self._warm_frames), None)
+            codes = {"OK": 0, "REF": 0, "RAISE": 1}
+            code = self._warm_exit if self._warm_exited else codes.get(kind or "", 3)
+            self._finish_record(code)
+        except BaseException as exc:
+            if self._cancel_reason and self._cancel_reason != "timeout":
+                self._outcome = _Outcome(cancelled=self._cancel_reason)
+            else:
+                self._outcome = _Outcome(error=exc)
+            if started:
+                self._finish_record(None)
+        finally:
+            warm.end(self)
+            error = self._outcome.error
+            keep = not started or (  # a call cancelled before it began leaves it warm
+                not self._cancel_reason
+                and not self._warm_exited
+                and not isinstance(error, (SandboxCrashedError, *REMOTE_INTERRUPTS))
+                and (self._warm_frames or error is None)
+            )
+            pool.give_back(warm, keep=bool(keep))
+            self.env.registry.discard(self)
+            self._done.set()
+
+    def on_warm_frame(self, kind: str, body: bytes) -> None:
+        """A frame of this call from the warm sandbox's channel."""
+        if kind == "SUBMIT":
+            if self._nested is not None:
+                self._nested.on_frame(kind, body)
+            return
+        if kind in ("OK", "REF", "RAISE", "ERROR"):
+            self._warm_frames.setdefault(kind, body)
+            self._warm_settled.set()
+
+    def on_warm_line(self, line: str) -> None:
+        origin, _level, text = remote.classify_line(line)
+        if origin == "end":
+            if text == self.nonce:
+                self._warm_end.set()
+            return
+        self._on_line(line)
+
+    def on_warm_exit(self, returncode: int | None) -> None:
+        self._warm_exit = returncode
+        self._warm_exited = True
+        self._warm_settled.set()
 
     def _follow_stdout(self, sandbox: Any) -> threading.Thread:
         """Read the private channel while the call runs: nested submits arrive on it."""
@@ -736,6 +850,12 @@ class SandboxCall:
         with self._lock:
             sandbox = None if self._finished else self._sandbox
         if sandbox is None:
+            return
+        if self._warm is not None:  # framed, so it never mixes with the next call
+            try:
+                self._warm.send_reply(data)
+            except Exception as exc:
+                logger.debug("prefect-modal: a nested reply could not be sent: %s", exc)
             return
         try:
             with self._stdin_lock:
@@ -784,9 +904,11 @@ class SandboxCall:
 
     def _start_record(self, sandbox: Any, spec: SandboxSpec) -> None:
         sid = sandboxes.sandbox_id(sandbox)
+        warm = self._warm
         self.record = SandboxArtifact(
             sandbox_id=sid,
-            sandbox_name=self.info.sandbox_name,
+            sandbox_name=warm.name if warm else self.info.sandbox_name,
+            call_in_sandbox=self.call_index,
             app_name=spec.effective_app_name,
             target=self.env.target_kind,  # type: ignore[arg-type]
             flow_run_id=self.info.flow_run_id,
@@ -798,12 +920,30 @@ class SandboxCall:
             status="running",
             link=sandboxes.dashboard_url(sid, spec.effective_app_name, self.env.server_url),
         )
-        self.run_logger.info(
-            "Running in Modal sandbox %s (%s)", sid, _resource_summary(spec.describe())
-        )
+        if warm is not None:
+            self.run_logger.info(
+                "Running in Modal sandbox %s, call %s in this sandbox (%s; %s)",
+                sid,
+                self.call_index,
+                "a new sandbox" if self.call_index == 1 else "warm",
+                _resource_summary(spec.describe()),
+            )
+        else:
+            self.run_logger.info(
+                "Running in Modal sandbox %s (%s)", sid, _resource_summary(spec.describe())
+            )
         # In this (driver) thread's copy of the run context: Prefect's events
         # worker adds the flow, deployment and work pool of the run itself.
         self._events = events.for_record(self.record)
+        if warm is not None:  # the sandbox's one record and events (`warm_records.py`)
+            if warm.record is not None:
+                warm.record.call_began(
+                    self.call_index or 0,
+                    self.info.task_run_id,
+                    self.info.task_name,
+                    self.info.attempt,
+                )
+            return
         self._events.created()
         timer = threading.Timer(
             RUNNING_RECORD_AFTER_S, copy_context().run, args=(self._write_running_record,)
@@ -827,6 +967,7 @@ class SandboxCall:
         if self.record is None:
             return
         outcome = self._outcome
+        status: SandboxStatus
         if outcome.cancelled or returncode == 137:
             status = "terminated"
         elif returncode == 124 or isinstance(outcome.error, TimeoutError):
@@ -844,11 +985,17 @@ class SandboxCall:
                 "ended_at": datetime.now(timezone.utc),
             }
         )
-        self.env.artifacts.write(self.record)
-        self.env.on_record(self.record)
+        if self._warm is not None:
+            if self._warm.record is not None:
+                self._warm.record.call_ended(self.call_index or 0, status)
+        else:
+            self.env.artifacts.write(self.record)
+            self.env.on_record(self.record)
         if self._events is not None:
             if self._cancel_reason and status in ("terminated", "timeout"):
                 self._events.terminated(self._cancel_reason)
+            if self._warm is not None:  # a warm sandbox's exit is its own (`warm_records.py`)
+                return
             self._events.exited(
                 returncode,
                 events.exit_reason(status, returncode),
@@ -860,7 +1007,9 @@ class SandboxCall:
 
     def _interpret(self, returncode: int | None, output: str, attached: bool = False) -> _Outcome:
         nonce = (remote.hello_nonce(output) or self.nonce) if attached else self.nonce
-        frames = dict(remote.decode_frames(nonce, output))
+        return self._outcome_of(dict(remote.decode_frames(nonce, output)), returncode)
+
+    def _outcome_of(self, frames: dict[str, bytes], returncode: int | None) -> _Outcome:
         if "OK" in frames:
             return _Outcome(value=cloudpickle.loads(frames["OK"]))
         if "REF" in frames and self.result_volume is not None:

@@ -41,6 +41,8 @@ class SandboxReport:
     live_status: str  # "running", "succeeded", "failed", "terminated", "timeout", "gone"
     returncode: int | None
     record: SandboxArtifact | None
+    #: The task runs it served, in call order: one record each (`call_views()`).
+    calls: tuple[SandboxArtifact, ...] = ()
 
     @property
     def running(self) -> bool:
@@ -63,6 +65,7 @@ class SandboxReport:
             "recorded_status": rec.status if rec else None,
             "gpu": rec.resources.get("gpu") if rec else None,
             "link": rec.link if rec else None,
+            "task_runs": [str(c.task_run_id) for c in self.calls if c.task_run_id],
         }
 
 
@@ -114,7 +117,11 @@ def flow_run_sandboxes(
         status, code = _live(sid, client)
         reports.append(
             SandboxReport(
-                sandbox_id=sid, live_status=status, returncode=code, record=records.get(sid)
+                sandbox_id=sid,
+                live_status=status,
+                returncode=code,
+                record=records.get(sid),
+                calls=tuple(records[sid].call_views()) if sid in records else (),
             )
         )
     return reports

@@ -15,6 +15,8 @@ WORK_POOL = "prefect.work-pool-id"
 WORKER = "prefect.worker-name"
 #: "per_step" or "pipeline": which mode started the sandbox.
 MODE = "prefect-modal.mode"
+#: "1" on a warm sandbox: it serves many task runs of one flow run, one at a time.
+WARM = "prefect-modal.warm"
 #: The worker's sandboxes: "flow-run" (the run itself) or a task's.
 ROLE = "prefect-modal.role"
 #: The role of a flow run's own sandbox (the worker's; a task's has another).

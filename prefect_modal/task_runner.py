@@ -1,12 +1,14 @@
-"""`ModalTaskRunner`: each submitted task call runs in its own Modal Sandbox.
+"""`ModalTaskRunner`: each submitted task call runs in a Modal Sandbox.
 
 The Prefect task engine stays in the flow's process, in a thread, exactly as
 with `ThreadPoolTaskRunner` (which this class extends): states, retries,
 caching, timeouts, hooks, result persistence and upstream lineage are
 Prefect's own.  Only the call of the user's function travels: `submit()` hands
 the engine a copy of the task whose function, when called, runs a
-`SandboxCall` (see `sandbox_call.py`).  So a cache hit starts no sandbox, and a
-retry is a new sandbox.
+`SandboxCall` (see `sandbox_call.py`).  So a cache hit starts no sandbox.
+Calls with equal sandbox settings share warm sandboxes within a flow run
+(`warm.py`, `reuse_sandboxes=True`, the default), one call at a time per
+sandbox; `reuse_sandboxes=False` gives every call (and every retry) a fresh one.
 
 Why not a sandbox that runs Prefect's engine itself: importing Prefect and
 talking to the API from the sandbox costs about 2 s per task and needs an API
@@ -35,14 +37,15 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from typing_extensions import Self
 
 from prefect_modal import result_refs, run_context
+from prefect_modal.artifact_writer import ArtifactWriter
 from prefect_modal.artifacts import SandboxArtifact, write_flow_summary
 from prefect_modal.credentials import ModalCredentials
+from prefect_modal.interrupts import InterruptWatcher
 from prefect_modal.options import ModalOptions, options_for
 from prefect_modal.result_refs import ResultVolume
 from prefect_modal.sandbox_call import (
     DEFAULT_MAX_RESULT_BYTES,
     REMOTE_INTERRUPTS,
-    ArtifactWriter,
     CallEnvironment,
     CallInfo,
     SandboxCall,
@@ -51,6 +54,9 @@ from prefect_modal.sandbox_call import (
 )
 from prefect_modal.settings import SandboxSpec
 from prefect_modal.storage import ModalVolume
+from prefect_modal.warm import DEFAULT_IDLE_SECONDS, WarmPool
+
+logger = logging.getLogger("prefect_modal.task_runner")
 
 if TYPE_CHECKING:
     from prefect.tasks import Task
@@ -116,6 +122,15 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
             ThreadPoolTaskRunner reads it, else max(256, max_parallelism).
         max_result_bytes: largest pickled return value a sandbox may send back.
         log_level: level of the `logging` root logger inside the sandbox.
+        reuse_sandboxes: True (default) lets calls whose effective sandbox
+            settings are equal share warm sandboxes within one flow run, one
+            call at a time: the start is paid once per sandbox, not per call.
+            Module state (imports, caches, globals of installed modules) then
+            persists between calls in one sandbox.  False: a fresh sandbox for
+            every call (or per task: `modal_options(reuse=False)`).
+        idle_seconds: how long a warm sandbox waits idle for another call
+            before it is terminated (the sandbox's own `idle_timeout`, this
+            plus a minute, is the backstop should the flow process die).
         result_volume: a `ModalVolume` block or a Modal Volume name: a result over
             `max_result_bytes` is written there by the sandbox (the volume is
             mounted in it) and read back through the Volume API.  Default: the
@@ -134,6 +149,8 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
         max_workers: int | None = None,
         max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
         log_level: int = logging.INFO,
+        reuse_sandboxes: bool = True,
+        idle_seconds: float = DEFAULT_IDLE_SECONDS,
         result_volume: ModalVolume | str | None = None,
         _family: str | None = None,
     ) -> None:
@@ -151,6 +168,17 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
             )
         if isinstance(max_result_bytes, bool) or max_result_bytes < 1:
             raise ValueError(f"max_result_bytes={max_result_bytes!r} must be 1 or more bytes.")
+        if not isinstance(reuse_sandboxes, bool):
+            raise ValueError(f"reuse_sandboxes={reuse_sandboxes!r} must be True or False.")
+        if (
+            isinstance(idle_seconds, bool)
+            or not isinstance(idle_seconds, int | float)
+            or not 0 < idle_seconds <= 24 * 3600
+        ):
+            raise ValueError(
+                f"idle_seconds={idle_seconds!r} must be a number of seconds above 0 and at most "
+                "86400 (24 hours)."
+            )
         super().__init__(max_workers=_engine_threads(max_workers, max_parallelism))
         self.spec = spec or SandboxSpec()
         self.max_parallelism = max_parallelism
@@ -158,6 +186,8 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
         self.default_local = default_local
         self.max_result_bytes = max_result_bytes
         self.log_level = log_level
+        self.reuse_sandboxes = reuse_sandboxes
+        self.idle_seconds = float(idle_seconds)
         self.result_volume = result_refs.check_setting(result_volume)
         self._requested_workers = max_workers
         # One family per user-created runner: its duplicates and unpickled copies
@@ -172,6 +202,8 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
         self._artifacts: ArtifactWriter | None = None
         self._records: list[SandboxArtifact] = []
         self._records_lock = threading.Lock()
+        self._pool: WarmPool | None = None
+        self._interrupts: InterruptWatcher | None = None
 
     @property
     def name(self) -> str:
@@ -188,6 +220,8 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
             max_workers=self._requested_workers,
             max_result_bytes=self.max_result_bytes,
             log_level=self.log_level,
+            reuse_sandboxes=self.reuse_sandboxes,
+            idle_seconds=self.idle_seconds,
             result_volume=self.result_volume,
             _family=self._family,
         )
@@ -203,6 +237,8 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
             and self._max_workers == value._max_workers
             and self.max_result_bytes == value.max_result_bytes
             and self.log_level == value.log_level
+            and self.reuse_sandboxes == value.reuse_sandboxes
+            and self.idle_seconds == value.idle_seconds
             and self.result_volume == value.result_volume
         )
 
@@ -211,7 +247,7 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
     def __repr__(self) -> str:
         return (
             f"ModalTaskRunner(spec={self.spec!r}, max_parallelism={self.max_parallelism}, "
-            f"default_local={self.default_local})"
+            f"default_local={self.default_local}, reuse_sandboxes={self.reuse_sandboxes})"
         )
 
     def __getstate__(self) -> dict[str, Any]:
@@ -226,6 +262,8 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
             "_records_lock",
             "_executor",
             "_cancel_events",
+            "_pool",
+            "_interrupts",
         ):
             state.pop(name, None)
         state["_started"] = False
@@ -240,12 +278,23 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
     def __enter__(self) -> Self:
         super().__enter__()
         self._artifacts = ArtifactWriter()
+        if self.reuse_sandboxes:
+            self._pool = WarmPool(self._semaphore, self.idle_seconds)
+            registry_for(self._family).add_pool(self, self._pool)
+        # Ctrl-C ends this run's sandboxes even while the main thread cannot take it yet.
+        watcher = InterruptWatcher(self._on_ctrl_c)
+        self._interrupts = watcher if watcher.start() else None
         return self
+
+    def _on_ctrl_c(self) -> None:
+        logger.debug("prefect-modal: SIGINT: ending the flow run's sandboxes")
+        self._terminate_own("the flow process got Ctrl-C (SIGINT)")
 
     def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
         """Normal exit: like ThreadPoolTaskRunner, running calls finish, queued ones are
         cancelled.  Exit by an exception (cancelled, crashed, Ctrl-C): this runner's
         sandboxes are terminated and nothing waits for them."""
+        logger.debug("prefect-modal: the flow run's task runner exits (%s)", exc_type)
         for event in self._cancel_events.values():
             event.set()
         if exc_type is not None:
@@ -253,6 +302,11 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
         executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=exc_type is None, cancel_futures=True)
+        pool, self._pool = self._pool, None
+        if pool is not None:  # the flow run is over: its warm sandboxes end with it
+            registry_for(self._family).discard_pool(pool)
+            pool.close(wait=10.0, graceful=exc_type is None)
+        if executor is not None:
             if exc_type is not None:
                 # Terminated sandboxes end in about a second; let their engine threads
                 # record the final states before the process exits (Prefect's API
@@ -261,6 +315,9 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
         try:
             self._finish_records(timeout=30 if exc_type is None else 3)
         finally:
+            interrupts, self._interrupts = self._interrupts, None
+            if interrupts is not None:
+                interrupts.stop()
             TaskRunner.__exit__(self, exc_type, exc_value, traceback)
 
     def cancel_all(self) -> None:
@@ -303,7 +360,15 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
                 "sandbox call cannot do; it runs in the flow's process.",
                 task.name,
             )
-        runnable = task if local else self._remote_task(task, options.spec or self.spec)
+        runnable = (
+            task
+            if local
+            else self._remote_task(
+                task,
+                options.spec or self.spec,
+                reuse=self.reuse_sandboxes and options.reuse is not False,
+            )
+        )
 
         task_run_id = _new_task_run_id()
         cancel_event = threading.Event()
@@ -357,18 +422,20 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
         opts = options_for(task)
         local = self.default_local if opts.local is None else opts.local
         spec = self.spec.merged_with(opts.spec) if opts.spec else self.spec
-        return ModalOptions(spec=spec, local=local)
+        return ModalOptions(spec=spec, local=local, reuse=opts.reuse)
 
     # -- the remote function -------------------------------------------------------------
 
-    def _remote_task(self, task: Task[Any, Any], spec: SandboxSpec) -> Task[Any, Any]:
+    def _remote_task(
+        self, task: Task[Any, Any], spec: SandboxSpec, reuse: bool = False
+    ) -> Task[Any, Any]:
         """A copy of `task` whose function runs in a sandbox; everything else is Prefect's.
 
         A shallow copy keeps the task's key, name, source (for cache keys),
         retries, hooks and result settings; only `fn` changes.
         """
         remote = copy.copy(task)
-        remote.fn = _remote_function(task.fn, spec, self)
+        remote.fn = _remote_function(task.fn, spec, self, reuse)
         return remote
 
     def _environment(self) -> CallEnvironment:
@@ -386,6 +453,7 @@ class ModalTaskRunner(ThreadPoolTaskRunner[R]):
             owner=self,
             max_result_bytes=self.max_result_bytes,
             log_level=self.log_level,
+            pool=self._pool,
         )
 
     def target(self) -> Target:
@@ -465,7 +533,12 @@ def _contain_remote_interrupts(fn: Callable[..., Any], *args: Any, **kwargs: Any
 
 
 def _call_for(
-    fn: Callable[..., Any], spec: SandboxSpec, runner: ModalTaskRunner, args: Any, kwargs: Any
+    fn: Callable[..., Any],
+    spec: SandboxSpec,
+    runner: ModalTaskRunner,
+    args: Any,
+    kwargs: Any,
+    reuse: bool = False,
 ) -> SandboxCall:
     from prefect.context import TaskRunContext
 
@@ -493,12 +566,13 @@ def _call_for(
             ctx, fn, plain_containers(dict(ctx.parameters or {}))
         ),
         submit_child=runner.submit,
+        reuse=reuse,
         result_volume=ResultVolume.for_spec(volume, spec) if volume is not None else None,
     )
 
 
 def _remote_function(
-    fn: Callable[..., Any], spec: SandboxSpec, runner: ModalTaskRunner
+    fn: Callable[..., Any], spec: SandboxSpec, runner: ModalTaskRunner, reuse: bool = False
 ) -> Callable[..., Any]:
     """The stand-in for `fn` the engine calls: same signature (via `__wrapped__`),
     same sync/async nature; the body runs in a sandbox."""
@@ -506,7 +580,7 @@ def _remote_function(
 
         @functools.wraps(fn)
         async def call_in_sandbox_async(*args: Any, **kwargs: Any) -> Any:
-            call = _call_for(fn, spec, runner, args, kwargs)
+            call = _call_for(fn, spec, runner, args, kwargs, reuse)
             try:
                 return await asyncio.to_thread(call.run)
             except BaseException:  # asyncio cancellation: Prefect's timeout or shutdown
@@ -517,7 +591,7 @@ def _remote_function(
 
     @functools.wraps(fn)
     def call_in_sandbox(*args: Any, **kwargs: Any) -> Any:
-        return _call_for(fn, spec, runner, args, kwargs).run()
+        return _call_for(fn, spec, runner, args, kwargs, reuse).run()
 
     return call_in_sandbox
 

@@ -102,6 +102,14 @@ def serve(
             "before it is pruned; 0 keeps every one until the server stops.",
         ),
     ] = DEFAULT_RETENTION_S,
+    latency: Annotated[
+        str,
+        typer.Option(
+            help="'modal' simulates Modal's sandbox start times (a delay drawn from a fit to "
+            "ComputeSDK's April 2026 leaderboard: median 2.66 s, p95 11.78 s, p99 22.39 s) "
+            "and a 30 ms round trip per RPC, for benchmarks; 'off' (default) adds nothing.",
+        ),
+    ] = "off",
 ) -> None:
     """Serve Modal's API on 127.0.0.1 until SIGINT, SIGTERM or SIGHUP."""
     logging.basicConfig(
@@ -113,6 +121,10 @@ def serve(
             "server stops)",
             param_hint="'--retention'",
         )
+    if latency not in ("off", "modal"):
+        raise typer.BadParameter(
+            f"{latency!r}: expected 'off' or 'modal'", param_hint="'--latency'"
+        )
     secrets = _load_secrets(secrets_file)
     lm = LocalModal(
         port=port,
@@ -123,6 +135,7 @@ def serve(
         isolation=isolation and isolation_mod.enabled_by_default(),
         host_dirs=host_dir or None,
         retention_s=retention,
+        latency=latency,
     )
     stop = threading.Event()
 
@@ -141,6 +154,8 @@ def serve(
             print("# isolation: on (Linux namespaces)")
         else:
             print(f"# isolation: OFF ({lm.not_isolated_because})")
+        if lm.latency is not None:
+            print("# latency: simulated Modal start times and RPC round trips")
         print(f"# TLS certificate of tunnels and connect tokens: {lm.tls_cert}")
         print(f"READY {lm.url}", flush=True)
         while not stop.wait(0.5):

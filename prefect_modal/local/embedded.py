@@ -25,6 +25,8 @@ import grpclib.events
 from grpclib.server import Server
 
 from .auth import Credentials
+from .latency import LatencyModel
+from .latency import resolve as resolve_latency
 from .records import SandboxRecord
 from .retention import Pruner, check_retention
 from .runtime import forkserver, processes, tls
@@ -66,8 +68,10 @@ class LocalModal:
         host_dirs: Sequence[str | Path] | None = None,
         image_cache: str | Path | None = None,
         retention_s: float | None = DEFAULT_RETENTION_S,
+        latency: str | LatencyModel | None = None,
     ) -> None:
         retention = check_retention(retention_s)
+        self.latency = resolve_latency(latency)
         if host not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError(f"host={host!r}: the local Modal server binds to loopback only")
         self._host = host
@@ -93,6 +97,7 @@ class LocalModal:
                 for d in (isolation_mod.host_dirs_from_env() if host_dirs is None else host_dirs)
             ],
             host=host,
+            latency=self.latency,
             image_cache=Path(image_cache) if image_cache is not None else None,
         )
         self._loop: asyncio.AbstractEventLoop | None = None

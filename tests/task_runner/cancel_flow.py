@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -24,6 +25,18 @@ def cancel_me(n: int = 8) -> list[int]:
 
 
 @task
+def quick(i: int) -> int:
+    return i
+
+
+@flow(task_runner=ModalTaskRunner(max_parallelism=8))
+def cancel_warm(n: int = 4) -> list[int]:
+    """Eight warm sandboxes, then `n` of them busy with sleepers and the rest idle."""
+    quick.map(range(8)).result()
+    return sleepy.map(range(n)).result()
+
+
+@task
 def defined_in_main(x: int) -> dict:
     """Defined in __main__ when this file runs as a script: travels by value."""
     return {"x": x * 2, "pid": os.getpid(), "sandbox": os.environ.get("MODAL_SANDBOX_ID")}
@@ -36,6 +49,11 @@ def main_flow() -> dict:
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["sleepers"]:  # for the Ctrl-C test: runs until interrupted
+        # the runner's debug lines, timed, for the test's failure report
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(created).3f %(threadName)s %(message)s"))
+        logging.getLogger("prefect_modal").addHandler(handler)
+        logging.getLogger("prefect_modal").setLevel(logging.DEBUG)
         cancel_me(4)
         sys.exit(0)
     out = main_flow()

@@ -257,8 +257,9 @@ def _task_run(task_run_id: Any) -> Any:
         return client.read_task_run(uuid.UUID(str(task_run_id)))
 
 
-def test_nested_submits_and_calls_are_proxied_to_the_flow(make_runner, modal_server):
-    @flow(task_runner=make_runner())
+@pytest.mark.parametrize("reuse", [True, False], ids=["warm", "per-call"])
+def test_nested_submits_and_calls_are_proxied_to_the_flow(make_runner, modal_server, reuse):
+    @flow(task_runner=make_runner(reuse_sandboxes=reuse))
     def f():
         fut = parent_of_many.submit(2)
         return fut.result(), fut.task_run_id, _flow_run_id()
@@ -267,12 +268,18 @@ def test_nested_submits_and_calls_are_proxied_to_the_flow(make_runner, modal_ser
     assert result["second"] == 200 and result["mapped"] == [10, 20] and result["direct"] == 30
     assert result["raised"] == "child failed on 2"
     records = sandboxes_of(modal_server, flow_run_id)
-    by_task = {}
-    for record in records:
-        by_task.setdefault(record.tags["prefect.task-name"], []).append(record)
-    # every child ran in a sandbox of its own, as a task run of the same flow run
-    assert len(by_task["child"]) == 5 and len(by_task["failing_child"]) == 1
-    assert len(by_task["parent_of_many"]) == 1
+    if reuse:
+        # warm: the replies to the parent's nested submits are framed on stdin, so they
+        # never mix with a later call; children share the warm sandboxes left free
+        assert records and all(r.tags.get("prefect-modal.warm") == "1" for r in records)
+        assert all(r.returncode == 0 for r in records)
+    else:
+        by_task = {}
+        for record in records:
+            by_task.setdefault(record.tags["prefect.task-name"], []).append(record)
+        # every child ran in a sandbox of its own, as a task run of the same flow run
+        assert len(by_task["child"]) == 5 and len(by_task["failing_child"]) == 1
+        assert len(by_task["parent_of_many"]) == 1
     first_id, second_id = result["ids"]
 
     def recorded() -> Any:
@@ -310,7 +317,8 @@ def test_a_refused_nested_submit_says_why(make_runner):
 def test_a_local_parent_submits_children_to_their_own_sandboxes(make_runner, modal_server):
     parent = modal_options(local=True)(submits_child)
 
-    @flow(task_runner=make_runner())
+    # the child's sandbox is found by its task run tag: a per-call sandbox
+    @flow(task_runner=make_runner(reuse_sandboxes=False))
     def f():
         fut = parent.submit(4)
         return fut.result(), fut.task_run_id, _flow_run_id()
@@ -360,7 +368,9 @@ def test_packages_added_to_the_default_image_are_logged(make_runner):
     error = no_auto.result(raise_on_failure=False)
     assert isinstance(error, sandbox_call.SandboxImageError), error
     assert "lacks prefect" in str(error) and PREFECT_PIN in str(error)
-    records = {r.task_run_id: r for r in read_sandbox_artifacts(flow_run_id)}
+    records = {
+        v.task_run_id: v for r in read_sandbox_artifacts(flow_run_id) for v in r.call_views()
+    }
     assert records[auto_id].resources["pip_packages"] == [PREFECT_PIN]
     assert not records[off_id].resources.get("pip_packages")
     assert records[pinned_id].resources["pip_packages"] == [USER_PREFECT]  # the user's wins
@@ -422,12 +432,15 @@ def test_thread_pool_max_workers_setting_is_honoured(credentials):
         ModalTaskRunner(credentials=credentials, max_workers=0)
 
 
-def test_artifact_keys_are_unique_per_task_run(make_runner):
+def test_artifact_keys_are_unique_per_task_run_without_reuse(make_runner):
+    """A sandbox per call: its artifact is the task run's (warm: one per sandbox, see
+    test_warm_sandboxes)."""
+
     @task
     def step(i: int) -> int:
         return i
 
-    @flow(task_runner=make_runner(spec=SandboxSpec(cpu=0.25)))
+    @flow(task_runner=make_runner(spec=SandboxSpec(cpu=0.25), reuse_sandboxes=False))
     def f():
         futures = step.map(range(6))
         return [fu.task_run_id for fu in futures], [fu.result() for fu in futures], _flow_run_id()

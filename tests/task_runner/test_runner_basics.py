@@ -38,7 +38,8 @@ def flow_run_id() -> str:
 
 
 def test_success_runs_in_a_sandbox(make_runner, modal_server):
-    @flow(task_runner=make_runner())
+    # per-call sandboxes and their names (warm ones: test_warm_sandboxes.py)
+    @flow(task_runner=make_runner(reuse_sandboxes=False))
     def f():
         return add.submit(1, 2).result(), where.submit().result(), flow_run_id()
 
@@ -92,7 +93,11 @@ def test_retries_start_one_sandbox_per_attempt(make_runner, modal_server, tmp_pa
             raise RuntimeError(f"attempt {n} fails")
         return n
 
-    @flow(task_runner=make_runner(spec=SandboxSpec(volumes={"/state": volume})))
+    # about fresh sandboxes per attempt; with warm sandboxes (the default) a retry
+    # after a raise runs on the same warm sandbox (test_warm_sandboxes.py)
+    @flow(
+        task_runner=make_runner(spec=SandboxSpec(volumes={"/state": volume}), reuse_sandboxes=False)
+    )
     def f():
         return flaky.submit(counter).result(), flow_run_id()
 
@@ -275,7 +280,8 @@ def test_max_parallelism_is_respected(make_runner, modal_server):
         stop.set()
         sampler.join(5)
     assert 2 <= peak[0] <= 3
-    assert len(sandboxes_of(modal_server, run_ids[0])) == 9
+    # warm sandboxes (the default): the nine calls share the (at most) three sandboxes
+    assert 2 <= len(sandboxes_of(modal_server, run_ids[0])) <= 3
 
 
 def test_map_of_200_tasks_completes(make_runner, modal_server):
@@ -290,7 +296,8 @@ def test_map_of_200_tasks_completes(make_runner, modal_server):
     total, run_id = f()
     assert total == sum(i * i for i in range(200))
     records = sandboxes_of(modal_server, run_id)
-    assert len(records) == 200 and all(r.returncode == 0 for r in records)
+    # warm sandboxes: at most max_parallelism of them, each ended normally with the run
+    assert 1 <= len(records) <= 32 and all(r.returncode == 0 for r in records)
 
 
 def test_lineage_is_recorded(make_runner):
@@ -443,7 +450,7 @@ def test_an_attempt_already_running_is_followed_not_started_twice(
     def answer() -> str:
         return "result of a second start"
 
-    @flow(task_runner=make_runner())
+    @flow(task_runner=make_runner(reuse_sandboxes=False))
     def f():
         run_id = get_run_context().flow_run.id
         info = sandbox_call.CallInfo(
@@ -527,7 +534,7 @@ def test_an_import_probe_inside_another_import_loads_no_pth_files(modal_server):
         modal.Image.debian_slim(python_version=sandbox_call.LOCAL_PYTHON)
         .pip_install(f"cloudpickle=={importlib.metadata.version('cloudpickle')}")
         .run_commands(
-            "python -c \"import site; "
+            'python -c "import site; '
             "open(site.getsitepackages()[0] + '/probe.pth', 'w').write('import pathlib\\n')\""
         )
     )

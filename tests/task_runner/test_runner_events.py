@@ -24,9 +24,12 @@ def killed() -> None:
 
 
 def test_per_step_sandboxes_emit_lifecycle_events(make_runner) -> None:
+    """A sandbox per call: its events relate to the call's task run."""
     since = datetime.now(timezone.utc)
 
-    @flow(task_runner=make_runner(spec=SandboxSpec(cpu=0.5, memory="256MiB")))
+    @flow(
+        task_runner=make_runner(spec=SandboxSpec(cpu=0.5, memory="256MiB"), reuse_sandboxes=False)
+    )
     def evented() -> tuple[str, str, str]:
         ok = fine.submit()
         bad = killed.submit()
@@ -72,3 +75,36 @@ def test_per_step_sandboxes_emit_lifecycle_events(make_runner) -> None:
     assert bad_exit["resource"]["modal.sandbox.exit-code"] == "137"
     assert bad_exit["resource"]["modal.sandbox.reason"] == "terminated"
     assert bad_exit["payload"]["exit_code"] == 137
+
+
+def test_a_warm_sandbox_is_created_and_exits_once_and_runs_each_call(make_runner) -> None:
+    since = datetime.now(timezone.utc)
+
+    @flow(task_runner=make_runner(max_parallelism=1))
+    def three() -> tuple[str, list[str]]:
+        futures = [fine.submit() for _ in range(3)]
+        for fut in futures:
+            fut.wait()
+        return flow_run.get_id(), [str(fut.task_run_id) for fut in futures]
+
+    run_id, task_runs = three()
+
+    def mine(events: list[dict]) -> list[dict]:
+        return [e for e in events if f"prefect.flow-run.{run_id}" in related_ids(e, "flow-run")]
+
+    events = mine(
+        wait_for_events(since, lambda evs: any(e["event"].endswith(".exited") for e in mine(evs)))
+    )
+    names = [e["event"].removeprefix("prefect-modal.sandbox.") for e in events]
+    assert names == ["created", "running", "running", "running", "exited"], names
+    assert len({e["resource"]["prefect.resource.id"] for e in events}) == 1  # one sandbox
+    running = [e for e in events if e["event"].endswith(".running")]
+    assert sorted(
+        task_run.removeprefix("prefect.task-run.")
+        for e in running
+        for task_run in related_ids(e, "task-run")
+    ) == sorted(task_runs)
+    created, exited = events[0], events[-1]
+    assert not related_ids(created, "task-run") and not related_ids(exited, "task-run")
+    assert exited["payload"]["reason"] == "succeeded" and exited["payload"]["exit_code"] == 0
+    assert exited["payload"]["estimated_cost_usd"] > 0

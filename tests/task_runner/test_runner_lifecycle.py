@@ -151,6 +151,26 @@ def _sigint_as_in_a_terminal() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def _history(record, since: float) -> str:
+    """One sandbox's life relative to `since`, for a failure report."""
+    ended = f"{record.finished_at - since:+.2f}s" if record.finished_at else "-"
+    return (
+        f"  {record.id} {record.name} {record.status} rc={record.returncode} "
+        f"created {record.created_at - since:+.2f}s ended {ended} tags={record.tags}"
+    )
+
+
+def _stacks_of(pid: int) -> str:
+    """The flow process's thread stacks (py-spy, when installed), for a failure report."""
+    spy = Path(sys.executable).with_name("py-spy")
+    if not spy.exists():
+        return "(py-spy not installed: no stacks)"
+    done = subprocess.run(
+        [str(spy), "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=60
+    )
+    return f"py-spy dump of the flow process:\n{done.stdout}{done.stderr}"
+
+
 def test_ctrl_c_of_the_flow_process_leaves_no_sandbox(prefect_api, modal_server, tmp_path):
     env = _flow_process_env(prefect_api, modal_server, tmp_path)
     before = {r.id for r in modal_server.sandboxes()}
@@ -175,21 +195,30 @@ def test_ctrl_c_of_the_flow_process_leaves_no_sandbox(prefect_api, modal_server,
         ]
 
     gone_after: float | None = None
+    interrupted_at = time.time()
+    stacks = ""
     try:
         wait_until(lambda: len([r for r in mine() if r.status == "running"]) == 4, timeout=90)
         proc.send_signal(signal.SIGINT)
-        interrupted = time.monotonic()
+        interrupted, interrupted_at = time.monotonic(), time.time()
         with contextlib.suppress(AssertionError):  # what was left is reported below
             wait_until(lambda: all(r.status != "running" for r in mine()), timeout=30)
             gone_after = time.monotonic() - interrupted
+        if gone_after is None or gone_after >= 5:
+            stacks = _stacks_of(proc.pid)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(30)
     finally:
         if proc.poll() is None:
+            stacks = stacks or _stacks_of(proc.pid)
             proc.kill()
         output = proc.communicate()[0]
     left = [(r.id, r.status, r.pid) for r in mine()]
-    report = f"sandboxes: {left}\nflow process (exit {proc.returncode}):\n{output[-4000:]}"
+    history = "\n".join(_history(r, interrupted_at) for r in modal_server.sandboxes())
+    report = (
+        f"sandboxes: {left}\ngone after: {gone_after}\nevery sandbox, times from the SIGINT:\n"
+        f"{history}\nflow process (exit {proc.returncode}):\n{output[-6000:]}\n{stacks}"
+    )
     assert {status for _, status, _ in left} == {"terminated"}, report
     assert gone_after is not None and gone_after < 5, report
     assert proc.returncode != 0, report
@@ -331,8 +360,8 @@ def test_artifact_writer_keeps_one_client_and_drops_stale_running_records(
 
     import prefect.client.orchestration as orchestration
 
+    from prefect_modal.artifact_writer import ArtifactWriter
     from prefect_modal.artifacts import SandboxArtifact
-    from prefect_modal.sandbox_call import ArtifactWriter
 
     opened: list[object] = []  # clients asked for by the writer's thread (not Prefect's own)
     real_get_client = orchestration.get_client
@@ -374,11 +403,14 @@ def test_artifact_writer_keeps_one_client_and_drops_stale_running_records(
 
 
 def test_artifacts_per_task_and_per_flow(make_runner):
+    """Without reuse each call's sandbox is its task run's artifact (warm sandboxes have
+    one per sandbox: test_warm_sandboxes)."""
+
     @task
     def fails() -> None:
         raise RuntimeError("nope")
 
-    @flow(task_runner=make_runner(spec=SandboxSpec(cpu=1)))
+    @flow(task_runner=make_runner(spec=SandboxSpec(cpu=1), reuse_sandboxes=False))
     def f():
         ok = double.submit(2)
         with modal_options(memory="256MiB"):

@@ -17,7 +17,7 @@ from live_servers import LiveServers, flow_run_id_of, pointed_at
 from prefect import flow, task
 
 from prefect_modal import ModalTaskRunner
-from prefect_modal.artifacts import read_sandbox_artifacts, task_artifact_key
+from prefect_modal.artifacts import read_sandbox_artifacts, warm_artifact_key
 
 CHROMIUM = shutil.which("chromium")
 CHROMIUM_ARGS = [
@@ -64,11 +64,13 @@ def test_flow_run_page_shows_sandbox_artifact_and_its_logs(
 
     # The one sandbox, as the local server and the artifact both know it.
     (listed,) = servers.sandboxes_of(run_id)
-    (record,) = records
+    (record,) = records  # a warm sandbox (the default): one artifact listing its calls
     assert record.sandbox_id == listed.id and listed.status == "exited"
     assert record.status == "succeeded" and record.task_name == "shout"
-    assert record.task_run_id is not None
-    key = task_artifact_key(record.task_run_id)
+    (call,) = record.calls or []
+    assert call.task_name == "shout" and call.status == "succeeded" and call.task_run_id
+    key = record.key
+    assert key == warm_artifact_key(listed.id)
     line = f"{MARKER}: zebra printed inside the sandbox"
 
     assert CHROMIUM is not None
@@ -97,7 +99,10 @@ def test_flow_run_page_shows_sandbox_artifact_and_its_logs(
             expect(page).to_have_url(re.compile(r"/artifacts/artifact/[0-9a-f-]{36}$"))
             rows = page.get_by_role("table").get_by_role("row")
             expect(rows.filter(has_text="sandbox_id")).to_contain_text(listed.id, timeout=30_000)
-            expect(rows.filter(has_text="status")).to_contain_text("succeeded")
+            status_row = rows.filter(has=page.get_by_text("status", exact=True))
+            expect(status_row).to_contain_text("succeeded")
+            calls_row = rows.filter(has=page.get_by_text("calls", exact=True))
+            expect(calls_row).to_contain_text(str(call.task_run_id))
             expect(rows.filter(has_text="flow_run_id")).to_contain_text(run_id)
             page.screenshot(path=tmp_path / "sandbox-artifact.png", full_page=True)
         finally:

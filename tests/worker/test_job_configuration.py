@@ -213,3 +213,28 @@ def test_forwarder_skips_prefect_records_and_redacts() -> None:
         "[sandbox sb-1 stderr] native library warning",
     ]
     assert len(worker_h.lines) == 4 and "boom" in worker_h.lines[0]
+
+
+def test_per_step_runner_uses_the_warm_pools_with_the_flows_settings() -> None:
+    """per_step mode is a ModalTaskRunner: warm by default, the flow's reuse settings kept,
+    and a task's modal_options(reuse=False) survives the pool's per-task spec."""
+    from prefect import task
+
+    from prefect_modal import ModalTaskRunner, modal_options
+    from prefect_modal.per_step import runner_from_env
+
+    environ = {"PREFECT_MODAL_TASK_SPECS": '{"train": {"gpu": "A100"}}'}
+    assert runner_from_env(environ).reuse_sandboxes is True
+    strict = runner_from_env(
+        environ, flow_runner=ModalTaskRunner(reuse_sandboxes=False, idle_seconds=5)
+    )
+    assert strict.reuse_sandboxes is False and strict.idle_seconds == 5
+
+    @modal_options(reuse=False)
+    @task(name="train")
+    def train() -> None:
+        return None
+
+    options = runner_from_env(environ).options_for(train)
+    assert options.spec is not None and options.spec.gpu_config == "A100"
+    assert options.reuse is False

@@ -154,8 +154,11 @@ class ServerContext:
         isolation: bool = True,
         host_dirs: Sequence[str] = (),
         host: str = "127.0.0.1",
+        latency: Any = None,
         image_cache: Path | None = None,
     ) -> None:
+        #: `latency.LatencyModel` or None: Modal-like delays for benchmarks (off by default)
+        self.latency = latency
         self.registry = registry
         self.creds = creds
         self.refuse_gpu = refuse_gpu
@@ -211,6 +214,8 @@ class ServerContext:
     # ----- auth hook -------------------------------------------------------
 
     async def on_request(self, event: grpclib.events.RecvRequest) -> None:
+        if self.latency is not None and self.latency.rpc_round_trip_s:
+            await asyncio.sleep(self.latency.rpc_round_trip_s)
         md = event.metadata
         name = event.method_name
         if name.startswith(_ROUTER_PREFIX):
@@ -484,7 +489,9 @@ class ServerContext:
         if problem is not None:
             fail(Status.INVALID_ARGUMENT, problem)
         reg.add_sandbox(sb)
-        await sb.start()
+        # Modal's create returns once the sandbox is scheduled; its container starts
+        # after (the latency model's start delay, see local/latency.py).
+        await sb.start(self.latency.start_delay() if self.latency is not None else 0.0)
         try:
             await self.tunnels.open(sb, ports, allow)
         except OSError as exc:

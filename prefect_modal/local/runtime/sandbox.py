@@ -266,6 +266,9 @@ class LocalSandbox:
         self._stdin_offset = 0
         self._stdin_index = 0
         self._stdin_closed = False
+        #: stdin written before the entrypoint exists (a delayed start), kept for it
+        self._early_stdin: list[tuple[bytes, bool]] = []
+        self._stdin_ready = False
         self._supervisor: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._env: dict[str, str] = {}
@@ -448,8 +451,32 @@ class LocalSandbox:
             return None
         return max(2 * limit, limit + 1024) * 1024 * 1024
 
-    async def start(self) -> None:
-        """Start the entrypoint and supervise it; never raises for a bad command."""
+    async def start(self, delay_s: float = 0.0) -> None:
+        """Start the entrypoint and supervise it; never raises for a bad command.
+
+        `delay_s` (the latency model's container start, `local/latency.py`): the
+        sandbox exists at once, as on Modal once `create()` returns, and its
+        entrypoint starts after the delay; stdin written meanwhile is kept for it,
+        and a terminate (or the server's stop) ends it without a start.
+        """
+        if delay_s > 0:
+            self._spawn_background(self._start_later(delay_s))
+            return
+        await self._start_now()
+
+    async def _start_later(self, delay_s: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._kill_requested.wait(), delay_s)
+        if not self._kill_requested.is_set():
+            await self._start_now()
+            return
+        self.stdout.close()
+        self.stderr.close()
+        self._container_up.set()
+        reason = self._kill_reason or "terminated"
+        self._finish(reason, 124 if reason == "timeout" else 137)
+
+    async def _start_now(self) -> None:
         self._env = self._build_env()
         if self.spec.notice:
             self.stderr.append(self.spec.notice.encode())
@@ -503,6 +530,11 @@ class LocalSandbox:
             return
         self._child = processes.Child(popen)
         await self._child.attach(self.stdout, self.stderr)
+        async with self._stdin_lock:  # what was written before it existed goes first
+            early, self._early_stdin = self._early_stdin, []
+            for data, eof in early:
+                await self._child.write_stdin(data, eof)
+            self._stdin_ready = True
         self.pid = popen.pid
         self._on_change()
         info = getattr(popen, "info", None)
@@ -788,9 +820,14 @@ class LocalSandbox:
     # ----- stdin -----------------------------------------------------------
 
     async def _write_stdin(self, data: bytes, eof: bool) -> None:
-        if self._child is None or self._stdin_closed:
+        """Called with `_stdin_lock` held."""
+        if self._stdin_closed:
             return
         self._stdin_closed = eof
+        if self._child is None or not self._stdin_ready:
+            if not self.done.is_set():  # not started yet: kept for the entrypoint
+                self._early_stdin.append((data, eof))
+            return
         await self._child.write_stdin(data, eof)
 
     async def stdin_write_at(self, offset: int, data: bytes, eof: bool) -> None:
