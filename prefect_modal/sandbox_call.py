@@ -695,16 +695,20 @@ class SandboxCall:
             self._outcome = self._interpret(returncode, output, attached)
             self._finish_record(returncode)
         except BaseException as exc:
-            if self._cancel_reason and self._cancel_reason != "timeout":
-                self._outcome = _Outcome(cancelled=self._cancel_reason)
-            else:
-                self._outcome = _Outcome(error=exc)
-            if started:
-                self._finish_record(None)
+            self._settle_on_error(exc, started)
         finally:
             self.env.release_slot()
             self.env.registry.discard(self)
             self._done.set()
+
+    def _settle_on_error(self, exc: BaseException, started: bool) -> None:
+        """A driver that failed: cancelled (not by its timeout) or the error, recorded."""
+        if self._cancel_reason and self._cancel_reason != "timeout":
+            self._outcome = _Outcome(cancelled=self._cancel_reason)
+        else:
+            self._outcome = _Outcome(error=exc)
+        if started:
+            self._finish_record(None)
 
     # -- the driver thread, warm mode ----------------------------------------------
 
@@ -782,12 +786,7 @@ class SandboxCall:
             code = self._warm_exit if self._warm_exited else codes.get(kind or "", 3)
             self._finish_record(code)
         except BaseException as exc:
-            if self._cancel_reason and self._cancel_reason != "timeout":
-                self._outcome = _Outcome(cancelled=self._cancel_reason)
-            else:
-                self._outcome = _Outcome(error=exc)
-            if started:
-                self._finish_record(None)
+            self._settle_on_error(exc, started)
         finally:
             warm.end(self)
             error = self._outcome.error

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from deployment_runs import execute_in_a_process, run_of_entrypoint
 from prefect import flow, task
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
@@ -371,15 +371,12 @@ def test_in_a_per_step_task_it_fails_clearly(prefect_api, credentials):
 
 
 def test_cancelling_a_flow_run_ends_its_three_sessions(prefect_api, modal_server, tmp_path):
-    with get_client(sync_client=True) as client:
-        flow_id = client.create_flow_from_name("three-sessions")
-        deployment_id = client.create_deployment(
-            flow_id=flow_id,
-            name=f"sessions-cancel-{tmp_path.name}",
-            entrypoint=f"{HERE / 'session_flows.py'}:three_sessions",
-            path=str(REPO),
-        )
-        run = client.create_flow_run_from_deployment(deployment_id)
+    run = run_of_entrypoint(
+        "three-sessions",
+        f"sessions-cancel-{tmp_path.name}",
+        f"{HERE / 'session_flows.py'}:three_sessions",
+        REPO,
+    )
     env = {
         **os.environ,
         **modal_server.env,
@@ -388,14 +385,7 @@ def test_cancelling_a_flow_run_ends_its_three_sessions(prefect_api, modal_server
         "MODAL_CONFIG_PATH": str(tmp_path / ".modal.toml"),
         "PREFECT_LOGGING_LEVEL": "WARNING",
     }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "flow-run", "execute", str(run.id)],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = execute_in_a_process(run, env, REPO)
 
     def mine() -> list[str]:
         return [

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import cloudpickle
 import pytest
+from deployment_runs import execute_in_a_process, run_of_entrypoint
 from prefect import flow, task
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
@@ -98,24 +99,11 @@ def test_nested_futures_as_arguments(make_runner):
 
 
 def test_flow_cancellation_terminates_all_in_flight_sandboxes(prefect_api, modal_server, tmp_path):
-    with get_client(sync_client=True) as client:
-        flow_id = client.create_flow_from_name("cancel-me")
-        deployment_id = client.create_deployment(
-            flow_id=flow_id,
-            name=f"cancel-test-{tmp_path.name}",
-            entrypoint=f"{HERE / 'cancel_flow.py'}:cancel_me",
-            path=str(REPO),
-        )
-        run = client.create_flow_run_from_deployment(deployment_id)
-    env = _flow_process_env(prefect_api, modal_server, tmp_path)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "flow-run", "execute", str(run.id)],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    run = run_of_entrypoint(
+        "cancel-me", f"cancel-test-{tmp_path.name}", f"{HERE / 'cancel_flow.py'}:cancel_me", REPO
     )
+    env = _flow_process_env(prefect_api, modal_server, tmp_path)
+    proc = execute_in_a_process(run, env, REPO)
     try:
 
         def running():

@@ -199,31 +199,18 @@ def test_logs_of_interleaved_tasks_land_on_their_own_task_runs(make_runner, moda
 
 
 def test_cancel_with_warm_sandboxes_busy_and_idle_leaves_none(prefect_api, modal_server, tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
+    from deployment_runs import execute_in_a_process, run_of_entrypoint
     from prefect.client.orchestration import get_client
     from prefect.states import Cancelling
     from test_runner_lifecycle import HERE, REPO, _flow_process_env
 
-    with get_client(sync_client=True) as client:
-        flow_id = client.create_flow_from_name("cancel-warm")
-        deployment_id = client.create_deployment(
-            flow_id=flow_id,
-            name=f"cancel-warm-{tmp_path.name}",
-            entrypoint=f"{Path(HERE) / 'cancel_flow.py'}:cancel_warm",
-            path=str(REPO),
-        )
-        run = client.create_flow_run_from_deployment(deployment_id)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "flow-run", "execute", str(run.id)],
-        env=_flow_process_env(prefect_api, modal_server, tmp_path),
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    run = run_of_entrypoint(
+        "cancel-warm",
+        f"cancel-warm-{tmp_path.name}",
+        f"{HERE / 'cancel_flow.py'}:cancel_warm",
+        REPO,
     )
+    proc = execute_in_a_process(run, _flow_process_env(prefect_api, modal_server, tmp_path), REPO)
     try:
 
         def running() -> list[object]:
