@@ -121,9 +121,7 @@ def status(
         seconds = rec.seconds if rec else None
         task = _task_label(rec)
         if rec is not None and rec.warm:  # a warm sandbox: the task runs it served, in order
-            task = f"{len(report.calls)} calls: " + ", ".join(
-                f"{c.task_name} ({str(c.task_run_id)[:8]})" for c in report.calls
-            )
+            task = _warm_label(report.calls)
         table.add_row(
             report.sandbox_id,
             task,
@@ -144,6 +142,14 @@ def status(
     note = lingering_note(reports, state)
     if note:
         console.print(note)
+
+
+def _warm_label(calls: Any) -> str:
+    """A warm sandbox's task runs, in the order it ran them."""
+    if not calls:
+        return "warm, no call (started ahead, not needed)"
+    count = f"{len(calls)} call{'s' if len(calls) != 1 else ''}: "
+    return count + ", ".join(f"{c.task_name} ({str(c.task_run_id)[:8]})" for c in calls)
 
 
 def _task_label(rec: Any) -> str:

@@ -46,8 +46,15 @@ def echo(word: str) -> str:
     return word
 
 
-@flow(task_runner=ModalTaskRunner())
+@flow(task_runner=ModalTaskRunner(reuse_sandboxes=False))
 def cli_flow(words: list[str]) -> list[str]:
+    """A sandbox per call, so each word has its own (warm sandboxes: `warm_flow`)."""
+    return [future.result() for future in echo.map(words)]
+
+
+@flow(task_runner=ModalTaskRunner(max_parallelism=1))
+def warm_flow(words: list[str]) -> list[str]:
+    """One warm sandbox serves every call, one after another."""
     return [future.result() for future in echo.map(words)]
 
 
@@ -167,6 +174,26 @@ def test_logs_prints_what_the_task_printed(
     # nothing of the runner's private result channel, no origin markers
     for text in outputs.values():
         assert "\x1f" not in text and " END" not in text and "HELLO" not in text
+
+
+def test_status_and_logs_of_a_warm_sandbox_show_every_call(
+    servers: LiveServers, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    words = ["charlie", "delta", "echo"]
+    with pointed_at(servers, monkeypatch):
+        state = warm_flow(words, return_state=True)
+        assert state.result() == words
+        run_id = flow_run_id_of(state)
+    (only,) = servers.sandboxes_of(run_id)
+    status = run_cli(servers, tmp_path, "status", run_id)
+    assert status.returncode == 0, status.stderr
+    rows = [line for line in status.stdout.splitlines() if only.id in line]
+    assert rows and "succeeded" in rows[0], status.stdout
+    assert "3 calls:" in rows[0], status.stdout
+    logs = run_cli(servers, tmp_path, "logs", only.id)
+    assert logs.returncode == 0, logs.stderr
+    # one sandbox's output, every call's line (in the order the calls reached it)
+    assert sorted(logs.stdout.splitlines()) == [f"cli-check says {word}" for word in words]
 
 
 # -- cancel -------------------------------------------------------------------------------
