@@ -13,11 +13,17 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Annotated
 
 import typer
 
 from prefect_modal.bundles import DEFAULT_BASE_PATH
+from prefect_modal.bundles.step_args import (
+    BasePathOption,
+    CredentialsBlockOption,
+    KeyOption,
+    VolumeOption,
+    volume_block,
+)
 
 
 def download_bundle_from_volume(
@@ -28,15 +34,7 @@ def download_bundle_from_volume(
     modal_credentials_block_name: str | None = None,
 ) -> Path:
     """Copy the bundle (and its sidecar zip, if it names one) to `output_dir`; its path."""
-    from prefect_modal.credentials import ModalCredentials
-    from prefect_modal.storage import ModalVolume
-
-    credentials = (
-        ModalCredentials.load(modal_credentials_block_name)
-        if modal_credentials_block_name
-        else None
-    )
-    block = ModalVolume(volume_name=volume, base_path=base_path, modal_credentials=credentials)
+    block = volume_block(volume, base_path, modal_credentials_block_name)
     data = block.read_bytes(key)
     target = Path(output_dir, key)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -50,14 +48,10 @@ def download_bundle_from_volume(
 
 
 def main(
-    volume: Annotated[str, typer.Option(help="Name of the Modal Volume.")],
-    key: Annotated[str, typer.Option(help="Name of the bundle in the volume.")],
-    base_path: Annotated[
-        str, typer.Option(help="Folder of the volume for bundles.")
-    ] = DEFAULT_BASE_PATH,
-    modal_credentials_block_name: Annotated[
-        str | None, typer.Option(help="A ModalCredentials block; default: Modal's own config.")
-    ] = None,
+    volume: VolumeOption,
+    key: KeyOption,
+    base_path: BasePathOption = DEFAULT_BASE_PATH,
+    modal_credentials_block_name: CredentialsBlockOption = None,
 ) -> None:
     from prefect.bundles.execute import execute_bundle_from_file
 

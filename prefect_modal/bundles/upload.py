@@ -13,6 +13,13 @@ from typing import Annotated
 import typer
 
 from prefect_modal.bundles import DEFAULT_BASE_PATH
+from prefect_modal.bundles.step_args import (
+    BasePathOption,
+    CredentialsBlockOption,
+    KeyOption,
+    VolumeOption,
+    volume_block,
+)
 
 
 def upload_bundle_to_volume(
@@ -23,31 +30,19 @@ def upload_bundle_to_volume(
     modal_credentials_block_name: str | None = None,
 ) -> str:
     """Write one local file to the volume as ``base_path/key``; returns its volume path."""
-    from prefect_modal.credentials import ModalCredentials
-    from prefect_modal.storage import ModalVolume
-
     path = Path(local_filepath)
     if not path.is_file():
         raise FileNotFoundError(f"Bundle file {str(path)!r} does not exist.")
-    credentials = (
-        ModalCredentials.load(modal_credentials_block_name)
-        if modal_credentials_block_name
-        else None
-    )
-    block = ModalVolume(volume_name=volume, base_path=base_path, modal_credentials=credentials)
+    block = volume_block(volume, base_path, modal_credentials_block_name)
     return block.write_bytes(key, path.read_bytes())
 
 
 def main(
     local_filepath: Annotated[str, typer.Argument(help="The bundle file to upload.")],
-    volume: Annotated[str, typer.Option(help="Name of the Modal Volume.")],
-    key: Annotated[str, typer.Option(help="Name of the bundle in the volume.")],
-    base_path: Annotated[
-        str, typer.Option(help="Folder of the volume for bundles.")
-    ] = DEFAULT_BASE_PATH,
-    modal_credentials_block_name: Annotated[
-        str | None, typer.Option(help="A ModalCredentials block; default: Modal's own config.")
-    ] = None,
+    volume: VolumeOption,
+    key: KeyOption,
+    base_path: BasePathOption = DEFAULT_BASE_PATH,
+    modal_credentials_block_name: CredentialsBlockOption = None,
 ) -> None:
     upload_bundle_to_volume(local_filepath, volume, key, base_path, modal_credentials_block_name)
 
