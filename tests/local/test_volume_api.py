@@ -3,13 +3,20 @@ remove_file, copy_files, commit/reload, and the files at a sandbox's mount path.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import io
 import os
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import modal
 import pytest
+from grpclib import GRPCError, Status
+from grpclib.client import Channel
+from modal_proto import api_pb2
+from modal_proto.api_grpc import ModalClientStub
 
 from prefect_modal.local import LocalModal
 
@@ -63,6 +70,82 @@ def test_batch_upload_listdir_read_file_and_a_sandbox_sees_them(
     sb.wait()
     assert sb.stdout.read() == "alphafrom memory"
     assert sb.returncode == 0
+
+
+BLOCK = 8 * 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param(os.urandom(BLOCK + 16) + b"\0", id="last-byte-zero"),
+        pytest.param(
+            os.urandom(BLOCK - 5) + b"\0" * 5 + os.urandom(9), id="first-block-ends-in-zeros"
+        ),
+        pytest.param(os.urandom(100) + b"\0" * (2 * BLOCK) + b"x", id="an-all-zero-block"),
+        pytest.param(b"\0" * (BLOCK + 3), id="only-zeros"),
+        pytest.param(b"abc\0\0\0", id="small-with-trailing-zeros"),
+    ],
+)
+def test_trailing_zero_bytes_that_the_client_leaves_out_of_a_block_are_kept(
+    local_modal: LocalModal, app: Any, tmp_path: Path, content: bytes
+) -> None:
+    # Modal's client hashes and uploads a block without its trailing zeros and sends the
+    # file's size: the file must come back whole, by listing, by read_file and in a sandbox.
+    (tmp_path / "f.bin").write_bytes(content)
+    vol = _vol(local_modal)
+    with vol.batch_upload() as batch:
+        batch.put_file(tmp_path / "f.bin", "/f.bin")
+        batch.put_file(io.BytesIO(content), "/mem.bin")
+    sizes = {e.path: e.size for e in vol.listdir("/")}
+    assert sizes == {"f.bin": len(content), "mem.bin": len(content)}
+    assert _read(vol, "/f.bin") == content
+    assert _read(vol, "/mem.bin") == content
+    sb = modal.Sandbox.create(
+        "sha256sum", "/mnt/v/f.bin", app=app, volumes={"/mnt/v": vol}, client=local_modal.client
+    )
+    sb.wait()
+    assert sb.stdout.read().split()[0] == hashlib.sha256(content).hexdigest()
+
+
+def test_blocks_that_cannot_make_the_announced_size_are_refused(local_modal: LocalModal) -> None:
+    vol = _vol(local_modal).hydrate()
+    creds = local_modal.credentials
+    md = {"x-modal-token-id": creds.token_id, "x-modal-token-secret": creds.token_secret}
+    sha = hashlib.sha256(b"abc").digest()
+
+    async def put(size: int, n_blocks: int) -> tuple[Status, str]:
+        channel = Channel("127.0.0.1", local_modal.port)
+        stub = ModalClientStub(channel)
+        block = api_pb2.VolumePutFiles2Request.Block(contents_sha256=sha)
+        req = api_pb2.VolumePutFiles2Request(
+            volume_id=vol.object_id,
+            files=[
+                api_pb2.VolumePutFiles2Request.File(path="/x", size=size, blocks=[block] * n_blocks)
+            ],
+        )
+        try:
+            for _ in range(2):  # the first answer names the missing block
+                resp = await stub.VolumePutFiles2(req, metadata=md)
+                for missing in resp.missing_blocks:
+                    async with aiohttp.ClientSession() as http:
+                        async with http.put(missing.put_url, data=b"abc") as r:
+                            assert r.status == 200
+            return Status.OK, ""
+        except GRPCError as exc:
+            return exc.status, exc.message or ""
+        finally:
+            channel.close()
+
+    status, message = asyncio.run(put(size=3, n_blocks=2))
+    assert status == Status.INVALID_ARGUMENT
+    assert "'/x': 2 blocks for a size of 3 bytes (expected 1 blocks" in message
+    status, message = asyncio.run(put(size=2, n_blocks=1))
+    assert status == Status.INVALID_ARGUMENT
+    assert "'/x': block 0 holds 3 bytes, more than the 2" in message
+    assert asyncio.run(put(size=BLOCK + 5, n_blocks=2)) == (Status.OK, "")
+    assert _read(vol, "/x") == b"abc" + b"\0" * (BLOCK - 3) + b"abc\0\0"
+    assert [e.path for e in vol.listdir("/")] == ["x"]
 
 
 def test_upload_without_force_refuses_an_existing_file(local_modal: LocalModal) -> None:

@@ -3,7 +3,10 @@
 ``Volume.batch_upload`` sends each file's 8 MiB blocks by SHA-256
 (``VolumePutFiles2``); the server answers with the blocks it lacks and an
 upload URL for each (`blobs.BlobStore`), and once it has every block it writes
-the files into the volume's directory. ``read_file`` gets one download URL per
+the files into the volume's directory. The client leaves a block's trailing
+zero bytes out of its hash and its upload, and sends the file's size: the
+server puts the zeros back (each block is ``BLOCK_SIZE`` long but the last,
+which ends at the size). ``read_file`` gets one download URL per
 block. Paths are the volume's (``/a/b`` and ``a/b`` are the same file) and are
 resolved by the kernel inside the volume's directory (`isolation.open_in_root`):
 sandboxes write to volumes, and a symlink one made cannot point the server at a
@@ -33,6 +36,7 @@ import stat as stat_mod
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 from google.protobuf import empty_pb2
 from grpclib import Status
@@ -104,7 +108,38 @@ def _list(vol: VolumeInfo, path: str, recursive: bool) -> list[api_pb2.FileEntry
     return out
 
 
-def _write_file(root: FsRoot, path: str, blocks: list[Path], mode: int, no_overwrite: bool) -> None:
+class _Upload(NamedTuple):
+    """A file to write into a volume: its path, its content blocks in order, its mode and,
+    for blocks whose trailing zeros were left out (VolumeFS v2), the file's size."""
+
+    path: str
+    blocks: list[Path]
+    mode: int
+    size: int | None = None
+
+
+def _check_blocks(f: api_pb2.VolumePutFiles2Request.File, blocks: list[Path]) -> None:
+    """Refuse a file whose blocks cannot make its size (the client's blocks are
+    ``BLOCK_SIZE`` apart; each holds at most that many bytes, the last at most the rest)."""
+    want = -(f.size // -BLOCK_SIZE)
+    if len(blocks) != want:
+        fail(
+            Status.INVALID_ARGUMENT,
+            f"{f.path!r}: {len(blocks)} blocks for a size of {f.size} bytes "
+            f"(expected {want} blocks of {BLOCK_SIZE} bytes)",
+        )
+    for i, block in enumerate(blocks):
+        room = min(BLOCK_SIZE, f.size - i * BLOCK_SIZE)
+        if block.stat().st_size > room:
+            fail(
+                Status.INVALID_ARGUMENT,
+                f"{f.path!r}: block {i} holds {block.stat().st_size} bytes, "
+                f"more than the {room} its place in a file of {f.size} bytes has",
+            )
+
+
+def _write_file(root: FsRoot, up: _Upload, no_overwrite: bool) -> None:
+    path, blocks, mode = _norm(up.path), up.blocks, up.mode
     parent, name = posixpath.split(path)
     _makedirs(root, parent)
     with root.opened(parent, os.O_PATH | os.O_DIRECTORY) as pfd:
@@ -114,9 +149,13 @@ def _write_file(root: FsRoot, path: str, blocks: list[Path], mode: int, no_overw
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=pfd)
         try:
             with open(fd, "wb", closefd=True) as out:
-                for block in blocks:
+                for i, block in enumerate(blocks):
+                    if up.size is not None:
+                        out.seek(i * BLOCK_SIZE)  # the zeros left out of the block before
                     with open(block, "rb") as src:
                         shutil.copyfileobj(src, out, _COPY_CHUNK)
+                if up.size is not None:
+                    out.truncate(up.size)  # and those left out of the last block
             os.chmod(tmp, (mode & 0o7777) or 0o644, dir_fd=pfd)
             os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
         except BaseException:
@@ -366,10 +405,11 @@ class Volumes(Room):
             await stream.send_message(api_pb2.VolumePutFiles2Response(missing_blocks=missing))
             return
 
-        files = [
-            (f.path, [blobs.path(b.contents_sha256.hex()) for b in f.blocks], f.mode)
-            for f in req.files
-        ]
+        files = []
+        for f in req.files:
+            blocks = [blobs.path(b.contents_sha256.hex()) for b in f.blocks]
+            _check_blocks(f, blocks)
+            files.append(_Upload(f.path, blocks, f.mode, f.size))
         await self._write_files(vol, files, req.disallow_overwrite_existing_files)
         await stream.send_message(api_pb2.VolumePutFiles2Response())
 
@@ -458,7 +498,7 @@ class Volumes(Room):
         assert req is not None
         vol = self._volume(req.volume_id)
         blobs = self.ctx.blobs
-        files: list[tuple[str, list[Path], int]] = []
+        files: list[_Upload] = []
         for f in req.files:
             if not f.filename or _norm(f.filename) == "/":
                 fail(Status.INVALID_ARGUMENT, f"{f.filename!r} is not a file path in a volume")
@@ -468,22 +508,20 @@ class Volumes(Room):
                     Status.FAILED_PRECONDITION,
                     f"{f.filename!r}: its content ({sha}) was never uploaded with MountPutFile",
                 )
-            files.append((f.filename, [blobs.path(sha)], f.mode))
+            files.append(_Upload(f.filename, [blobs.path(sha)], f.mode))
         await self._write_files(vol, files, req.disallow_overwrite_existing_files)
         await stream.send_message(empty_pb2.Empty())
 
-    async def _write_files(
-        self, vol: VolumeInfo, files: list[tuple[str, list[Path], int]], no_overwrite: bool
-    ) -> None:
-        """Write each (path, content blocks, mode) into the volume, in a thread."""
+    async def _write_files(self, vol: VolumeInfo, files: list[_Upload], no_overwrite: bool) -> None:
+        """Write each file into the volume, in a thread."""
 
         def write_all() -> None:
             with _root(vol) as root:
-                for path, blocks, mode in files:
+                for up in files:
                     try:
-                        _write_file(root, _norm(path), blocks, mode, no_overwrite)
+                        _write_file(root, up, no_overwrite)
                     except OSError as exc:
-                        exc.filename = path
+                        exc.filename = up.path
                         raise
 
         try:
