@@ -130,10 +130,11 @@ def _check_blocks(f: api_pb2.VolumePutFiles2Request.File, blocks: list[Path]) ->
         )
     for i, block in enumerate(blocks):
         room = min(BLOCK_SIZE, f.size - i * BLOCK_SIZE)
-        if block.stat().st_size > room:
+        held = block.stat().st_size
+        if held > room:
             fail(
                 Status.INVALID_ARGUMENT,
-                f"{f.path!r}: block {i} holds {block.stat().st_size} bytes, "
+                f"{f.path!r}: block {i} holds {held} bytes, "
                 f"more than the {room} its place in a file of {f.size} bytes has",
             )
 
