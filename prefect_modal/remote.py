@@ -560,6 +560,12 @@ def _run_call(fn, args, kwargs, header, scope):
     return kind, body
 
 
+def _missing_needs(header):
+    """The modules the call's header names (``needs``) that this sandbox cannot import."""
+    needs = [name for name in (header.get("needs") or "").split(",") if name]
+    return _missing_modules(needs) if needs else []
+
+
 def _version_problem(header, mine, full):
     if header.get("protocol") != str(PROTOCOL):
         return "protocol", "bootstrap protocol {!r}, runner sent {!r}".format(
@@ -626,8 +632,7 @@ def main():
     pump = _redirect_stdout()
     _install_logging(int(header.get("log_level") or 20))
 
-    needs = [name for name in (header.get("needs") or "").split(",") if name]
-    missing = _missing_modules(needs) if needs else []
+    missing = _missing_needs(header)
     if missing:
         fail("missing", ",".join(missing))
     if header.get("context") == "1":
@@ -713,8 +718,7 @@ def _serve(channel, session, mine, full):
         if not logging_installed:
             _install_logging(int(header.get("log_level") or 20))
             logging_installed = True
-        needs = [name for name in (header.get("needs") or "").split(",") if name]
-        missing = _missing_modules(needs) if needs else []
+        missing = _missing_needs(header)
         if missing:
             _drain_stdout(pump)
             finish("ERROR", encode_error("missing", ",".join(missing)))

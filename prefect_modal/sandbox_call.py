@@ -383,7 +383,7 @@ class CallEnvironment:
     def acquire_slot(self, timeout: float) -> bool:
         """A slot for a per-call sandbox (an idle warm one may be retired for it)."""
         if self.pool is not None:
-            return self.pool.acquire(None, timeout) is True
+            return self.pool.acquire(None, timeout)
         return self.semaphore.acquire(timeout=timeout)
 
     def release_slot(self) -> None:
@@ -393,16 +393,24 @@ class CallEnvironment:
             self.semaphore.release()
 
 
+def _crash_error(
+    sandbox_id: str | None, returncode: int | None, tail: list[str], before: str
+) -> BaseException:
+    """A sandbox that ended `before` something (its result, its bootstrap's start): its
+    exit code, what that code means and its last output lines; a timeout for 124."""
+    meaning = EXIT_MEANINGS.get(returncode or 0, "")
+    lines = "\n".join(tail[-TAIL_LINES:]) or "(no output)"
+    message = (
+        f"Modal sandbox {sandbox_id} ended with exit code {returncode}"
+        + (f" ({meaning})" if meaning else "")
+        + f" before {before}. Last output lines:\n{lines}"
+    )
+    return TimeoutError(message) if returncode == 124 else SandboxCrashedError(message)
+
+
 def _start_failure(exc: WarmStartError) -> BaseException:
     """A warm sandbox that died before its bootstrap started, told as a call's crash."""
-    meaning = EXIT_MEANINGS.get(exc.returncode or 0, "")
-    tail = "\n".join(exc.tail[-TAIL_LINES:]) or "(no output)"
-    message = (
-        f"Modal sandbox {exc.sandbox_id} ended with exit code {exc.returncode}"
-        + (f" ({meaning})" if meaning else "")
-        + f" before its bootstrap started. Last output lines:\n{tail}"
-    )
-    return TimeoutError(message) if exc.returncode == 124 else SandboxCrashedError(message)
+    return _crash_error(exc.sandbox_id, exc.returncode, exc.tail, "its bootstrap started")
 
 
 @dataclass
@@ -1025,16 +1033,9 @@ class SandboxCall:
             )
         if self._cancel_reason:
             return _Outcome(cancelled=self._cancel_reason)
-        meaning = EXIT_MEANINGS.get(returncode or 0, "")
-        tail = "\n".join(self._tail[-TAIL_LINES:]) or "(no output)"
-        message = (
-            f"Modal sandbox {self.sandbox_id} ended with exit code {returncode}"
-            + (f" ({meaning})" if meaning else "")
-            + f" before returning a result. Last output lines:\n{tail}"
+        return _Outcome(
+            error=_crash_error(self.sandbox_id, returncode, self._tail, "returning a result")
         )
-        if returncode == 124:
-            return _Outcome(error=TimeoutError(message))
-        return _Outcome(error=SandboxCrashedError(message))
 
     def _remote_exception(self, info: dict[str, Any]) -> BaseException:
         where = f"Remote traceback (Modal sandbox {self.sandbox_id}):\n{info.get('traceback', '')}"

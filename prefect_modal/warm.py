@@ -248,6 +248,21 @@ class WarmSandbox:
         with self._lock:
             return self._current
 
+    def _read_to_end(
+        self,
+        follow: Callable[[Any, Callable[[str], None]], None],
+        on_text: Callable[[str], None],
+        done: threading.Event,
+        what: str,
+    ) -> None:
+        """Follow one of the sandbox's streams to its end, then say so with `done`."""
+        try:
+            follow(self.sandbox, on_text)
+        except Exception as exc:
+            logger.debug("prefect-modal: warm %s of %s ended: %s", what, self.sandbox_id, exc)
+        finally:
+            done.set()
+
     def _follow_channel(self) -> None:
         reader = remote.FrameReader(self.session)
 
@@ -260,12 +275,7 @@ class WarmSandbox:
                 if call is not None:
                     call.on_warm_frame(kind, body)
 
-        try:
-            sandboxes.follow_stdout(self.sandbox, on_chunk)
-        except Exception as exc:
-            logger.debug("prefect-modal: warm channel of %s ended: %s", self.sandbox_id, exc)
-        finally:
-            self.channel_done.set()
+        self._read_to_end(sandboxes.follow_stdout, on_chunk, self.channel_done, "channel")
 
     def _follow_stderr(self) -> None:
         def on_line(line: str) -> None:
@@ -276,12 +286,7 @@ class WarmSandbox:
                 logger.debug("prefect-modal: %s (idle): %s", self.sandbox_id, line)
                 self._idle_tail = [*self._idle_tail[-19:], line]
 
-        try:
-            sandboxes.follow_stderr(self.sandbox, on_line)
-        except Exception as exc:
-            logger.debug("prefect-modal: warm stderr of %s ended: %s", self.sandbox_id, exc)
-        finally:
-            self.stderr_done.set()
+        self._read_to_end(sandboxes.follow_stderr, on_line, self.stderr_done, "stderr")
 
     def _wait_exit(self) -> None:
         try:
@@ -345,7 +350,7 @@ class WarmPool:
         self._failures: dict[str, list[BaseException]] = {}
         self._durations: dict[str, list[float]] = {}
         self._start_threads: set[threading.Thread] = set()
-        #: every sandbox this pool started: (sandbox id, calls served), for tests and tables
+        #: every sandbox this pool started (ids and calls served: tests and tables)
         self.started: list[WarmSandbox] = []
 
     @property
@@ -355,7 +360,7 @@ class WarmPool:
 
     # -- slots -----------------------------------------------------------------------
 
-    def acquire(self, key: str | None, timeout: float) -> WarmSandbox | bool:
+    def acquire(self, key: str | None, timeout: float) -> bool:
         """A slot for a per-call sandbox (`key` None): True, or False after `timeout`.
 
         When no slot is free, an idle sandbox is retired to make one.  Warm calls
@@ -588,9 +593,7 @@ class WarmPool:
                     self._idle.remove(warm)
                 busy = [w for w in self._all if w not in self._idle]
             for warm in expired:  # idle too long: ends as at the end of the flow run
-                threading.Thread(
-                    target=warm.finish, args=(3.0,), name="prefect-modal-idle", daemon=True
-                ).start()
+                self._retire(warm)
             for warm in busy:
                 warm.heartbeat()
 

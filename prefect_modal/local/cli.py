@@ -20,6 +20,7 @@ from typing import Annotated
 import typer
 
 from .embedded import LocalModal
+from .latency import PRESETS as latency_presets
 from .runtime import forkserver
 from .runtime import isolation as isolation_mod
 from .state import DEFAULT_RETENTION_S
@@ -121,9 +122,10 @@ def serve(
             "server stops)",
             param_hint="'--retention'",
         )
-    if latency not in ("off", "modal"):
+    if latency not in latency_presets:
         raise typer.BadParameter(
-            f"{latency!r}: expected 'off' or 'modal'", param_hint="'--latency'"
+            f"{latency!r}: expected one of {', '.join(map(repr, latency_presets))}",
+            param_hint="'--latency'",
         )
     secrets = _load_secrets(secrets_file)
     lm = LocalModal(
