@@ -545,15 +545,22 @@ class WarmPool:
         self._start_threads.discard(threading.current_thread())
 
     def give_back(self, warm: WarmSandbox, keep: bool) -> None:
-        """A call is done with `warm`: idle for the next call, or terminated."""
-        if keep and warm.usable():
-            with self._cond:
-                if not self._closed and not warm.dead.is_set():
-                    warm.idle_since = time.monotonic()
-                    self._idle.append(warm)
-                    self._key_cond(warm.key).notify()
-                    self._cond.notify_all()  # a per-call sandbox may retire it for its slot
-                    return
+        """A call is done with `warm`: idle for the next call, or retired.
+
+        Once the pool is closed, `close` has ended every sandbox it had, this one
+        included (terminated, unless it was idle at a graceful close); retiring it
+        here too would close its stdin, and a bootstrap that reads that end before
+        the termination lands exits 0: a cancelled run's sandbox recorded as exited.
+        """
+        with self._cond:
+            if self._closed:
+                return
+            if keep and warm.usable():
+                warm.idle_since = time.monotonic()
+                self._idle.append(warm)
+                self._key_cond(warm.key).notify()
+                self._cond.notify_all()  # a per-call sandbox may retire it for its slot
+                return
         self._retire(warm)
 
     def _retire(self, warm: WarmSandbox) -> None:

@@ -388,3 +388,45 @@ def test_latency_model_fits_the_published_figures_and_delays_starts(tmp_path):
         pending.wait(raise_on_termination=False)
         assert pending.returncode == 137
     assert created < 0.6 <= first_output, (created, first_output)
+
+
+def test_a_sandbox_given_back_after_its_pool_closed_is_terminated_not_ended(
+    credentials, modal_server, monkeypatch
+):
+    """A call that leased a sandbox and was cancelled before it used it gives it back
+    after `cancel_all` closed the pool.  `close` terminates it; closing its stdin as
+    well (the graceful end of an idle sandbox) would let the bootstrap exit 0 first,
+    and a cancelled run's sandbox would be recorded as exited."""
+    import threading
+
+    from prefect_modal import sandboxes
+    from prefect_modal.settings import SandboxSpec
+    from prefect_modal.warm import StartPlan, WarmPool, pool_key
+
+    closed_stdin: list[str] = []
+    send_stdin = sandboxes.send_stdin
+
+    def spy(sandbox: object, data: bytes, eof: bool = False) -> None:
+        if eof:
+            closed_stdin.append(sandboxes.sandbox_id(sandbox))
+        send_stdin(sandbox, data, eof=eof)
+
+    monkeypatch.setattr(sandboxes, "send_stdin", spy)
+    spec = SandboxSpec(timeout=120)
+    tags = {"prefect-modal.test": "given-back"}
+
+    def starter() -> StartPlan:
+        name = f"pf-test-given-back-{time.monotonic_ns()}"
+        return StartPlan(spec, credentials.get_client(), name, tags, lambda warm: None)
+
+    pool = WarmPool(threading.BoundedSemaphore(2), idle_seconds=60)
+    warm = pool.lease(pool_key(spec), 120, starter)
+    assert warm is not None and warm.ready.is_set()
+    closing = pool.close()  # cancel_all: the termination goes out in a thread
+    pool.give_back(warm, keep=True)  # leased, never used: the call was cancelled
+    for thread in closing:
+        thread.join(10)
+    assert warm.dead.wait(10), f"{warm.sandbox_id} still running after the pool closed"
+    (record,) = [r for r in modal_server.sandboxes() if r.id == warm.sandbox_id]
+    assert (record.status, record.returncode) == ("terminated", 137)
+    assert warm.sandbox_id not in closed_stdin
