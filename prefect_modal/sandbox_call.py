@@ -732,7 +732,9 @@ class SandboxCall:
         if self.info.flow_run_id:
             tags[tag_keys.FLOW_RUN] = str(self.info.flow_run_id)
         name = f"pf-{flow}-warm-{secrets.token_hex(8)}"
-        return StartPlan(self.spec, self.env.client, name, tags, self._warm_record)
+        return StartPlan(
+            self.spec, bootstrap_command(), self.env.client, name, tags, self._warm_record
+        )
 
     def _warm_record(self, warm: WarmSandbox) -> WarmRecord:
         """The record of a warm sandbox that now exists: one artifact for all its calls."""

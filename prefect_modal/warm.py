@@ -38,10 +38,12 @@ if TYPE_CHECKING:
 
 
 class StartPlan(NamedTuple):
-    """What a new warm sandbox needs: its spec, the modal client, its name and tags,
-    and how to make its record once it exists (`warm_records.WarmRecord`)."""
+    """What a new warm sandbox needs: its spec, its command (the bootstrap, in its
+    loop), the modal client, its name and tags, and how to make its record once it
+    exists (`warm_records.WarmRecord`)."""
 
     spec: SandboxSpec
+    command: list[str]
     client: Any
     name: str
     tags: dict[str, str]
@@ -144,12 +146,10 @@ class WarmSandbox:
         if spec.idle_timeout is None:
             backstop = int(self.pool.idle_seconds) + BACKSTOP_GRACE_SECONDS
             spec = spec.merged_with(SandboxSpec(idle_timeout=backstop))
-        from prefect_modal.sandbox_call import bootstrap_command
-
         self.name = name
         app, image = sandboxes.prepare(spec, client)
         self.sandbox = sandboxes.create_sandbox(
-            spec, bootstrap_command(), client=client, name=name, tags=tags, app=app, image=image
+            spec, plan.command, client=client, name=name, tags=tags, app=app, image=image
         )
         self.sandbox_id = sandboxes.sandbox_id(self.sandbox)
         self.started = time.monotonic()

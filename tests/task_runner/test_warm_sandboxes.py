@@ -400,6 +400,7 @@ def test_a_sandbox_given_back_after_its_pool_closed_is_terminated_not_ended(
     import threading
 
     from prefect_modal import sandboxes
+    from prefect_modal.sandbox_call import bootstrap_command
     from prefect_modal.settings import SandboxSpec
     from prefect_modal.warm import StartPlan, WarmPool, pool_key
 
@@ -417,7 +418,8 @@ def test_a_sandbox_given_back_after_its_pool_closed_is_terminated_not_ended(
 
     def starter() -> StartPlan:
         name = f"pf-test-given-back-{time.monotonic_ns()}"
-        return StartPlan(spec, credentials.get_client(), name, tags, lambda warm: None)
+        client = credentials.get_client()
+        return StartPlan(spec, bootstrap_command(), client, name, tags, lambda warm: None)
 
     pool = WarmPool(threading.BoundedSemaphore(2), idle_seconds=60)
     warm = pool.lease(pool_key(spec), 120, starter)
