@@ -181,33 +181,26 @@ def test_unknown_sandbox_is_not_called_pruned(short_retention: LocalModal) -> No
     assert "was pruned" not in str(err.value)
 
 
-def test_cli_refuses_a_negative_retention(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--retention", "-5", "'--retention': -5: expected seconds >= 0"),
+        ("--latency", "fast", "'--latency': 'fast': expected one of 'off', 'modal'"),
+    ],
+)
+def test_cli_refuses_a_bad_serve_option(
+    tmp_path: Path, option: str, value: str, message: str
+) -> None:
     from typer.testing import CliRunner
 
     from prefect_modal.local.cli import local_app
 
     result = CliRunner().invoke(
         local_app,
-        ["serve", "--state-dir", str(tmp_path), "--retention", "-5"],
+        ["serve", "--state-dir", str(tmp_path), option, value],
         env={"COLUMNS": "300", "NO_COLOR": "1"},
     )
     assert result.exit_code == 2
     text = " ".join(result.output.split())
-    assert "'--retention': -5: expected seconds >= 0" in text, text
-    assert not (tmp_path / "sandboxes").exists()  # refused before any server started
-
-
-def test_cli_refuses_an_unknown_latency_model(tmp_path: Path) -> None:
-    from typer.testing import CliRunner
-
-    from prefect_modal.local.cli import local_app
-
-    result = CliRunner().invoke(
-        local_app,
-        ["serve", "--state-dir", str(tmp_path), "--latency", "fast"],
-        env={"COLUMNS": "300", "NO_COLOR": "1"},
-    )
-    assert result.exit_code == 2
-    text = " ".join(result.output.split())
-    assert "'--latency': 'fast': expected one of 'off', 'modal'" in text, text
+    assert message in text, text
     assert not (tmp_path / "sandboxes").exists()  # refused before any server started
