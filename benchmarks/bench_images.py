@@ -51,16 +51,16 @@ def _median_ms(fn: Callable[[], None], repeats: int) -> float:
 
 def _default_images() -> dict[str, Any]:
     """The images prefect-modal asks for by default, by who asks."""
-    from prefect_modal import sandboxes
-    from prefect_modal.settings import SandboxSpec
-    from prefect_modal.worker import ModalWorkerJobConfiguration
+    from prefect_modal.core import modal_api
+    from prefect_modal.core.spec import SandboxSpec
+    from prefect_modal.worker.worker import ModalWorkerJobConfiguration
 
     return {
-        "per-step runner default (cloudpickle)": sandboxes.build_image(SandboxSpec()),
-        "worker pipeline default (prefect pinned)": sandboxes.build_image(
+        "per-step runner default (cloudpickle)": modal_api.build_image(SandboxSpec()),
+        "worker pipeline default (prefect pinned)": modal_api.build_image(
             ModalWorkerJobConfiguration().sandbox_spec()
         ),
-        "worker per_step default (prefect + prefect-modal)": sandboxes.build_image(
+        "worker per_step default (prefect + prefect-modal)": modal_api.build_image(
             ModalWorkerJobConfiguration(mode="per_step").sandbox_spec()
         ),
     }

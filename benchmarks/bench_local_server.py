@@ -129,8 +129,8 @@ def bench_memory(n: int, retention_s: float, parallel: int = 8) -> dict[str, Any
     """Server RSS over ``n`` sandboxes that each print 100 kB, in a server process of its own."""
     import modal
 
+    from prefect_modal.cli.services import start_local_modal
     from prefect_modal.local import make_client
-    from prefect_modal.services import start_local_modal
 
     state = Path(tempfile.mkdtemp(prefix="bench-memory-"))
     service = start_local_modal(state, extra_args=["--retention", str(retention_s)])

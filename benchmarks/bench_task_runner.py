@@ -61,8 +61,8 @@ from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner  # noqa: E402
 
 from prefect_modal import ModalCredentials, ModalTaskRunner  # noqa: E402
+from prefect_modal.cli.services import start_local_modal  # noqa: E402
 from prefect_modal.local import LocalModal  # noqa: E402
-from prefect_modal.services import start_local_modal  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 

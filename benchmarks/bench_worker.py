@@ -27,7 +27,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from prefect_modal.services import (
+from prefect_modal.cli.services import (
     Service,
     isolated_env,
     spawn,
@@ -89,7 +89,7 @@ def main() -> None:
         cleanup.enter_context(temporary_settings(updates={PREFECT_API_URL: api_url}))
         from prefect.client.schemas.actions import WorkPoolCreate
 
-        from prefect_modal.worker import ModalWorker
+        from prefect_modal.worker.worker import ModalWorker
 
         with get_client(sync_client=True) as client:
             client.create_work_pool(

@@ -36,7 +36,7 @@ from prefect.futures import PrefectFlowRunFuture
 from prefect.utilities.asyncutils import run_coro_as_sync
 from prefect.utilities.callables import get_call_parameters
 
-from prefect_modal.worker import ModalWorker
+from prefect_modal.worker.worker import ModalWorker
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
@@ -58,7 +58,7 @@ class ModalBoundFlow(InfrastructureBoundFlow[Any, Any]):
         )
 
     async def _submit_async(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        from prefect_modal.adhoc import preflight
+        from prefect_modal.worker.adhoc import preflight
 
         await preflight(self, self.work_pool, self.job_variables)
         parameters = get_call_parameters(self, args, kwargs)
@@ -75,7 +75,7 @@ class ModalBoundFlow(InfrastructureBoundFlow[Any, Any]):
         **kwargs: Any,
     ) -> Any:
         async def call() -> Any:
-            from prefect_modal.adhoc import preflight
+            from prefect_modal.worker.adhoc import preflight
 
             await preflight(self, self.work_pool, self.job_variables)
             parameters = get_call_parameters(self, args, kwargs)

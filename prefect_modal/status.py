@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-from prefect_modal import artifacts, tags
-from prefect_modal.artifacts import SandboxArtifact, read_sandbox_artifacts
-from prefect_modal.credentials import ModalCredentials
-from prefect_modal.settings import DEFAULT_APP_NAME
+from prefect_modal.core import artifacts, tags
+from prefect_modal.core.artifacts import SandboxArtifact, read_sandbox_artifacts
+from prefect_modal.core.credentials import ModalCredentials
+from prefect_modal.core.spec import DEFAULT_APP_NAME
 
 #: Tag every prefect-modal sandbox carries (see `CallInfo.tags` and the worker).
 FLOW_RUN_TAG = tags.FLOW_RUN
@@ -70,11 +70,11 @@ class SandboxReport:
 
 
 def _live(sandbox_id: str, client: Any) -> tuple[str, int | None]:
-    from prefect_modal import sandboxes
+    from prefect_modal.core import modal_api
 
     try:
-        code = sandboxes.returncode_by_id(sandbox_id, client)
-    except sandboxes.NotFoundError:
+        code = modal_api.returncode_by_id(sandbox_id, client)
+    except modal_api.NotFoundError:
         return "gone", None
     if code is None:
         return "running", None
@@ -84,13 +84,13 @@ def _live(sandbox_id: str, client: Any) -> tuple[str, int | None]:
 def _running_by_tag(flow_run_id: UUID, client: Any, app_names: Iterable[str]) -> list[str]:
     """Running sandboxes tagged with the run, looked for app by app (Modal
     deprecates listing a whole environment)."""
-    from prefect_modal import sandboxes
+    from prefect_modal.core import modal_api
 
     found: list[str] = []
     for app_name in dict.fromkeys(app_names):
-        for sb in sandboxes.list_in_app(app_name, {FLOW_RUN_TAG: str(flow_run_id)}, client):
-            if sandboxes.sandbox_id(sb) not in found:
-                found.append(sandboxes.sandbox_id(sb))
+        for sb in modal_api.list_in_app(app_name, {FLOW_RUN_TAG: str(flow_run_id)}, client):
+            if modal_api.sandbox_id(sb) not in found:
+                found.append(modal_api.sandbox_id(sb))
     return found
 
 
@@ -105,7 +105,7 @@ def flow_run_sandboxes(
     """
     run_id = UUID(str(flow_run_id))
     if client is None:
-        from prefect_modal.targets import resolve_target
+        from prefect_modal.core.targets import resolve_target
 
         client = resolve_target(credentials).client
     records = {r.sandbox_id: r for r in read_sandbox_artifacts(run_id)}
@@ -153,16 +153,16 @@ def terminate_sandboxes(
         if ctx is None or ctx.flow_run is None:
             raise ValueError("terminate_sandboxes needs a flow run: pass flow_run_id=")
         run_id = ctx.flow_run.id
-    from prefect_modal import sandboxes
+    from prefect_modal.core import modal_api
 
     if client is None and credentials is None and flow is not None:
         client = _client_of_flow(flow)
     running = [r.sandbox_id for r in flow_run_sandboxes(run_id, credentials, client) if r.running]
     if client is None:
-        from prefect_modal.targets import resolve_target
+        from prefect_modal.core.targets import resolve_target
 
         client = resolve_target(credentials).client
-    return [sid for sid in running if sandboxes.terminate_by_id(sid, client)]
+    return [sid for sid in running if modal_api.terminate_by_id(sid, client)]
 
 
 def _client_of_flow(flow: Any) -> Any:

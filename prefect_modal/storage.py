@@ -14,7 +14,7 @@ back.  The same block serves Prefect's three storage roles:
   execute steps (`configure_pool_storage`).
 
 Two ways in, same files: outside Modal the block talks to the Volume API with
-the client (`sandboxes.volume_*`); inside a sandbox that has the volume mounted
+the client (`modal_api.volume_*`); inside a sandbox that has the volume mounted
 (the worker mounts it and says where in ``PREFECT_MODAL_VOLUME_MOUNTS``) it
 reads and writes the mounted directory, so the sandbox needs no Modal token.
 """
@@ -36,7 +36,7 @@ from prefect._internal.compatibility.async_dispatch import async_dispatch
 from prefect.filesystems import WritableDeploymentStorage, WritableFileSystem
 from pydantic import Field, field_validator
 
-from prefect_modal.credentials import ModalCredentials
+from prefect_modal.core.credentials import ModalCredentials
 
 #: JSON {volume name: mount path} set by the worker in sandboxes that mount volumes.
 ENV_VOLUME_MOUNTS = "PREFECT_MODAL_VOLUME_MOUNTS"
@@ -137,8 +137,8 @@ class ModalVolume(WritableFileSystem, WritableDeploymentStorage):
         return where if where and os.path.isdir(where) else None
 
     def _volume(self) -> Any:
-        from prefect_modal import sandboxes
-        from prefect_modal.targets import resolve_target
+        from prefect_modal.core import modal_api
+        from prefect_modal.core.targets import resolve_target
 
         client = resolve_target(self.modal_credentials).client
         env = self.environment_name or (
@@ -148,7 +148,7 @@ class ModalVolume(WritableFileSystem, WritableDeploymentStorage):
         with _volumes_lock:
             vol = _volumes.get(key)
         if vol is None:
-            vol = sandboxes.volume(self.volume_name, client, env)
+            vol = modal_api.volume(self.volume_name, client, env)
             with _volumes_lock:
                 _volumes[key] = vol
         return vol
@@ -162,9 +162,9 @@ class ModalVolume(WritableFileSystem, WritableDeploymentStorage):
         try:
             if mount is not None:
                 return Path(mount, key.lstrip("/")).read_bytes()
-            from prefect_modal import sandboxes
+            from prefect_modal.core import modal_api
 
-            return sandboxes.volume_read(self._volume(), key)
+            return modal_api.volume_read(self._volume(), key)
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"No file {key!r} in Modal Volume {self.volume_name!r}."
@@ -182,24 +182,24 @@ class ModalVolume(WritableFileSystem, WritableDeploymentStorage):
             os.replace(tmp, target)
             _sync(mount)
         else:
-            from prefect_modal import sandboxes
+            from prefect_modal.core import modal_api
 
-            sandboxes.volume_write(self._volume(), key, bytes(content))
+            modal_api.volume_write(self._volume(), key, bytes(content))
         return key
 
     def list(self, path: str = "", recursive: bool = False) -> list[str]:
         """Paths (relative to `base_path`) of the files and folders under `path`."""
-        from prefect_modal import sandboxes
+        from prefect_modal.core import modal_api
 
         key = self.volume_path(path)
         base = self.volume_path("")
-        entries = sandboxes.volume_list(self._volume(), key, recursive=recursive)
+        entries = modal_api.volume_list(self._volume(), key, recursive=recursive)
         return [posixpath.relpath("/" + p.lstrip("/"), base) for p, _, _ in entries]
 
     def remove(self, path: str, recursive: bool = False) -> None:
-        from prefect_modal import sandboxes
+        from prefect_modal.core import modal_api
 
-        sandboxes.volume_remove(self._volume(), self.volume_path(path), recursive=recursive)
+        modal_api.volume_remove(self._volume(), self.volume_path(path), recursive=recursive)
 
     # -- Prefect's filesystem contract --------------------------------------------
     # Each method has an async twin (`aread_path`...) and dispatches to it when
@@ -233,17 +233,17 @@ class ModalVolume(WritableFileSystem, WritableDeploymentStorage):
         self._get_directory(from_path or "", local_path or ".")
 
     def _get_directory(self, from_path: str, local_path: str) -> None:
-        from prefect_modal import sandboxes
+        from prefect_modal.core import modal_api
 
         vol, root = self._volume(), self.volume_path(from_path)
-        for path, is_dir, _ in sandboxes.volume_list(vol, root, recursive=True):
+        for path, is_dir, _ in modal_api.volume_list(vol, root, recursive=True):
             rel = posixpath.relpath("/" + path.lstrip("/"), root)
             dest = Path(local_path, rel)
             if is_dir:
                 dest.mkdir(parents=True, exist_ok=True)
                 continue
             dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_bytes(sandboxes.volume_read(vol, "/" + path.lstrip("/")))
+            dest.write_bytes(modal_api.volume_read(vol, "/" + path.lstrip("/")))
 
     async def aput_directory(
         self,
@@ -267,11 +267,11 @@ class ModalVolume(WritableFileSystem, WritableDeploymentStorage):
         return self._put_directory(local_path, to_path)
 
     def _put_directory(self, local_path: str | None, to_path: str | None) -> int:
-        from prefect_modal import sandboxes
+        from prefect_modal.core import modal_api
 
         source = Path(local_path or ".")
         count = sum(1 for p in source.rglob("*") if p.is_file())
-        sandboxes.volume_put_directory(self._volume(), str(source), self.volume_path(to_path or ""))
+        modal_api.volume_put_directory(self._volume(), str(source), self.volume_path(to_path or ""))
         return count
 
 

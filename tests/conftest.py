@@ -27,7 +27,7 @@ from collections.abc import Iterator  # noqa: E402
 
 import pytest  # noqa: E402
 
-from prefect_modal import services  # noqa: E402
+from prefect_modal.cli import services  # noqa: E402
 from prefect_modal.local import LocalModal  # noqa: E402
 
 # Each test gets a HOME of its own (below), but image layers and uv's wheels stay in

@@ -21,14 +21,14 @@ from typing import Any
 
 import pytest
 
-from prefect_modal.local import SandboxRecord, read_listing
-from prefect_modal.services import (
+from prefect_modal.cli.services import (
     Service,
     isolated_env,
     pid_alive,
     start_local_modal,
     start_prefect_server,
 )
+from prefect_modal.local import SandboxRecord, read_listing
 
 #: The tag every prefect-modal sandbox carries (see `prefect_modal.status`).
 FLOW_RUN_TAG = "prefect.flow-run-id"

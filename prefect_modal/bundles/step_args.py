@@ -29,7 +29,7 @@ def volume_block(
 ) -> ModalVolume:
     """The `ModalVolume` block of the steps' arguments (Modal's own config without a
     credentials block)."""
-    from prefect_modal.credentials import ModalCredentials
+    from prefect_modal.core.credentials import ModalCredentials
     from prefect_modal.storage import ModalVolume
 
     credentials = ModalCredentials.load(credentials_block) if credentials_block else None

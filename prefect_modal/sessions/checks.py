@@ -11,7 +11,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from prefect_modal.settings import SandboxSpec
+from prefect_modal.core.spec import SandboxSpec
 
 
 def check_path(path: str, what: str) -> str:

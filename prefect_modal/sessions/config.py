@@ -13,10 +13,10 @@ from typing import Any
 from prefect.blocks.core import Block
 from pydantic import Field
 
-from prefect_modal.credentials import ModalCredentials
+from prefect_modal.core.credentials import ModalCredentials
+from prefect_modal.core.spec import SandboxSpec
 from prefect_modal.sessions.results import SandboxSnapshot
 from prefect_modal.sessions.session import SandboxSession
-from prefect_modal.settings import SandboxSpec
 
 
 class ModalSandboxConfig(Block):

@@ -12,14 +12,15 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from uuid import UUID
 
-from prefect_modal.credentials import ModalCredentials, ambient_credentials_present
+from prefect_modal.core.cancellation import HasCancellation
+from prefect_modal.core.credentials import ModalCredentials, ambient_credentials_present
 from prefect_modal.sessions.errors import SessionUnavailableError
 
 if TYPE_CHECKING:
-    from prefect_modal.targets import Target
+    from prefect_modal.core.targets import Target
 
 logger = logging.getLogger("prefect_modal.sessions")
 
@@ -30,7 +31,7 @@ class RunInfo:
     task_run_id: UUID | None = None
     task_name: str | None = None
     #: The flow's task runner when it is a ModalTaskRunner (its registry ends us).
-    runner: Any = None
+    runner: HasCancellation | None = None
 
 
 def current_run() -> RunInfo:
@@ -44,7 +45,7 @@ def current_run() -> RunInfo:
     if flow_ctx is not None and flow_ctx.flow_run is not None:
         info.flow_run_id = flow_ctx.flow_run.id
         runner = flow_ctx.task_runner
-        if hasattr(runner, "_family") and type(runner).__name__ == "ModalTaskRunner":
+        if isinstance(runner, HasCancellation):
             info.runner = runner
     if task_ctx is not None:
         info.task_run_id = task_ctx.task_run.id
@@ -88,7 +89,7 @@ def check_reachable(credentials: ModalCredentials | None) -> None:
 
 def target(credentials: ModalCredentials | None) -> Target:
     """The Modal a session runs on (after `check_reachable`)."""
-    from prefect_modal.targets import resolve_target
+    from prefect_modal.core.targets import resolve_target
 
     check_reachable(credentials)
     return resolve_target(credentials)

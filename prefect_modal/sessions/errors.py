@@ -7,8 +7,10 @@ by type without importing any of those parts.
 
 from __future__ import annotations
 
+from prefect_modal.core.errors import PrefectModalError
 
-class SessionError(RuntimeError):
+
+class SessionError(PrefectModalError, RuntimeError):
     """A session cannot do what was asked; the message says what to do instead."""
 
 

@@ -5,7 +5,7 @@ or its flow run (``keep=True``).  Nothing in Prefect tells a process that one
 of its runs ended, so one watcher thread per flow run with sessions asks the
 Prefect API for the owning runs' states and ends the sessions whose owner is
 final (or cancelling); a cancelled flow run also ends them through the
-registry the task runner uses for its own sandboxes (`sandbox_call.registry_for`).
+registry the task runner uses for its own sandboxes (`core.cancellation`).
 The sandbox's lifetime (``spec.timeout``) is the backstop for a process that died.
 """
 
@@ -18,8 +18,9 @@ from contextvars import copy_context
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
+from prefect_modal.core.cancellation import CallRegistry, registry_for
+
 if TYPE_CHECKING:
-    from prefect_modal.sandbox_call import CallRegistry
     from prefect_modal.sessions.session import SandboxSession
 
 #: How often the watcher asks the Prefect API whether a session's owning run ended.
@@ -38,10 +39,8 @@ _watched: dict[UUID, set[SandboxSession]] = {}
 def register(session: SandboxSession) -> CallRegistry:
     """Register `session` where its flow run's cancellation ends it: its
     ModalTaskRunner's registry, else the sessions' own; returns that registry."""
-    from prefect_modal.sandbox_call import registry_for
-
     runner = session._run.runner
-    registry = registry_for(runner._family if runner is not None else SESSIONS_FAMILY)
+    registry = runner.cancellation if runner is not None else registry_for(SESSIONS_FAMILY)
     registry.add(session)
     return registry
 

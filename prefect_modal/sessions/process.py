@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextvars import copy_context
 from typing import TYPE_CHECKING, Any, Literal
 
-from prefect_modal import sandboxes
+from prefect_modal.core import modal_api
 from prefect_modal.sessions.errors import SessionError
 from prefect_modal.sessions.records import COMMAND_CHARS
 from prefect_modal.sessions.results import ExecResult, OutputLine
@@ -111,7 +111,7 @@ class SandboxProcess:
         with self._lock:
             if self._result is not None:
                 return self._result
-            code = sandboxes.process_wait(self._process)
+            code = modal_api.process_wait(self._process)
             for thread in self._threads:
                 thread.join(timeout=30)
             seconds = time.monotonic() - self._started

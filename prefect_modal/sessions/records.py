@@ -1,7 +1,7 @@
 """A session's artifact: the record of what it did, and the queue that writes it.
 
 A session is a Prefect artifact on the run that opened it (the sandbox record
-of `artifacts.py` plus the commands it ran and the snapshots it took), so the
+of `core/artifacts.py` plus the commands it ran and the snapshots it took), so the
 UI and `prefect-modal status` show it.  The record is rewritten after every
 command; one background thread writes the versions in order, so a command
 never waits for an API round trip.
@@ -18,7 +18,7 @@ from contextvars import copy_context
 
 from pydantic import Field
 
-from prefect_modal.artifacts import KEY_PREFIX, SandboxArtifact, write_sandbox_artifact
+from prefect_modal.core.artifacts import KEY_PREFIX, SandboxArtifact, write_sandbox_artifact
 
 #: Commands listed in a session's artifact (the latest ones).
 COMMANDS_KEPT = 50

@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from prefect_modal.settings import SandboxSpec
+from prefect_modal.core.spec import SandboxSpec
 
 
 @dataclass(frozen=True)

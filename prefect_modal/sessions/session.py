@@ -10,7 +10,7 @@ This module is the handle itself: opening (create, restore, attach), commands,
 files, snapshots and ending.  What it hands back is in `results.py`, its
 artifact in `records.py`, a running command in `process.py`, how it ends with
 its owning runs in `lifecycle.py`.  Nothing here imports `modal`: every Modal
-call is in `sandboxes.py`.
+call is in `modal_api.py`.
 """
 
 from __future__ import annotations
@@ -22,9 +22,11 @@ from contextvars import copy_context
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal
 
-from prefect_modal import events, resources, sandboxes
-from prefect_modal import tags as tag_keys
-from prefect_modal.credentials import ModalCredentials
+from prefect_modal import events
+from prefect_modal.core import modal_api, resources
+from prefect_modal.core import tags as tag_keys
+from prefect_modal.core.credentials import ModalCredentials
+from prefect_modal.core.spec import SandboxSpec
 from prefect_modal.sessions.checks import as_spec, check_command, check_path, check_timeout
 from prefect_modal.sessions.context import RunInfo, current_run, run_logger
 from prefect_modal.sessions.context import target as session_target
@@ -43,10 +45,9 @@ from prefect_modal.sessions.results import (
     SandboxSnapshot,
     spec_without_secrets,
 )
-from prefect_modal.settings import SandboxSpec
 
 if TYPE_CHECKING:
-    from prefect_modal.targets import Target
+    from prefect_modal.core.targets import Target
 
 #: Tag on a session's sandbox: "true" when it outlives its task.
 KEEP_TAG = "prefect-modal.session-keep"
@@ -174,9 +175,9 @@ class SandboxSession:
         origin = live_sessions.get(session_id)
         target = origin._target if origin is not None else session_target(credentials)
         try:
-            sandbox = sandboxes.from_id(session_id, target.client)
-            code = sandboxes.poll(sandbox)
-        except sandboxes.NotFoundError:
+            sandbox = modal_api.from_id(session_id, target.client)
+            code = modal_api.poll(sandbox)
+        except modal_api.NotFoundError:
             raise SessionEndedError(
                 f"attach(): session {session_id} does not exist on {target.kind} Modal "
                 f"({target.server_url}); it ended and was cleaned up, or belongs to another "
@@ -231,10 +232,10 @@ class SandboxSession:
             tags[tag_keys.TASK_RUN] = str(run.task_run_id)
         if run.task_name:
             tags[tag_keys.TASK_NAME] = run.task_name[:60]
-        sandbox = sandboxes.create_session_sandbox(
+        sandbox = modal_api.create_session_sandbox(
             spec, client=target.client, tags=tags, image_id=image_id, block_network=block_network
         )
-        sandbox_id = sandboxes.sandbox_id(sandbox)
+        sandbox_id = modal_api.sandbox_id(sandbox)
         described = spec.describe()
         record = SessionRecord(
             sandbox_id=sandbox_id,
@@ -246,7 +247,7 @@ class SandboxSession:
             mode="session",
             resources=described,
             status="running",
-            link=sandboxes.dashboard_url(sandbox_id, spec.effective_app_name, target.server_url),
+            link=modal_api.dashboard_url(sandbox_id, spec.effective_app_name, target.server_url),
             keep=keep,
             image=image_id or described.get("image"),
             restored_from=restored.source_session_id if restored else None,
@@ -291,22 +292,22 @@ class SandboxSession:
     @property
     def session_id(self) -> str:
         """The sandbox id: what `attach` takes, what Modal and `prefect-modal` show."""
-        return sandboxes.sandbox_id(self._sandbox)
+        return modal_api.sandbox_id(self._sandbox)
 
     @property
     def returncode(self) -> int | None:
         """None while the session runs; else its sandbox's exit code (137: terminated)."""
         try:
-            return sandboxes.poll(self._sandbox)
-        except sandboxes.NotFoundError:
+            return modal_api.poll(self._sandbox)
+        except modal_api.NotFoundError:
             return None
 
     @property
     def status(self) -> SessionStatus:
         """Live, from Modal: running, succeeded, failed, terminated, timeout or gone."""
         try:
-            code = sandboxes.poll(self._sandbox)
-        except sandboxes.NotFoundError:
+            code = modal_api.poll(self._sandbox)
+        except modal_api.NotFoundError:
             return "gone"
         if code is None:
             return "running"
@@ -370,7 +371,7 @@ class SandboxSession:
             ):
                 raise TypeError("exec(): env must map variable names to string values.")
         self._check_running("exec")
-        process = sandboxes.exec_process(
+        process = modal_api.exec_process(
             self._sandbox, cmd, workdir=workdir, env=env, timeout=seconds
         )
         return SandboxProcess(self, cmd, process, run_logger(), seconds, streaming)
@@ -381,7 +382,7 @@ class SandboxSession:
         """Write `data` to the sandbox's absolute `path` (parent directories are made)."""
         if not isinstance(data, bytes | bytearray | memoryview):
             raise TypeError(f"write_bytes(): data must be bytes, not {type(data).__name__}.")
-        sandboxes.fs_write_bytes(self._sandbox, check_path(path, "write_bytes"), bytes(data))
+        modal_api.fs_write_bytes(self._sandbox, check_path(path, "write_bytes"), bytes(data))
 
     def write_text(self, path: str, text: str, encoding: str = "utf-8") -> None:
         """Write `text` to the sandbox's absolute `path` (parent directories are made)."""
@@ -391,26 +392,26 @@ class SandboxSession:
 
     def read_bytes(self, path: str) -> bytes:
         """The bytes of the sandbox's file `path`; FileNotFoundError if it has none."""
-        return sandboxes.fs_read_bytes(self._sandbox, check_path(path, "read_bytes"))
+        return modal_api.fs_read_bytes(self._sandbox, check_path(path, "read_bytes"))
 
     def read_text(self, path: str, encoding: str = "utf-8") -> str:
         return self.read_bytes(check_path(path, "read_text")).decode(encoding)
 
     def list_files(self, path: str = "/") -> list[SandboxFile]:
         """The entries of the sandbox's directory `path`, sorted by name."""
-        entries = sandboxes.fs_list(self._sandbox, check_path(path, "list_files"))
+        entries = modal_api.fs_list(self._sandbox, check_path(path, "list_files"))
         return sorted((SandboxFile(**e) for e in entries), key=lambda f: f.name)
 
     def remove(self, path: str, *, recursive: bool = False) -> None:
         """Remove the sandbox's file `path` (a directory needs ``recursive=True``)."""
-        sandboxes.fs_remove(self._sandbox, check_path(path, "remove"), recursive=recursive)
+        modal_api.fs_remove(self._sandbox, check_path(path, "remove"), recursive=recursive)
 
     # -- snapshots --------------------------------------------------------------------------------
 
     def snapshot(self) -> SandboxSnapshot:
         """Snapshot the session's filesystem (volumes excluded), for `restore`."""
         self._check_running("snapshot")
-        image_id = sandboxes.snapshot_filesystem(self._sandbox)
+        image_id = modal_api.snapshot_filesystem(self._sandbox)
         snap = SandboxSnapshot(
             image_id=image_id,
             source_session_id=self.session_id,
@@ -434,7 +435,7 @@ class SandboxSession:
             self._origin._end("terminated by an attached handle")
             return
         if not self._owned:
-            sandboxes.terminate(self._sandbox)
+            modal_api.terminate(self._sandbox)
             return
         self._end("terminated")
 
@@ -453,7 +454,7 @@ class SandboxSession:
         if self._owned:
             self._end("its `with` block ended")
         else:
-            sandboxes.detach(self._sandbox)
+            modal_api.detach(self._sandbox)
 
     def _end(self, why: str) -> None:
         """Terminate (if it still runs), write the final record, emit the events."""
@@ -461,12 +462,12 @@ class SandboxSession:
             if self._ended.is_set():
                 return
             try:
-                code = sandboxes.poll(self._sandbox)
-            except sandboxes.NotFoundError:
+                code = modal_api.poll(self._sandbox)
+            except modal_api.NotFoundError:
                 code = None
             terminated = False
             if code is None:
-                sandboxes.terminate(self._sandbox)
+                modal_api.terminate(self._sandbox)
                 terminated = True
                 code = 137
             self._ended.set()

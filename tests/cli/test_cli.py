@@ -24,8 +24,7 @@ from prefect import flow, task
 from waiting import wait_for
 
 from prefect_modal import ModalTaskRunner
-from prefect_modal.local import SandboxRecord
-from prefect_modal.services import (
+from prefect_modal.cli.services import (
     Service,
     ServiceError,
     free_port,
@@ -35,6 +34,7 @@ from prefect_modal.services import (
     tool,
     wait_ready,
 )
+from prefect_modal.local import SandboxRecord
 
 PREFECT_MODAL = tool("prefect-modal")
 WORDS = ["alpha", "bravo"]

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from prefect_modal.demo import RunSummary
+from prefect_modal.cli.demo import RunSummary
 
 
 def test_demo_without_example_flows_says_where_to_run_it(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ import modal
 import pytest
 from process_tree import Proc, alive, descendants, describe
 
-from prefect_modal import services
+from prefect_modal.cli import services
 from prefect_modal.local import make_client
 
 CLI = str(Path(sys.executable).parent / "prefect-modal")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from prefect_modal.services import isolated_env
+from prefect_modal.cli.services import isolated_env
 
 ROOT = Path(__file__).resolve().parents[2]
 SETTING = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from prefect_modal.services import Service, spawn, start_local_modal, start_prefect_server
+from prefect_modal.cli.services import Service, spawn, start_local_modal, start_prefect_server
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"

@@ -10,7 +10,7 @@ from prefect.testing.standard_test_suites import BlockStandardTestSuite
 from pydantic import ValidationError
 
 from prefect_modal import ModalCredentials
-from prefect_modal.credentials import ambient_credentials_present
+from prefect_modal.core.credentials import ambient_credentials_present
 
 SECRET = "as-Sup3rS3cretValue"
 

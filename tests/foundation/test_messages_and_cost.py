@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from prefect_modal import ModalCredentials, SandboxSpec, pricing
-from prefect_modal.artifacts import SandboxArtifact, cost_note, total_row
-from prefect_modal.worker import ModalWorkerJobConfiguration
+from prefect_modal import ModalCredentials, SandboxSpec
+from prefect_modal.core import pricing
+from prefect_modal.core.artifacts import SandboxArtifact, cost_note, total_row
+from prefect_modal.worker.worker import ModalWorkerJobConfiguration
 
 SECRET = "hunter2-very-secret-value"
 
@@ -124,7 +125,7 @@ def test_the_table_has_a_total_and_calls_it_an_estimate(known_rates: None) -> No
 
 
 def test_packaged_rates_have_a_date_a_source_and_every_gpu_type() -> None:
-    from prefect_modal.resources import KNOWN_GPU_TYPES
+    from prefect_modal.core.resources import KNOWN_GPU_TYPES
 
     rates = pricing.current_rates()
     assert rates.as_of and "modal.com/pricing" in rates.source

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from prefect_modal import resources
-from prefect_modal.resources import ResourceError
+from prefect_modal.core import resources
+from prefect_modal.core.resources import ResourceError
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from prefect_modal import SandboxSpec
-from prefect_modal.settings import DEFAULT_TIMEOUT_SECONDS
+from prefect_modal.core.spec import DEFAULT_TIMEOUT_SECONDS
 
 
 def test_issue_example_turns_into_sandbox_create_kwargs() -> None:

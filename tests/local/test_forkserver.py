@@ -19,11 +19,11 @@ import pytest
 from sandbox_pids import host_pids
 from waiting import wait_for
 
+from prefect_modal.cli.services import start_local_modal
 from prefect_modal.local import LocalModal, make_client
 from prefect_modal.local.records import read_listing
 from prefect_modal.local.runtime import forkserver, zygote
 from prefect_modal.local.runtime.processes import pid_alive
-from prefect_modal.services import start_local_modal
 
 REPORT = r"""
 import json, os, sys

@@ -81,18 +81,18 @@ def test_a_failing_run_command_fails_the_build_with_its_output(
 def test_a_long_build_is_announced_in_the_run_log_and_a_built_one_is_not(
     isolated: LocalModal, app: Any
 ) -> None:
-    from prefect_modal import sandboxes
+    from prefect_modal.core import modal_api
 
     marker = uuid.uuid4().hex
     lines: list[str] = []
     slow = modal.Image.debian_slim().run_commands(f"sleep 3 && echo {marker}")
-    sandboxes.ensure_built(slow, app, lines.append, "slow-image")
+    modal_api.ensure_built(slow, app, lines.append, "slow-image")
     assert lines[0].startswith("Building image slow-image (a first build;"), lines
     assert lines[-1].startswith(f"Built image {slow.object_id} in "), lines
 
     lines.clear()
     again = modal.Image.debian_slim().run_commands(f"sleep 3 && echo {marker}")
-    sandboxes.ensure_built(again, app, lines.append, "slow-image")
+    modal_api.ensure_built(again, app, lines.append, "slow-image")
     assert again.object_id == slow.object_id
     assert lines == []  # found built: nothing to say
 

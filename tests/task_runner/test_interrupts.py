@@ -8,7 +8,7 @@ import sys
 import textwrap
 import threading
 
-from prefect_modal.interrupts import InterruptWatcher
+from prefect_modal.task_runner.interrupts import InterruptWatcher
 
 # The main thread blocks SIGINT at the OS level, so the kernel hands it to another
 # thread and the main thread's lock wait is not interrupted: the case where Python

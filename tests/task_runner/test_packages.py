@@ -8,7 +8,8 @@ import json
 import pydantic
 from prefect import get_run_logger
 
-from prefect_modal import packages, sandbox_call
+from prefect_modal.core import packages
+from prefect_modal.task_runner import pickling
 
 PREFECT = f"prefect=={importlib.metadata.version('prefect')}"
 PYDANTIC = f"pydantic=={importlib.metadata.version('pydantic')}"
@@ -39,9 +40,9 @@ def plain(x: int) -> int:
 
 def _requirements(fn, *args) -> packages.Requirements:
     """As a call does: this test module travels by value, so what it refers to counts."""
-    payload = sandbox_call.dumps_call(fn, args, {})
-    modules = packages.call_modules(fn, args, {}, payload, sandbox_call.is_user_module)
-    return packages.requirements(modules, sandbox_call.is_user_module)
+    payload = pickling.dumps_call(fn, args, {})
+    modules = packages.call_modules(fn, args, {}, payload, pickling.is_user_module)
+    return packages.requirements(modules, pickling.is_user_module)
 
 
 def test_references_found_in_the_pickle_the_code_and_the_arguments():
@@ -54,11 +55,9 @@ def test_references_found_in_the_pickle_the_code_and_the_arguments():
 
 def test_large_payloads_are_sampled_by_type_not_read_opcode_by_opcode():
     big = list(range(100_000))
-    payload = sandbox_call.dumps_call(plain, (big, Point(x=1)), {})
+    payload = pickling.dumps_call(plain, (big, Point(x=1)), {})
     assert len(payload) > packages.EXACT_SCAN_BYTES
-    modules = packages.call_modules(
-        plain, (big, Point(x=1)), {}, payload, sandbox_call.is_user_module
-    )
+    modules = packages.call_modules(plain, (big, Point(x=1)), {}, payload, pickling.is_user_module)
     assert "pydantic" in modules and "prefect" not in modules
 
 

@@ -16,7 +16,7 @@ from prefect import flow, task
 from runner_support import sandboxes_of
 
 from prefect_modal import ModalTaskRunner, ModalVolume
-from prefect_modal.result_refs import REF_DIR
+from prefect_modal.task_runner.result_refs import REF_DIR
 
 BIG = 100 * 1024 * 1024
 SEED = 1515

@@ -18,9 +18,10 @@ from prefect.context import TagsContext, get_run_context
 from prefect.settings import PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS, temporary_settings
 from runner_support import sandboxes_of, wait_until
 
-from prefect_modal import ModalTaskRunner, SandboxSpec, modal_options, sandbox_call
-from prefect_modal.artifacts import read_sandbox_artifacts, task_artifact_key
-from prefect_modal.packages import Requirements
+from prefect_modal import ModalTaskRunner, SandboxSpec, modal_options
+from prefect_modal.core.artifacts import read_sandbox_artifacts, task_artifact_key
+from prefect_modal.core.packages import Requirements
+from prefect_modal.task_runner import call as sandbox_call
 
 #: How long the logging task goes on after its records (see the live-logs test).
 LINGER_SECONDS = 6

@@ -19,7 +19,9 @@ from pydantic import ValidationError
 from runner_helpers import scale
 from runner_support import sandboxes_of, wait_until
 
-from prefect_modal import SandboxSpec, modal_options, sandbox_call
+from prefect_modal import SandboxSpec, modal_options
+from prefect_modal.task_runner import call as sandbox_call
+from prefect_modal.task_runner import pickling
 
 
 @task
@@ -153,7 +155,7 @@ def test_timeout_terminates_the_sandbox(make_runner, modal_server):
 
 
 def test_sandbox_killed_from_outside_fails_with_exit_code(make_runner, modal_server):
-    from prefect_modal import sandboxes
+    from prefect_modal.core import modal_api
 
     @task
     def victim() -> None:
@@ -172,7 +174,7 @@ def test_sandbox_killed_from_outside_fails_with_exit_code(make_runner, modal_ser
             timeout=30,
         )
         time.sleep(0.5)  # let the last words reach the runner
-        sandboxes.terminate_by_id(records[0].id, modal_server.client)
+        modal_api.terminate_by_id(records[0].id, modal_server.client)
 
     @flow(task_runner=make_runner())
     def f():
@@ -436,8 +438,9 @@ def test_an_attempt_already_running_is_followed_not_started_twice(
 
     import cloudpickle
 
-    from prefect_modal import remote, sandboxes
-    from prefect_modal import task_runner as task_runner_module
+    from prefect_modal.core import modal_api
+    from prefect_modal.task_runner import remote
+    from prefect_modal.task_runner import runner as task_runner_module
 
     task_run_id = uuid.uuid4()
     monkeypatch.setattr(task_runner_module, "_new_task_run_id", lambda: task_run_id)
@@ -457,8 +460,8 @@ def test_an_attempt_already_running_is_followed_not_started_twice(
             task_run_id=task_run_id, flow_run_id=run_id, task_name="answer", attempt=1
         )
         spec = SandboxSpec()
-        app, image = sandboxes.prepare(spec, modal_server.client)
-        earlier = sandboxes.create_sandbox(
+        app, image = modal_api.prepare(spec, modal_server.client)
+        earlier = modal_api.create_sandbox(
             spec,
             sandbox_call.bootstrap_command(),
             client=modal_server.client,
@@ -469,7 +472,7 @@ def test_an_attempt_already_running_is_followed_not_started_twice(
         )
         payload = cloudpickle.dumps((earlier_process_call, (), {}))
         header = remote.make_header("earliernonce", len(payload), sandbox_call.LOCAL_PYTHON, 10**6)
-        sandboxes.send_stdin(earlier, header + payload)
+        modal_api.send_stdin(earlier, header + payload)
         return answer.submit().result(), str(run_id)
 
     result, run_id = f()
@@ -526,7 +529,7 @@ def test_an_import_probe_inside_another_import_loads_no_pth_files(modal_server):
 
     import modal
 
-    from prefect_modal import remote
+    from prefect_modal.task_runner import remote
 
     # An image whose environment has a `.pth` file with an import line, as an
     # editable install's has.
@@ -540,7 +543,7 @@ def test_an_import_probe_inside_another_import_loads_no_pth_files(modal_server):
     )
     app = modal.App.lookup("pth-probe", create_if_missing=True, client=modal_server.client)
     nonce = "probe"
-    payload = sandbox_call.dumps_call(_reimport_pathlib, (), {})
+    payload = pickling.dumps_call(_reimport_pathlib, (), {})
     header = remote.make_header(nonce, len(payload), sandbox_call.LOCAL_PYTHON, 1 << 20)
     for _ in range(3):  # the first may start as a fresh process, the next are forked
         sb = modal.Sandbox.create(
@@ -582,12 +585,12 @@ def test_plain_containers():
     point = Point(1, 2)
     mapped = PrefectFutureList([1, 2])
     nested = {"a": [mapped, (mapped,)], "p": point}
-    out = sandbox_call.plain_containers(nested)
+    out = pickling.plain_containers(nested)
     assert out == {"a": [[1, 2], ([1, 2],)], "p": point}
     assert type(out["a"][0]) is list and type(out["a"][1][0]) is list
     assert out["p"] is point  # the user's own tuple subclass stays what it is
     plain = {"k": [1, "x", (2.0, None)]}
-    assert sandbox_call.plain_containers(plain) is plain  # nothing to change: no copy
+    assert pickling.plain_containers(plain) is plain  # nothing to change: no copy
     loop: list[object] = [1]
     loop.append(loop)
-    assert sandbox_call.plain_containers(loop) is loop
+    assert pickling.plain_containers(loop) is loop

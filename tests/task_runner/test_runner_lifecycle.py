@@ -23,7 +23,7 @@ from prefect.states import Cancelling
 from runner_support import sandboxes_of, wait_until
 
 from prefect_modal import ModalTaskRunner, SandboxSpec, modal_options
-from prefect_modal.artifacts import (
+from prefect_modal.core.artifacts import (
     read_sandbox_artifacts,
     summary_artifact_key,
     task_artifact_key,
@@ -348,8 +348,8 @@ def test_artifact_writer_keeps_one_client_and_drops_stale_running_records(
 
     import prefect.client.orchestration as orchestration
 
-    from prefect_modal.artifact_writer import ArtifactWriter
-    from prefect_modal.artifacts import SandboxArtifact
+    from prefect_modal.core.artifacts import SandboxArtifact
+    from prefect_modal.task_runner.artifact_writer import ArtifactWriter
 
     opened: list[object] = []  # clients asked for by the writer's thread (not Prefect's own)
     real_get_client = orchestration.get_client
@@ -496,7 +496,7 @@ def test_function_defined_in_main_runs(prefect_api, modal_server, tmp_path):
 
 def test_zero_config_starts_a_local_server_with_a_notice(prefect_api, caplog, monkeypatch):
     """No credentials anywhere (HOME and MODAL_* are isolated): the local server, with one line."""
-    from prefect_modal import targets
+    from prefect_modal.core import targets
 
     monkeypatch.delenv("PREFECT_MODAL_TARGET", raising=False)
     if targets.local_server() is not None:

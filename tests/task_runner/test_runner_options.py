@@ -7,7 +7,7 @@ from prefect import task
 from pydantic import ValidationError
 
 from prefect_modal import ModalTaskRunner, SandboxSpec, modal_options
-from prefect_modal.options import bound_options
+from prefect_modal.task_runner.options import bound_options
 
 
 @task

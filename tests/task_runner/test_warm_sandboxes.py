@@ -257,7 +257,7 @@ def test_records_and_status_show_which_task_runs_a_sandbox_served(
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    from prefect_modal.artifacts import (
+    from prefect_modal.core.artifacts import (
         read_sandbox_artifacts,
         summary_artifact_key,
         warm_artifact_key,
@@ -321,7 +321,7 @@ def test_a_warm_sandbox_that_dies_before_its_bootstrap_fails_the_call_with_its_o
     """A warm sandbox is up when its bootstrap greets, not when create returns: one that
     exits first (an image that cannot run it) fails the waiting call as a sandbox of
     its own would, with its exit code and last lines, and is not started again."""
-    from prefect_modal import sandbox_call
+    from prefect_modal.task_runner import call as sandbox_call
 
     def no_bootstrap() -> list[str]:
         script = "import sys; print('no bootstrap in this image', file=sys.stderr); sys.exit(5)"
@@ -399,20 +399,20 @@ def test_a_sandbox_given_back_after_its_pool_closed_is_terminated_not_ended(
     and a cancelled run's sandbox would be recorded as exited."""
     import threading
 
-    from prefect_modal import sandboxes
-    from prefect_modal.sandbox_call import bootstrap_command
-    from prefect_modal.settings import SandboxSpec
-    from prefect_modal.warm import StartPlan, WarmPool, pool_key
+    from prefect_modal.core import modal_api
+    from prefect_modal.core.spec import SandboxSpec
+    from prefect_modal.task_runner.call import bootstrap_command
+    from prefect_modal.task_runner.warm import StartPlan, WarmPool, pool_key
 
     closed_stdin: list[str] = []
-    send_stdin = sandboxes.send_stdin
+    send_stdin = modal_api.send_stdin
 
     def spy(sandbox: object, data: bytes, eof: bool = False) -> None:
         if eof:
-            closed_stdin.append(sandboxes.sandbox_id(sandbox))
+            closed_stdin.append(modal_api.sandbox_id(sandbox))
         send_stdin(sandbox, data, eof=eof)
 
-    monkeypatch.setattr(sandboxes, "send_stdin", spy)
+    monkeypatch.setattr(modal_api, "send_stdin", spy)
     spec = SandboxSpec(timeout=120)
     tags = {"prefect-modal.test": "given-back"}
 

@@ -17,7 +17,7 @@ from live_servers import LiveServers, flow_run_id_of, pointed_at
 from prefect import flow, task
 
 from prefect_modal import ModalTaskRunner
-from prefect_modal.artifacts import read_sandbox_artifacts, warm_artifact_key
+from prefect_modal.core.artifacts import read_sandbox_artifacts, warm_artifact_key
 
 CHROMIUM = shutil.which("chromium")
 CHROMIUM_ARGS = [

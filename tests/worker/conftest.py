@@ -27,7 +27,7 @@ from worker_helpers import (
     stop_service,
 )
 
-from prefect_modal.services import start_local_modal, start_prefect_server
+from prefect_modal.cli.services import start_local_modal, start_prefect_server
 
 
 @pytest.fixture(scope="session")

@@ -17,10 +17,10 @@ import pytest
 from prefect import flow
 from worker_helpers import FLOWS_DIR, ModalServer, PrefectServer, create_pool, pid_alive
 
-from prefect_modal import tags
-from prefect_modal.adhoc import FlowNotBundleable, WorkPoolNotFound, WrongWorkPoolType
+from prefect_modal.core import tags
 from prefect_modal.decorators import modal as modal_infra
 from prefect_modal.storage import DEFAULT_RESULTS_VOLUME, ModalVolume
+from prefect_modal.worker.adhoc import FlowNotBundleable, WorkPoolNotFound, WrongWorkPoolType
 
 pytestmark = pytest.mark.slow
 

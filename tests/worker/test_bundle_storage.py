@@ -19,7 +19,7 @@ from worker_helpers import ModalServer, PrefectServer, create_pool
 from prefect_modal.bundles import EXECUTE_STEP, UPLOAD_STEP
 from prefect_modal.bundles.execute import download_bundle_from_volume
 from prefect_modal.bundles.upload import upload_bundle_to_volume
-from prefect_modal.cli import app
+from prefect_modal.cli.app import app
 from prefect_modal.decorators import modal as modal_infra
 from prefect_modal.storage import ModalVolume
 

@@ -12,7 +12,7 @@ import pytest
 from events_api import related_ids, wait_for_events
 from worker_helpers import MAIN_POOL, ModalServer, deploy, start_run, wait_final
 
-from prefect_modal.artifacts import read_sandbox_artifacts, summary_artifact_key
+from prefect_modal.core.artifacts import read_sandbox_artifacts, summary_artifact_key
 from prefect_modal.status import FINAL_GRACE_SECONDS, wait_for_final_records
 
 pytestmark = pytest.mark.slow

@@ -13,10 +13,10 @@ import pytest
 from prefect.client.schemas.objects import FlowRun
 from worker_helpers import ModalServer
 
-from prefect_modal import sandboxes
-from prefect_modal.settings import SandboxSpec
-from prefect_modal.targets import Target
-from prefect_modal.worker import ModalWorker, ModalWorkerJobConfiguration
+from prefect_modal.core import modal_api
+from prefect_modal.core.spec import SandboxSpec
+from prefect_modal.core.targets import Target
+from prefect_modal.worker.worker import ModalWorker, ModalWorkerJobConfiguration
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +37,7 @@ def test_second_submission_finds_the_running_sandbox(modal_server: ModalServer) 
     try:
         again, created_again = worker._find_or_create(run, config, spec, target, {}, {})
         assert created and not created_again
-        assert sandboxes.sandbox_id(again) == sandboxes.sandbox_id(first)
+        assert modal_api.sandbox_id(again) == modal_api.sandbox_id(first)
         assert len(modal_server.for_run(run.id)) == 1
 
         # A sandbox of another run holding the name (names always carry the run id,
@@ -51,4 +51,4 @@ def test_second_submission_finds_the_running_sandbox(modal_server: ModalServer) 
             )
         assert modal_server.for_run(other.id) == []
     finally:
-        sandboxes.terminate(first)
+        modal_api.terminate(first)

@@ -11,9 +11,9 @@ import pytest
 from prefect.client.schemas.objects import FlowRun
 from pydantic import ValidationError
 
-from prefect_modal.reconcile import SandboxLogForwarder, crash_message
-from prefect_modal.settings import SandboxSpec
-from prefect_modal.worker import (
+from prefect_modal.core.spec import SandboxSpec
+from prefect_modal.worker.reconcile import SandboxLogForwarder, crash_message
+from prefect_modal.worker.worker import (
     PER_STEP_COMMAND,
     PIPELINE_COMMAND,
     ModalWorker,
@@ -154,7 +154,7 @@ def test_sandbox_env_per_step_sends_modal_token_as_secret_and_spec_without_value
 
 
 def test_per_step_runner_from_env_applies_spec_env_and_task_specs(monkeypatch: Any) -> None:
-    from prefect_modal.per_step import PerStepTaskRunner, runner_from_env
+    from prefect_modal.worker.per_step import PerStepTaskRunner, runner_from_env
 
     environ = {
         "PREFECT_MODAL_TASK_SPEC": '{"cpu": 2.0}',
@@ -221,7 +221,7 @@ def test_per_step_runner_uses_the_warm_pools_with_the_flows_settings() -> None:
     from prefect import task
 
     from prefect_modal import ModalTaskRunner, modal_options
-    from prefect_modal.per_step import runner_from_env
+    from prefect_modal.worker.per_step import runner_from_env
 
     environ = {"PREFECT_MODAL_TASK_SPECS": '{"train": {"gpu": "A100"}}'}
     assert runner_from_env(environ).reuse_sandboxes is True

@@ -16,7 +16,7 @@ from worker_helpers import (
     wait_for,
 )
 
-from prefect_modal import tags
+from prefect_modal.core import tags
 
 pytestmark = pytest.mark.slow
 

@@ -19,8 +19,8 @@ from worker_helpers import (
     wait_for,
 )
 
-from prefect_modal import tags
-from prefect_modal.artifacts import read_sandbox_artifacts
+from prefect_modal.core import tags
+from prefect_modal.core.artifacts import read_sandbox_artifacts
 
 pytestmark = pytest.mark.slow
 
@@ -86,7 +86,7 @@ def test_flow_that_raises_is_failed(api: Any, main_worker: Any, modal_server: Mo
 def test_sandbox_killed_from_outside_is_crashed_with_exit_code(
     api: Any, main_worker: Any, modal_server: ModalServer
 ) -> None:
-    from prefect_modal import sandboxes
+    from prefect_modal.core import modal_api
 
     dep = deploy(api, POOL, "flows.py:sleepy", "sleepy")
     run_id = start_run(api, dep, seconds=120)
@@ -99,7 +99,7 @@ def test_sandbox_killed_from_outside_is_crashed_with_exit_code(
     )
     [record] = modal_server.for_run(run_id)
     # Like `modal sandbox terminate`: from outside the worker.
-    assert sandboxes.terminate_by_id(record.id, modal_server.client)
+    assert modal_api.terminate_by_id(record.id, modal_server.client)
     run = wait_final(api, run_id, timeout=30)
     assert run.state.is_crashed(), run.state
     assert "137" in run.state.message

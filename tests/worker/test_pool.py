@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from worker_helpers import PREFECT, PrefectServer
 
-from prefect_modal.settings import SandboxSpec
-from prefect_modal.worker import ModalWorker
+from prefect_modal.core.spec import SandboxSpec
+from prefect_modal.worker.worker import ModalWorker
 
 pytestmark = pytest.mark.slow
 

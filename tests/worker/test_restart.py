@@ -8,8 +8,8 @@ import pytest
 from prefect.states import Cancelled
 from worker_helpers import ModalServer, create_pool, deploy, start_run, wait_final, wait_for
 
-from prefect_modal import sandboxes
-from prefect_modal.artifacts import read_sandbox_artifacts
+from prefect_modal.core import modal_api
+from prefect_modal.core.artifacts import read_sandbox_artifacts
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,7 @@ def test_worker_restart_adopts_crashes_and_cleans_up(
     [victim_box] = modal_server.for_run(victim)
     [orphan_box] = modal_server.for_run(orphan)
     assert survivor_box.status == "running"  # sandboxes outlive their worker, as on Modal
-    assert sandboxes.terminate_by_id(victim_box.id, modal_server.client)
+    assert modal_api.terminate_by_id(victim_box.id, modal_server.client)
     api.set_flow_run_state(orphan, Cancelled(message="cancelled while no worker ran"), force=True)
 
     worker.start()  # same name, same home: it finds its sandboxes by their tags

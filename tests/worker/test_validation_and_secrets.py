@@ -17,7 +17,7 @@ from worker_helpers import (
     wait_for,
 )
 
-from prefect_modal.artifacts import read_sandbox_artifacts
+from prefect_modal.core.artifacts import read_sandbox_artifacts
 
 pytestmark = pytest.mark.slow
 

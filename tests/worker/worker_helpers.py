@@ -17,9 +17,9 @@ from uuid import UUID
 
 from waiting import wait_for
 
-from prefect_modal import tags
+from prefect_modal.cli.services import Service, isolated_env, pid_alive, spawn, tool, wait_ready
+from prefect_modal.core import tags
 from prefect_modal.local import SandboxRecord, make_client, read_listing
-from prefect_modal.services import Service, isolated_env, pid_alive, spawn, tool, wait_ready
 
 PREFECT = tool("prefect")
 FLOWS_DIR = Path(__file__).parent / "flows"
@@ -139,7 +139,7 @@ def create_pool(api: Any, name: str, variable_defaults: dict[str, Any] | None = 
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists
 
-    from prefect_modal.worker import ModalWorker
+    from prefect_modal.worker.worker import ModalWorker
 
     template = ModalWorker.get_default_base_job_template()
     for key, value in (variable_defaults or {}).items():

@@ -36,7 +36,7 @@ from ..runtime.sandbox import (
     Isolation,
     LocalSandbox,
     SandboxPaths,
-    SandboxSpec,
+    SandboxRequest,
 )
 from ..runtime.tunnels import TunnelManager
 from ..state import Registry
@@ -284,7 +284,7 @@ class ServerContext:
             raise RuntimeError("build sandboxes need isolation")
         work = root.parent / "build"
         build_id = "sb-build-" + root.parent.name[:16]
-        spec = SandboxSpec(
+        spec = SandboxRequest(
             version=0,
             app_id="",
             app_name=None,
@@ -438,7 +438,7 @@ class ServerContext:
             if d.cloud_provider
             else None
         )
-        spec = SandboxSpec(
+        spec = SandboxRequest(
             version=version,
             app_id=app_id,
             app_name=reg.app_names.get(app_id),

@@ -77,7 +77,7 @@ _PASTA_READY_S = 5.0
 
 
 @dataclass
-class SandboxSpec:
+class SandboxRequest:
     """What a create request asked for, validated; ``env`` holds secret values."""
 
     version: int
@@ -217,7 +217,7 @@ class LocalSandbox:
 
     def __init__(
         self,
-        spec: SandboxSpec,
+        spec: SandboxRequest,
         *,
         sandbox_id: str,
         task_id: str,
