@@ -14,7 +14,7 @@ sandbox's root (``dest/usr/bin/jq``); on a merged-``/usr`` host what a
 package ships under ``/bin`` or ``/lib`` goes to ``/usr/bin`` or ``/usr/lib``,
 where the sandbox's ``/bin -> usr/bin`` leads.
 
-What cannot work this way (documented in the README, said in the build log):
+What cannot work this way (documented in docs/local-server.md, said in the build log):
 
 * **Maintainer scripts are never run** (no ``preinst`` / ``postinst``): a
   package whose script does more than ``ldconfig`` or triggers (creates
