@@ -483,13 +483,27 @@ def sandbox_id(sandbox: modal.Sandbox) -> str:
     return str(sandbox.object_id)
 
 
-def send_stdin(sandbox: modal.Sandbox, data: bytes, eof: bool = True) -> None:
-    """Write `data` to the sandbox's stdin, then close it unless more is to come
-    (the bootstrap reads to a size; a call that may submit nested tasks reads replies)."""
-    sandbox.stdin.write(data)
+#: Largest piece written to a sandbox's stdin before a drain.  The client refuses to
+#: buffer more than 2 MiB between drains on the V1 back end (GPU, PTY and NFS
+#: sandboxes; ``modal/io_streams.py``, ``MAX_BUFFER_SIZE``) and 16 MiB on V2
+#: (``TASK_COMMAND_ROUTER_MAX_BUFFER_SIZE``): 1 MiB is under both.
+STDIN_CHUNK = 1024 * 1024
+
+
+def send_stdin(
+    sandbox: modal.Sandbox, data: bytes, eof: bool = True, chunk: int = STDIN_CHUNK
+) -> None:
+    """Write `data` of any size to the sandbox's stdin, each `chunk` drained, then close
+    it unless more is to come (the bootstrap reads to a size; a call that may submit
+    nested tasks reads replies)."""
+    view = memoryview(data)
+    for start in range(0, len(view), chunk):
+        sandbox.stdin.write(bytes(view[start : start + chunk]))
+        if start + chunk < len(view) or not eof:
+            sandbox.stdin.drain()
     if eof:
         sandbox.stdin.write_eof()
-    sandbox.stdin.drain()
+        sandbox.stdin.drain()
 
 
 def follow_stdout(sandbox: modal.Sandbox, on_chunk: Callable[[str], None]) -> None:
@@ -651,24 +665,6 @@ def fs_remove(sandbox: modal.Sandbox, path: str, recursive: bool = False) -> Non
 
 
 # -- volumes as file stores (the `ModalVolume` block, results by reference) -----------
-
-#: Largest piece written to a sandbox's stdin at once (the client buffers 2 MiB).
-STDIN_CHUNK = 1024 * 1024
-
-
-def send_stdin_chunked(sandbox: modal.Sandbox, data: bytes, chunk: int = STDIN_CHUNK) -> None:
-    """Write `data` of any size to the sandbox's stdin, then close it.
-
-    The client refuses to buffer more than 2 MiB before a drain, so a bundle
-    (tens of MB with included files) goes in chunks, each drained.
-    """
-    view = memoryview(data)
-    for start in range(0, len(view), chunk):
-        sandbox.stdin.write(bytes(view[start : start + chunk]))
-        sandbox.stdin.drain()
-    sandbox.stdin.write_eof()
-    sandbox.stdin.drain()
-
 
 def volume(name: str, client: modal.Client, environment_name: str | None = None) -> modal.Volume:
     """The named volume (created on first use), hydrated so later calls skip the lookup."""

@@ -216,7 +216,7 @@ class ModalWorker(BaseWorker[ModalWorkerJobConfiguration, Any, ModalWorkerResult
             entry.sandbox_id = modal_api.sandbox_id(sandbox)
             payload = self.stdin_payloads.pop(flow_run.id, None)
             if payload is not None and created:
-                await self.in_thread(modal_api.send_stdin_chunked, sandbox, payload)
+                await self.in_thread(modal_api.send_stdin, sandbox, payload)
             logger.info(
                 "%s Modal sandbox %s (%s) in app %r on %s; see: %s",
                 "Started" if created else "Found running",

@@ -1,0 +1,47 @@
+"""The adapter within Modal's rules (docs/modal-rules.md), through real flows on the local server.
+
+Each test is a flow a user would write that fails on Modal unless the adapter
+meets the rule: what the client refuses (stdin buffered past its limit), what
+Modal's server answers (timeouts), what its readers do (strict UTF-8).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+from prefect import flow, task
+
+from prefect_modal import modal_options
+
+
+def _blob(size: int) -> bytes:
+    return os.urandom(1024) * (size // 1024)
+
+
+@pytest.mark.parametrize(
+    ("gpu", "size"),
+    [
+        # V1 back end (gpu=): the client buffers at most 2 MiB between drains
+        ("T4", 3 * 1024 * 1024),
+        # V2: at most 16 MiB (modal/io_streams.py, TASK_COMMAND_ROUTER_MAX_BUFFER_SIZE)
+        (None, 24 * 1024 * 1024),
+    ],
+    ids=["gpu-3MiB", "cpu-24MiB"],
+)
+def test_an_argument_larger_than_the_clients_stdin_buffer_reaches_the_task(
+    make_runner, gpu: str | None, size: int
+) -> None:
+    @modal_options(gpu=gpu, memory="1GiB")
+    @task
+    def digest(data: bytes) -> tuple[int, str]:
+        return len(data), hashlib.sha256(data).hexdigest()
+
+    data = _blob(size)
+
+    @flow(task_runner=make_runner(reuse_sandboxes=False))
+    def f() -> tuple[int, str]:
+        return digest.submit(data).result()
+
+    assert f() == (len(data), hashlib.sha256(data).hexdigest())
