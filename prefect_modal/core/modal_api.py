@@ -524,8 +524,15 @@ def read_stdout(sandbox: modal.Sandbox) -> str:
 
 
 def wait_returncode(sandbox: modal.Sandbox) -> int | None:
-    """Block until the sandbox ends; its exit code (137 terminated, 124 timed out)."""
-    sandbox.wait(raise_on_termination=False)
+    """Block until the sandbox ends; its exit code (137 terminated, 124 timed out).
+
+    A sandbox that reached its `timeout` makes ``wait()`` raise `SandboxTimeoutError`
+    even with ``raise_on_termination=False`` (``modal/sandbox/_common.py``,
+    ``raise_for_wait_result``); its result is kept, and ``returncode`` says 124."""
+    try:
+        sandbox.wait(raise_on_termination=False)
+    except SandboxTimeoutError:
+        pass
     return sandbox.returncode
 
 
@@ -665,6 +672,7 @@ def fs_remove(sandbox: modal.Sandbox, path: str, recursive: bool = False) -> Non
 
 
 # -- volumes as file stores (the `ModalVolume` block, results by reference) -----------
+
 
 def volume(name: str, client: modal.Client, environment_name: str | None = None) -> modal.Volume:
     """The named volume (created on first use), hydrated so later calls skip the lookup."""

@@ -202,18 +202,31 @@ class CallEnvironment:
 
 
 def _crash_error(
-    sandbox_id: str | None, returncode: int | None, tail: list[str], before: str
+    sandbox_id: str | None,
+    returncode: int | None,
+    tail: list[str],
+    before: str,
+    lifetime_s: int | None = None,
 ) -> BaseException:
     """A sandbox that ended `before` something (its result, its bootstrap's start): its
-    exit code, what that code means and its last output lines; a timeout for 124."""
-    meaning = EXIT_MEANINGS.get(returncode or 0, "")
+    exit code, what that code means and its last output lines.  One that reached its
+    lifetime (`lifetime_s`; Modal reports it as a timeout, exit code 124) is a
+    `TimeoutError` that names the limit."""
     lines = "\n".join(tail[-TAIL_LINES:]) or "(no output)"
+    if returncode == 124:
+        limit = f" after {lifetime_s} s" if lifetime_s else ""
+        return TimeoutError(
+            f"Modal sandbox {sandbox_id} timed out{limit} (its `timeout`, exit code 124) "
+            f"before {before}: raise the task's timeout_seconds or "
+            f"modal_options(timeout=...). Last output lines:\n{lines}"
+        )
+    meaning = EXIT_MEANINGS.get(returncode or 0, "")
     message = (
         f"Modal sandbox {sandbox_id} ended with exit code {returncode}"
         + (f" ({meaning})" if meaning else "")
         + f" before {before}. Last output lines:\n{lines}"
     )
-    return TimeoutError(message) if returncode == 124 else SandboxCrashedError(message)
+    return SandboxCrashedError(message)
 
 
 def _start_failure(exc: WarmStartError) -> BaseException:
@@ -844,7 +857,14 @@ class SandboxCall:
         if self._cancel_reason:
             return _Outcome(cancelled=self._cancel_reason)
         return _Outcome(
-            error=_crash_error(self.sandbox_id, returncode, self._tail, "returning a result")
+            error=_crash_error(
+                self.sandbox_id,
+                returncode,
+                self._tail,
+                "returning a result",
+                (self._warm.spec if self._warm is not None else self._call_spec()).timeout
+                or DEFAULT_TIMEOUT_SECONDS,
+            )
         )
 
     def _remote_exception(self, info: dict[str, Any]) -> BaseException:

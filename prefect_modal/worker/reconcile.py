@@ -86,15 +86,21 @@ def redact(text: str, secret_values: Sequence[str]) -> str:
 
 
 def crash_message(
-    sandbox_id: str, exit_code: int | None, tail: str, secret_values: Sequence[str] = ()
+    sandbox_id: str,
+    exit_code: int | None,
+    tail: str,
+    secret_values: Sequence[str] = (),
+    timeout_s: int | None = None,
 ) -> str:
-    """Why a run is Crashed: which sandbox, how it ended, what it printed last."""
+    """Why a run is Crashed: which sandbox, how it ended (a timeout with its limit),
+    what it printed last."""
     if exit_code is None:
         how = "no longer exists (it ended and was cleaned up, or its server was restarted)"
     elif exit_code == 137:
         how = "was terminated (exit code 137: killed from outside, out of memory, or terminated)"
     elif exit_code == 124:
-        how = "reached its timeout (exit code 124; raise the `timeout` job variable)"
+        limit = f" after {timeout_s} s" if timeout_s else ""
+        how = f"timed out{limit} (exit code 124; raise the `timeout` job variable)"
     else:
         how = f"exited with code {exit_code}"
     lines = [line for line in tail.splitlines() if line.strip()][-CRASH_TAIL_LINES:]

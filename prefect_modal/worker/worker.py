@@ -318,16 +318,24 @@ class ModalWorker(BaseWorker[ModalWorkerJobConfiguration, Any, ModalWorkerResult
         status = "succeeded" if exit_code == 0 else "failed"
         if entry.cancelled_by_worker or entry.reaped:
             status = "terminated"
-        elif exit_code == 124:
-            status = "timeout"
         elif exit_code != 0:
             state = await self._current_state(flow_run.id)
-            if state is not None and not state.is_final():
+            if exit_code == 124:
+                status = "timeout"
+            elif state is not None and not state.is_final():
                 status = "crashed"
+            if state is not None and not state.is_final():
+                # Crashed with the reason: a timeout names its limit, else the exit
+                # code and the last lines (Prefect's own would say only "non-zero").
+                timeout_s = entry.configuration.spec.timeout if entry.configuration else None
                 await self._propose_crashed_state(
                     flow_run,
                     crash_message(
-                        entry.sandbox_id or "", exit_code, entry.tail.text(), entry.secret_values
+                        entry.sandbox_id or "",
+                        exit_code,
+                        entry.tail.text(),
+                        entry.secret_values,
+                        timeout_s=timeout_s,
                     ),
                 )
         record = await self._write_artifact(entry, flow_run.id, status, exit_code)

@@ -78,11 +78,7 @@ def graph(module_level_only: bool = False) -> dict[str, list[Import]]:
     found = modules()
     known = set(found)
     return {
-        name: [
-            i
-            for i in imports_of(name, path, known)
-            if not module_level_only or i.module_level
-        ]
+        name: [i for i in imports_of(name, path, known) if not module_level_only or i.module_level]
         for name, path in found.items()
     }
 
@@ -93,7 +89,9 @@ def internal(edges: list[Import]) -> list[Import]:
 
 def cycles(edges: dict[str, list[Import]]) -> list[list[str]]:
     """The strongly connected components of more than one module (Tarjan's algorithm)."""
-    adjacency = {m: sorted({i.target for i in internal(e) if i.target in edges}) for m, e in edges.items()}
+    adjacency = {
+        m: sorted({i.target for i in internal(e) if i.target in edges}) for m, e in edges.items()
+    }
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
@@ -133,7 +131,9 @@ def cycles(edges: dict[str, list[Import]]) -> list[list[str]]:
 
 def longest_chain(edges: dict[str, list[Import]], start: str) -> list[str]:
     """The longest path of imports from `start` (the graph has no cycle)."""
-    adjacency = {m: sorted({i.target for i in internal(e) if i.target in edges}) for m, e in edges.items()}
+    adjacency = {
+        m: sorted({i.target for i in internal(e) if i.target in edges}) for m, e in edges.items()
+    }
     best: dict[str, list[str]] = {}
 
     def walk(node: str) -> list[str]:

@@ -128,9 +128,7 @@ def test_an_old_module_path_is_the_new_module_with_a_warning(old: str, new: str)
         module = importlib.import_module(old)
     assert module is importlib.import_module(new)
     assert module.__spec__ is not None and module.__spec__.name == new  # untouched
-    assert any(
-        issubclass(w.category, DeprecationWarning) and new in str(w.message) for w in caught
-    )
+    assert any(issubclass(w.category, DeprecationWarning) and new in str(w.message) for w in caught)
 
 
 def _as_if_pickled_before_the_move(value: object, new: str, old: str) -> bytes:

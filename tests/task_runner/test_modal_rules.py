@@ -45,3 +45,29 @@ def test_an_argument_larger_than_the_clients_stdin_buffer_reaches_the_task(
         return digest.submit(data).result()
 
     assert f() == (len(data), hashlib.sha256(data).hexdigest())
+
+
+@pytest.mark.parametrize("reuse", [True, False], ids=["warm", "per-call"])
+def test_a_sandbox_that_reaches_its_timeout_fails_the_task_naming_the_limit(
+    make_runner, reuse: bool
+) -> None:
+    """Modal ends it with a timeout, and ``wait()`` raises SandboxTimeoutError even with
+    ``raise_on_termination=False`` (modal/sandbox/_common.py, raise_for_wait_result)."""
+
+    @modal_options(timeout=3)
+    @task
+    def sleeps() -> str:
+        import time
+
+        print("going to sleep")
+        time.sleep(120)
+        return "woke"
+
+    @flow(task_runner=make_runner(reuse_sandboxes=reuse))
+    def f() -> object:
+        return sleeps.submit().result(raise_on_failure=False)
+
+    error = f()
+    assert isinstance(error, TimeoutError), error
+    assert "timed out after 3 s" in str(error)
+    assert "going to sleep" in str(error)  # its last lines come along

@@ -131,3 +131,21 @@ def test_cancel_running_flow_terminates_sandbox_within_10s(
     run = wait_final(api, run_id, timeout=10)
     assert run.state.is_cancelled(), run.state
     assert modal_server.for_run(run_id)[0].status == "terminated"
+
+
+def test_a_flow_run_whose_sandbox_times_out_is_crashed_naming_the_limit(
+    api: Any, main_worker: Any, modal_server: ModalServer
+) -> None:
+    """Modal's wait() raises SandboxTimeoutError for it (modal/sandbox/_common.py); the
+    worker reports it as the run's crash, with the `timeout` job variable's value."""
+    dep = deploy(api, POOL, "flows.py:sleepy", "sleepy-timeout", job_variables={"timeout": 20})
+    run_id = start_run(api, dep, seconds=300)
+    run = wait_final(api, run_id, timeout=120)
+    assert run.state.is_crashed(), run.state
+    assert "timed out after 20 s" in (run.state.message or ""), run.state.message
+    [artifact] = wait_for(
+        lambda: [a for a in read_sandbox_artifacts(run_id) if a.status != "running"],
+        20,
+        "the final sandbox artifact",
+    )
+    assert artifact.status == "timeout" and artifact.exit_code == 124
