@@ -26,6 +26,7 @@ from grpclib import GRPCError, Status
 from modal_proto import api_pb2
 
 from prefect_modal.core.spec import SandboxSpec
+from prefect_modal.core.tags import valid_tags
 
 #: Packages the default image always has: the per-step bootstrap needs
 #: cloudpickle to read its payload; nothing else of ours is needed remotely.
@@ -264,7 +265,7 @@ def create_sandbox(
         app=app,
         image=image,
         name=name,
-        tags=tags,
+        tags=valid_tags(tags) if tags else None,
         env=env or None,  # type: ignore[arg-type]
         secrets=resolve_secrets(spec, extra_secret_env),
         volumes=resolve_volumes(spec),
@@ -295,7 +296,9 @@ def list_sandboxes(
     app: modal.App | None = None,
 ) -> list[modal.Sandbox]:
     """Running sandboxes carrying at least `tags` (optionally in one app)."""
-    return list(modal.Sandbox.list(app_id=app.app_id if app else None, tags=tags, client=client))
+    return list(
+        modal.Sandbox.list(app_id=app.app_id if app else None, tags=valid_tags(tags), client=client)
+    )
 
 
 def terminate(sandbox: modal.Sandbox) -> None:
@@ -588,7 +591,7 @@ def create_session_sandbox(
     return modal.Sandbox.create(
         app=lookup_app(spec, client),
         image=image,
-        tags=tags,
+        tags=valid_tags(tags),
         env=env,
         secrets=resolve_secrets(spec),
         volumes=resolve_volumes(spec),

@@ -231,7 +231,7 @@ class SandboxSession:
         if run.task_run_id:
             tags[tag_keys.TASK_RUN] = str(run.task_run_id)
         if run.task_name:
-            tags[tag_keys.TASK_NAME] = run.task_name[:60]
+            tags[tag_keys.TASK_NAME] = run.task_name
         sandbox = modal_api.create_session_sandbox(
             spec, client=target.client, tags=tags, image_id=image_id, block_network=block_network
         )

@@ -160,7 +160,7 @@ class CallInfo:
         tags = {
             tag_keys.TASK_RUN: str(self.task_run_id),
             tag_keys.ATTEMPT: str(self.attempt),
-            tag_keys.TASK_NAME: self.task_name[:60],
+            tag_keys.TASK_NAME: self.task_name,
             tag_keys.MODE: "per_step",
         }
         if self.flow_run_id:
@@ -548,7 +548,7 @@ class SandboxCall:
         tags = {
             tag_keys.MODE: "per_step",
             tag_keys.WARM: "1",
-            tag_keys.TASK_NAME: self.info.task_name[:60],
+            tag_keys.TASK_NAME: self.info.task_name,
         }
         if self.info.flow_run_id:
             tags[tag_keys.FLOW_RUN] = str(self.info.flow_run_id)

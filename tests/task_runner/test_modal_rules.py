@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 
 import pytest
 from prefect import flow, task
@@ -71,3 +72,49 @@ def test_a_sandbox_that_reaches_its_timeout_fails_the_task_naming_the_limit(
     assert isinstance(error, TimeoutError), error
     assert "timed out after 3 s" in str(error)
     assert "going to sleep" in str(error)  # its last lines come along
+
+
+def test_tag_values_follow_modals_rule_and_the_artifact_keeps_the_name(
+    make_runner, modal_server
+) -> None:
+    """Tag values are 1-63 of [A-Za-z0-9._-] (modal/_utils/name_utils.py, check_tag_dict);
+    a task's name may hold spaces and more."""
+    from prefect.runtime import flow_run
+    from runner_support import sandboxes_of
+
+    from prefect_modal.core import tags
+    from prefect_modal.core.artifacts import read_sandbox_artifacts
+
+    name = "Träin the model: step #1 " + "x" * 80
+
+    @task(name=name)
+    def named() -> str:
+        return "ok"
+
+    @flow(task_runner=make_runner(reuse_sandboxes=False))
+    def f() -> str:
+        named.submit().result()
+        return flow_run.get_id()
+
+    run_id = f()
+    [record] = sandboxes_of(modal_server, run_id)
+    value = record.tags[tags.TASK_NAME]
+    assert re.fullmatch(r"[A-Za-z0-9._-]{1,63}", value), value
+    assert value.startswith("Tr-in-the-model-step-1-x")
+    [artifact] = [a for a in read_sandbox_artifacts(run_id) if a.task_name]
+    assert artifact.task_name == name
+
+
+@pytest.mark.parametrize(
+    ("text", "tag"),
+    [
+        ("ModalWorker 6f1e-7a", "ModalWorker-6f1e-7a"),
+        ("  ", "-"),
+        ("a" * 70, "a" * 63),
+        ("ok.name_1-2", "ok.name_1-2"),
+    ],
+)
+def test_tag_value(text: str, tag: str) -> None:
+    from prefect_modal.core.tags import tag_value
+
+    assert tag_value(text) == tag
