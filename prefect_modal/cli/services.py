@@ -9,23 +9,32 @@ process that started them.  So the starter stops them: `stop_on_signals`
 turns SIGTERM and SIGHUP (a closed terminal) into the KeyboardInterrupt that
 Ctrl-C raises, so the starter's ``finally`` blocks run, and every service
 still running when the interpreter exits is stopped by an ``atexit`` hook.
+
+A starter that cannot run any of that (SIGKILL, a crash, an OOM kill) must
+not leave them running either: each service gets ``PR_SET_PDEATHSIG``, so the
+kernel sends it SIGTERM when its starter dies, and it stops as it would for
+`Service.stop` (what it started itself goes with it: the local Modal server's
+sandboxes and fork server die with it, see `prefect_modal.local.runtime.processes`).
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import httpx
 
@@ -164,6 +173,73 @@ def stop_on_signals() -> Iterator[None]:
             signal.signal(sig, old)
 
 
+#: What a service gets when the process that started it dies without stopping it.
+#: SIGTERM, not SIGKILL: each service (Prefect's server and worker, the local
+#: Modal server) stops on it as on `Service.stop`, and the local server ends
+#: its sandboxes' own children then, which a SIGKILL would leave running when
+#: its sandboxes are not isolated.
+PARENT_DEATH_SIGNAL = signal.SIGTERM
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+try:  # resolved before any fork: a forked child must not dlopen
+    _prctl: Callable[..., int] | None = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # pragma: no cover - not Linux
+    _prctl = None
+
+
+def _dies_with(parent: int) -> Callable[[], None]:
+    """The function a child runs between fork and exec so that it gets
+    `PARENT_DEATH_SIGNAL` when `parent` dies (see `_in_spawner_thread` for which thread)."""
+    prctl = _prctl
+
+    def preexec() -> None:
+        if prctl is None:  # pragma: no cover - not Linux: the atexit hook is all there is
+            return
+        prctl(_PR_SET_PDEATHSIG, int(PARENT_DEATH_SIGNAL), 0, 0, 0)
+        # The parent may have died between fork and prctl: then no signal comes
+        # (this child was already re-parented), so end here as the signal would.
+        if os.getppid() != parent:
+            os._exit(128 + int(PARENT_DEATH_SIGNAL))
+
+    return preexec
+
+
+_T = TypeVar("_T")
+_spawn_requests: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
+_spawner: threading.Thread | None = None
+_spawner_lock = threading.Lock()
+
+
+def _serve_spawn_requests() -> None:
+    while True:
+        start, done = _spawn_requests.get()
+        if done.set_running_or_notify_cancel():
+            try:
+                done.set_result(start())
+            except BaseException as exc:
+                done.set_exception(exc)
+
+
+def _in_spawner_thread(start: Callable[[], _T]) -> _T:
+    """Run `start` (which forks a child) in the one thread that forks services.
+
+    Why a thread of its own: Linux sends the parent-death signal when the
+    *thread* that forked the child ends, not the process. A service started
+    from a short-lived thread (a thread pool's, a fixture's) would be killed
+    when that thread ends. This daemon thread lives until the process exits.
+    """
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None or not _spawner.is_alive():  # first use, or in a forked child
+            _spawner = threading.Thread(
+                target=_serve_spawn_requests, name="prefect-modal-spawner", daemon=True
+            )
+            _spawner.start()
+    done: Future[_T] = Future()
+    _spawn_requests.put((start, done))
+    return done.result()
+
+
 def _signal_group(pid: int, sig: int) -> None:
     try:
         os.killpg(pid, sig)
@@ -174,18 +250,22 @@ def _signal_group(pid: int, sig: int) -> None:
 def spawn(
     name: str, cmd: list[str], env: Mapping[str, str], log_dir: Path, cwd: Path | None = None
 ) -> Service:
-    """Start `cmd` (in `cwd`) in its own process group, output to `<log_dir>/<name>.log`."""
+    """Start `cmd` (in `cwd`) in its own process group, output to `<log_dir>/<name>.log`;
+    it gets `PARENT_DEATH_SIGNAL` if this process dies without stopping it."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     log = log_path.open("ab")
-    process = subprocess.Popen(
-        cmd,
-        env=dict(env),
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own group: stopped as a whole, by pid
-        cwd=cwd,
+    process = _in_spawner_thread(
+        lambda: subprocess.Popen(
+            cmd,
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own group: stopped as a whole, by pid
+            cwd=cwd,
+            preexec_fn=_dies_with(os.getpid()),
+        )
     )
     service = Service(name=name, process=process, log_path=log_path, _log=log)
     _started.add(service)

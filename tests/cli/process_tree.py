@@ -40,6 +40,16 @@ def descendants(root: int) -> set[Proc]:
     return found
 
 
+def children(root: int) -> set[Proc]:
+    """`root`'s own children (a subset of `descendants`)."""
+    found: set[Proc] = set()
+    for entry in os.listdir("/proc"):
+        fields = _stat(int(entry)) if entry.isdigit() else None
+        if fields is not None and int(fields[3]) == root:
+            found.add((int(entry), int(fields[21])))
+    return found
+
+
 def alive(proc: Proc) -> bool:
     """True while that very process (not a later one with its pid) runs and is no zombie."""
     fields = _stat(proc[0])

@@ -8,6 +8,7 @@ runs, and checked gone after it exits.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import modal
 import pytest
-from process_tree import Proc, alive, descendants, describe
+from process_tree import Proc, alive, children, descendants, describe
 
 from prefect_modal.cli import services
 from prefect_modal.local import make_client
@@ -83,6 +84,30 @@ def test_demo_keep_stops_everything_on_sigterm(tmp_path: Path) -> None:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@pytest.mark.slow
+def test_demo_killed_by_sigkill_leaves_no_process(tmp_path: Path) -> None:
+    """SIGKILL during `--keep`'s wait: no ``finally`` or ``atexit`` of the demo runs, yet
+    every process it started (its services, and what they started: the local Modal
+    server's fork server) is gone within seconds: the kernel's parent-death signal."""
+    proc, log = _demo(tmp_path)
+    started: set[Proc] = set()
+    try:
+        started = _watch_until(proc, log, "services stay up", timeout=420)
+        names = "\n".join(describe(started))
+        assert "prefect_modal.local" in names and "worker" in names and "server" in names
+        assert started - children(proc.pid), "no grandchild to check:\n" + names
+        proc.kill()  # the demo's pid only: its services lead groups of their own
+        assert proc.wait(30) == -signal.SIGKILL
+        _assert_all_gone(started, "demo --keep after SIGKILL", grace=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for pid, _ in sorted(p for p in started if alive(p)):  # left by a failure: by pid
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from safe_tar import safe_extract
 
 HERE = Path(__file__).parent
 PREFECT_DASK_VERSION = "0.3.7"
@@ -102,7 +103,7 @@ def test_prefect_dask_suite_passes_with_modal_task_runner(tmp_path: Path) -> Non
         member = archive.getmember(
             f"prefect_dask-{PREFECT_DASK_VERSION}/tests/test_task_runners.py"
         )
-        archive.extractall(tmp_path / "src", members=[member], filter="data")
+        safe_extract(archive, tmp_path / "src", [member])  # Python 3.11.0+, not only 3.11.4+
     source = tmp_path / "src" / member.name
     # one runner variant (the suite's four are all the substituted runner), no Dask-only tests
     select = "(default_dask_task_runner or not task_runner) and not " + " and not ".join(DASK_ONLY)

@@ -10,20 +10,21 @@ built at: a virtual environment is seen at the same absolute path inside a
 sandbox as on this machine, so its scripts and the warm fork server agree.
 
 Builds of one key wait for one another (``flock`` on ``<key>.lock``, which is
-per open file, so two builds in one process wait too); one that died midway
-leaves a directory without ``meta.json``, removed by the next build.
+per open file, so two builds in one process wait too); a waiter cancelled
+while it waits gives the lock back all the same (`_LockClaim`); one that died
+midway leaves a directory without ``meta.json``, removed by the next build.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import hashlib
 import json
 import os
 import shutil
-from collections.abc import Awaitable, Callable, Iterator
+import threading
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,15 +66,9 @@ class LayerCache:
         except (OSError, ValueError):
             return None
 
-    @contextlib.contextmanager
-    def _locked(self, key: str) -> Iterator[None]:
+    def _claim(self, key: str) -> _LockClaim:
         self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / f"{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # releases the lock
+        return _LockClaim(self.root / f"{key}.lock")
 
     async def get_or_build(
         self, key: str, build: Callable[[Path], Awaitable[dict[str, Any]]]
@@ -84,9 +79,11 @@ class LayerCache:
         if found is not None:
             self.hits += 1
             return found, False
-        lock = self._locked(key)
-        await asyncio.to_thread(lock.__enter__)
+        claim = self._claim(key)
         try:
+            # Inside the try: a waiter cancelled (or timed out) here still releases
+            # the lock, now or as soon as its thread gets it (`_LockClaim`).
+            await asyncio.to_thread(claim.take)
             found = self.meta(key)  # built by someone else while we waited
             if found is not None:
                 self.hits += 1
@@ -106,4 +103,46 @@ class LayerCache:
             self.builds += 1
             return meta, True
         finally:
-            lock.__exit__(None, None, None)
+            claim.release()
+
+
+class _LockClaim:
+    """One waiter's claim on a layer's ``flock``, released whatever becomes of the waiter.
+
+    The lock is taken in a worker thread (``flock`` blocks), and cancelling the
+    coroutine that awaits that thread does not stop it: the thread may take the
+    lock after its waiter is gone (cancelled by a client, a timeout, a server
+    stop). A lock taken then and never released makes every later build of the
+    layer in this process wait forever (``flock`` belongs to the open file, so
+    even this process's own builds wait). `release` may come before, during or
+    after `take`, from any thread; whichever of the two comes second closes the
+    file, which releases the lock.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._mutex = threading.Lock()
+        self._fd: int | None = None
+        self._released = False
+
+    def take(self) -> None:
+        """Wait for the lock (blocking: run in a thread)."""
+        fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        with self._mutex:
+            if not self._released:
+                self._fd = fd
+                return
+        os.close(fd)  # the waiter gave up while this thread waited: let the next one in
+
+    def release(self) -> None:
+        """Give the lock back, or make a `take` still waiting give it back once it has it."""
+        with self._mutex:
+            self._released = True
+            fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)

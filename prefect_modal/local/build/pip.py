@@ -15,7 +15,9 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from ..runtime.processes import with_pdeathsig
 from .pythons import uv_binary
+from .trust import uv_trust_env
 
 #: pip options without a meaning here (flags, no value)
 _DROPPED_FLAGS = {
@@ -72,22 +74,30 @@ def _local(path: str, files: dict[str, str], scratch: Path) -> str:
 
 def uv_env() -> dict[str, str]:
     """The environment uv runs in: this server's (proxies, certificates, uv's own
-    settings such as ``UV_CACHE_DIR`` and ``UV_INDEX_URL``), nothing of a venv's."""
+    settings such as ``UV_CACHE_DIR`` and ``UV_INDEX_URL``), nothing of a venv's;
+    and the certificates pip would trust here (`uv_trust_env`)."""
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    env.update(uv_trust_env(env))
     env.setdefault("UV_NO_PROGRESS", "1")
     env["UV_PYTHON_DOWNLOADS"] = "never"  # an image's Python is this machine's, never fetched
     return env
 
 
 async def run_logged(argv: list[str], log: Callable[[str], None], cwd: Path) -> int:
-    """Run ``argv`` with stdout and stderr, line by line, to ``log``; its exit code."""
+    """Run ``argv`` with stdout and stderr, line by line, to ``log``; its exit code.
+
+    It dies with the server, as sandboxes do (`with_pdeathsig`): a build can
+    outlast a server that is killed, and nothing would wait for it."""
+    env = uv_env()
+    argv, preexec = with_pdeathsig(argv, env)
     proc = await asyncio.create_subprocess_exec(
         *argv,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         stdin=asyncio.subprocess.DEVNULL,
-        env=uv_env(),
+        env=env,
         cwd=str(cwd),
+        preexec_fn=preexec,
     )
     assert proc.stdout is not None
     async for raw in proc.stdout:
