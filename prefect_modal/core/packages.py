@@ -111,11 +111,23 @@ def code_modules(fn: Callable[..., Any], user_module: Callable[[str], bool]) -> 
         if module != "__main__" and not user_module(module.partition(".")[0]):
             continue  # an installed library's function: pip brings its own imports
         globals_ = getattr(obj, "__globals__", {})
-        for name in code.co_names:
-            value = globals_.get(name)
+        cells = [c.cell_contents for c in getattr(obj, "__closure__", None) or () if _full(c)]
+        for value in [*(globals_.get(name) for name in code.co_names), *cells]:
             if isinstance(value, types.FunctionType):
                 pending.append(value)
+            elif isinstance(value, types.ModuleType):
+                # cloudpickle sends a module by name (its `subimport`): the sandbox
+                # imports it, so its distribution must be there (`_pytest` -> pytest)
+                found.add(value.__name__.partition(".")[0])
     return found
+
+
+def _full(cell: Any) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018 - an empty cell raises
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,9 @@ The protocol (one call per process):
   sandbox imports Prefect).
 * the private channel: fd 1 as the sandbox started, duplicated before any user
   code runs; fd 1 is then pointed at a pipe whose lines the bootstrap re-emits
-  on stderr with a marker.  User prints, subprocesses and C extensions can
-  therefore never write into the channel.  On it go frames
+  on stderr with a marker (fd 2 likewise, unmarked, each line made valid
+  UTF-8).  User prints, subprocesses and C extensions can therefore never
+  write into the channel, nor end Modal's strict UTF-8 reader of stderr.  On it go frames
   ``<nonce> <KIND> <n>\\n<n base64 chars>\\n<nonce> END\\n``: ``HELLO`` first (our
   Python version, before any user code; the version check happens here), then
   one of ``OK`` (pickled result), ``REF`` (the result was over the limit and
@@ -200,18 +201,26 @@ def decode_error(data):
 # -- the sandbox side -----------------------------------------------------------
 
 
+#: The sandbox's own stderr: fd 2 until the first call, then a private copy, while fd 2
+#: is a pipe whose lines `_pump` re-emits (see `_redirect_output`).
+_stderr_fd = 2
+
+
 def _emit_line(tag, text):
-    """Write marked lines to fd 2 in one write each, so lines never interleave mid-way."""
+    """Write marked lines to stderr in one write each, so lines never interleave mid-way."""
     data = "".join(tag + part + "\n" for part in text.split("\n")).encode("utf-8", "replace")
     with _write_lock:
         try:
-            os.write(2, data)
+            os.write(_stderr_fd, data)
         except OSError:
             pass
 
 
-def _pump_stdout(read_fd):
-    """Re-emit everything written to fd 1 (by anyone) as marked lines on stderr."""
+def _pump(read_fd, tag):
+    """Re-emit everything written to a redirected fd (by anyone), line by line, on stderr:
+    fd 1's lines marked as stdout, fd 2's as they are.  Both decoded with replacement
+    characters: Modal's readers decode the sandbox's output strictly as UTF-8
+    (modal/io_streams.py), so one stray byte would otherwise end the stream."""
     pending = b""
     with os.fdopen(read_fd, "rb", buffering=0) as pipe:
         while True:
@@ -221,9 +230,9 @@ def _pump_stdout(read_fd):
             pending += chunk
             *complete, pending = pending.split(b"\n")
             if complete:
-                _emit_line(STDOUT_TAG, b"\n".join(complete).decode("utf-8", "replace"))
+                _emit_line(tag, b"\n".join(complete).decode("utf-8", "replace"))
     if pending:
-        _emit_line(STDOUT_TAG, pending.decode("utf-8", "replace"))
+        _emit_line(tag, pending.decode("utf-8", "replace"))
 
 
 _channel_lock = threading.Lock()
@@ -467,23 +476,32 @@ def _write_reference(ref_dir_hex, nonce, body):
     return f"name={name} size={len(body)} sha256={digest}".encode("ascii")
 
 
-def _redirect_stdout():
-    """Point fd 1 at a fresh pipe whose lines a pump re-emits, marked, on stderr."""
+def _redirect_output():
+    """Point fd 1 and fd 2 at fresh pipes whose lines pumps re-emit on the sandbox's stderr
+    (fd 1's marked); returns the pumps for `_drain_output`."""
+    global _stderr_fd
     sys.stdout.flush()
-    read_fd, write_fd = os.pipe()
-    os.dup2(write_fd, 1)
-    os.close(write_fd)
+    sys.stderr.flush()
+    if _stderr_fd == 2:
+        _stderr_fd = os.dup(2)  # the real stderr, for our marked lines and the pumps
+    pumps = []
+    for fd, tag in ((1, STDOUT_TAG), (2, "")):
+        read_fd, write_fd = os.pipe()
+        os.dup2(write_fd, fd)
+        os.close(write_fd)
+        pump = threading.Thread(target=_pump, args=(read_fd, tag), daemon=True)
+        pump.start()
+        pumps.append(pump)
     reconfigure = getattr(sys.stdout, "reconfigure", None)
     if reconfigure is not None:  # a replaced sys.stdout may lack it
         reconfigure(line_buffering=True)
-    pump = threading.Thread(target=_pump_stdout, args=(read_fd,), daemon=True)
-    pump.start()
-    return pump
+    return pumps
 
 
-def _drain_stdout(pump):
-    """Let the user's last output reach stderr: fd 1 to /dev/null closes our end of the
-    pipe, so the pump sees EOF (unless a child process still holds it)."""
+def _drain_output(pumps):
+    """Let the user's last output reach stderr: fd 1 to /dev/null and fd 2 back to the
+    real stderr close our ends of the pipes, so the pumps see EOF (unless a child
+    process still holds one)."""
     try:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -492,7 +510,9 @@ def _drain_stdout(pump):
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     os.close(devnull)
-    pump.join(timeout=5)
+    os.dup2(_stderr_fd, 2)
+    for pump in pumps:
+        pump.join(timeout=5)
 
 
 def _load_call(payload):
@@ -629,7 +649,7 @@ def main():
         payload += chunk
 
     # From here on fd 1 belongs to the user; our channel is `channel`.
-    pump = _redirect_stdout()
+    pumps = _redirect_output()
     _install_logging(int(header.get("log_level") or 20))
 
     missing = _missing_needs(header)
@@ -644,7 +664,7 @@ def main():
     fn, args, kwargs, context = loaded
     scope = _enter_run_context(context, channel, nonce) if context is not None else None
     kind, body = _run_call(fn, args, kwargs, header, scope)
-    _drain_stdout(pump)
+    _drain_output(pumps)
     _write_frame(channel, nonce, kind, body)
     os._exit({"OK": 0, "REF": 0, "RAISE": 1}.get(kind, EXIT_BOOTSTRAP_FAILED))
 
@@ -714,20 +734,20 @@ def _serve(channel, session, mine, full):
         if problem:
             finish("ERROR", encode_error(*problem))
             os._exit(EXIT_BOOTSTRAP_FAILED)
-        pump = _redirect_stdout()
+        pumps = _redirect_output()
         if not logging_installed:
             _install_logging(int(header.get("log_level") or 20))
             logging_installed = True
         missing = _missing_needs(header)
         if missing:
-            _drain_stdout(pump)
+            _drain_output(pumps)
             finish("ERROR", encode_error("missing", ",".join(missing)))
             continue
         if header.get("context") == "1":
             _prefect_environment()
         loaded, problem_text = _load_call(payload)
         if loaded is None:
-            _drain_stdout(pump)
+            _drain_output(pumps)
             finish("ERROR", encode_error("load", problem_text))
             continue
         fn, args, kwargs, context = loaded
@@ -748,7 +768,7 @@ def _serve(channel, session, mine, full):
             with state["lock"]:
                 state["replies"] = None
             os.close(reply_write)  # the call's reply reader sees EOF
-        _drain_stdout(pump)
+        _drain_output(pumps)
         finish(kind, body)
 
 

@@ -118,3 +118,63 @@ def test_tag_value(text: str, tag: str) -> None:
     from prefect_modal.core.tags import tag_value
 
     assert tag_value(text) == tag
+
+
+@pytest.mark.parametrize("reuse", [True, False], ids=["warm", "per-call"])
+def test_stderr_that_is_not_utf8_reaches_the_log_with_replacement_characters(
+    make_runner, reuse: bool
+) -> None:
+    """Modal's text readers decode strictly (modal/io_streams.py, errors="strict"): bytes
+    that are not UTF-8 must not fail the call."""
+    from prefect.runtime import flow_run
+
+    @task
+    def noisy() -> str:
+        import sys
+
+        sys.stderr.buffer.write(b"before \xff\xfe bytes after\n")
+        sys.stderr.flush()
+        print("still talking")
+        return "done"
+
+    @flow(task_runner=make_runner(reuse_sandboxes=reuse))
+    def f() -> tuple[str, str]:
+        return noisy.submit().result(), flow_run.get_id()
+
+    value, run_id = f()
+    assert value == "done"
+    messages = _flow_run_log_messages(run_id)
+    assert any("before \ufffd\ufffd bytes after" in m for m in messages), messages
+    assert any("still talking" in m for m in messages)
+
+
+def _flow_run_log_messages(flow_run_id: str) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from waiting import wait_for
+
+    def read() -> list[str]:
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+            )
+        return [log.message for log in logs]
+
+    return wait_for(lambda: [m for m in read() if "still talking" in m] and read(), 20, "logs")
+
+
+def test_a_module_whose_distribution_has_another_name_is_installed(make_runner) -> None:
+    """`_pytest` comes from the distribution `pytest`, as
+    importlib.metadata.packages_distributions() maps it; a module global (`pytest`
+    itself, pickled by cloudpickle's subimport) counts as much as a function of it."""
+    import _pytest.outcomes
+
+    @task
+    def uses_pytest() -> str:
+        return f"{pytest.__name__}:{_pytest.outcomes.__name__}"
+
+    @flow(task_runner=make_runner(reuse_sandboxes=False))
+    def f() -> str:
+        return uses_pytest.submit().result()
+
+    assert f() == "pytest:_pytest.outcomes"
