@@ -17,7 +17,7 @@ from typing import Any, Literal
 from uuid import UUID
 
 from prefect.client.orchestration import SyncPrefectClient, get_client
-from prefect.client.schemas.actions import ArtifactCreate
+from prefect.client.schemas.actions import ArtifactCreate, ArtifactUpdate
 from prefect.client.schemas.filters import (
     ArtifactFilter,
     ArtifactFilterFlowRunId,
@@ -276,8 +276,8 @@ def _lingering_hint(record: SandboxArtifact) -> str:
 
 def write_sandbox_artifact(
     record: SandboxArtifact, client: SyncPrefectClient | None = None
-) -> None:
-    """Write (a new version of) the record's artifact on its task or flow run.
+) -> UUID:
+    """Write (a new version of) the record's artifact on its task or flow run; its id.
 
     Called at sandbox start and again at its end, so the UI shows a running
     sandbox's id while it runs, and the final status and exit code afterwards.
@@ -293,10 +293,19 @@ def write_sandbox_artifact(
         task_run_id=record.task_run_id,
     )
     if client is not None:
-        client.create_artifact(artifact)
-        return
+        return client.create_artifact(artifact).id
     with get_client(sync_client=True) as fresh:
-        fresh.create_artifact(artifact)
+        return fresh.create_artifact(artifact).id
+
+
+def update_sandbox_artifact(artifact_id: UUID, record: SandboxArtifact) -> None:
+    """Rewrite an artifact in place (no new version): a record that changes often, a
+    session's, stays one artifact, so the run's graph shows it once."""
+    with get_client(sync_client=True) as client:
+        client.update_artifact(
+            artifact_id,
+            ArtifactUpdate(data=json.dumps(record.rows()), description=record.description()),
+        )
 
 
 def write_flow_summary(flow_run_id: UUID, records: list[SandboxArtifact]) -> None:

@@ -3,8 +3,9 @@
 A session is a Prefect artifact on the run that opened it (the sandbox record
 of `core/artifacts.py` plus the commands it ran and the snapshots it took), so the
 UI and `prefect-modal status` show it.  The record is rewritten after every
-command; one background thread writes the versions in order, so a command
-never waits for an API round trip.
+command; one background thread writes it in order, so a command never waits
+for an API round trip.  It is created once and then updated in place: a new
+version per command would show as one more label on the run's graph.
 """
 
 from __future__ import annotations
@@ -15,10 +16,16 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextvars import copy_context
+from uuid import UUID
 
 from pydantic import Field
 
-from prefect_modal.core.artifacts import KEY_PREFIX, SandboxArtifact, write_sandbox_artifact
+from prefect_modal.core.artifacts import (
+    KEY_PREFIX,
+    SandboxArtifact,
+    update_sandbox_artifact,
+    write_sandbox_artifact,
+)
 
 #: Commands listed in a session's artifact (the latest ones).
 COMMANDS_KEPT = 50
@@ -70,10 +77,12 @@ class ArtifactQueue:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefect-modal-session")
         self._lock = threading.Lock()
         self._pending: list[Future[None]] = []
+        #: The artifact of each session key, once created (only the writer thread uses it).
+        self._ids: dict[str, UUID] = {}
 
     def write(self, record: SessionRecord) -> Future[None]:
         snapshot = record.model_copy(deep=True)
-        future = self._pool.submit(copy_context().run, _write_record, snapshot)
+        future = self._pool.submit(copy_context().run, self._write_record, snapshot)
         with self._lock:
             self._pending = [f for f in self._pending if not f.done()] + [future]
         return future
@@ -88,14 +97,19 @@ class ArtifactQueue:
             except Exception:
                 return
 
-
-def _write_record(record: SessionRecord) -> None:
-    try:
-        write_sandbox_artifact(record)
-    except Exception as exc:  # a record is for people; never fail the session for it
-        logger.warning(
-            "prefect-modal: could not write the artifact of %s: %s", record.sandbox_id, exc
-        )
+    def _write_record(self, record: SessionRecord) -> None:
+        try:
+            artifact_id = self._ids.get(record.key)
+            if artifact_id is None:
+                self._ids[record.key] = write_sandbox_artifact(record)
+            else:
+                update_sandbox_artifact(artifact_id, record)
+            if record.status != "running":  # its last write
+                self._ids.pop(record.key, None)
+        except Exception as exc:  # a record is for people; never fail the session for it
+            logger.warning(
+                "prefect-modal: could not write the artifact of %s: %s", record.sandbox_id, exc
+            )
 
 
 #: The one queue of this process: every session's records, in order.

@@ -257,6 +257,8 @@ def test_the_artifact_names_the_session(prefect_api, credentials):
     def work() -> str:
         with SandboxSession.create(SandboxSpec(cpu=0.5), credentials=credentials) as session:
             session.exec("echo", "one")
+            session.exec("echo", "two")
+            session.exec("echo", "three")
             session.snapshot()
             return session.session_id
 
@@ -280,6 +282,10 @@ def test_the_artifact_names_the_session(prefect_api, credentials):
     assert rows["status"] == "terminated" and rows["link"] == f"prefect-modal logs {sid}"
     assert "echo one" in rows["commands"] and json.loads(rows["snapshots"])[0].startswith("im-")
     assert json.loads(rows["resources"])["cpu"] == 0.5
+    # Written once and updated in place: one artifact, so one label on the run's graph
+    # (a version per command showed 3-4 of them).
+    assert len(_session_artifacts(flow_run_id)) == 1
+    assert "echo three" in rows["commands"]
 
 
 def test_status_lists_a_runs_sessions_live(prefect_api, credentials, modal_server):
