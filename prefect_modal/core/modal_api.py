@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import logging
+import random
 import threading
 import time
 from collections import deque
@@ -25,6 +26,7 @@ import modal.exception
 from grpclib import GRPCError, Status
 from modal_proto import api_pb2
 
+from prefect_modal.core.errors import PrefectModalError
 from prefect_modal.core.spec import SandboxSpec
 from prefect_modal.core.tags import valid_tags
 
@@ -52,6 +54,51 @@ AlreadyExistsError = modal.exception.AlreadyExistsError
 SandboxTimeoutError = modal.exception.SandboxTimeoutError
 SandboxTerminatedError = modal.exception.SandboxTerminatedError
 AuthError = modal.exception.AuthError
+ResourceExhaustedError = modal.exception.ResourceExhaustedError
+
+#: How long a create keeps trying while Modal refuses it for capacity: the
+#: workspace's sandbox creation rate, or its caps on running sandboxes and GPUs
+#: (``ResourceExhaustedError``, "Sandbox creation rate limit exceeded").  The
+#: client does not retry that status (``modal/_utils/grpc_utils.py`` retries
+#: transient ones only), so a map of many tasks would fail on its first burst.
+CREATE_RETRY_SECONDS = 120.0
+#: First and largest pause between those tries (doubling, with jitter).
+CREATE_BACKOFF_S = (0.5, 8.0)
+
+
+class SandboxCapacityError(PrefectModalError, RuntimeError):
+    """Modal kept refusing a sandbox for capacity for `CREATE_RETRY_SECONDS`."""
+
+
+def _create_with_backoff(create: Callable[[], modal.Sandbox]) -> modal.Sandbox:
+    """`create()`, tried again with exponential backoff while Modal answers
+    `ResourceExhaustedError`, up to `CREATE_RETRY_SECONDS`; then Modal's message and
+    the bound."""
+    started = time.monotonic()
+    delay, longest = CREATE_BACKOFF_S
+    tries = 0
+    while True:
+        tries += 1
+        try:
+            return create()
+        except ResourceExhaustedError as exc:
+            left = started + CREATE_RETRY_SECONDS - time.monotonic()
+            if left <= 0:
+                raise SandboxCapacityError(
+                    f"Modal refused to create the sandbox: {exc} (still refused after "
+                    f"{tries} tries over {CREATE_RETRY_SECONDS:g} s). Modal limits how fast "
+                    "a workspace creates sandboxes and how many (and GPUs) run at once: "
+                    "lower max_parallelism, or ask Modal for higher limits."
+                ) from exc
+            pause = min(left, delay * random.uniform(0.5, 1.0))
+            logger.info(
+                "prefect-modal: Modal refused a sandbox for capacity (%s); try %d again in %.1f s",
+                exc,
+                tries + 1,
+                pause,
+            )
+            time.sleep(pause)
+            delay = min(delay * 2, longest)
 
 
 def connect(
@@ -260,17 +307,19 @@ def create_sandbox(
     env = {**(kwargs.pop("env") or {}), **(extra_env or {})}
     kwargs.pop("secrets")
     kwargs.pop("volumes")
-    return modal.Sandbox.create(
-        *command,
-        app=app,
-        image=image,
-        name=name,
-        tags=valid_tags(tags) if tags else None,
-        env=env or None,  # type: ignore[arg-type]
-        secrets=resolve_secrets(spec, extra_secret_env),
-        volumes=resolve_volumes(spec),
-        client=client,
-        **kwargs,
+    return _create_with_backoff(
+        lambda: modal.Sandbox.create(
+            *command,
+            app=app,
+            image=image,
+            name=name,
+            tags=valid_tags(tags) if tags else None,
+            env=env or None,  # type: ignore[arg-type]
+            secrets=resolve_secrets(spec, extra_secret_env),
+            volumes=resolve_volumes(spec),
+            client=client,
+            **kwargs,
+        )
     )
 
 
@@ -588,16 +637,19 @@ def create_session_sandbox(
     env = kwargs.pop("env") or None
     kwargs.pop("secrets")
     kwargs.pop("volumes")
-    return modal.Sandbox.create(
-        app=lookup_app(spec, client),
-        image=image,
-        tags=valid_tags(tags),
-        env=env,
-        secrets=resolve_secrets(spec),
-        volumes=resolve_volumes(spec),
-        block_network=block_network,
-        client=client,
-        **kwargs,
+    app = lookup_app(spec, client)
+    return _create_with_backoff(
+        lambda: modal.Sandbox.create(
+            app=app,
+            image=image,
+            tags=valid_tags(tags),
+            env=env,
+            secrets=resolve_secrets(spec),
+            volumes=resolve_volumes(spec),
+            block_network=block_network,
+            client=client,
+            **kwargs,
+        )
     )
 
 
