@@ -270,13 +270,52 @@ def resolve_secrets(
     return secrets
 
 
-def resolve_volumes(spec: SandboxSpec) -> dict[str | Any, modal.Volume]:
+def resolve_volumes(
+    spec: SandboxSpec, client: modal.Client | None = None
+) -> dict[str | Any, modal.Volume]:
     return {
-        path: modal.Volume.from_name(
-            name, create_if_missing=True, environment_name=spec.modal_environment
-        )
+        path: named_volume(name, client, spec.modal_environment)
         for path, name in (spec.volumes or {}).items()
     }
+
+
+#: Volumes known to exist, by (client, environment, name): a lookup per create is enough.
+_existing_volumes: set[tuple[int, str | None, str]] = set()
+_existing_lock = threading.Lock()
+
+
+def named_volume(
+    name: str, client: modal.Client | None, environment_name: str | None = None
+) -> modal.Volume:
+    """The named volume; one that does not exist yet is created as a v2 volume.
+
+    Why v2: an unversioned volume is v1 (``modal/volume.py``,
+    ``_validate_volume_version``), and a v1 volume receives a sandbox's writes only
+    when the sandbox ends ("files are only synced back to the Volume when the
+    Sandbox terminates", Modal's guide, Sandbox files).  Results by reference and
+    ad-hoc flow values are written by a running sandbox (a warm one keeps running)
+    and read at once, so they need v2, whose writes a ``sync`` of the mount commits.
+    An existing volume keeps its version: it is the user's.
+    """
+    key = (id(client), environment_name, name)
+    with _existing_lock:
+        known = key in _existing_volumes
+    if not known:
+        try:
+            modal.Volume.from_name(name, environment_name=environment_name, client=client).hydrate(
+                client=client
+            )
+        except NotFoundError:
+            modal.Volume.objects.create(
+                name,
+                version=2,
+                allow_existing=True,
+                environment_name=environment_name,
+                client=client,
+            )
+        with _existing_lock:
+            _existing_volumes.add(key)
+    return modal.Volume.from_name(name, environment_name=environment_name, client=client)
 
 
 def create_sandbox(
@@ -316,7 +355,7 @@ def create_sandbox(
             tags=valid_tags(tags) if tags else None,
             env=env or None,  # type: ignore[arg-type]
             secrets=resolve_secrets(spec, extra_secret_env),
-            volumes=resolve_volumes(spec),
+            volumes=resolve_volumes(spec, client),
             client=client,
             **kwargs,
         )
@@ -645,7 +684,7 @@ def create_session_sandbox(
             tags=valid_tags(tags),
             env=env,
             secrets=resolve_secrets(spec),
-            volumes=resolve_volumes(spec),
+            volumes=resolve_volumes(spec, client),
             block_network=block_network,
             client=client,
             **kwargs,
@@ -730,10 +769,9 @@ def fs_remove(sandbox: modal.Sandbox, path: str, recursive: bool = False) -> Non
 
 
 def volume(name: str, client: modal.Client, environment_name: str | None = None) -> modal.Volume:
-    """The named volume (created on first use), hydrated so later calls skip the lookup."""
-    vol = modal.Volume.from_name(
-        name, create_if_missing=True, environment_name=environment_name, client=client
-    )
+    """The named volume (created on first use, as v2: `named_volume`), hydrated so later
+    calls skip the lookup."""
+    vol = named_volume(name, client, environment_name)
     vol.hydrate(client=client)
     return vol
 

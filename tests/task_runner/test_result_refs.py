@@ -107,3 +107,27 @@ def test_a_bad_result_volume_name_fails_when_the_runner_is_built(bad):
 def test_a_result_volume_of_another_type_is_refused():
     with pytest.raises(TypeError, match=r"result_volume=3: pass a ModalVolume block"):
         ModalTaskRunner(result_volume=3)  # type: ignore[arg-type]
+
+
+def test_results_by_reference_from_one_warm_sandbox_three_calls_in_a_row(
+    make_runner, credentials, modal_server
+):
+    """A warm sandbox keeps running after each call, so its writes must reach the volume
+    while it runs: the runner's volume is created as v2 (an unversioned one is v1, whose
+    sandbox writes land only when the sandbox ends: modal/volume.py, Modal's guide)."""
+    import modal
+
+    name = _volume_name()
+
+    @flow(task_runner=make_runner(max_result_bytes=2_000, result_volume=name, max_parallelism=1))
+    def f():
+        values = [ten_kilobytes.submit().result() for _ in range(3)]
+        return values, str(f_id())
+
+    values, flow_run_id = f()
+    assert values == [b"r" * 10_000] * 3
+    [record] = sandboxes_of(modal_server, flow_run_id)  # one warm sandbox served all three
+    # The runner made the volume, as v2: asking for v2 is refused for a v1 volume.
+    modal.Volume.from_name(name, version=2, client=modal_server.client).hydrate(
+        client=modal_server.client
+    )
