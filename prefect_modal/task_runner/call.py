@@ -58,6 +58,13 @@ LOCAL_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 #: return a reference) or on a Modal volume, not in a log stream.
 DEFAULT_MAX_RESULT_BYTES = 64 * 1024 * 1024
 
+#: Largest pickled call sent through a sandbox's stdin.  Bigger ones go by reference on
+#: the call's result volume (`result_refs.py`), else fail before any sandbox starts:
+#: stdin goes through Modal's server in drained chunks (`modal_api.send_stdin`), and a
+#: data set belongs on a Volume, not in every call.  Modal publishes no limit; this is
+#: ours (an assumption, docs/modal-rules.md).
+MAX_STDIN_PAYLOAD_BYTES = 64 * 1024 * 1024
+
 #: Seconds added to a task's `timeout_seconds` for the sandbox's own lifetime:
 #: Prefect's timeout fires first; Modal's lifetime is the backstop for a flow
 #: process that died and can no longer terminate anything.
@@ -104,6 +111,10 @@ class ResultTooLargeError(SandboxCallError):
 
 class PythonVersionMismatchError(SandboxCallError):
     """The image's Python is not the flow's Python minor version."""
+
+
+class PayloadTooLargeError(PrefectModalError, ValueError):
+    """A call's pickled arguments are too large for stdin and no volume can carry them."""
 
 
 class SandboxImageError(SandboxCallError):
@@ -309,15 +320,20 @@ class SandboxCall:
         self.spec = self._with_packages(self.spec)
         if self.result_volume is not None:
             self.spec = self.result_volume.spec_with_mount(self.spec)
+        size, arg_ref = len(payload), ""
+        if size > MAX_STDIN_PAYLOAD_BYTES:
+            arg_ref = self._argument_by_reference(payload)
+            payload = b""
         header = remote.make_header(
             self.nonce,
-            len(payload),
+            size,
             LOCAL_PYTHON,
             self.env.max_result_bytes,
             self.env.log_level,
             needs=self.requirements.modules,
             context=with_context,
             ref_dir=self.result_volume.header_value() if self.result_volume else "",
+            arg_ref=arg_ref,
         )
         self.env.registry.add(self)
         driving = False
@@ -373,6 +389,8 @@ class SandboxCall:
         finally:
             if not driving:
                 self.env.registry.discard(self)
+            if arg_ref and self.result_volume is not None:  # read, or never to be
+                self.result_volume.remove_argument(self.nonce)
         return self._result()
 
     def _with_packages(self, spec: SandboxSpec) -> SandboxSpec:
@@ -408,6 +426,25 @@ class SandboxCall:
         return spec.merged_with(
             SandboxSpec(pip_packages=added or None, local_python_sources=sources or None)
         )
+
+    def _argument_by_reference(self, payload: bytes) -> str:
+        """Put a payload too large for stdin on the result volume (the header's
+        ``arg_ref``), or fail the call before any sandbox with the limit and the fix."""
+        mib = len(payload) / 2**20
+        if self.result_volume is None:
+            raise PayloadTooLargeError(
+                f"The arguments of {self.info.task_name!r} pickle to {mib:.1f} MiB, over the "
+                f"{MAX_STDIN_PAYLOAD_BYTES // 2**20} MiB a call sends through a sandbox's "
+                "stdin. Give the runner a volume to carry them "
+                "(ModalTaskRunner(result_volume='my-volume') or a ModalVolume result "
+                "storage), or pass a path on a Volume instead of the data."
+            )
+        self.run_logger.info(
+            "The call's arguments (%.1f MiB) go by reference on Modal Volume %r",
+            mib,
+            self.result_volume.block.volume_name,
+        )
+        return str(self.result_volume.write_argument(self.nonce, payload))
 
     def _deadline(self) -> float | None:
         if not self.info.timeout_seconds:

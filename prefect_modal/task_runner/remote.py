@@ -161,11 +161,20 @@ def classify_line(line):
 
 
 def make_header(
-    nonce, size, python, max_result_bytes, log_level=20, needs=(), context=False, ref_dir=""
+    nonce,
+    size,
+    python,
+    max_result_bytes,
+    log_level=20,
+    needs=(),
+    context=False,
+    ref_dir="",
+    arg_ref="",
 ):
     """The first stdin line: ``key=value`` words (no JSON: the bootstrap avoids `json`'s
     import cost, which is a measurable share of a trivial task).  `ref_dir` (hex of a
-    folder on a mounted volume) is where a result over the limit goes by reference."""
+    folder on a mounted volume) is where a result over the limit goes by reference;
+    `arg_ref` (hex of a file there) holds the payload when it was too large for stdin."""
     fields = {
         "protocol": PROTOCOL,
         "nonce": nonce,
@@ -178,6 +187,8 @@ def make_header(
     }
     if ref_dir:
         fields["ref_dir"] = ref_dir
+    if arg_ref:
+        fields["arg_ref"] = arg_ref
     return (
         "prefect-modal " + " ".join("{}={}".format(*kv) for kv in fields.items()) + "\n"
     ).encode()
@@ -452,6 +463,24 @@ def _fast_site():
     sys.meta_path.append(_LateSite())
 
 
+def _read_argument(path_hex, size):
+    """(payload, "") of a call whose pickle was too large for stdin and went by reference
+    to the mounted volume, or (None, why)."""
+    path = binascii.unhexlify(path_hex).decode("utf-8")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        return None, (
+            f"the call's arguments went by reference to {path}, which this sandbox cannot "
+            f"read ({exc}); a v1 volume shows a running sandbox only what it held when the "
+            "sandbox started: use a v2 volume"
+        )
+    if len(data) != size:
+        return None, f"the call's arguments at {path} are {len(data)} bytes, not {size}"
+    return data, ""
+
+
 def _write_reference(ref_dir_hex, nonce, body):
     """Write a result too large for the channel to the mounted result volume; the
     handle (``name= size= sha256=``) goes back instead.  Written under a temporary
@@ -642,6 +671,10 @@ def main():
 
     payload = b""
     size = int(header["size"])
+    if header.get("arg_ref"):
+        payload, problem_text = _read_argument(header["arg_ref"], size)
+        if payload is None:
+            fail("payload", problem_text)
     while len(payload) < size:
         chunk = stdin.read(size - len(payload))
         if not chunk:
@@ -725,6 +758,9 @@ def _serve(channel, session, mine, full):
         header_line, _, payload = body.partition(b"\n")
         header = parse_fields(header_line.decode("utf-8", "replace"))
         nonce = header.get("nonce", "")
+        problem_text = ""
+        if header.get("arg_ref"):
+            payload, problem_text = _read_argument(header["arg_ref"], int(header["size"]))
 
         def finish(kind, data, nonce=nonce):
             _emit_line(END_TAG, nonce)
@@ -745,7 +781,7 @@ def _serve(channel, session, mine, full):
             continue
         if header.get("context") == "1":
             _prefect_environment()
-        loaded, problem_text = _load_call(payload)
+        loaded, problem_text = _load_call(payload) if payload is not None else (None, problem_text)
         if loaded is None:
             _drain_output(pumps)
             finish("ERROR", encode_error("load", problem_text))

@@ -19,8 +19,11 @@ Which volume (first that applies):
    inherit).
 
 Without one, an oversized result fails the task with the size and the fix, as
-before.  Nothing here imports `modal`: the Volume API goes through the block
-(`storage.py` -> `core/modal_api.py`).
+before.  A call's pickled arguments over `call.MAX_STDIN_PAYLOAD_BYTES` go the
+same way in (``args-<nonce>.pkl``, read by the bootstrap from the mount);
+without a volume such a call fails before any sandbox starts.  Nothing here
+imports `modal`: the Volume API goes through the block (`storage.py` ->
+`core/modal_api.py`).
 """
 
 from __future__ import annotations
@@ -70,6 +73,20 @@ class ResultVolume:
     def header_value(self) -> str:
         """`sandbox_dir` for the call header (hex: header words cannot hold spaces)."""
         return binascii.hexlify(self.sandbox_dir().encode("utf-8")).decode("ascii")
+
+    def write_argument(self, nonce: str, payload: bytes) -> str:
+        """Put a call's payload too large for stdin on the volume; the file's path in the
+        sandbox for the call header (hex).  The flow process removes it after the call."""
+        name = f"args-{nonce}.pkl"
+        self.block.write_bytes(posixpath.join(REF_DIR, name), payload)
+        path = posixpath.join(self.sandbox_dir(), name)
+        return binascii.hexlify(path.encode("utf-8")).decode("ascii")
+
+    def remove_argument(self, nonce: str) -> None:
+        try:
+            self.block.remove(posixpath.join(REF_DIR, f"args-{nonce}.pkl"))
+        except Exception:  # a leftover file is harmless
+            pass
 
     def read(self, handle: bytes) -> Any:
         """The value a REF frame points at, checked against its size and sha256."""

@@ -126,8 +126,52 @@ def test_results_by_reference_from_one_warm_sandbox_three_calls_in_a_row(
 
     values, flow_run_id = f()
     assert values == [b"r" * 10_000] * 3
-    [record] = sandboxes_of(modal_server, flow_run_id)  # one warm sandbox served all three
+    assert len(sandboxes_of(modal_server, flow_run_id)) == 1  # one warm sandbox, 3 calls
     # The runner made the volume, as v2: asking for v2 is refused for a v1 volume.
     modal.Volume.from_name(name, version=2, client=modal_server.client).hydrate(
         client=modal_server.client
     )
+
+
+@pytest.mark.parametrize("reuse", [True, False], ids=["warm", "per-call"])
+def test_an_argument_over_the_stdin_limit_goes_by_reference(make_runner, reuse, monkeypatch):
+    from prefect_modal.task_runner import call
+
+    monkeypatch.setattr(call, "MAX_STDIN_PAYLOAD_BYTES", 1024 * 1024)
+    data = random.Random(SEED).randbytes(3 * 1024 * 1024)
+    name = _volume_name()
+
+    @task
+    def digest(blob: bytes) -> str:
+        return hashlib.sha256(blob).hexdigest()
+
+    @flow(task_runner=make_runner(result_volume=name, reuse_sandboxes=reuse))
+    def f():
+        return [digest.submit(data).result() for _ in range(2)]
+
+    assert f() == [hashlib.sha256(data).hexdigest()] * 2
+
+
+def test_an_argument_over_the_stdin_limit_without_a_volume_fails_before_any_sandbox(
+    make_runner, modal_server, monkeypatch
+):
+    from prefect_modal.task_runner import call
+
+    monkeypatch.setattr(call, "MAX_STDIN_PAYLOAD_BYTES", 1024 * 1024)
+    data = b"x" * (2 * 1024 * 1024)
+
+    @task
+    def size(blob: bytes) -> int:
+        return len(blob)
+
+    @flow(task_runner=make_runner())
+    def f():
+        fut = size.submit(data)
+        fut.wait()
+        return [fut.state], str(f_id())
+
+    [state], flow_run_id = f()
+    exc = state.result(raise_on_failure=False)
+    assert isinstance(exc, call.PayloadTooLargeError)
+    assert "over the 1 MiB" in str(exc) and "result_volume=" in str(exc)
+    assert sandboxes_of(modal_server, flow_run_id) == []
