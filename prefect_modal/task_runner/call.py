@@ -53,10 +53,13 @@ from prefect_modal.task_runner.warm_records import WarmRecord
 #: The Python minor version the payload is pickled with; the sandbox must match.
 LOCAL_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 
-#: Largest pickled result a sandbox may send back through its output stream.
-#: Bigger results belong in Prefect result storage (persist to S3/GCS and
-#: return a reference) or on a Modal volume, not in a log stream.
-DEFAULT_MAX_RESULT_BYTES = 64 * 1024 * 1024
+#: Largest pickled result a sandbox may send back through its output stream; bigger
+#: ones go by reference on a volume (`result_refs.py`) or fail with the fix.  Modal
+#: serves a V2 sandbox's output from a window ("only the most recent portion of output
+#: is retained", modal/io_streams.py) whose size it does not publish; the local server
+#: assumes 64 MiB (docs/modal-rules.md).  A result travels as base64 (4/3 of its size),
+#: read once the sandbox ends, so 32 MiB (43 MiB on the stream) stays inside it.
+DEFAULT_MAX_RESULT_BYTES = 32 * 1024 * 1024
 
 #: Largest pickled call sent through a sandbox's stdin.  Bigger ones go by reference on
 #: the call's result volume (`result_refs.py`), else fail before any sandbox starts:

@@ -1,7 +1,7 @@
 """Per-step results too large for the output stream travel by reference on a Modal Volume.
 
 A sandbox sends its task's pickled return value back on its output stream,
-which is capped (`ModalTaskRunner(max_result_bytes=...)`, 64 MiB by default):
+which is capped (`ModalTaskRunner(max_result_bytes=...)`, 32 MiB by default):
 a stream of base64 is the wrong pipe for a model or a data frame.  When the
 call has a result volume, the sandbox instead writes the pickle to that
 volume, which is mounted in the task's sandbox, and sends back a small

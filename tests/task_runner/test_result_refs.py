@@ -175,3 +175,39 @@ def test_an_argument_over_the_stdin_limit_without_a_volume_fails_before_any_sand
     assert isinstance(exc, call.PayloadTooLargeError)
     assert "over the 1 MiB" in str(exc) and "result_volume=" in str(exc)
     assert sandboxes_of(modal_server, flow_run_id) == []
+
+
+TWENTY_MB = 20 * 1000 * 1000
+
+
+@task
+def twenty_megabytes() -> bytes:
+    return random.Random(SEED).randbytes(TWENTY_MB)
+
+
+@pytest.mark.parametrize("with_volume", [True, False], ids=["volume", "no-volume"])
+def test_results_of_20_and_100_mb_with_and_without_a_result_volume(make_runner, with_volume):
+    """A 20 MB result fits the output stream's default limit (32 MiB pickled: inside the
+    64 MiB window the local server assumes for Modal's); 100 MB needs the volume, and
+    without one fails saying the limit and the fix."""
+    runner = make_runner(result_volume=_volume_name() if with_volume else None)
+
+    @flow(task_runner=runner)
+    def f():
+        small_enough = twenty_megabytes.submit()
+        too_big = hundred_megabytes.submit()
+        for fut in (small_enough, too_big):
+            fut.wait()
+        return [small_enough.state, too_big.state]
+
+    twenty, hundred = f()
+    value = twenty.result()
+    assert hashlib.sha256(value).digest() == hashlib.sha256(
+        random.Random(SEED).randbytes(TWENTY_MB)
+    ).digest()
+    if with_volume:
+        assert len(hundred.result()) == BIG
+    else:
+        exc = hundred.result(raise_on_failure=False)
+        assert "over the limit of 33554432 bytes" in str(exc), exc
+        assert "result_volume=" in str(exc)
