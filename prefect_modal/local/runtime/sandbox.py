@@ -910,8 +910,12 @@ class LocalSandbox:
         stdout: bool,
         stderr: bool,
         merge_stderr: bool = False,
+        pty_size: tuple[int, int] | None = None,
     ) -> ExecProcess:
-        """Start a command in this sandbox (idempotent per ``exec_id``)."""
+        """Start a command in this sandbox (idempotent per ``exec_id``).
+
+        ``pty_size`` (rows, columns; an isolated sandbox only) gives it a
+        pseudo-terminal for stdin, stdout and stderr, as ``pty_info`` asks."""
         if exec_id in self.execs:
             return self.execs[exec_id]
         ex = ExecProcess(exec_id, self.paths)
@@ -928,9 +932,14 @@ class LocalSandbox:
                     args,
                     env=full_env,
                     cwd=workdir or self.spec.workdir or "/",
-                    stdio=Stdio.pipes(stdout, stderr, merge_stderr),
+                    stdio=(
+                        Stdio.pty(*pty_size, devpts=f"/proc/{init}/root/dev/pts")
+                        if pty_size is not None
+                        else Stdio.pipes(stdout, stderr, merge_stderr)
+                    ),
                     rlimit_as_bytes=self._rlimit_as(),
                     join=init,
+                    pty=pty_size is not None,
                 )
             else:
                 cwd = self.paths.resolve(workdir or self.spec.workdir or "/")
