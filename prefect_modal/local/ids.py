@@ -3,9 +3,13 @@
 The modal client checks id prefixes (``ap-``, ``im-``, ``st-``, ``sb-``, ``en-``,
 ``vo-``) when it hydrates objects, and it picks a sandbox back end from the
 *shape* of a sandbox id: ``sb-`` followed by exactly 22 base62 characters is a
-V1 sandbox, anything else is V2. V2 task ids end in ``V``. So the server mints
-ids of exactly the shape it means, and never lets a V1 id look like a V2 one or
-the reverse.
+V1 sandbox, anything else is V2 (``modal/sandbox/_common.py``,
+``_is_v1_sandbox_id``). ``modal shell`` and ``modal container`` accept a
+sandbox id only if it is ``sb-`` followed by letters and digits
+(``modal/cli/shell.py``, ``_is_valid_modal_id``), so a V2 id is ``sb-`` and
+24 base62 characters: alphanumeric, and of a length no V1 id has. V2 task ids
+end in ``V``. So the server mints ids of exactly the shape it means, and never
+lets a V1 id look like a V2 one or the reverse.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import secrets
 import string
 
 _BASE62 = string.digits + string.ascii_uppercase + string.ascii_lowercase
+#: base62 characters after ``sb-`` in a V2 sandbox id (22 would make it a V1 id)
+V2_SANDBOX_ID_LENGTH = 24
 
 
 def _base62(n: int) -> str:
@@ -35,7 +41,7 @@ def new_sandbox_id(version: int) -> str:
     """A sandbox id that routes the client to back end ``version`` (1 or 2)."""
     if version == 1:
         return new_id("sb")
-    return f"sb-v2-{secrets.token_hex(12)}"
+    return f"sb-{_base62(V2_SANDBOX_ID_LENGTH)}"
 
 
 def new_task_id(version: int) -> str:

@@ -23,13 +23,16 @@ from .api.router import CommandRouter
 from .api.sandboxes import Sandboxes
 from .api.secrets import Secrets
 from .api.snapshots import ImageMounts, Snapshots
+from .api.tasks import Tasks
 from .api.tunnels import Tunnels
 from .api.volumes import Volumes
 
 
 @finalize_servicer
-class ControlPlane(Apps, Images, Mounts, Secrets, Volumes, Sandboxes, Tunnels, ModalClientBase):
-    """The ``modal.client.ModalClient`` service, as far as sandboxes need it."""
+class ControlPlane(
+    Apps, Images, Mounts, Secrets, Volumes, Sandboxes, Tasks, Tunnels, ModalClientBase
+):
+    """The ``modal.client.ModalClient`` service, as far as sandboxes and Modal's CLI need it."""
 
 
 @finalize_servicer

@@ -67,6 +67,29 @@ class SecretInfo:
     id: str
     name: str | None
     values: dict[str, str] = field(repr=False)
+    created_at: float = field(default_factory=time.time)
+
+
+#: Modal's app states (``modal_proto.api_pb2.AppState``), by the names the server uses
+APP_EPHEMERAL, APP_DETACHED, APP_DEPLOYED, APP_STOPPED = 1, 2, 3, 5
+
+
+@dataclass
+class AppInfo:
+    """An app as `modal app list` shows it.
+
+    ``heartbeat`` is the monotonic time of the last `AppHeartbeat` of an app a
+    client made with ``AppCreate`` (`modal run`, ``app.run()``): such an app
+    lives while its client heartbeats, as on Modal; None for the others.
+    """
+
+    id: str
+    name: str
+    environment: str
+    state: int
+    created_at: float = field(default_factory=time.time)
+    stopped_at: float | None = None
+    heartbeat: float | None = None
 
 
 @dataclass
@@ -97,6 +120,8 @@ class Registry:
         shutil.rmtree(state_dir / "volumes-ephemeral", ignore_errors=True)
         self.apps: dict[tuple[str, str], str] = {}
         self.app_names: dict[str, str] = {}
+        self.app_info: dict[str, AppInfo] = {}
+        self._last_created = 0.0  # see `creation_time`
         self.environments: dict[str, str] = {}
         self.images: dict[str, ImageInfo] = {}
         self._image_keys: dict[bytes, str] = {}
@@ -121,19 +146,53 @@ class Registry:
 
     # ----- apps / environments --------------------------------------------
 
+    def creation_time(self) -> float:
+        """Now, strictly later than any earlier creation: Modal's listings page by
+        ``created_before = items[-1]...created_at``, so two objects must never
+        share a creation time (one of them would be skipped)."""
+        self._last_created = max(time.time(), self._last_created + 1e-6)
+        return self._last_created
+
     def app_get_or_create(self, name: str, environment: str, create: bool) -> str | None:
         key = (environment or "main", name)
         app_id = self.apps.get(key)
         if app_id is None and create:
-            app_id = ids.new_id("ap")
+            app_id = self.new_app(name, environment, APP_DEPLOYED).id
             self.apps[key] = app_id
-            self.app_names[app_id] = name
         return app_id
 
     def ephemeral_app(self, name: str) -> str:
-        app_id = ids.new_id("ap")
-        self.app_names[app_id] = name
-        return app_id
+        return self.new_app(name, "", APP_EPHEMERAL).id
+
+    def new_app(
+        self, name: str, environment: str, state: int, heartbeat: float | None = None
+    ) -> AppInfo:
+        info = AppInfo(
+            ids.new_id("ap"),
+            name,
+            environment or "main",
+            state,
+            created_at=self.creation_time(),
+            heartbeat=heartbeat,
+        )
+        self.app_names[info.id] = name
+        self.app_info[info.id] = info
+        return info
+
+    def stop_app(self, info: AppInfo) -> list[LocalSandbox]:
+        """Mark an app stopped (a deployed one gives up its name); its running
+        sandboxes, which the caller terminates, as on Modal."""
+        if info.state != APP_STOPPED:
+            info.state = APP_STOPPED
+            info.stopped_at = time.time()
+            key = (info.environment, info.name)
+            if self.apps.get(key) == info.id:
+                del self.apps[key]
+        return [
+            sb
+            for sb in self.sandboxes.values()
+            if sb.spec.app_id == info.id and not sb.done.is_set()
+        ]
 
     def environment_id(self, name: str) -> str:
         key = name or "main"
@@ -174,7 +233,10 @@ class Registry:
             raise ValueError(f"invalid secret name {name!r}: use letters, digits, '.', '_' or '-'")
         old = self.secrets_by_name.get(name)
         info = SecretInfo(
-            old.id if old else ids.new_id("st"), name, {str(k): str(v) for k, v in values.items()}
+            old.id if old else ids.new_id("st"),
+            name,
+            {str(k): str(v) for k, v in values.items()},
+            created_at=old.created_at if old else self.creation_time(),
         )
         self.secrets_by_name[name] = info
         self.secrets_by_id[info.id] = info
@@ -192,7 +254,9 @@ class Registry:
         path = self.state_dir / "volumes" / name
         if info is None and (create or path.is_dir()):
             path.mkdir(parents=True, exist_ok=True)
-            info = VolumeInfo(ids.new_id("vo"), name, path, version=version)
+            info = VolumeInfo(
+                ids.new_id("vo"), name, path, version=version, created_at=self.creation_time()
+            )
             self.volumes_by_name[name] = info
             self.volumes_by_id[info.id] = info
         return info
@@ -205,6 +269,13 @@ class Registry:
         info = VolumeInfo(vid, "", path, version=version, heartbeat=time.monotonic())
         self.volumes_by_id[vid] = info
         return info
+
+    def forget_secret(self, info: SecretInfo) -> None:
+        """Drop a named secret: later lookups by name or id fail (running sandboxes keep
+        the values they started with, as on Modal)."""
+        self.secrets_by_id.pop(info.id, None)
+        if info.name and self.secrets_by_name.get(info.name) is info:
+            del self.secrets_by_name[info.name]
 
     def forget_volume(self, info: VolumeInfo) -> None:
         """Drop a volume from the registry (its directory is the caller's to remove)."""

@@ -176,7 +176,7 @@ def test_retention_is_validated(tmp_path: Path) -> None:
 def test_unknown_sandbox_is_not_called_pruned(short_retention: LocalModal) -> None:
     digest = hashlib.sha256(b"x").hexdigest()[:10]
     with pytest.raises(modal.exception.NotFoundError) as err:
-        modal.Sandbox.from_id(f"sb-v2-{digest}", client=short_retention.client).poll()
+        modal.Sandbox.from_id(f"sb-{digest}", client=short_retention.client).poll()
     assert "not found (finished sandboxes are pruned after 3 s)" in str(err.value)
     assert "was pruned" not in str(err.value)
 

@@ -178,6 +178,20 @@ def test_wait_returns_promptly(local_modal: LocalModal, app: Any, backend: str) 
     assert time.monotonic() - t0 < 1.5
 
 
+def test_ids_have_modals_shapes(local_modal: LocalModal, app: Any, backend: str) -> None:
+    """The client routes the id to the back end that made it, and Modal's CLI
+    (`modal shell`, `modal container`) takes it: ``sb-`` then letters and digits."""
+    from modal.cli.shell import _is_valid_modal_id
+    from modal.sandbox._common import SandboxVersion, _get_sandbox_version
+
+    sb = _create(local_modal, app, "true")
+    want = SandboxVersion.V1 if backend == "v1" else SandboxVersion.V2
+    assert _get_sandbox_version(sb.object_id) == want, sb.object_id
+    assert _is_valid_modal_id(sb.object_id, "sb-"), sb.object_id
+    assert _is_valid_modal_id(sb._get_task_id(), "ta-")
+    sb.wait(raise_on_termination=False)
+
+
 def test_from_id_and_from_name(local_modal: LocalModal, app: Any, backend: str) -> None:
     sb = _create(local_modal, app, "sleep", "60", name="by-name")
     same = modal.Sandbox.from_id(sb.object_id, client=local_modal.client)
@@ -187,7 +201,7 @@ def test_from_id_and_from_name(local_modal: LocalModal, app: Any, backend: str) 
     with pytest.raises(modal.exception.NotFoundError):
         modal.Sandbox.from_name(app.name, "no-such-name", client=local_modal.client)
     with pytest.raises(modal.exception.NotFoundError):
-        modal.Sandbox.from_id("sb-v2-doesnotexist", client=local_modal.client).poll()
+        modal.Sandbox.from_id("sb-doesNotExist0000000000000", client=local_modal.client).poll()
     sb.terminate()
     done = modal.Sandbox.from_id(sb.object_id, client=local_modal.client)
     assert done.returncode == 137

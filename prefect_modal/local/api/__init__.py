@@ -1,6 +1,7 @@
 """The RPC handlers, in rooms by Modal's own areas.
 
-* `apps` - hello, auth token, apps, environments;
+* `apps` - hello, auth token, apps (`modal app list|stop`, `modal run`), environments;
+* `tasks` - containers as `modal container list|logs|stop` see them;
 * `images` - image definitions and their build stream;
 * `secrets`, `volumes` - named objects;
 * `sandboxes` - create, wait, terminate, list, names, tags, V1 logs and stdin;

@@ -14,7 +14,7 @@ import functools
 import logging
 import re
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from grpclib import GRPCError, Status
 from grpclib.exceptions import StreamTerminatedError
@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("prefect_modal.local")
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+T = TypeVar("T")
+
+#: ``created_by`` of what this server makes (Modal names the user or service)
+CREATED_BY = "local"
 
 
 def fail(status: Status, message: str) -> NoReturn:
@@ -55,11 +59,21 @@ def guarded(fn: Handler) -> Handler:
     return wrapper
 
 
+#: what a Function or Cls call hears: the local server runs Sandboxes only (docs/local-server.md)
+FUNCTIONS_NOT_SERVED = (
+    "Modal Functions are not served by the local Modal server (prefect-modal local): "
+    "it runs Sandboxes only. Run Functions on Modal, or start a modal.Sandbox instead"
+)
+
+
 def _unimplemented(name: str) -> Handler:
+    if name.startswith(("Function", "Class")):
+        message = f"{FUNCTIONS_NOT_SERVED} ({name})"
+    else:
+        message = f"{name} is not implemented by the local Modal server"
+
     async def handler(self: Any, stream: Stream[Any, Any]) -> None:
-        raise GRPCError(
-            Status.UNIMPLEMENTED, f"{name} is not implemented by the local Modal server"
-        )
+        raise GRPCError(Status.UNIMPLEMENTED, message)
 
     handler.__name__ = name
     return handler
@@ -90,3 +104,24 @@ class Room:
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
         self.reg: Registry = ctx.registry
+
+
+#: the page size a listing gets when the request names none (the client's own)
+DEFAULT_PAGE_SIZE = 100
+
+
+def page_of(items: list[T], created_at: Callable[[T], float], pagination: Any) -> list[T]:
+    """One page of a named-object listing, as Modal serves it.
+
+    The client (``Volume.objects.list``, ``modal secret list``) asks for at most
+    ``max_objects`` items created before ``created_before`` and asks again with
+    the last item's ``creation_info.created_at`` until a page is short, so the
+    page is newest first and honours both (0 means the default size, never "no
+    limit": that would return the same items forever).
+    """
+    before = pagination.created_before if pagination is not None else 0.0
+    limit = (pagination.max_objects if pagination is not None else 0) or DEFAULT_PAGE_SIZE
+    ordered = sorted(items, key=created_at, reverse=True)
+    if before:
+        ordered = [i for i in ordered if created_at(i) < before]
+    return ordered[:limit]

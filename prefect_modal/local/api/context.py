@@ -39,7 +39,7 @@ from ..runtime.sandbox import (
     SandboxRequest,
 )
 from ..runtime.tunnels import TunnelManager
-from ..state import Registry
+from ..state import APP_STOPPED, Registry
 from .base import fail
 
 log = logging.getLogger("prefect_modal.local")
@@ -352,6 +352,11 @@ class ServerContext:
         d = definition
         if app_id not in reg.app_names:
             fail(Status.NOT_FOUND, f"App {app_id!r} not found (was the local server restarted?)")
+        app = reg.app_info.get(app_id)
+        if app is not None and app.state == APP_STOPPED:
+            fail(
+                Status.FAILED_PRECONDITION, f"App {app_id!r} is stopped: it cannot start sandboxes"
+            )
         timeout = d.timeout_secs or DEFAULT_TIMEOUT_S
         if timeout > MAX_TIMEOUT_S:
             fail(

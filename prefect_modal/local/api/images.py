@@ -159,7 +159,14 @@ class Images(Room):
             return
         except Exception as exc:  # a bug or the machine: the client must hear of it
             log.exception("building image %s failed", info.id)
-            job.finish(_failed(f"the local image build failed: {exc!r}"))
+            tail = job.tail(BUILD_LOG_TAIL_LINES)
+            message = f"the local image build failed: {exc!r}"
+            # every ImageBuildError carries its log's end, this one too
+            job.finish(
+                _failed(
+                    f"{message}\n--- last lines of the build log ---\n{tail}" if tail else message
+                )
+            )
             return
         self._built(info, state, parent, code)
         job.finish(_G(status=_G.GENERIC_STATUS_SUCCESS))

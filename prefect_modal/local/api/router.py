@@ -128,6 +128,23 @@ class CommandRouter(Room):
             )
         pipe_out = req.stdout_config == sr_pb2.TASK_EXEC_STDOUT_CONFIG_PIPE
         err_cfg = req.stderr_config
+        pty_size: tuple[int, int] | None = None
+        if req.HasField("pty_info") and req.pty_info.enabled:
+            # `modal container exec --pty`, `modal shell`, exec(pty=True): a real terminal
+            # (modal/sandbox/_sandbox.py `_container_exec` sends pty_info)
+            if sb.isolation is None:
+                fail(
+                    Status.FAILED_PRECONDITION,
+                    "exec with a pty needs an isolated sandbox, and this local server cannot "
+                    f"isolate sandboxes ({self.ctx.not_isolated_because})",
+                )
+            info = req.pty_info
+            pty_size = (info.winsz_rows, info.winsz_cols)
+            env.setdefault("TERM", info.env_term or "xterm")
+            if info.env_colorterm:
+                env.setdefault("COLORTERM", info.env_colorterm)
+            if info.env_term_program:
+                env.setdefault("TERM_PROGRAM", info.env_term_program)
         await sb.exec_start(
             req.exec_id,
             args,
@@ -137,6 +154,7 @@ class CommandRouter(Room):
             stdout=pipe_out,
             stderr=err_cfg == sr_pb2.TASK_EXEC_STDERR_CONFIG_PIPE,
             merge_stderr=err_cfg == sr_pb2.TASK_EXEC_STDERR_CONFIG_STDOUT,
+            pty_size=pty_size,
         )
         await stream.send_message(sr_pb2.TaskExecStartResponse())
 

@@ -47,7 +47,7 @@ from ..retention import remove_tree
 from ..runtime import layers
 from ..runtime.isolation import FsRoot
 from ..state import VolumeInfo
-from .base import NAME_RE, Room, fail
+from .base import CREATED_BY, NAME_RE, Room, fail, page_of
 from .filesystem import _makedirs, is_dir
 
 #: Modal's volume block size: the client hashes and uploads files in blocks of this size
@@ -252,8 +252,17 @@ def _version(vol: VolumeInfo) -> api_pb2.VolumeFsVersion.ValueType:
     return api_pb2.VolumeFsVersion.ValueType(vol.version)
 
 
+def _created_at(vol: VolumeInfo) -> float:
+    return vol.created_at
+
+
 def _metadata(vol: VolumeInfo) -> api_pb2.VolumeMetadata:
-    return api_pb2.VolumeMetadata(name=vol.name, version=_version(vol))
+    # creation_info: `modal volume list` shows it, and the client pages by its created_at
+    return api_pb2.VolumeMetadata(
+        name=vol.name,
+        version=_version(vol),
+        creation_info=api_pb2.CreationInfo(created_at=vol.created_at, created_by=CREATED_BY),
+    )
 
 
 class Volumes(Room):
@@ -328,21 +337,50 @@ class Volumes(Room):
     async def VolumeList(
         self, stream: Stream[api_pb2.VolumeListRequest, api_pb2.VolumeListResponse]
     ) -> None:
+        """Named volumes, a page at a time, newest first (see `base.page_of`)."""
         req = await stream.recv_message()
         assert req is not None
+        pagination = req.pagination if req.HasField("pagination") else None
+        listed = page_of(list(self.reg.volumes_by_name.values()), _created_at, pagination)
         items = [
             api_pb2.VolumeListItem(
                 label=v.name, volume_id=v.id, created_at=v.created_at, metadata=_metadata(v)
             )
-            for v in sorted(self.reg.volumes_by_name.values(), key=lambda v: v.created_at)
+            for v in listed
         ]
-        if req.HasField("pagination") and req.pagination.max_objects:
-            before = req.pagination.created_before or float("inf")
-            items = [i for i in items if i.created_at < before]
-            items = items[-req.pagination.max_objects :]
         await stream.send_message(
             api_pb2.VolumeListResponse(items=items, environment_name=req.environment_name)
         )
+
+    async def VolumeRename(
+        self, stream: Stream[api_pb2.VolumeRenameRequest, empty_pb2.Empty]
+    ) -> None:
+        """`modal volume rename`: the same volume (id, files) under a new name; the
+        old name is free again. A name in use is refused, as on Modal."""
+        req = await stream.recv_message()
+        assert req is not None
+        vol = self._volume(req.volume_id)
+        if not vol.name:
+            fail(Status.INVALID_ARGUMENT, "an ephemeral Volume has no name to change")
+        if not NAME_RE.match(req.name):
+            fail(
+                Status.INVALID_ARGUMENT,
+                f"Invalid Volume name {req.name!r}: at most 64 letters, digits, '.', '_' or '-'",
+            )
+        if req.name in self.reg.volumes_by_name:
+            fail(Status.ALREADY_EXISTS, f"Volume {req.name!r} already exists")
+        users = self._mounted_by(vol)
+        if users:
+            fail(
+                Status.FAILED_PRECONDITION,
+                f"Volume {vol.name!r} is mounted by running sandbox(es) {', '.join(users)}",
+            )
+        new_path = vol.path.parent / req.name
+        await asyncio.to_thread(vol.path.rename, new_path)
+        del self.reg.volumes_by_name[vol.name]
+        vol.name, vol.path = req.name, new_path
+        self.reg.volumes_by_name[vol.name] = vol
+        await stream.send_message(empty_pb2.Empty())
 
     async def VolumeDelete(
         self, stream: Stream[api_pb2.VolumeDeleteRequest, empty_pb2.Empty]

@@ -122,6 +122,10 @@ def _resolve_none(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
+_TIOCGPTPEER = 0x5441
+_TIOCSPTLCK = 0x40045431
+
+
 class Stdio:
     """A new process's stdin, stdout and stderr: the ends it gets and the ends we keep.
 
@@ -161,9 +165,29 @@ class Stdio:
         )
 
     @classmethod
-    def pty(cls, rows: int = 0, cols: int = 0) -> Stdio:
-        """A real terminal: the program's 0-2 are its slave side; output comes on stdout."""
-        master, slave = os.openpty()
+    def pty(cls, rows: int = 0, cols: int = 0, devpts: str | None = None) -> Stdio:
+        """A real terminal: the program's 0-2 are its slave side; output comes on stdout.
+
+        ``devpts`` (a running container's ``/dev/pts``, seen through
+        ``/proc/<init>/root``) makes the terminal on that container's own devpts
+        instance, so that inside it the terminal has a name (``tty`` prints
+        ``/dev/pts/N``, as on Modal); a terminal of this machine's devpts would be
+        a tty without a name there.
+        """
+        if devpts is not None:
+            master = os.open(devpts + "/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+            try:
+                import fcntl
+                import struct
+
+                fcntl.ioctl(master, _TIOCSPTLCK, struct.pack("i", 0))  # unlockpt()
+                # TIOCGPTPEER (Linux 4.13): the slave of this master, without a path lookup
+                slave = fcntl.ioctl(master, _TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY)
+            except BaseException:
+                os.close(master)
+                raise
+        else:
+            master, slave = os.openpty()
         if rows and cols:
             import fcntl
             import struct

@@ -543,6 +543,7 @@ class LocalSandbox:
         else:
             self._container_up.set()
         self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
+        self._supervisor.add_done_callback(self._background_done)
 
     async def _start_container(self, args: list[str]) -> tuple[ForkedProcess, int | None]:
         assert self.isolation is not None and self._forkserver is not None
@@ -594,7 +595,8 @@ class LocalSandbox:
                     self._on_change()
                     if go_w is not None:
                         await self._attach_network(self.init_pid)
-                        os.write(go_w, b"1")
+                        with contextlib.suppress(BrokenPipeError):  # it ended meanwhile
+                            os.write(go_w, b"1")
                         os.close(go_w)
                         go_w = None
                 elif line == "ready":
@@ -610,15 +612,26 @@ class LocalSandbox:
     async def _attach_network(self, init_pid: int) -> None:
         """Outbound access for a namespace of its own: pasta, our child (it dies with
         this server's thread, and `_stop_pasta` ends it with the sandbox); the
-        program starts once pasta has configured the namespace."""
+        program starts once pasta has configured the namespace.
+
+        The sandbox can end at any await here (a terminate right after create):
+        then its pasta, if started, is stopped, and nothing else is done. The
+        sandbox's own end clears ``self._pasta`` (`_supervise`), so this method
+        keeps its own reference and never reads the attribute back.
+        """
         assert self.isolation is not None and self.isolation.pasta
-        ns_fd = os.open(f"/proc/{init_pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        if self._ending():
+            return
+        try:
+            ns_fd = os.open(f"/proc/{init_pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, ProcessLookupError):
+            return  # the container is already gone
         try:
             argv, preexec = processes.with_pdeathsig(
                 isolation.pasta_command(ns_fd), {"PATH": "/usr/bin:/bin"}
             )
             with open(self.paths.root / "pasta.log", "ab") as log_file:
-                self._pasta = await asyncio.create_subprocess_exec(
+                proc = await asyncio.create_subprocess_exec(
                     *argv,
                     stdin=subprocess.DEVNULL,
                     stdout=log_file,
@@ -629,10 +642,17 @@ class LocalSandbox:
                 )
         finally:
             os.close(ns_fd)
+        self._pasta = proc
+        if self._ending():  # it ended while pasta started: its end may have run already
+            self._stop_pasta()
+            return
         deadline = time.monotonic() + _PASTA_READY_S
         delay = 0.001
         while not isolation.has_outbound_route(init_pid):
-            if self._pasta.returncode is not None or time.monotonic() > deadline:
+            if self._pasta is not proc or self._ending():
+                self._stop_pasta()
+                return  # the sandbox ended meanwhile
+            if proc.returncode is not None or time.monotonic() > deadline:
                 log_text = (self.paths.root / "pasta.log").read_bytes()[-300:]
                 self.stderr.append(
                     b"[prefect-modal local] pasta could not give this sandbox outbound "
@@ -642,6 +662,10 @@ class LocalSandbox:
                 return
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.02)
+
+    def _ending(self) -> bool:
+        """Whether the sandbox has ended or is being ended (terminate, timeout, stop)."""
+        return self.done.is_set() or self._kill_requested.is_set()
 
     def _stop_pasta(self) -> None:
         proc, self._pasta = self._pasta, None
@@ -767,7 +791,23 @@ class LocalSandbox:
     def _spawn_background(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        """Log a failure of background work at once: unobserved, asyncio would only
+        mention it when the task is garbage-collected, long after and out of context."""
+        self._background.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error(
+                "sandbox %s: background work failed: %s: %s",
+                self.id,
+                type(exc).__name__,
+                exc,
+                exc_info=exc,
+            )
 
     def _finish(self, status: str, code: int) -> None:
         if self.done.is_set():
@@ -870,8 +910,12 @@ class LocalSandbox:
         stdout: bool,
         stderr: bool,
         merge_stderr: bool = False,
+        pty_size: tuple[int, int] | None = None,
     ) -> ExecProcess:
-        """Start a command in this sandbox (idempotent per ``exec_id``)."""
+        """Start a command in this sandbox (idempotent per ``exec_id``).
+
+        ``pty_size`` (rows, columns; an isolated sandbox only) gives it a
+        pseudo-terminal for stdin, stdout and stderr, as ``pty_info`` asks."""
         if exec_id in self.execs:
             return self.execs[exec_id]
         ex = ExecProcess(exec_id, self.paths)
@@ -888,9 +932,14 @@ class LocalSandbox:
                     args,
                     env=full_env,
                     cwd=workdir or self.spec.workdir or "/",
-                    stdio=Stdio.pipes(stdout, stderr, merge_stderr),
+                    stdio=(
+                        Stdio.pty(*pty_size, devpts=f"/proc/{init}/root/dev/pts")
+                        if pty_size is not None
+                        else Stdio.pipes(stdout, stderr, merge_stderr)
+                    ),
                     rlimit_as_bytes=self._rlimit_as(),
                     join=init,
+                    pty=pty_size is not None,
                 )
             else:
                 cwd = self.paths.resolve(workdir or self.spec.workdir or "/")
@@ -915,9 +964,7 @@ class LocalSandbox:
         ex.child = processes.Child(popen)
         await ex.child.attach(ex.stdout, ex.stderr)
         self._running_execs += 1
-        task = asyncio.ensure_future(self._supervise_exec(ex, timeout_s))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._spawn_background(self._supervise_exec(ex, timeout_s))
         return ex
 
     async def _supervise_exec(self, ex: ExecProcess, timeout_s: float | None) -> None:
