@@ -202,9 +202,10 @@ def test_results_of_20_and_100_mb_with_and_without_a_result_volume(make_runner, 
 
     twenty, hundred = f()
     value = twenty.result()
-    assert hashlib.sha256(value).digest() == hashlib.sha256(
-        random.Random(SEED).randbytes(TWENTY_MB)
-    ).digest()
+    assert (
+        hashlib.sha256(value).digest()
+        == hashlib.sha256(random.Random(SEED).randbytes(TWENTY_MB)).digest()
+    )
     if with_volume:
         assert len(hundred.result()) == BIG
     else:
