@@ -485,9 +485,6 @@ class ServerContext:
             isolation=self.isolation,
             not_isolated_because=self.not_isolated_because,
         )
-        problem = sb.workdir_problem()
-        if problem is not None:
-            fail(Status.INVALID_ARGUMENT, problem)
         reg.add_sandbox(sb)
         # Modal's create returns once the sandbox is scheduled; its container starts
         # after (the latency model's start delay, see local/latency.py).
