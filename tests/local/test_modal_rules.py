@@ -5,11 +5,17 @@ Each test names the rule it checks; the table in docs/modal-rules.md points here
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
+from urllib.parse import urlparse
 
 import modal
 import modal.exception
 import pytest
+from grpclib import GRPCError, Status
+from grpclib.client import Channel
+from modal_proto import api_pb2
+from modal_proto.api_grpc import ModalClientStub
 
 from prefect_modal.local import LocalModal
 
@@ -30,3 +36,40 @@ def test_an_exec_whose_timeout_fires_gives_minus_one(local_modal: LocalModal, ap
     quick = sb.exec("sh", "-c", "exit 3", timeout=20)
     assert quick.wait() == 3  # one that ends in time keeps its own code
     sb.terminate()
+
+
+async def _raw_create(lm: LocalModal, app_id: str, name: str) -> GRPCError:
+    """SandboxCreateV2 sent by a client that does not check names (not modal 1.6.4)."""
+    url = urlparse(lm.env["MODAL_SERVER_URL"])
+    channel = Channel(url.hostname, url.port)
+    try:
+        stub = ModalClientStub(channel)
+        md = {
+            "x-modal-token-id": lm.env["MODAL_TOKEN_ID"],
+            "x-modal-token-secret": lm.env["MODAL_TOKEN_SECRET"],
+        }
+        req = api_pb2.SandboxCreateV2Request(
+            app_id=app_id,
+            definition=api_pb2.Sandbox(entrypoint_args=["true"], name=name, timeout_secs=60),
+        )
+        with pytest.raises(GRPCError) as err:
+            await stub.SandboxCreateV2(req, metadata=md)
+        return err.value
+    finally:
+        channel.close()
+
+
+@pytest.mark.parametrize("name", ["has space", "x" * 65, "ap-" + "a" * 22])
+def test_sandbox_names_follow_modals_object_name_rule(
+    local_modal: LocalModal, app: Any, name: str
+) -> None:
+    """modal/_utils/name_utils.py, check_object_name: the client refuses such a name;
+    the server refuses it too, with the client's words, for clients that do not check."""
+    with pytest.raises(modal.exception.InvalidError, match="Invalid Sandbox name"):
+        _create(local_modal, app, "true", name=name)
+    err = asyncio.run(_raw_create(local_modal, app.app_id, name))
+    assert err.status == Status.INVALID_ARGUMENT
+    assert "Invalid Sandbox name" in (err.message or "")
+    assert local_modal.sandboxes() == []
+    ok = _create(local_modal, app, "true", name="a.B-c_" + "9" * 58)  # 64 characters
+    assert ok.wait() is None and ok.returncode == 0

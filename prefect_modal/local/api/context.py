@@ -8,6 +8,7 @@ import ipaddress
 import logging
 import os
 import posixpath
+import re
 import shutil
 import warnings
 from collections.abc import Sequence
@@ -107,6 +108,23 @@ def validate_inbound_cidrs(d: api_pb2.Sandbox) -> list[Network]:
                 "(e.g. '127.0.0.1/32' or '10.0.0.0/8')",
             )
     return nets
+
+
+_OBJECT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def validate_sandbox_name(name: str) -> None:
+    """Modal's object-name rule for a sandbox's name: at most 64 of ``[A-Za-z0-9._-]``
+    and not an App id (``modal/_utils/name_utils.py``, ``is_valid_object_name``). The
+    1.6.4 client checks it before sending; the server checks again for other clients,
+    with the client's words."""
+    if _OBJECT_NAME.fullmatch(name) is None or re.fullmatch(r"ap-[a-zA-Z0-9]{22}", name):
+        fail(
+            Status.INVALID_ARGUMENT,
+            f"Invalid Sandbox name: '{name}'.\n\nNames may contain only alphanumeric "
+            "characters, dashes, periods, and underscores, must be shorter than 64 "
+            "characters, and cannot conflict with App ID strings.",
+        )
 
 
 def validate_probe(d: api_pb2.Sandbox) -> api_pb2.Probe | None:
@@ -375,6 +393,8 @@ class ServerContext:
                 f"them ({self.not_isolated_because})",
             )
         name = d.name or None
+        if name is not None:
+            validate_sandbox_name(name)
         if name is not None and reg.running_with_name(app_id, name) is not None:
             fail(
                 Status.ALREADY_EXISTS,
