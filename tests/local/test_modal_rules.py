@@ -6,6 +6,7 @@ Each test names the rule it checks; the table in docs/modal-rules.md points here
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -18,6 +19,7 @@ from modal_proto import api_pb2
 from modal_proto.api_grpc import ModalClientStub
 
 from prefect_modal.local import LocalModal
+from prefect_modal.local.limits import DEFAULT_OUTPUT_WINDOW, Limits
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -73,3 +75,44 @@ def test_sandbox_names_follow_modals_object_name_rule(
     assert local_modal.sandboxes() == []
     ok = _create(local_modal, app, "true", name="a.B-c_" + "9" * 58)  # 64 characters
     assert ok.wait() is None and ok.returncode == 0
+
+
+def test_creation_is_throttled_with_modals_error(tmp_path: Path) -> None:
+    """A 2-per-second throttle: creating faster fails with ResourceExhaustedError and
+    Modal's 'Sandbox creation rate limit exceeded' (RESOURCE_EXHAUSTED, not retried by
+    modal 1.6.4 without a retry policy)."""
+    with LocalModal(state_dir=tmp_path / "lm", limits=Limits(create_rate=2)) as lm:
+        app = modal.App.lookup("throttled", create_if_missing=True, client=lm.client)
+        made = []
+        with pytest.raises(modal.exception.ResourceExhaustedError) as err:
+            for _ in range(200):  # the bucket holds 2 and refills 2 a second
+                made.append(_create(lm, app, "true"))
+        assert "Sandbox creation rate limit exceeded" in str(err.value)
+        assert len(made) >= 2  # a full bucket's worth went through first
+        for sb in made:
+            sb.wait()
+
+
+def test_running_sandboxes_and_gpus_are_capped(tmp_path: Path) -> None:
+    """Caps per workspace (off by default: Modal publishes no number): over the running
+    cap, or over the GPU cap (Modal's V1 'Insufficient capacity to create sandbox.')."""
+    limits = Limits(max_sandboxes=2, max_gpus=1)
+    with LocalModal(state_dir=tmp_path / "lm", limits=limits) as lm:
+        app = modal.App.lookup("capped", create_if_missing=True, client=lm.client)
+        gpu = _create(lm, app, "sleep", "60", gpu="T4")
+        with pytest.raises(modal.exception.ResourceExhaustedError, match="Insufficient capacity"):
+            _create(lm, app, "sleep", "60", gpu="T4")
+        cpu = _create(lm, app, "sleep", "60")
+        with pytest.raises(modal.exception.ResourceExhaustedError, match="Sandbox limit"):
+            _create(lm, app, "sleep", "60")
+        cpu.terminate()
+        cpu.wait(raise_on_termination=False)
+        again = _create(lm, app, "true")  # a finished sandbox frees its place
+        again.wait()
+        gpu.terminate()
+
+
+def test_limits_are_off_by_default_except_the_output_window() -> None:
+    lim = Limits.from_env()
+    assert (lim.create_rate, lim.max_sandboxes, lim.max_gpus) == (None, None, None)
+    assert lim.output_window == DEFAULT_OUTPUT_WINDOW

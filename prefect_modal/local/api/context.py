@@ -25,6 +25,7 @@ from ..auth import Credentials
 from ..blobs import BlobStore
 from ..build.builder import Builder, ImageState, Log
 from ..build.cache import LayerCache
+from ..limits import CREATE_RATE_ENV, MAX_GPUS_ENV, MAX_SANDBOXES_ENV, Limits, gpu_count
 from ..runtime import isolation as isolation_mod
 from ..runtime import layers, processes
 from ..runtime.forkserver import ForkServer
@@ -174,7 +175,10 @@ class ServerContext:
         host: str = "127.0.0.1",
         latency: Any = None,
         image_cache: Path | None = None,
+        limits: Limits | None = None,
     ) -> None:
+        #: the workspace's throttle, caps and output window (`local.limits`)
+        self.limits = limits if limits is not None else Limits()
         #: `latency.LatencyModel` or None: Modal-like delays for benchmarks (off by default)
         self.latency = latency
         self.registry = registry
@@ -368,6 +372,7 @@ class ServerContext:
     ) -> LocalSandbox:
         reg = self.registry
         d = definition
+        self._check_limits(d)
         if app_id not in reg.app_names:
             fail(Status.NOT_FOUND, f"App {app_id!r} not found (was the local server restarted?)")
         timeout = d.timeout_secs or DEFAULT_TIMEOUT_S
@@ -529,6 +534,41 @@ class ServerContext:
             spec.args[0] if spec.args else "-",
         )
         return sb
+
+    def _check_limits(self, d: api_pb2.Sandbox) -> None:
+        """The workspace's creation throttle and caps (`local.limits`; all off by default,
+        since Modal publishes no number for them), answered as Modal answers a throttled
+        create: RESOURCE_EXHAUSTED, which modal 1.6.4 raises as ResourceExhaustedError."""
+        lim = self.limits
+        if not lim.take_create():
+            fail(
+                Status.RESOURCE_EXHAUSTED,
+                f"Sandbox creation rate limit exceeded: this workspace may create "
+                f"{lim.create_rate:g} sandboxes per second (local server setting "
+                f"{CREATE_RATE_ENV} / --create-rate). Retry with backoff.",
+            )
+        running = [s for s in self.registry.sandboxes.values() if not s.done.is_set()]
+        if lim.max_sandboxes and len(running) >= lim.max_sandboxes:
+            fail(
+                Status.RESOURCE_EXHAUSTED,
+                f"Sandbox limit exceeded: this workspace has {len(running)} running sandboxes, "
+                f"its limit (local server setting {MAX_SANDBOXES_ENV} / --max-sandboxes). "
+                "Wait for some to finish, or terminate them.",
+            )
+        gpu = gpu_string(d.resources.gpu_config) if d.HasField("resources") else None
+        want = gpu_count(gpu)
+        if want and lim.max_gpus:
+            held = sum(gpu_count(s.spec.gpu) for s in running)
+            if held + want > lim.max_gpus:
+                # modal/sandbox/_impl_v1.py: a GPU create that finds no capacity within
+                # its scheduling timeout raises exactly this; the local server says it
+                # at once instead of after 21 minutes.
+                fail(
+                    Status.RESOURCE_EXHAUSTED,
+                    f"Insufficient capacity to create sandbox. ({gpu!r} asked for {want} GPU(s); "
+                    f"{held} of this workspace's {lim.max_gpus} are in use: local server "
+                    f"setting {MAX_GPUS_ENV} / --max-gpus)",
+                )
 
     def _layers(
         self,
