@@ -6,6 +6,8 @@ Each test names the rule it checks; the table in docs/modal-rules.md points here
 from __future__ import annotations
 
 import asyncio
+import logging
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -116,3 +118,87 @@ def test_limits_are_off_by_default_except_the_output_window() -> None:
     lim = Limits.from_env()
     assert (lim.create_rate, lim.max_sandboxes, lim.max_gpus) == (None, None, None)
     assert lim.output_window == DEFAULT_OUTPUT_WINDOW
+
+
+def _names(vol: Any) -> set[str]:
+    return {e.path for e in vol.listdir("/")}
+
+
+def _first_line(sb: Any) -> str:
+    for line in sb.stdout:
+        return str(line)
+    return ""
+
+
+WRITER = "echo v1 > /data/out.txt; rm -f /data/old.txt; echo written; read _; echo end"
+
+
+def test_an_unversioned_volume_is_v1_and_gets_a_sandboxs_writes_when_it_ends(
+    local_modal: LocalModal, app: Any, backend: str
+) -> None:
+    """modal/volume.py, _validate_volume_version (unset -> v1); Modal's guide, Sandbox
+    files: a v1 volume receives a sandbox's writes when the sandbox terminates."""
+    c = local_modal.client
+    vol = modal.Volume.from_name("rules-v1", create_if_missing=True, client=c)
+    with vol.batch_upload() as batch:
+        batch.put_file(BytesIO(b"before"), "/old.txt")
+    sb = _create(local_modal, app, "sh", "-c", WRITER, volumes={"/data": vol})
+    assert _first_line(sb) == "written\n"
+    assert _names(vol) == {"old.txt"}  # the Volume API: not yet
+    other = _create(local_modal, app, "ls", "/data", volumes={"/data": vol})
+    other.wait()
+    assert other.stdout.read() == "old.txt\n"  # another sandbox: not yet
+    sb.stdin.write(b"go\n")
+    sb.stdin.write_eof()
+    sb.stdin.drain()
+    sb.wait()
+    assert _names(vol) == {"out.txt"}  # merged at its end: written, and removed
+    assert b"".join(vol.read_file("out.txt")) == b"v1\n"
+    # a terminated sandbox's writes land too
+    killed = _create(
+        local_modal, app, "sh", "-c", WRITER.replace("v1", "killed"), volumes={"/data": vol}
+    )
+    assert _first_line(killed) == "written\n"
+    killed.terminate()
+    killed.wait(raise_on_termination=False)
+    assert b"".join(vol.read_file("out.txt")) == b"killed\n"
+
+
+def test_a_v2_volume_is_live(local_modal: LocalModal, app: Any, backend: str) -> None:
+    """v2 volumes are live: the Volume API sees a running sandbox's write at once."""
+    vol = modal.Volume.from_name(
+        "rules-v2", create_if_missing=True, version=2, client=local_modal.client
+    )
+    sb = _create(local_modal, app, "sh", "-c", WRITER, volumes={"/data": vol})
+    assert _first_line(sb) == "written\n"
+    assert _names(vol) == {"out.txt"}
+    assert b"".join(vol.read_file("out.txt")) == b"v1\n"
+    sb.terminate()
+
+
+def test_output_is_served_from_a_window(
+    tmp_path: Path, backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """modal/io_streams.py: a V2 reader whose next chunk starts past its offset warns
+    "dropped N bytes; only the most recent portion of output is retained" and goes on
+    with the tail. V1 logs (no such message exists there) go on from the window too."""
+    window = 64 * 1024
+    with LocalModal(state_dir=tmp_path / "lm", limits=Limits(output_window=window)) as lm:
+        app = modal.App.lookup("windowed", create_if_missing=True, client=lm.client)
+        code = "import sys\nfor i in range(20000): sys.stdout.write(f'{i:07d}\\n')\n"
+        sb = _create(lm, app, "python", "-c", code)
+        sb.wait()
+        with caplog.at_level(logging.WARNING, logger="modal-client"):
+            out = sb.stdout.read()
+        total = 20000 * 8
+        assert len(out) <= window and out.endswith("0019999\n")
+        assert not out.startswith("0000000")
+        if backend == "v2":
+            assert any(
+                f"dropped {total - len(out)} bytes; only the most recent portion of output "
+                "is retained" in r.getMessage()
+                for r in caplog.records
+            ), [r.getMessage() for r in caplog.records]
+        small = _create(lm, app, "echo", "small")  # under the window: whole
+        small.wait()
+        assert small.stdout.read() == "small\n"

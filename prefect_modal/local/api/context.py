@@ -41,6 +41,7 @@ from ..runtime.sandbox import (
     SandboxRequest,
 )
 from ..runtime.tunnels import TunnelManager
+from ..runtime.volume_views import make_view
 from ..state import Registry
 from .base import fail
 
@@ -439,11 +440,14 @@ class ServerContext:
             if info.env_term_program:
                 env.setdefault("TERM_PROGRAM", info.env_term_program)
         volumes: dict[str, tuple[str, Path]] = {}
+        v1_mounts: list[str] = []
         for vm in d.volume_mounts:
             vol = reg.volumes_by_id.get(vm.volume_id)
             if vol is None:
                 fail(Status.NOT_FOUND, f"Volume {vm.volume_id!r} not found")
             volumes[vm.mount_path] = (vol.name or vol.id, vol.path)
+            if vol.version != api_pb2.VOLUME_FS_VERSION_V2:
+                v1_mounts.append(vm.mount_path)
 
         state = image.state if image else None
         if state is not None and state.venv:
@@ -498,17 +502,25 @@ class ServerContext:
         allow = validate_inbound_cidrs(d)
         probe = validate_probe(d)
         sandbox_id = ids.new_sandbox_id(version)
+        paths = SandboxPaths(reg.state_dir / "sandboxes" / sandbox_id)
+        for i, mount_path in enumerate(v1_mounts):
+            # a v1 volume: the sandbox writes to a copy, merged in when it ends
+            # (`runtime.volume_views`, Modal's guide, Sandbox files)
+            spec.volume_views[mount_path] = await asyncio.to_thread(
+                make_view, volumes[mount_path][1], paths.root / "v1-volumes" / str(i)
+            )
         sb = LocalSandbox(
             spec,
             sandbox_id=sandbox_id,
             task_id=ids.new_task_id(version),
-            paths=SandboxPaths(reg.state_dir / "sandboxes" / sandbox_id),
+            paths=paths,
             marker=f"{self.server_uid}:{sandbox_id}",
             on_change=reg.changed,
             sweeper=self.sweeper,
             forkserver=self.forkserver,
             isolation=self.isolation,
             not_isolated_because=self.not_isolated_because,
+            output_window=self.limits.output_window,
         )
         reg.add_sandbox(sb)
         # Modal's create returns once the sandbox is scheduled; its container starts

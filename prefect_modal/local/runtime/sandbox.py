@@ -66,6 +66,7 @@ from . import container, isolation, layers, processes
 from .forkserver import ForkedProcess, ForkServer, Stdio
 from .isolation import FsRoot, ImageView
 from .streams import OutputBuffer
+from .volume_views import VolumeView, merge_view
 
 log = logging.getLogger("prefect_modal.local")
 
@@ -114,6 +115,16 @@ class SandboxRequest:
     path: list[str] = field(default_factory=list)
     #: a line for the sandbox's log before its program's output (e.g. a registry image)
     notice: str = ""
+    #: v1 volumes (mount path -> its private view, merged into the volume at the end:
+    #: `volume_views`); a mount path not here is bound live (v2)
+    volume_views: dict[str, VolumeView] = field(default_factory=dict)
+
+    def volume_dirs(self) -> dict[str, Path]:
+        """Mount path -> the host directory bound there: a v1 volume's view, else the volume."""
+        return {
+            mp: (self.volume_views[mp].view if mp in self.volume_views else host)
+            for mp, (_name, host) in self.volumes.items()
+        }
 
 
 @dataclass
@@ -242,6 +253,7 @@ class LocalSandbox:
         forkserver: ForkServer | None = None,
         isolation: Isolation | None = None,
         not_isolated_because: str | None = None,
+        output_window: int | None = None,
     ) -> None:
         self.spec = spec
         self.id = sandbox_id
@@ -267,8 +279,8 @@ class LocalSandbox:
         self.status = "running"
         self.returncode: int | None = None
         self.pid: int | None = None
-        self.stdout = OutputBuffer(paths.output / "stdout")
-        self.stderr = OutputBuffer(paths.output / "stderr")
+        self.stdout = OutputBuffer(paths.output / "stdout", window=output_window)
+        self.stderr = OutputBuffer(paths.output / "stderr", window=output_window)
         self.done = asyncio.Event()
         self.execs: dict[str, ExecProcess] = {}
         self._child: processes.Child | None = None
@@ -395,7 +407,7 @@ class LocalSandbox:
                 targets = [*view.dirs, *view.host_dirs, *view.masked, *self.spec.volumes]
                 targets += [*self.spec.binds, "/proc", "/dev"]
                 layers.clear_way(self.paths.fs, targets)
-            for _name, host_dir in self.spec.volumes.values():
+            for host_dir in self.spec.volume_dirs().values():
                 host_dir.mkdir(parents=True, exist_ok=True)
             return
         self.paths.fs.mkdir(parents=True)  # a fresh id: the directory cannot exist yet
@@ -403,7 +415,7 @@ class LocalSandbox:
         os.mkdir(self.paths.resolve("/tmp"))
         for layer in self.spec.layers:
             layers.copy_tree(layer, self.paths.fs)
-        for mount_path, (_name, host_dir) in self.spec.volumes.items():
+        for mount_path, host_dir in self.spec.volume_dirs().items():
             host_dir.mkdir(parents=True, exist_ok=True)
             link = self.paths.resolve(mount_path)
             link.parent.mkdir(parents=True, exist_ok=True)
@@ -529,7 +541,7 @@ class LocalSandbox:
         spec = isolation.layout(
             self.paths.fs,
             self.view,
-            {mp: host for mp, (_name, host) in self.spec.volumes.items()},
+            self.spec.volume_dirs(),
             hostname=self.id.replace("_", "-")[:63],
             network=self.spec.network,
             binds=self.spec.binds,
@@ -760,8 +772,25 @@ class LocalSandbox:
                 ex.finish(sig=signal.SIGKILL)
             ex.stdout.close()
             ex.stderr.close()
+        self._merge_volume_views()
         self.done.set()
         self._on_change()
+
+    def _merge_volume_views(self) -> None:
+        """v1 volumes receive the sandbox's writes now, at its end, before anyone hears
+        it ended (so a reader after ``wait()`` sees them, as on Modal). Blocking, in
+        proportion to what the sandbox changed; a failure is logged, never raised."""
+        for mount_path, v in self.spec.volume_views.items():
+            try:
+                merge_view(v)
+            except OSError as exc:
+                log.warning(
+                    "sandbox %s: its writes to the v1 volume at %s could not all be "
+                    "merged into the volume: %s",
+                    self.id,
+                    mount_path,
+                    exc,
+                )
 
     async def terminate(self, reason: str = "terminated") -> None:
         """Kill the whole tree and wait until the sandbox is finished."""
