@@ -21,6 +21,7 @@ import typer
 
 from .embedded import LocalModal
 from .latency import PRESETS as latency_presets
+from .limits import Limits
 from .runtime import forkserver
 from .runtime import isolation as isolation_mod
 from .state import DEFAULT_RETENTION_S
@@ -111,6 +112,36 @@ def serve(
             "and a 30 ms round trip per RPC, for benchmarks; 'off' (default) adds nothing.",
         ),
     ] = "off",
+    create_rate: Annotated[
+        float | None,
+        typer.Option(
+            help="Sandbox creates per second this workspace may make; faster ones fail with "
+            "Modal's 'Sandbox creation rate limit exceeded' (ResourceExhaustedError). Modal "
+            "publishes no number: off unless set. Default: PREFECT_MODAL_LOCAL_CREATE_RATE.",
+        ),
+    ] = None,
+    max_sandboxes: Annotated[
+        int | None,
+        typer.Option(
+            help="Running sandboxes at once (off unless set; Modal publishes no number). "
+            "Default: PREFECT_MODAL_LOCAL_MAX_SANDBOXES.",
+        ),
+    ] = None,
+    max_gpus: Annotated[
+        int | None,
+        typer.Option(
+            help="GPUs held by running sandboxes (off unless set; Modal publishes no number). "
+            "Default: PREFECT_MODAL_LOCAL_MAX_GPUS.",
+        ),
+    ] = None,
+    output_window: Annotated[
+        int | None,
+        typer.Option(
+            help="Bytes of each stdout/stderr stream a reader can still get; older output is "
+            "dropped as on Modal (64 MiB, an assumption: Modal publishes no size; 0: "
+            "unbounded). Default: PREFECT_MODAL_LOCAL_OUTPUT_WINDOW.",
+        ),
+    ] = None,
 ) -> None:
     """Serve Modal's API on 127.0.0.1 until SIGINT, SIGTERM or SIGHUP."""
     logging.basicConfig(
@@ -127,6 +158,23 @@ def serve(
             f"{latency!r}: expected one of {', '.join(map(repr, latency_presets))}",
             param_hint="'--latency'",
         )
+    for hint, given in (
+        ("--create-rate", create_rate),
+        ("--max-sandboxes", max_sandboxes),
+        ("--max-gpus", max_gpus),
+        ("--output-window", output_window),
+    ):
+        if given is not None and not 0 <= given < float("inf"):
+            raise typer.BadParameter(f"{given}: expected a number >= 0", param_hint=f"'{hint}'")
+    limits = Limits.from_env()
+    if create_rate is not None:
+        limits.create_rate = create_rate or None
+    if max_sandboxes is not None:
+        limits.max_sandboxes = max_sandboxes or None
+    if max_gpus is not None:
+        limits.max_gpus = max_gpus or None
+    if output_window is not None:
+        limits.output_window = output_window or None
     secrets = _load_secrets(secrets_file)
     lm = LocalModal(
         port=port,
@@ -138,6 +186,7 @@ def serve(
         host_dirs=host_dir or None,
         retention_s=retention,
         latency=latency,
+        limits=limits,
     )
     stop = threading.Event()
 

@@ -27,6 +27,7 @@ from grpclib.server import Server
 from .auth import Credentials
 from .latency import LatencyModel
 from .latency import resolve as resolve_latency
+from .limits import Limits
 from .records import SandboxRecord
 from .retention import Pruner, check_retention
 from .runtime import forkserver, processes, tls
@@ -54,6 +55,10 @@ class LocalModal:
     after it, its record, output and root directory are removed and lookups
     answer NOT_FOUND saying so. 0 or None keeps them until the server stops
     (memory and disk then grow with every sandbox).
+
+    ``limits`` (`limits.Limits`; default: from the ``PREFECT_MODAL_LOCAL_*`` settings
+    there) is the workspace's creation throttle, running and GPU caps (off unless
+    set) and output window (64 MiB).
     """
 
     def __init__(
@@ -69,6 +74,7 @@ class LocalModal:
         image_cache: str | Path | None = None,
         retention_s: float | None = DEFAULT_RETENTION_S,
         latency: str | LatencyModel | None = None,
+        limits: Limits | None = None,
     ) -> None:
         retention = check_retention(retention_s)
         self.latency = resolve_latency(latency)
@@ -99,6 +105,7 @@ class LocalModal:
             host=host,
             latency=self.latency,
             image_cache=Path(image_cache) if image_cache is not None else None,
+            limits=Limits.from_env() if limits is None else limits,
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None

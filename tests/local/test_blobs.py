@@ -56,7 +56,9 @@ def test_uploads_are_checked_and_tokens_are_required(tmp_path: Path) -> None:
 
 def test_the_blob_endpoint_stops_with_the_server(tmp_path: Path) -> None:
     with LocalModal(state_dir=tmp_path / "lm") as lm:
-        vol = modal.Volume.from_name("v", create_if_missing=True, client=lm.client)
+        # v2: its uploads go as blocks through the blob endpoint (a v1 volume sends
+        # small files inline)
+        vol = modal.Volume.from_name("v", create_if_missing=True, version=2, client=lm.client)
         with vol.batch_upload() as batch:
             batch.put_file(__file__, "/t.py")
         url = lm._ctx.blobs.url

@@ -186,6 +186,8 @@ def test_unknown_sandbox_is_not_called_pruned(short_retention: LocalModal) -> No
     [
         ("--retention", "-5", "'--retention': -5: expected seconds >= 0"),
         ("--latency", "fast", "'--latency': 'fast': expected one of 'off', 'modal'"),
+        ("--create-rate", "-2", "'--create-rate': -2.0: expected a number >= 0"),
+        ("--max-sandboxes", "-1", "'--max-sandboxes': -1: expected a number >= 0"),
     ],
 )
 def test_cli_refuses_a_bad_serve_option(

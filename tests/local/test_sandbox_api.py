@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import time
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -300,13 +301,28 @@ def test_workdir_is_the_sandboxs_own(local_modal: LocalModal, app: Any, backend:
     assert not Path("/srv/here.txt").exists()
 
 
-def test_missing_workdir_fails_before_start(
+def test_missing_workdir_is_created_and_a_file_there_fails(
     local_modal: LocalModal, app: Any, backend: str
 ) -> None:
-    before = len(local_modal.sandboxes())
-    with pytest.raises(modal.exception.InvalidError, match="'/srv/app' does not exist"):
-        _create(local_modal, app, PY, "-c", "pass", workdir="/srv/app")
-    assert len(local_modal.sandboxes()) == before
+    """Modal's runtime creates a missing workdir, and fails a process whose workdir
+    cannot be a directory with its own words (modal-client issue #3322)."""
+    sb = _create(local_modal, app, "pwd", workdir="/srv/app/deep")
+    assert sb.wait() is None and sb.returncode == 0
+    assert sb.stdout.read() == "/srv/app/deep\n"
+    vol = modal.Volume.from_name("workdir-vol", create_if_missing=True, client=local_modal.client)
+    with vol.batch_upload() as batch:
+        batch.put_file(BytesIO(b"x"), "/file")
+    sb = _create(local_modal, app, "pwd", workdir="/data/file", volumes={"/data": vol})
+    sb.wait()
+    assert sb.returncode == 126
+    assert 'failed to create process working directory "/data/file"' in sb.stderr.read()
+    holder = _create(local_modal, app, "sleep", "60")
+    holder.filesystem.write_text("x", "/srv/file")
+    p = holder.exec("pwd", workdir="/srv/file/sub")
+    assert p.wait() == 126
+    assert 'failed to create process working directory "/srv/file/sub"' in p.stderr.read()
+    assert holder.exec("pwd", workdir="/srv/new").wait() == 0
+    holder.terminate()
 
 
 def test_volumes(local_modal: LocalModal, app: Any, backend: str) -> None:

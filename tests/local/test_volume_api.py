@@ -21,8 +21,11 @@ from modal_proto.api_grpc import ModalClientStub
 from prefect_modal.local import LocalModal
 
 
-def _vol(local_modal: LocalModal, name: str = "data") -> Any:
-    return modal.Volume.from_name(name, create_if_missing=True, client=local_modal.client)
+def _vol(local_modal: LocalModal, name: str = "data", version: int | None = None) -> Any:
+    """A volume: unversioned (v1, as on Modal) unless ``version`` says otherwise."""
+    return modal.Volume.from_name(
+        name, create_if_missing=True, version=version, client=local_modal.client
+    )
 
 
 def _read(vol: Any, path: str) -> bytes:
@@ -172,7 +175,7 @@ def test_missing_paths_name_the_path(local_modal: LocalModal) -> None:
 
 
 def test_remove_and_copy_files(local_modal: LocalModal) -> None:
-    vol = _vol(local_modal)
+    vol = _vol(local_modal, version=2)  # a recursive copy is v2 only (modal/volume.py)
     with vol.batch_upload() as batch:
         batch.put_file(io.BytesIO(b"A"), "/a.txt")
         batch.put_file(io.BytesIO(b"B"), "/d/b.txt")
@@ -197,7 +200,7 @@ def test_remove_and_copy_files(local_modal: LocalModal) -> None:
 def test_commit_and_reload_succeed_and_writes_are_live(local_modal: LocalModal, app: Any) -> None:
     """Local volumes are one live directory: a sandbox's write is visible at once
     (on Modal only after its commit); commit and reload are accepted."""
-    vol = _vol(local_modal)
+    vol = _vol(local_modal, version=2)
     sb = modal.Sandbox.create(
         "sh", "-c", "echo hi > /v/w.txt", app=app, volumes={"/v": vol}, client=local_modal.client
     )

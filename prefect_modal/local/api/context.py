@@ -8,6 +8,7 @@ import ipaddress
 import logging
 import os
 import posixpath
+import re
 import shutil
 import warnings
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from ..auth import Credentials
 from ..blobs import BlobStore
 from ..build.builder import Builder, ImageState, Log
 from ..build.cache import LayerCache
+from ..limits import CREATE_RATE_ENV, MAX_GPUS_ENV, MAX_SANDBOXES_ENV, Limits, gpu_count
 from ..runtime import isolation as isolation_mod
 from ..runtime import layers, processes
 from ..runtime.forkserver import ForkServer
@@ -39,6 +41,7 @@ from ..runtime.sandbox import (
     SandboxRequest,
 )
 from ..runtime.tunnels import TunnelManager
+from ..runtime.volume_views import make_view
 from ..state import APP_STOPPED, Registry
 from .base import fail
 
@@ -109,6 +112,23 @@ def validate_inbound_cidrs(d: api_pb2.Sandbox) -> list[Network]:
     return nets
 
 
+_OBJECT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def validate_sandbox_name(name: str) -> None:
+    """Modal's object-name rule for a sandbox's name: at most 64 of ``[A-Za-z0-9._-]``
+    and not an App id (``modal/_utils/name_utils.py``, ``is_valid_object_name``). The
+    1.6.4 client checks it before sending; the server checks again for other clients,
+    with the client's words."""
+    if _OBJECT_NAME.fullmatch(name) is None or re.fullmatch(r"ap-[a-zA-Z0-9]{22}", name):
+        fail(
+            Status.INVALID_ARGUMENT,
+            f"Invalid Sandbox name: '{name}'.\n\nNames may contain only alphanumeric "
+            "characters, dashes, periods, and underscores, must be shorter than 64 "
+            "characters, and cannot conflict with App ID strings.",
+        )
+
+
 def validate_probe(d: api_pb2.Sandbox) -> api_pb2.Probe | None:
     if not d.HasField("readiness_probe"):
         return None
@@ -156,7 +176,10 @@ class ServerContext:
         host: str = "127.0.0.1",
         latency: Any = None,
         image_cache: Path | None = None,
+        limits: Limits | None = None,
     ) -> None:
+        #: the workspace's throttle, caps and output window (`local.limits`)
+        self.limits = limits if limits is not None else Limits()
         #: `latency.LatencyModel` or None: Modal-like delays for benchmarks (off by default)
         self.latency = latency
         self.registry = registry
@@ -350,6 +373,7 @@ class ServerContext:
     ) -> LocalSandbox:
         reg = self.registry
         d = definition
+        self._check_limits(d)
         if app_id not in reg.app_names:
             fail(Status.NOT_FOUND, f"App {app_id!r} not found (was the local server restarted?)")
         app = reg.app_info.get(app_id)
@@ -380,6 +404,8 @@ class ServerContext:
                 f"them ({self.not_isolated_because})",
             )
         name = d.name or None
+        if name is not None:
+            validate_sandbox_name(name)
         if name is not None and reg.running_with_name(app_id, name) is not None:
             fail(
                 Status.ALREADY_EXISTS,
@@ -419,11 +445,14 @@ class ServerContext:
             if info.env_term_program:
                 env.setdefault("TERM_PROGRAM", info.env_term_program)
         volumes: dict[str, tuple[str, Path]] = {}
+        v1_mounts: list[str] = []
         for vm in d.volume_mounts:
             vol = reg.volumes_by_id.get(vm.volume_id)
             if vol is None:
                 fail(Status.NOT_FOUND, f"Volume {vm.volume_id!r} not found")
             volumes[vm.mount_path] = (vol.name or vol.id, vol.path)
+            if vol.version != api_pb2.VOLUME_FS_VERSION_V2:
+                v1_mounts.append(vm.mount_path)
 
         state = image.state if image else None
         if state is not None and state.venv:
@@ -478,21 +507,26 @@ class ServerContext:
         allow = validate_inbound_cidrs(d)
         probe = validate_probe(d)
         sandbox_id = ids.new_sandbox_id(version)
+        paths = SandboxPaths(reg.state_dir / "sandboxes" / sandbox_id)
+        for i, mount_path in enumerate(v1_mounts):
+            # a v1 volume: the sandbox writes to a copy, merged in when it ends
+            # (`runtime.volume_views`, Modal's guide, Sandbox files)
+            spec.volume_views[mount_path] = await asyncio.to_thread(
+                make_view, volumes[mount_path][1], paths.root / "v1-volumes" / str(i)
+            )
         sb = LocalSandbox(
             spec,
             sandbox_id=sandbox_id,
             task_id=ids.new_task_id(version),
-            paths=SandboxPaths(reg.state_dir / "sandboxes" / sandbox_id),
+            paths=paths,
             marker=f"{self.server_uid}:{sandbox_id}",
             on_change=reg.changed,
             sweeper=self.sweeper,
             forkserver=self.forkserver,
             isolation=self.isolation,
             not_isolated_because=self.not_isolated_because,
+            output_window=self.limits.output_window,
         )
-        problem = sb.workdir_problem()
-        if problem is not None:
-            fail(Status.INVALID_ARGUMENT, problem)
         reg.add_sandbox(sb)
         # Modal's create returns once the sandbox is scheduled; its container starts
         # after (the latency model's start delay, see local/latency.py).
@@ -517,6 +551,41 @@ class ServerContext:
             spec.args[0] if spec.args else "-",
         )
         return sb
+
+    def _check_limits(self, d: api_pb2.Sandbox) -> None:
+        """The workspace's creation throttle and caps (`local.limits`; all off by default,
+        since Modal publishes no number for them), answered as Modal answers a throttled
+        create: RESOURCE_EXHAUSTED, which modal 1.6.4 raises as ResourceExhaustedError."""
+        lim = self.limits
+        if not lim.take_create():
+            fail(
+                Status.RESOURCE_EXHAUSTED,
+                f"Sandbox creation rate limit exceeded: this workspace may create "
+                f"{lim.create_rate:g} sandboxes per second (local server setting "
+                f"{CREATE_RATE_ENV} / --create-rate). Retry with backoff.",
+            )
+        running = [s for s in self.registry.sandboxes.values() if not s.done.is_set()]
+        if lim.max_sandboxes and len(running) >= lim.max_sandboxes:
+            fail(
+                Status.RESOURCE_EXHAUSTED,
+                f"Sandbox limit exceeded: this workspace has {len(running)} running sandboxes, "
+                f"its limit (local server setting {MAX_SANDBOXES_ENV} / --max-sandboxes). "
+                "Wait for some to finish, or terminate them.",
+            )
+        gpu = gpu_string(d.resources.gpu_config) if d.HasField("resources") else None
+        want = gpu_count(gpu)
+        if want and lim.max_gpus:
+            held = sum(gpu_count(s.spec.gpu) for s in running)
+            if held + want > lim.max_gpus:
+                # modal/sandbox/_impl_v1.py: a GPU create that finds no capacity within
+                # its scheduling timeout raises exactly this; the local server says it
+                # at once instead of after 21 minutes.
+                fail(
+                    Status.RESOURCE_EXHAUSTED,
+                    f"Insufficient capacity to create sandbox. ({gpu!r} asked for {want} GPU(s); "
+                    f"{held} of this workspace's {lim.max_gpus} are in use: local server "
+                    f"setting {MAX_GPUS_ENV} / --max-gpus)",
+                )
 
     def _layers(
         self,

@@ -13,17 +13,8 @@ from . import filesystem
 from .base import Room, fail
 from .tunnels import wait_ready
 
-
-async def _is_dir(sb: LocalSandbox, path: str) -> bool:
-    """Whether ``path`` is a directory in the sandbox, resolved as its processes see it."""
-    try:
-        root = await sb.fs_root()
-    except OSError:
-        return False
-    try:
-        return await asyncio.to_thread(filesystem.is_dir, root, path)
-    finally:
-        root.close()
+#: how long a wait for a timed-out exec is held before DEADLINE_EXCEEDED (see TaskExecWait)
+EXEC_TIMEOUT_HOLD_S = 30.0
 
 
 class CommandRouter(Room):
@@ -121,11 +112,6 @@ class CommandRouter(Room):
                 await filesystem.start(sb, ex, args)
             await stream.send_message(sr_pb2.TaskExecStartResponse())
             return
-        if req.workdir and not await _is_dir(sb, req.workdir):
-            fail(
-                Status.INVALID_ARGUMENT,
-                f"exec workdir {req.workdir!r} does not exist in Sandbox {sb.id}",
-            )
         pipe_out = req.stdout_config == sr_pb2.TASK_EXEC_STDOUT_CONFIG_PIPE
         err_cfg = req.stderr_config
         pty_size: tuple[int, int] | None = None
@@ -165,7 +151,7 @@ class CommandRouter(Room):
         assert req is not None
         ex = self._exec(self.ctx.check_router_task(stream, req.task_id), req.exec_id)
         resp = sr_pb2.TaskExecPollResponse()
-        if ex.done.is_set():
+        if ex.done.is_set() and not ex.timed_out:  # a timed-out exec: see TaskExecWait
             if ex.signal is not None:
                 resp.signal = ex.signal
             else:
@@ -179,6 +165,16 @@ class CommandRouter(Room):
         assert req is not None
         ex = self._exec(self.ctx.check_router_task(stream, req.task_id), req.exec_id)
         await ex.done.wait()
+        if ex.timed_out:
+            # Modal's client turns an exec whose ``timeout`` passed into returncode -1
+            # from its own deadline (modal/container_process.py, ContainerProcess.wait:
+            # ExecTimeoutError -> -1), which starts after TaskExecStart returns, so it
+            # passes just after this server killed the command. Answering with the
+            # kill's signal would give 137; so no exit status is sent: the wait is held
+            # until the client's deadline cancels it (bounded: then DEADLINE_EXCEEDED,
+            # which the client retries until its deadline).
+            await asyncio.sleep(EXEC_TIMEOUT_HOLD_S)
+            fail(Status.DEADLINE_EXCEEDED, f"exec {req.exec_id!r} timed out")
         resp = sr_pb2.TaskExecWaitResponse()
         if ex.signal is not None:
             resp.signal = ex.signal

@@ -237,6 +237,9 @@ class Sandboxes(Room):
             left = deadline - time.monotonic()
             if left <= 0 or not await buf.wait_for_more(offset, left):
                 return  # no eof: the client reconnects from last_entry_id
+            # the output window: V1 logs have no way to say what was dropped (entry ids
+            # are opaque to the client), so they go on from the window's start
+            offset = max(offset, buf.window_start())
             size = len(buf)
             if size > offset:
                 try:

@@ -287,7 +287,9 @@ class Volumes(Room):
             api_pb2.VOLUME_FS_VERSION_V2,
         ):
             fail(Status.INVALID_ARGUMENT, f"Volume version {req.version!r}: expected 1 or 2")
-        version = req.version or api_pb2.VOLUME_FS_VERSION_V2
+        # an unversioned volume is v1, as on Modal (the client normalises an unset version
+        # to v1: modal/volume.py, _validate_volume_version)
+        version = req.version or api_pb2.VOLUME_FS_VERSION_V1
         if ot == api_pb2.OBJECT_CREATION_TYPE_EPHEMERAL:
             info = self.reg.ephemeral_volume(version)
         else:

@@ -48,6 +48,9 @@ import platform
 import signal
 import struct
 
+#: the exit code of a process whose working directory could not be made (as for
+#: a command that cannot be run: Modal publishes no code for it)
+WORKDIR_FAILED = 126
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
@@ -357,12 +360,35 @@ def _monitor(child, status_r):
     _end_like(int(data))
 
 
+def workdir_failure(workdir, exc):
+    """Modal's runtime's words for a working directory it cannot create (modal-client
+    issue #3322: ``starting sandbox: failed to create process working directory
+    "/mnt/data": not a directory``)."""
+    why = (exc.strerror or str(exc)).lower()
+    return f'starting sandbox: failed to create process working directory "{workdir}": {why}'
+
+
 def _enter_workdir(workdir):
+    """Enter the workdir, creating a missing one as Modal's runtime does; a path that
+    cannot be a directory (a file on the way, a read-only directory) fails the process
+    with Modal's message."""
     try:
         os.chdir(workdir)
+        return
+    except FileNotFoundError:
+        pass
     except OSError as exc:
-        os.write(2, f"[prefect-modal local] workdir {workdir!r}: {exc.strerror}\n".encode())
-        os._exit(126)
+        _workdir_failed(workdir, exc)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        os.chdir(workdir)
+    except OSError as exc:
+        _workdir_failed(workdir, exc)
+
+
+def _workdir_failed(workdir, exc):
+    os.write(2, f"[prefect-modal local] {workdir_failure(workdir, exc)}\n".encode())
+    os._exit(WORKDIR_FAILED)
 
 
 def _become_program(request, parent):

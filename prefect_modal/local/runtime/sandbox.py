@@ -62,10 +62,11 @@ from typing import Any
 from modal_proto import api_pb2
 
 from ..records import SandboxRecord
-from . import isolation, layers, processes
+from . import container, isolation, layers, processes
 from .forkserver import ForkedProcess, ForkServer, Stdio
 from .isolation import FsRoot, ImageView
 from .streams import OutputBuffer
+from .volume_views import VolumeView, merge_view
 
 log = logging.getLogger("prefect_modal.local")
 
@@ -114,6 +115,16 @@ class SandboxRequest:
     path: list[str] = field(default_factory=list)
     #: a line for the sandbox's log before its program's output (e.g. a registry image)
     notice: str = ""
+    #: v1 volumes (mount path -> its private view, merged into the volume at the end:
+    #: `volume_views`); a mount path not here is bound live (v2)
+    volume_views: dict[str, VolumeView] = field(default_factory=dict)
+
+    def volume_dirs(self) -> dict[str, Path]:
+        """Mount path -> the host directory bound there: a v1 volume's view, else the volume."""
+        return {
+            mp: (self.volume_views[mp].view if mp in self.volume_views else host)
+            for mp, (_name, host) in self.volumes.items()
+        }
 
 
 @dataclass
@@ -164,6 +175,9 @@ class ExecProcess:
         self.done = asyncio.Event()
         self.code: int | None = None
         self.signal: int | None = None
+        #: killed by its ``timeout``: the router then reports no exit status, so the
+        #: client's own exec deadline gives its -1 (`api.router.CommandRouter.TaskExecWait`)
+        self.timed_out = False
         self.child: processes.Child | None = None
         self.stdin_offset = 0
         self.stdin_closed = False
@@ -194,6 +208,17 @@ class ExecProcess:
             self.stdin_offset += len(data)
             self.stdin_closed = eof
             await self.child.write_stdin(data, eof)
+
+
+def _make_workdir(host_path: str, workdir: str) -> str | None:
+    """Create a missing workdir (``mkdir -p``) as Modal's runtime does; Modal's message
+    if it cannot be a directory (a file on the way), else None. For sandboxes that are
+    not isolated; an isolated one's container does the same (`container._enter_workdir`)."""
+    try:
+        os.makedirs(host_path, exist_ok=True)
+    except OSError as exc:
+        return container.workdir_failure(workdir, exc)
+    return None
 
 
 async def _drain_pipes(child: processes.Child, marker: str | None) -> None:
@@ -228,6 +253,7 @@ class LocalSandbox:
         forkserver: ForkServer | None = None,
         isolation: Isolation | None = None,
         not_isolated_because: str | None = None,
+        output_window: int | None = None,
     ) -> None:
         self.spec = spec
         self.id = sandbox_id
@@ -253,8 +279,8 @@ class LocalSandbox:
         self.status = "running"
         self.returncode: int | None = None
         self.pid: int | None = None
-        self.stdout = OutputBuffer(paths.output / "stdout")
-        self.stderr = OutputBuffer(paths.output / "stderr")
+        self.stdout = OutputBuffer(paths.output / "stdout", window=output_window)
+        self.stderr = OutputBuffer(paths.output / "stderr", window=output_window)
         self.done = asyncio.Event()
         self.execs: dict[str, ExecProcess] = {}
         self._child: processes.Child | None = None
@@ -381,7 +407,7 @@ class LocalSandbox:
                 targets = [*view.dirs, *view.host_dirs, *view.masked, *self.spec.volumes]
                 targets += [*self.spec.binds, "/proc", "/dev"]
                 layers.clear_way(self.paths.fs, targets)
-            for _name, host_dir in self.spec.volumes.values():
+            for host_dir in self.spec.volume_dirs().values():
                 host_dir.mkdir(parents=True, exist_ok=True)
             return
         self.paths.fs.mkdir(parents=True)  # a fresh id: the directory cannot exist yet
@@ -389,61 +415,19 @@ class LocalSandbox:
         os.mkdir(self.paths.resolve("/tmp"))
         for layer in self.spec.layers:
             layers.copy_tree(layer, self.paths.fs)
-        for mount_path, (_name, host_dir) in self.spec.volumes.items():
+        for mount_path, host_dir in self.spec.volume_dirs().items():
             host_dir.mkdir(parents=True, exist_ok=True)
             link = self.paths.resolve(mount_path)
             link.parent.mkdir(parents=True, exist_ok=True)
             if link.is_symlink() or link.exists():
                 continue
             link.symlink_to(host_dir, target_is_directory=True)
-        if self.spec.workdir and self.spec.workdir != "/":
-            self.paths.resolve(self.spec.workdir).mkdir(parents=True, exist_ok=True)
 
     @property
     def overlays(self) -> dict[str, list[str]]:
         """The read-only view directories its image's layers add files to, each with
         the layers' directories there, top-most first (`layers.overlays`)."""
         return dict(self._overlays)
-
-    def workdir_problem(self) -> str | None:
-        """Why the requested ``workdir`` cannot be the entrypoint's, or None.
-
-        Checked before the sandbox starts: it must exist in the image (the
-        read-only view), in a volume, or among the directories every sandbox
-        root starts with. A missing one is an error, never silently created
-        (without isolation it is still created under the sandbox's host
-        directory, as before)."""
-        workdir = self.spec.workdir
-        if self.isolation is None or not workdir or workdir == "/":
-            return None
-        norm = posixpath.normpath(workdir)
-        for mount_path, (_name, host_dir) in self.spec.volumes.items():
-            if norm == mount_path or norm.startswith(mount_path.rstrip("/") + "/"):
-                rest = norm[len(mount_path) :].lstrip("/")
-                return None if (host_dir / rest).is_dir() else self._missing(workdir)
-        for target, source in self.spec.binds.items():
-            if layers.under(norm, target):
-                rest = norm[len(target) :].lstrip("/")
-                return None if (source / rest).is_dir() else self._missing(workdir)
-        if self.view.resolve_readonly(norm) is not None:
-            return None if os.path.isdir(norm) else self._missing(workdir)
-        if any((layer / norm.lstrip("/")).is_dir() for layer in self.spec.layers):
-            return None
-        if norm.strip("/") in isolation.ROOT_DIRS:
-            return None
-        # a directory on the way to a mount exists too (/work of /work/project/.venv)
-        inner = [*self.view.dirs, *self.view.host_dirs, *self.spec.volumes]
-        inner += list(self.spec.binds)
-        if any(p.startswith(norm.rstrip("/") + "/") for p in inner):
-            return None
-        return self._missing(workdir)
-
-    @staticmethod
-    def _missing(workdir: str) -> str:
-        return (
-            f"workdir {workdir!r} does not exist in the sandbox's image: use a directory that "
-            "exists there, or create it in the image (Image.run_commands('mkdir -p ...'))"
-        )
 
     def _rlimit_as(self) -> int | None:
         limit = self.spec.memory_max_mib
@@ -507,6 +491,14 @@ class LocalSandbox:
                 popen, go_w = await self._start_container(args)
             else:
                 cwd = str(self.paths.resolve(self.spec.workdir or "/"))
+                problem = _make_workdir(cwd, self.spec.workdir or "/")
+                if problem is not None:
+                    self.stderr.append(f"[prefect-modal local] {problem}\n".encode())
+                    self.stdout.close()
+                    self.stderr.close()
+                    self._container_up.set()
+                    self._finish("exited", container.WORKDIR_FAILED)
+                    return
                 if self._forkserver is not None:
                     popen = await self._forkserver.spawn(
                         args,
@@ -550,7 +542,7 @@ class LocalSandbox:
         spec = isolation.layout(
             self.paths.fs,
             self.view,
-            {mp: host for mp, (_name, host) in self.spec.volumes.items()},
+            self.spec.volume_dirs(),
             hostname=self.id.replace("_", "-")[:63],
             network=self.spec.network,
             binds=self.spec.binds,
@@ -820,8 +812,25 @@ class LocalSandbox:
                 ex.finish(sig=signal.SIGKILL)
             ex.stdout.close()
             ex.stderr.close()
+        self._merge_volume_views()
         self.done.set()
         self._on_change()
+
+    def _merge_volume_views(self) -> None:
+        """v1 volumes receive the sandbox's writes now, at its end, before anyone hears
+        it ended (so a reader after ``wait()`` sees them, as on Modal). Blocking, in
+        proportion to what the sandbox changed; a failure is logged, never raised."""
+        for mount_path, v in self.spec.volume_views.items():
+            try:
+                merge_view(v)
+            except OSError as exc:
+                log.warning(
+                    "sandbox %s: its writes to the v1 volume at %s could not all be "
+                    "merged into the volume: %s",
+                    self.id,
+                    mount_path,
+                    exc,
+                )
 
     async def terminate(self, reason: str = "terminated") -> None:
         """Kill the whole tree and wait until the sandbox is finished."""
@@ -943,7 +952,13 @@ class LocalSandbox:
                 )
             else:
                 cwd = self.paths.resolve(workdir or self.spec.workdir or "/")
-                cwd.mkdir(parents=True, exist_ok=True)
+                problem = _make_workdir(str(cwd), workdir or self.spec.workdir or "/")
+                if problem is not None:
+                    ex.stderr.append(f"[prefect-modal local] {problem}\n".encode())
+                    ex.stdout.close()
+                    ex.stderr.close()
+                    ex.finish(code=container.WORKDIR_FAILED)
+                    return ex
                 popen = processes.spawn(
                     args,
                     env=full_env,
@@ -975,6 +990,7 @@ class LocalSandbox:
             try:
                 await asyncio.wait_for(asyncio.shield(exited), timeout_s if timeout_s else None)
             except asyncio.TimeoutError:
+                ex.timed_out = True
                 processes.killpg(child.pid)
                 await exited
             raw = child.reap()

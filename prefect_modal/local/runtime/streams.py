@@ -74,8 +74,13 @@ class OutputBuffer:
     and ``_mem_start <= _written`` unless there is no file yet.
     """
 
-    def __init__(self, path: Path | None = None, *, tail_bytes: int = TAIL_BYTES) -> None:
+    def __init__(
+        self, path: Path | None = None, *, tail_bytes: int = TAIL_BYTES, window: int | None = None
+    ) -> None:
         self.path = path
+        #: bytes a reader can still get (`window_start`): Modal's output window, for a
+        #: sandbox's stdout/stderr (`local.limits.DEFAULT_OUTPUT_WINDOW`); None: all
+        self.window = window
         self.closed = False
         self.gone = False
         self._tail_bytes = tail_bytes
@@ -93,6 +98,24 @@ class OutputBuffer:
     def on_disk(self) -> bool:
         """True once part of the stream lives in its file."""
         return self._written > 0
+
+    def window_start(self) -> int:
+        """The first offset a reader can still get: output before it is dropped, as
+        Modal drops it (a V2 reader hears a ``starting_offset`` past its own offset and
+        warns "dropped first N bytes", modal/io_streams.py)."""
+        if not self.window:
+            return 0
+        start = max(0, self._size - self.window)
+        if start == 0:
+            return 0
+        try:  # not inside a UTF-8 character: the V2 text reader decodes strictly
+            head = self.read(start, 4)
+        except OutputGone:
+            return start
+        skip = 0
+        while skip < len(head) - 1 and skip < 3 and (head[skip] & 0xC0) == 0x80:
+            skip += 1
+        return start + skip
 
     def memory_bytes(self) -> int:
         """Bytes this buffer holds in memory (for tests and the benchmark's accounting)."""
@@ -224,13 +247,16 @@ class OutputBuffer:
     ) -> AsyncIterator[tuple[int, bytes]]:
         """Yield ``(start_offset, data)`` from ``offset`` until EOF; never an empty chunk.
 
-        Ends early (as at EOF) if the stream is pruned away meanwhile.
+        Ends early (as at EOF) if the stream is pruned away meanwhile. With a
+        `window`, a reader behind it skips to its start: the chunk's start offset is
+        then past the reader's, which is how Modal tells it output was dropped.
         """
         offset = max(0, offset)
         while True:
             await self.wait_for_more(offset)
             if not self.closed and self._size - offset < COALESCE_BYTES:
                 await self.wait_for_size(offset + COALESCE_BYTES, COALESCE_S)
+            offset = max(offset, self.window_start())  # older output is dropped
             if self._size > offset:
                 try:
                     chunk = self.chunk(offset, max_chunk)
