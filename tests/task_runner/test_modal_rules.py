@@ -178,3 +178,65 @@ def test_a_module_whose_distribution_has_another_name_is_installed(make_runner) 
         return uses_pytest.submit().result()
 
     assert f() == "pytest:_pytest.outcomes"
+
+
+@pytest.fixture
+def throttled(tmp_path, prefect_api):
+    """A local server throttled to 2 sandbox creates a second (off by default: Modal
+    publishes no rate), and a runner factory pointed at it."""
+    from prefect_modal import ModalCredentials, ModalTaskRunner
+    from prefect_modal.local import LocalModal
+    from prefect_modal.local.limits import Limits
+
+    with LocalModal(state_dir=tmp_path / "throttled", limits=Limits(create_rate=2)) as lm:
+        credentials = ModalCredentials(
+            token_id=lm.env["MODAL_TOKEN_ID"],
+            token_secret=lm.env["MODAL_TOKEN_SECRET"],
+            server_url=lm.url,
+        )
+        yield lambda **kw: ModalTaskRunner(credentials=credentials, **kw)
+
+
+def test_twenty_tasks_under_a_two_per_second_create_throttle_all_complete(throttled, caplog):
+    """Modal answers a create over the rate with ResourceExhaustedError ("Sandbox creation
+    rate limit exceeded"), which its client does not retry: the adapter does."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="prefect_modal.sandboxes")
+
+    @task
+    def double(x: int) -> int:
+        return 2 * x
+
+    @flow(task_runner=throttled(reuse_sandboxes=False, max_parallelism=8))
+    def f() -> list[int]:
+        return double.map(range(20)).result()
+
+    assert f() == [2 * x for x in range(20)]
+    refusals = [r for r in caplog.records if "refused a sandbox for capacity" in r.message]
+    assert refusals and "Sandbox creation rate limit exceeded" in refusals[0].getMessage()
+
+
+def test_a_create_refused_past_the_bound_fails_with_modals_message_and_the_bound(
+    throttled, monkeypatch
+):
+    from prefect_modal.core import modal_api
+
+    monkeypatch.setattr(modal_api, "CREATE_RETRY_SECONDS", 1.0)
+
+    @task
+    def one(x: int) -> int:
+        return x
+
+    @flow(task_runner=throttled(reuse_sandboxes=False, max_parallelism=8))
+    def f() -> list[object]:
+        futures = one.map(range(8))
+        futures.wait()
+        return [fut.state.result(raise_on_failure=False) for fut in futures]
+
+    outcomes = f()
+    errors = [o for o in outcomes if isinstance(o, BaseException)]
+    assert errors, outcomes  # 8 creates at once against a bucket of 2
+    assert all(isinstance(e, modal_api.SandboxCapacityError) for e in errors), errors
+    text = str(errors[0])
+    assert "Sandbox creation rate limit exceeded" in text and "over 1 s" in text
