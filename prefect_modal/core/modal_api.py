@@ -467,6 +467,13 @@ def stream_output(
                 if tail is not None:
                     tail.add(line)
                 on_line(name, line)
+        except UnicodeDecodeError as exc:  # modal/io_streams.py decodes strictly
+            on_line(
+                "stderr",
+                f"[prefect-modal] the sandbox wrote bytes that are not UTF-8 to its {name} "
+                f"({exc.reason} at byte {exc.start}); Modal's reader stops there, so later "
+                "output is not forwarded (the exit code and the run's state still are)",
+            )
         except Exception as exc:  # a dropped stream must not kill the caller
             on_line("stderr", f"[prefect-modal] output stream {name} ended early: {exc}")
 
