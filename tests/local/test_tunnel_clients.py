@@ -312,3 +312,14 @@ def test_bind_tunnel_host_skips_an_address_in_use() -> None:
             again.sock.close()
     finally:
         first.sock.close()
+
+
+def test_a_copied_trust_variable_still_names_a_bundle_after_the_stop(tmp_path: Path) -> None:
+    """A value copied while a server ran (a test's monkeypatch undoing after the server
+    stopped, a child's environment) still names a file with this machine's CAs."""
+    lm = LocalModal(state_dir=tmp_path / "lm").start()
+    copied = os.environ["SSL_CERT_FILE"]
+    lm.stop()
+    assert Path(copied).is_file()
+    assert _certs(lm.tls_cert).isdisjoint(_certs(copied)) or len(tls.ProcessTrust._active) > 0
+    ssl.create_default_context(cafile=copied)  # loads: not empty, not missing

@@ -21,11 +21,13 @@ told to trust once:
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import ipaddress
 import logging
 import os
 import re
+import shutil
 import ssl
 import tempfile
 import threading
@@ -270,7 +272,10 @@ class ProcessTrust:
     Sets `TRUST_VARIABLES` to one bundle (the variables' earlier values' CAs, or
     this machine's, plus each running server's CA) in a private temporary
     directory; the last server to stop puts the earlier values back, unless
-    someone else changed them meanwhile.
+    someone else changed them meanwhile. The bundle file lives as long as the
+    process: with no server running it holds just the earlier CAs, so a value
+    copied while a server ran (a test's ``monkeypatch`` undoing, a child's
+    environment) still names a file that verifies every other site.
     """
 
     _lock = threading.Lock()
@@ -281,11 +286,17 @@ class ProcessTrust:
     @classmethod
     def add(cls, key: int, ca_file: Path) -> None:
         with cls._lock:
-            if cls._saved is None:
-                cls._saved = {v: os.environ.get(v) for v in TRUST_VARIABLES}
+            if cls._dir is None:
                 cls._dir = Path(tempfile.mkdtemp(prefix="prefect-modal-trust-"))
+                atexit.register(shutil.rmtree, cls._dir, True)
+            if cls._saved is None:
+                ours = str(cls._bundle())
+                cls._saved = {
+                    v: (None if os.environ.get(v) == ours else os.environ.get(v))
+                    for v in TRUST_VARIABLES
+                }
             cls._active[key] = ca_file
-            cls._write()
+            cls._write(set_env=True)
 
     @classmethod
     def remove(cls, key: int) -> None:
@@ -293,25 +304,19 @@ class ProcessTrust:
             if cls._active.pop(key, None) is None:
                 return
             if cls._active:
-                cls._write()
+                cls._write(set_env=True)
                 return
-            bundle = cls._bundle()
+            cls._write(set_env=False)  # the earlier CAs only, for stale references
+            bundle = str(cls._bundle())
             saved, cls._saved = cls._saved or {}, None
             for var in TRUST_VARIABLES:
-                if os.environ.get(var) != str(bundle):
+                if os.environ.get(var) != bundle:
                     continue  # changed by someone else since: theirs stays
                 old = saved.get(var)
                 if old is None:
                     os.environ.pop(var, None)
                 else:
                     os.environ[var] = old
-            if cls._dir is not None:
-                bundle.unlink(missing_ok=True)
-                with_dir, cls._dir = cls._dir, None
-                try:
-                    with_dir.rmdir()
-                except OSError:
-                    pass
 
     @classmethod
     def _bundle(cls) -> Path:
@@ -319,9 +324,10 @@ class ProcessTrust:
         return cls._dir / "trust-bundle.pem"
 
     @classmethod
-    def _write(cls) -> None:
+    def _write(cls, *, set_env: bool) -> None:
         saved = {k: v for k, v in (cls._saved or {}).items() if v is not None}
         bundle = cls._bundle()
         _write_public(bundle, bundle_bytes(list(cls._active.values()), saved))
-        for var in TRUST_VARIABLES:
-            os.environ[var] = str(bundle)
+        if set_env:
+            for var in TRUST_VARIABLES:
+                os.environ[var] = str(bundle)
