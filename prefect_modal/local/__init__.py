@@ -8,7 +8,9 @@ through it, like LocalStack for AWS: set ``MODAL_SERVER_URL`` and a token pair
 * `server` - the two gRPC services, assembled from the rooms of `api` (by Modal area);
 * `runtime` - how a sandbox runs here: `sandbox`, its container (`isolation` on
   the server's side, `container` in the forked child), `processes`,
-  `forkserver` and `zygote`, `streams`, tunnels and probes;
+  `forkserver` and `zygote`, `streams`, probes, and tunnels (`tunnels`, each on a
+  host of its own on port 443 by `tunnel_hosts`, with certificates of the server's
+  CA by `tls`, which also makes clients trust it);
 * `state` - apps, images, secrets, volumes; `records` - the public listing;
 * `auth` - tokens and router JWTs; `ids` - id shapes; `cli` - ``serve``.
 """

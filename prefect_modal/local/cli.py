@@ -187,6 +187,7 @@ def serve(
         retention_s=retention,
         latency=latency,
         limits=limits,
+        trust_env=False,  # this process reaches no tunnel; the printed variables are for others
     )
     stop = threading.Event()
 
@@ -200,6 +201,10 @@ def serve(
     try:
         for key, value in lm.env.items():
             print(f"export {key}={shlex.quote(value)}")
+        # tunnels are https://<host> on 443 with a certificate of this server's CA: these make
+        # Python's HTTPS clients trust it, and still this machine's CAs for everything else
+        for key, value in lm.trust_env.items():
+            print(f"export {key}={shlex.quote(value)}")
         print(f"# state: {lm.state_dir}")
         if lm.isolation is not None:
             print("# isolation: on (Linux namespaces)")
@@ -207,7 +212,7 @@ def serve(
             print(f"# isolation: OFF ({lm.not_isolated_because})")
         if lm.latency is not None:
             print("# latency: simulated Modal start times and RPC round trips")
-        print(f"# TLS certificate of tunnels and connect tokens: {lm.tls_cert}")
+        print(f"# CA of tunnels and connect tokens: {lm.tls_cert}")
         print(f"READY {lm.url}", flush=True)
         while not stop.wait(0.5):
             pass

@@ -59,6 +59,12 @@ class LocalModal:
     ``limits`` (`limits.Limits`; default: from the ``PREFECT_MODAL_LOCAL_*`` settings
     there) is the workspace's creation throttle, running and GPU caps (off unless
     set) and output window (64 MiB).
+
+    ``trust_env`` (default on): while the server runs, ``SSL_CERT_FILE`` and
+    ``REQUESTS_CA_BUNDLE`` of this process name a bundle of this machine's CAs
+    plus the server's own (`tls.ProcessTrust`), so ``urllib``, ``requests``,
+    ``httpx`` and ``websockets`` reach its tunnels (``https://<host>`` on 443, as on
+    Modal) without flags, as they reach Modal's; `stop()` puts the earlier values back.
     """
 
     def __init__(
@@ -75,8 +81,10 @@ class LocalModal:
         retention_s: float | None = DEFAULT_RETENTION_S,
         latency: str | LatencyModel | None = None,
         limits: Limits | None = None,
+        trust_env: bool = True,
     ) -> None:
         retention = check_retention(retention_s)
+        self._trust_env = trust_env
         self.latency = resolve_latency(latency)
         if host not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError(f"host={host!r}: the local Modal server binds to loopback only")
@@ -162,6 +170,8 @@ class LocalModal:
         self._ctx.url = f"http://{host}:{self._bound_port}"
         self.registry.flush()
         self._pruner.start()
+        if self._trust_env:
+            tls.ProcessTrust.add(id(self), tls.ensure_ca(self.state_dir))
         self._ready.set()
         try:
             await self._stop_requested.wait()
@@ -207,6 +217,7 @@ class LocalModal:
             loop.call_soon_threadsafe(stop.set)
         if self._thread is not None:
             self._thread.join(30)
+        tls.ProcessTrust.remove(id(self))
         # belt and braces: nothing marked by this server survives it
         processes.kill_tree(None, f"{self._server_uid}:")
         if self._own_state_dir:
@@ -254,9 +265,23 @@ class LocalModal:
 
     @property
     def tls_cert(self) -> Path:
-        """The certificate encrypted tunnels and connect tokens present (self-signed, per
-        state directory): trust it to reach them, e.g. ``requests.get(url, verify=...)``."""
-        return tls.ensure_certificate(self.state_dir)
+        """The CA (one per state directory) that signs each tunnel's and the connect-token
+        proxy's certificate: trusting it alone reaches them, e.g.
+        ``ssl.create_default_context(cafile=lm.tls_cert)``."""
+        return tls.ensure_ca(self.state_dir)
+
+    @property
+    def trust_bundle(self) -> Path:
+        """``<state-dir>/tls/trust-bundle.pem``: this machine's CAs plus the server's, for
+        ``SSL_CERT_FILE`` / ``REQUESTS_CA_BUNDLE`` of another process (`trust_env`)."""
+        return tls.write_trust_bundle(self.state_dir)
+
+    @property
+    def trust_env(self) -> dict[str, str]:
+        """The variables that make another process's Python HTTPS clients trust this
+        server's tunnels and still every other site (``local serve`` prints them)."""
+        bundle = str(self.trust_bundle)
+        return {var: bundle for var in tls.TRUST_VARIABLES}
 
     @property
     def env(self) -> dict[str, str]:

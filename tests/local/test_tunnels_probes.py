@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import socket
 import ssl
@@ -9,6 +10,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+import certifi
 import modal
 import modal.exception
 import pytest
@@ -84,17 +86,21 @@ def test_tunnel_url_serves_the_sandboxes_http_server(
     tunnels = sb.tunnels()
     assert list(tunnels) == [port]
     t = tunnels[port]
-    assert t.host == "127.0.0.1" and t.port != port
-    assert t.url == f"https://127.0.0.1:{t.port}"
+    # as on Modal: a host of its own, port 443, so the URL has no port
+    assert ipaddress.ip_address(t.host) in ipaddress.ip_network("127.0.0.0/8")
+    assert t.host != "127.0.0.1" and t.port == 443
+    assert t.url == f"https://{t.host}"
     with pytest.raises(modal.exception.InvalidError):
         _ = t.tcp_socket  # encrypted only, as on Modal
     with urllib.request.urlopen(
         t.url + "/index.html", context=tls_context(local_modal), timeout=10
     ) as resp:
         assert resp.read() == f"served-by-{sb.object_id}\n".encode()
-    # the certificate is the server's own: a client that trusts only the system CAs refuses it
+    # the certificate is signed by the server's CA: a client that trusts only certifi's
+    # public CAs refuses it
+    public_only = ssl.create_default_context(cafile=certifi.where())
     with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
-        urllib.request.urlopen(t.url + "/index.html", timeout=10)
+        urllib.request.urlopen(t.url + "/index.html", context=public_only, timeout=10)
     sb.terminate()
 
 
@@ -107,6 +113,7 @@ def test_unencrypted_and_h2_ports(local_modal: LocalModal, app: Any, backend: st
     tunnels = sb.tunnels()
     assert set(tunnels) == {plain_port, h2_port}
     host, tcp_port = tunnels[plain_port].tcp_socket
+    assert host == tunnels[plain_port].host and tcp_port != 443  # Modal's is a random port
     with socket.create_connection((host, tcp_port), timeout=10) as s:
         s.sendall(b"GET /plain HTTP/1.0\r\nHost: x\r\n\r\n")
         raw = b""
@@ -117,6 +124,7 @@ def test_unencrypted_and_h2_ports(local_modal: LocalModal, app: Any, backend: st
     assert body["sandbox"] == sb.object_id and body["path"] == "/plain"
     # an unencrypted port has the TLS endpoint too, as on Modal
     tls_host, tls_port = tunnels[plain_port].tls_socket
+    assert tls_port == 443
     assert get(f"https://{tls_host}:{tls_port}/tls", local_modal)["path"] == "/tls"
     # an h2 port negotiates HTTP/2 by ALPN
     ctx = tls_context(local_modal)
@@ -136,6 +144,7 @@ def test_two_sandboxes_each_reach_their_own_port(local_modal: LocalModal, app: A
         sb.wait_until_ready(timeout=30)
     assert get(sb1.tunnels()[p1].url, local_modal)["sandbox"] == sb1.object_id
     assert get(sb2.tunnels()[p2].url, local_modal)["sandbox"] == sb2.object_id
+    assert sb1.tunnels()[p1].host != sb2.tunnels()[p2].host  # each tunnel its own host
     sb1.terminate()
     sb2.terminate()
 
@@ -191,7 +200,7 @@ def test_connect_token(local_modal: LocalModal, app: Any, backend: str) -> None:
     sb = echo_sandbox(local_modal, app, port)
     sb.wait_until_ready(timeout=30)
     creds = sb.create_connect_token(user_metadata={"user_id": "u-42"}, port=port)
-    assert creds.url.startswith("https://127.0.0.1:")
+    assert creds.url.startswith("https://127.") and creds.url.count(":") == 1  # port 443
     body = get(
         creds.url + "/x?a=1",
         local_modal,

@@ -1,7 +1,8 @@
 """Relays: listeners on the host's loopback that forward each connection into a sandbox.
 
-A tunnel is a `Relay`: it accepts on ``host:<free port>`` (TLS-terminated with
-the server's certificate for encrypted ports, plain TCP for unencrypted ones)
+A tunnel is a `Relay`: it accepts on its own host's port 443 (`tunnel_hosts`),
+TLS-terminated with that host's certificate, or on a free port for the plain
+TCP side of an unencrypted port,
 and copies bytes both ways to the sandbox's port. It reaches the sandbox only
 through the `Connector` it is given (``LocalSandbox.open_connection``), so how
 a sandbox's network is reached is decided in one place. Closing a relay closes
@@ -14,8 +15,10 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import socket
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 log = logging.getLogger("prefect_modal.local")
 
@@ -83,13 +86,18 @@ class Listener:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
-    async def start(self) -> int:
+    async def start(self, sock: socket.socket | None = None) -> int:
+        """Listen on ``sock`` (bound already, e.g. to a tunnel's own host on port 443),
+        else on a free port of ``host``; returns the port."""
+        where: dict[str, Any] = (
+            {"sock": sock} if sock is not None else {"host": self.host, "port": 0}
+        )
         if self._ssl is not None:
             self._server = await asyncio.start_server(
-                self._accept, self.host, 0, ssl=self._ssl, ssl_handshake_timeout=10.0
+                self._accept, ssl=self._ssl, ssl_handshake_timeout=10.0, **where
             )
         else:
-            self._server = await asyncio.start_server(self._accept, self.host, 0)
+            self._server = await asyncio.start_server(self._accept, **where)
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 
