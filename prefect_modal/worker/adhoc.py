@@ -402,6 +402,7 @@ async def submit_adhoc_run(
         if configuration.mode == "per_step":
             flow = _with_per_step_runner(flow, configuration)
         created = create_bundle_for_flow_run(flow=flow, flow_run=flow_run)
+        _drop_host_ca_file(created["bundle"])
     except Exception as exc:
         logger.error("Flow run %s could not be prepared: %s", flow_run.id, exc)
         await worker._propose_crashed_state(
@@ -455,6 +456,23 @@ def _with_execution_launcher(flow: Flow[Any, Any], command: list[str]) -> Flow[A
     new = copy.copy(flow)
     new.launcher = launcher  # type: ignore[attr-defined]
     return new
+
+
+def _drop_host_ca_file(bundle: Any) -> None:
+    """Take the caller's CA file out of the bundle's settings.
+
+    The bundle carries the caller's Prefect settings; ``api.ssl_cert_file`` (which
+    Prefect takes from ``SSL_CERT_FILE``, set by `prefect-modal local serve`'s
+    variables or a company's TLS set-up) is a path on the caller's machine.  The
+    sandbox has no such file, and Prefect's client would fail to start on it; the
+    sandbox reaches the API with its own trust store.
+    """
+    from prefect.bundles import _deserialize_bundle_object, _serialize_bundle_object
+
+    context = _deserialize_bundle_object(bundle["context"])
+    api = ((context or {}).get("settings_context") or {}).get("settings", {}).get("api")
+    if isinstance(api, dict) and api.pop("ssl_cert_file", None) is not None:
+        bundle["context"] = _serialize_bundle_object(context)
 
 
 def _with_per_step_runner(flow: Flow[Any, Any], configuration: Any) -> Flow[Any, Any]:

@@ -168,7 +168,7 @@ def test_readme_block_runs(block: Block, session: Session) -> None:
         pytest.fail(f"{block.where}: a ```{block.lang} block; tag it python or bash")
     assert result.returncode == 0, (
         f"{block.id}: the block at {block.where} failed ({result.returncode}):\n"
-        f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        f"{result.stdout[-3000:]}\n{result.stderr[-30000:]}"
     )
 
 
