@@ -6,6 +6,10 @@ import os
 import tempfile
 from pathlib import Path
 
+#: Where each script writes its JSON unless told otherwise (``--out``); absolute, so
+#: that a script run from another directory still writes here.
+RESULTS = Path(__file__).resolve().parent / "results"
+
 
 def isolate_modal_config() -> None:
     """A fresh HOME with no ~/.modal.toml and no MODAL_* variables: the local server only."""
