@@ -45,18 +45,22 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-_home = tempfile.mkdtemp(prefix="bench-home-")
-os.environ["HOME"] = _home
-os.environ["MODAL_CONFIG_PATH"] = str(Path(_home) / ".modal.toml")
+from bench_common import scratch_dir
+
+# A process pool's worker runs this module again (as __mp_main__): it inherits
+# this environment, and must not make (and leave behind) a HOME of its own.
+if __name__ != "__mp_main__":
+    _home = scratch_dir("bench-home-")
+    os.environ["HOME"] = str(_home)
+    os.environ["MODAL_CONFIG_PATH"] = str(_home / ".modal.toml")
+    os.environ.setdefault("PREFECT_HOME", str(_home / ".prefect"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_HOME", str(Path(_home) / ".prefect"))
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 for _key in [k for k in os.environ if k.startswith("MODAL_") and k != "MODAL_CONFIG_PATH"]:
     del os.environ[_key]
@@ -180,7 +184,7 @@ def _local_server(kind: str, latency: str = "off") -> Iterator[dict[str, str]]:
             _servers[latency] = lm
             yield dict(lm.env)
         return
-    service = start_local_modal(Path(tempfile.mkdtemp(prefix="bench-modal-")))
+    service = start_local_modal(scratch_dir("bench-modal-"))
     try:
         yield dict(service.env)
     finally:
