@@ -17,7 +17,11 @@ Through the real modal client, side by side in one run:
   mode; then the same builds again with the uv cache warm.
 
 Usage: ``python benchmarks/bench_images.py [--repeats 10] [--cold]
-[--out benchmarks/results/images.json]``
+[--out benchmarks/results/images.json] [--smoke]``
+
+``--smoke`` is one repeat of each measure (``--cold``'s builds, which fetch
+every wheel of the worker's images again, only if asked for too): it checks
+that the benchmark works, its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench_common import isolate_modal_config
+from bench_common import RESULTS, isolate_modal_config
 
 PACKAGE = "six==1.16.0"
 
@@ -100,15 +104,25 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--cold", action="store_true", help="also time first builds, caches empty")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/images.json"))
+    parser.add_argument("--out", type=Path, default=RESULTS / "images.json")
+    parser.add_argument(
+        "--smoke", action="store_true", help="one repeat of each measure: does it work?"
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.repeats = 1
     isolate_modal_config()
     import modal
 
     from prefect_modal.local import LocalModal
 
     work = Path(tempfile.mkdtemp(prefix="bench-images-"))
-    results: dict[str, Any] = {"platform": platform.platform(), "repeats": args.repeats}
+    results: dict[str, Any] = {
+        "platform": platform.platform(),
+        "argv": sys.argv[1:],
+        "smoke": args.smoke,
+        "repeats": args.repeats,
+    }
     try:
         with LocalModal(state_dir=work / "state", image_cache=work / "images") as lm:
             client = lm.client
@@ -168,6 +182,7 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
+    results["load_average_at_end"] = os.getloadavg()
     base_ms = results["create_wait_ms"]["no image (base)"]
     print("| measure | value |\n|---|---|")
     for name, ms in results["create_wait_ms"].items():

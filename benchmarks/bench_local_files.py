@@ -12,7 +12,10 @@ Through the real modal client, median of N runs each, side by side in one run:
   ``shutil.copyfile`` of it (the disk's own speed).
 
 Usage: ``python benchmarks/bench_local_files.py [--repeats 10]
-[--out benchmarks/results/local_files.json]``
+[--out benchmarks/results/local_files.json] [--smoke]``
+
+``--smoke`` is one repeat with 20 files of 1 kB and a 1 MiB file: it checks
+that the benchmark works, its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -30,11 +33,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench_common import isolate_modal_config
+from bench_common import RESULTS, isolate_modal_config
 
-N_FILES = 1000
-FILE_BYTES = 10_000
-BIG_MIB = 64
+#: The measured sizes: (files, bytes each, MiB of the one big file); --smoke's are tiny.
+SIZES = (1000, 10_000, 64)
+SMOKE_SIZES = (20, 1000, 1)
 
 
 def _median_ms(fn: Callable[[], None], repeats: int) -> float:
@@ -49,8 +52,14 @@ def _median_ms(fn: Callable[[], None], repeats: int) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/local_files.json"))
+    parser.add_argument("--out", type=Path, default=RESULTS / "local_files.json")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes, one repeat: does it work?"
+    )
     args = parser.parse_args()
+    n_files, file_bytes, big_mib = SMOKE_SIZES if args.smoke else SIZES
+    if args.smoke:
+        args.repeats = 1
     isolate_modal_config()
     import modal
 
@@ -58,13 +67,19 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="bench-files-"))
     tree = work / "tree"
-    for i in range(N_FILES):
+    for i in range(n_files):
         d = tree / f"d{i // 100}"
         d.mkdir(parents=True, exist_ok=True)
-        (d / f"f{i}.bin").write_bytes(os.urandom(FILE_BYTES))
+        (d / f"f{i}.bin").write_bytes(os.urandom(file_bytes))
     big = work / "big.bin"
-    big.write_bytes(os.urandom(BIG_MIB * 1024 * 1024))
-    results: dict[str, Any] = {"platform": platform.platform(), "repeats": args.repeats}
+    big.write_bytes(os.urandom(big_mib * 1024 * 1024))
+    results: dict[str, Any] = {
+        "platform": platform.platform(),
+        "argv": sys.argv[1:],
+        "smoke": args.smoke,
+        "repeats": args.repeats,
+        "files": {"count": n_files, "bytes_each": file_bytes, "big_file_mib": big_mib},
+    }
     try:
         with LocalModal(state_dir=work / "state") as lm:
             client = lm.client
@@ -90,7 +105,7 @@ def main() -> int:
                 run(image)()
             results["create_wait_ms"] = {
                 "base image": _median_ms(run(base), args.repeats),
-                "snapshot (1,000 files)": _median_ms(run(snap), args.repeats),
+                "snapshot of the files": _median_ms(run(snap), args.repeats),
                 "add_local_dir (mount)": _median_ms(run(mounted), args.repeats),
                 "add_local_dir (copy=True)": _median_ms(run(copied), args.repeats),
             }
@@ -108,26 +123,28 @@ def main() -> int:
             shutil.copyfile(big, work / "copy.bin")
             cp = time.perf_counter() - t0
             results["volume_mib_s"] = {
-                "batch_upload": BIG_MIB / up,
-                "read_file": BIG_MIB / down,
-                "shutil.copyfile": BIG_MIB / cp,
+                "batch_upload": big_mib / up,
+                "read_file": big_mib / down,
+                "shutil.copyfile": big_mib / cp,
             }
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
+    results["load_average_at_end"] = os.getloadavg()
     base_ms = results["create_wait_ms"]["base image"]
     print("| measure | value |\n|---|---|")
     for name, ms in results["create_wait_ms"].items():
         print(
             f"| create -> wait, {name} (median of {args.repeats}) | {ms:.1f} ms "
-            f"(+{ms - base_ms:.1f} ms) |"
+            f"({ms - base_ms:+.1f} ms) |"
         )
     print(
-        f"| snapshot_filesystem, 1,000 files / 10 MB | {results['snapshot_filesystem_ms']:.0f} ms |"
+        f"| snapshot_filesystem, {n_files:,} files / {n_files * file_bytes / 1e6:g} MB | "
+        f"{results['snapshot_filesystem_ms']:.0f} ms |"
     )
     v = results["volume_mib_s"]
     print(
-        f"| {BIG_MIB} MiB: batch_upload / read_file / shutil.copyfile | "
+        f"| {big_mib} MiB: batch_upload / read_file / shutil.copyfile | "
         f"{v['batch_upload']:.0f} / {v['read_file']:.0f} / {v['shutil.copyfile']:.0f} MiB/s |"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)

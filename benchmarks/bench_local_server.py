@@ -20,7 +20,12 @@ side by side in one run;
   (``--retention 0``, every sandbox kept); the target growth is <= 50 MB.
 
 Usage: ``python benchmarks/bench_local_server.py [--repeats 20] [--concurrency 50]
-[--memory-sandboxes 5000] [--out benchmarks/results/local_server.json]``
+[--memory-sandboxes 5000] [--out benchmarks/results/local_server.json] [--smoke]``
+
+``--smoke`` runs every measure at a tiny size (one repeat, 2 at once, 4
+sandboxes for the memory after 2 warm-up ones) to check that the benchmark
+works: its figures mean nothing, so it exits non-zero only if a sandbox was
+left running, never for a missed target.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_common import isolate_modal_config
+from bench_common import RESULTS, isolate_modal_config
 
 CMD = ["python", "-c", "print(1)"]
 #: what is timed, each against a bare ``subprocess.run`` of the same program, with the
@@ -125,8 +130,9 @@ def rss_kib(pid: int) -> dict[str, int]:
     return out
 
 
-def bench_memory(n: int, retention_s: float, parallel: int = 8) -> dict[str, Any]:
-    """Server RSS over ``n`` sandboxes that each print 100 kB, in a server process of its own."""
+def bench_memory(n: int, retention_s: float, parallel: int = 8, warm: int = 200) -> dict[str, Any]:
+    """Server RSS over ``n`` sandboxes that each print 100 kB, in a server process of its own,
+    measured after ``warm`` sandboxes (imports, connections, the zygote, allocator pools)."""
     import modal
 
     from prefect_modal.cli.services import start_local_modal
@@ -159,8 +165,7 @@ def bench_memory(n: int, retention_s: float, parallel: int = 8) -> dict[str, Any
                 if i % 250 == 0:
                     samples.append((i, rss_kib(service.pid)["VmRSS"]))
 
-        warm = 200
-        asyncio.run(run(warm))  # imports, connections, the zygote, allocator pools
+        asyncio.run(run(warm))
         time.sleep(retention_s + 1.0 if retention_s else 1.0)
         before = rss_kib(service.pid)["VmRSS"]
         samples.clear()
@@ -202,8 +207,15 @@ def main() -> int:
     parser.add_argument(
         "--memory-sandboxes", type=int, default=5000, help="0 skips the memory measure"
     )
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/local_server.json"))
+    parser.add_argument("--out", type=Path, default=RESULTS / "local_server.json")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes, one repeat: does it work? (no verdict)"
+    )
     args = parser.parse_args()
+    warm_memory = 200
+    if args.smoke:
+        args.repeats, args.concurrency, warm_memory = 1, 2, 2
+        args.memory_sandboxes = min(args.memory_sandboxes, 4)
     isolate_modal_config()
 
     import modal
@@ -248,8 +260,10 @@ def main() -> int:
 
     memory: dict[str, dict[str, Any]] = {}
     if args.memory_sandboxes:
-        memory["pruning"] = bench_memory(args.memory_sandboxes, MEMORY_RETENTION_S)
-        memory["no pruning"] = bench_memory(args.memory_sandboxes, 0)
+        memory["pruning"] = bench_memory(
+            args.memory_sandboxes, MEMORY_RETENTION_S, warm=warm_memory
+        )
+        memory["no pruning"] = bench_memory(args.memory_sandboxes, 0, warm=warm_memory)
 
     default = "isolated, fork server"
     bare_med = {c: statistics.median(times) for c, times in bare.items()}
@@ -265,6 +279,9 @@ def main() -> int:
             "platform": platform.platform(),
         },
         "modal_version": modal.__version__,
+        "argv": sys.argv[1:],
+        "smoke": args.smoke,
+        "load_average_at_end": os.getloadavg(),
         "repeats": args.repeats,
         "commands": {c: cmd for c, (cmd, _t) in COMMANDS.items()},
         "bare_subprocess_run_median_s": bare_med,
@@ -326,6 +343,8 @@ def main() -> int:
         memory["pruning"]["rss_growth_mb"] <= TARGET_RSS_GROWTH_MB
     )
     speed_ok = all(ratio[c][default] <= t for c, (_cmd, t) in COMMANDS.items())
+    if args.smoke:  # tiny samples: a target met or missed says nothing
+        return 0 if not left else 1
     return 0 if speed_ok and not left and memory_ok else 1
 
 

@@ -13,6 +13,11 @@ running.  Prints a table and writes JSON to benchmarks/results/.
 
     python benchmarks/bench_task_runner.py [--sizes 50 200] [--repeat 1]
         [--server both|embedded|process] [--latency both|off|modal] [--big 1000]
+        [--quiet-wait 60] [--out PATH] [--smoke]
+
+`--smoke` is 2 tasks per map, one run, no warm-up, a 4-task big map and no
+wait for a quiet machine: it checks that the benchmark works (every runner it
+would measure), its figures mean nothing.
 
 Two times per run:
 
@@ -27,7 +32,7 @@ Runners are measured in turn within each repeat (not one after the other), so
 a noisy neighbour on the machine affects all of them alike; the best run of
 each counts.  The local Modal server runs in the flow's process (`embedded`,
 the zero-config path) and/or in its own process (`process`, as `prefect-modal
-local serve` does); `both` (default) measures both.
+local serve` does); `both` measures both; `embedded` is the default.
 
 Runs against Prefect's test harness (a temporary API server) unless
 PREFECT_API_URL is set; HOME is isolated so no ~/.modal.toml is read.
@@ -40,18 +45,22 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-_home = tempfile.mkdtemp(prefix="bench-home-")
-os.environ["HOME"] = _home
-os.environ["MODAL_CONFIG_PATH"] = str(Path(_home) / ".modal.toml")
+from bench_common import scratch_dir
+
+# A process pool's worker runs this module again (as __mp_main__): it inherits
+# this environment, and must not make (and leave behind) a HOME of its own.
+if __name__ != "__mp_main__":
+    _home = scratch_dir("bench-home-")
+    os.environ["HOME"] = str(_home)
+    os.environ["MODAL_CONFIG_PATH"] = str(_home / ".modal.toml")
+    os.environ.setdefault("PREFECT_HOME", str(_home / ".prefect"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_HOME", str(Path(_home) / ".prefect"))
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 for _key in [k for k in os.environ if k.startswith("MODAL_") and k != "MODAL_CONFIG_PATH"]:
     del os.environ[_key]
@@ -175,7 +184,7 @@ def _local_server(kind: str, latency: str = "off") -> Iterator[dict[str, str]]:
             _servers[latency] = lm
             yield dict(lm.env)
         return
-    service = start_local_modal(Path(tempfile.mkdtemp(prefix="bench-modal-")))
+    service = start_local_modal(scratch_dir("bench-modal-"))
     try:
         yield dict(service.env)
     finally:
@@ -215,7 +224,15 @@ def main() -> None:
     parser.add_argument(
         "--quiet-wait", type=float, default=60.0, help="most seconds to wait for an idle machine"
     )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="JSON path (default: benchmarks/results/, stamped)"
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny maps, one run, no waits: does it work?"
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.sizes, args.repeat, args.big, args.quiet_wait = [2], 1, min(args.big, 4), 0.0
     latencies = ["off", "modal"] if args.latency == "both" else [args.latency]
     servers = ["embedded", "process"] if args.server == "both" else [args.server]
 
@@ -245,7 +262,7 @@ def main() -> None:
                         credentials=c, max_parallelism=PARALLELISM, reuse_sandboxes=r
                     )
         for name, make in runners.items():
-            if "modal latency" not in name or "warm" in name:
+            if not args.smoke and ("modal latency" not in name or "warm" in name):
                 run_once(make(), 5)  # warm-up: imports, pools, image and app lookups
         times: dict[tuple[str, int], list[tuple[float, float]]] = {}
         #: CPU seconds per process during the (last) run, until settled
@@ -309,9 +326,9 @@ def main() -> None:
             f"{r['settled_s']:10.2f} {r['settled_ratio_vs_thread']:9.2f}x"
         )
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out = RESULTS / f"task_runner-{stamp}.json"
+    out = args.out or RESULTS / f"task_runner-{stamp}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps(
             {
@@ -323,6 +340,7 @@ def main() -> None:
                     "platform": platform.platform(),
                 },
                 "argv": sys.argv[1:],
+                "smoke": args.smoke,
                 "servers": servers,
                 "load_average_at_end": os.getloadavg(),
                 "rows": rows,

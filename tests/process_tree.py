@@ -1,6 +1,8 @@
 """Every process a program started, found by pid through /proc, for "nothing left" checks.
 
 A pid alone can be reused once its process is gone; (pid, start time) cannot.
+Imported by the CLI's signal tests and the benchmarks' smoke tests (the rootdir
+conftest puts `tests/` on sys.path).
 """
 
 from __future__ import annotations
