@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,74 @@ def test_apt_install_through_the_client_gives_a_working_jq(
         for p in local_modal.image_cache.glob("*/fs/usr/bin/jq")
     ]
     assert digest in built  # the layer's jq, whether or not this machine has one
+
+
+def test_apt_install_runs_maintainer_scripts_so_php_is_on_path(
+    local_modal: LocalModal, app: Any
+) -> None:
+    """As on Modal, where apt-get install runs in the image build: php8.2-cli's postinst
+    (update-alternatives for /usr/bin/php, ucf for php.ini, conf.d links) runs in a build
+    sandbox, so ``php`` is on PATH. This machine's /usr, /etc and /var are not changed."""
+    _needs_isolation(local_modal)
+    _needs_mirror()
+    host_had_php = os.path.lexists("/usr/bin/php")
+    image = modal.Image.debian_slim().apt_install("php-cli")
+    sb = modal.Sandbox.create(
+        "sh",
+        "-c",
+        "php -r 'echo 1;' && echo && readlink /usr/bin/php /etc/alternatives/php "
+        "&& test -d /var/lib/dpkg/alternatives && cat /var/lib/dpkg/alternatives/php",
+        app=app,
+        image=image,
+        client=local_modal.client,
+    )
+    sb.wait(raise_on_termination=False)
+    out, err = sb.stdout.read(), sb.stderr.read()
+    assert sb.returncode == 0, (out, err)
+    lines = out.splitlines()
+    assert lines[0] == "1"
+    assert lines[1] == "/etc/alternatives/php"
+    assert lines[2].startswith("/usr/bin/php") and lines[2] != "/usr/bin/php", lines
+    assert lines[3] == "auto"  # update-alternatives' own record of the group
+    assert os.path.lexists("/usr/bin/php") == host_had_php
+    if not host_had_php:
+        assert not os.path.lexists("/etc/alternatives/php")
+        assert not os.path.exists("/var/lib/dpkg/alternatives/php")
+
+
+def test_a_whiteout_in_a_layer_hides_the_host_file(
+    local_modal: LocalModal, app: Any, tmp_path: Path
+) -> None:
+    """What a package's install removed under /usr or /etc is a whiteout in its layer
+    (a 0/0 character device, as overlayfs leaves it): a sandbox of the image does not
+    see the host's file there, and the host keeps it."""
+    _needs_isolation(local_modal)
+    victim = Path("/etc/debian_version")
+    if not victim.is_file():
+        pytest.skip(reason=f"this machine has no {victim} (not Debian) to hide")
+    layer = tmp_path / "layer"
+    (layer / "etc").mkdir(parents=True)
+    os.mknod(layer / "etc/debian_version", 0o600 | stat.S_IFCHR, os.makedev(0, 0))
+    (layer / "etc/pm-kept.conf").write_text("kept\n")
+    sb = modal.Sandbox.create(app=app, image=_image(local_modal, layer), client=local_modal.client)
+    try:
+        code, out, err = _run(
+            sb, "sh", "-c", "cat /etc/pm-kept.conf; test -e /etc/debian_version || echo gone"
+        )
+        assert (code, out.split()) == (0, ["kept", "gone"]), err
+        snap = sb.snapshot_filesystem()
+    finally:
+        sb.terminate()
+    # a snapshot copies the layer's files under /etc: the whiteout too
+    sb2 = modal.Sandbox.create(app=app, image=snap, client=local_modal.client)
+    try:
+        code, out, err = _run(
+            sb2, "sh", "-c", "cat /etc/pm-kept.conf; test -e /etc/debian_version || echo gone"
+        )
+        assert (code, out.split()) == (0, ["kept", "gone"]), err
+    finally:
+        sb2.terminate()
+    assert victim.is_file()
 
 
 def test_layers_add_files_under_the_read_only_usr_and_etc(

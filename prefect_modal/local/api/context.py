@@ -300,9 +300,13 @@ class ServerContext:
         ro_dirs: list[str],
         rw: dict[str, Path],
         log: Log,
+        uppers: dict[str, Path] | None = None,
     ) -> int:
-        """A ``run_commands`` line in a build sandbox: the runtime's container over
-        ``image_layers``, ``rw`` bound writable; its root, as left, moved to ``root``."""
+        """A build command (a ``run_commands`` line, an ``apt_install``'s dpkg) in a
+        build sandbox: the runtime's container over ``image_layers``, ``rw`` bound
+        writable, ``uppers`` (container path -> directory) making those read-only
+        view directories writable overlays whose changes land in that directory;
+        its root, as left, moved to ``root``."""
         if self.isolation is None:
             raise RuntimeError("build sandboxes need isolation")
         work = root.parent / "build"
@@ -331,6 +335,7 @@ class ServerContext:
             layers=image_layers,
             view=self.isolation.view.for_image(ro_dirs),
             path=env["PATH"].split(":"),
+            uppers=dict(uppers or {}),
         )
         sb = LocalSandbox(
             spec,

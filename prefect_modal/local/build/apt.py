@@ -1,4 +1,4 @@
-"""``Image.apt_install`` for the local Modal server: Debian packages unpacked into a layer.
+"""``Image.apt_install`` for the local Modal server: Debian packages installed into a layer.
 
 A local image's base is this machine's Debian userland (its ``/usr`` and
 ``/etc``, read-only in every sandbox), so what an ``apt_install`` layer must
@@ -8,31 +8,44 @@ their dependencies that this machine does not have, resolved by apt against
 its dpkg status. apt-get does the resolving and fetching, with everything it
 writes kept under ``cache_dir`` (its own package lists, archives and caches;
 ``APT::Sandbox::User=root`` so it can write there), so the host's apt state is
-never touched and nothing is installed on the host. Each ``.deb`` is then
-unpacked with ``dpkg-deb -x`` into the layer directory, laid out as the
+never touched and nothing is installed on the host.
+
+The fetched ``.deb`` files are then installed by dpkg itself, as apt-get
+would in Modal's image build, in a build sandbox (the runtime's container,
+`builder.Builder._apt`): a copy of the host's dpkg and debconf state in its
+root (`seed_dpkg_state`), ``/usr`` and ``/etc`` writable overlays over the
+layers so far and the host's, whose upper directories become the layer
+(`finish_layer`: files, the alternatives' links, whiteouts for what an
+install removed). So maintainer scripts (``preinst``, ``postinst
+configure``: ``update-alternatives``, ``ucf``, ``phpenmod``...) and triggers
+run there, never on this machine: ``apt_install("php-cli")`` gives a
+``/usr/bin/php``. A package that cannot be unpacked fails the build; one
+whose maintainer script fails is a warning naming it (`check_dpkg`). The
+layer keeps ``/var/lib/dpkg/alternatives`` and what the scripts wrote under
+``/var``, not dpkg's database.
+
+A server without a build sandbox (not isolated) only unpacks each package
+with ``dpkg-deb -x`` into the layer (`unpack_packages`), laid out as the
 sandbox's root (``dest/usr/bin/jq``); on a merged-``/usr`` host what a
-package ships under ``/bin`` or ``/lib`` goes to ``/usr/bin`` or ``/usr/lib``,
-where the sandbox's ``/bin -> usr/bin`` leads.
+package ships under ``/bin`` or ``/lib`` goes to ``/usr/bin`` or
+``/usr/lib``, where the sandbox's ``/bin -> usr/bin`` leads. Its maintainer
+scripts are not run: a package whose script does more than ``ldconfig`` or
+triggers gets a *warning* naming the package and the commands it would have
+run (`_script_effects`).
 
 What cannot work this way (documented in docs/local-server.md, said in the build log):
 
-* **Maintainer scripts are never run** (no ``preinst`` / ``postinst``): a
-  package whose script does more than ``ldconfig`` or triggers (creates
-  users, registers alternatives, enables services, generates files) gets a
-  *warning* naming the package and the commands it would have run, not an
-  error: most such packages still work for what a sandbox does with them
-  (their program runs), and refusing them would refuse much of Debian. Shared
-  libraries need no ``ldconfig``: the loader's default paths find them.
 * **Files under /etc**: the sandbox's ``/etc`` is this machine's, read-only;
   the layer's ``/etc`` files are shown over it (a read-only overlay, see
   `runtime.layers.overlays`), so a package's configuration files are there,
-  but a program that writes its own ``/etc`` files at run time cannot; the
-  log says how many ``/etc`` files a layer brings. Host files that are masked
-  in sandboxes (``/etc/shadow``...) stay masked.
+  but a program that writes its own ``/etc`` files at run time cannot. Host
+  files that are masked in sandboxes (``/etc/shadow``...) stay masked, in the
+  build sandbox too: a maintainer script that adds a user fails there (a
+  warning naming the package).
 * Packages this machine's sources do not have, version pins they cannot
   satisfy, and removals (a package that conflicts with one of this machine's
-  cannot take its place: the base is read-only) are reported, not worked
-  around.
+  cannot take its place: the base is read-only; dpkg refuses to unpack it)
+  fail the build with apt's or dpkg's words, not worked around.
 
 Package lists are refreshed (``apt-get update`` into the private lists) when
 missing, older than `LISTS_MAX_AGE_S`, older than the host's sources, or
@@ -172,27 +185,25 @@ def _validate_names(packages: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def unpack_packages(
+def fetch_packages(
     packages: Sequence[str],
-    dest: Path,
     *,
     cache_dir: Path,
     log: Callable[[str], None],
-) -> None:
-    """Fetch ``packages`` and the dependencies this machine lacks, and unpack
-    them into ``dest`` (a layer laid out as the sandbox's root). ``cache_dir``
-    holds apt's private lists and archives: a second call for the same
-    packages fetches nothing. Progress goes to ``log`` line by line."""
+) -> list[tuple[str, Path]]:
+    """Resolve ``packages`` against this machine's and fetch them and the
+    dependencies this machine lacks into ``cache_dir`` (apt's private lists and
+    archives: a second call for the same packages fetches nothing). Returns
+    (package name, ``.deb``) in apt's plan order; empty for no packages."""
     names = _validate_names(packages)
     if not names:
         log("apt: no packages to install")
-        return
+        return []
     if any(ch in str(cache_dir) for ch in '"\n;{}'):
         raise AptError(
             f"apt_install: the apt cache directory {str(cache_dir)!r} has a character apt's "
             "configuration cannot hold ('\"', ';', '{', '}', a newline): use another directory"
         )
-    t0 = time.monotonic()
     apt = _PrivateApt(Path(cache_dir), log)
     with apt.locked():
         fresh = False
@@ -210,8 +221,131 @@ def unpack_packages(
                 plan, debs = apt.resolve_and_fetch(names)
             except _ListsMayBeStale as again:
                 raise AptError(str(again)) from None
-        _unpack(plan, debs, Path(dest), log)
-    log(f"apt: {' '.join(names)} done in {time.monotonic() - t0:.1f} s")
+    return [(d.name, p) for d, p in zip(plan, debs, strict=True)]
+
+
+def unpack_packages(
+    packages: Sequence[str],
+    dest: Path,
+    *,
+    cache_dir: Path,
+    log: Callable[[str], None],
+) -> None:
+    """`fetch_packages`, then unpack them into ``dest`` (a layer laid out as the
+    sandbox's root) with ``dpkg-deb -x``, running no maintainer script: the way
+    of a server that has no build sandbox (not isolated). Progress goes to
+    ``log`` line by line."""
+    t0 = time.monotonic()
+    fetched = fetch_packages(packages, cache_dir=cache_dir, log=log)
+    if not fetched:
+        return
+    plan = [_Deb(name, "", "") for name, _ in fetched]
+    _unpack(plan, [p for _, p in fetched], Path(dest), log)
+    log(f"apt: {' '.join(_validate_names(packages))} done in {time.monotonic() - t0:.1f} s")
+
+
+# ----- installing in a build sandbox ---------------------------------------------------
+
+#: Where the build sandbox sees the fetched packages.
+DEBS_AT = "/run/prefect-modal-debs"
+#: The host's state dpkg and its maintainer scripts read, copied into the build
+#: sandbox's root (`seed_dpkg_state`): dpkg's database (what is installed, the
+#: alternatives) and debconf's answers and templates (not its passwords).
+_SEEDED = ("var/lib/dpkg", "var/cache/debconf/config.dat", "var/cache/debconf/templates.dat")
+#: What the layer keeps of that state: the alternatives update-alternatives
+#: registered (the rest is the host's, which every sandbox reads from its own base).
+_KEPT_STATE = "var/lib/dpkg/alternatives"
+
+
+def seed_dpkg_state(seed: Path) -> None:
+    """A layer (``seed``) holding a copy of this machine's dpkg and debconf state,
+    for the build sandbox where dpkg installs an ``apt_install``'s packages."""
+    for rel in _SEEDED:
+        src = Path("/") / rel
+        dst = seed / rel
+        if src.is_dir():
+            layers.copy_tree(src, dst)
+        elif src.is_file():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+
+
+def dpkg_install_argv(debs: Sequence[str]) -> list[str]:
+    """dpkg installing ``debs`` (paths in the build sandbox) as apt-get would:
+    unpacked in this order, configured in dependency order (maintainer scripts
+    and triggers run), configuration files as the packages ship them."""
+    return [
+        "dpkg",
+        "--log=/dev/null",
+        "--force-confdef",
+        "--force-confold",
+        "--force-unsafe-io",
+        "--install",
+        *debs,
+    ]
+
+
+def finish_layer(fs: Path, uppers: dict[str, Path]) -> None:
+    """Make the build sandbox's root (``fs``) the layer: each writable overlay's
+    upper directory (what dpkg changed under ``/usr``, ``/etc``, whiteouts
+    included) takes its place in it, the fetched packages' mount point and the
+    seeded dpkg state (but `_KEPT_STATE`) are dropped."""
+    for path, upper in uppers.items():
+        target = fs / path.strip("/")
+        if target.is_dir() and not target.is_symlink():
+            os.rmdir(target)  # the empty mount point the container made
+        os.rename(upper, target)
+        shutil.rmtree(layers.overlay_workdir(upper), ignore_errors=True)
+    with contextlib.suppress(OSError):
+        os.rmdir(fs / DEBS_AT.strip("/"))
+    dpkg_dir = fs / "var/lib/dpkg"
+    if dpkg_dir.is_dir():
+        for entry in dpkg_dir.iterdir():
+            if str(entry.relative_to(fs)) == _KEPT_STATE:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    shutil.rmtree(fs / "var/cache/debconf", ignore_errors=True)
+
+
+_ARCHIVE_FAILED = re.compile(r"^dpkg: error processing archive (\S+)", re.M)
+_PACKAGE_FAILED = re.compile(r"^dpkg: error processing package (\S+)", re.M)
+
+
+def check_dpkg(code: int, output: str, names: Sequence[str], log: Callable[[str], None]) -> None:
+    """Judge dpkg's run in the build sandbox. A package that could not be unpacked
+    fails the build (AptError naming it, with dpkg's words); one whose maintainer
+    script failed is a warning naming it (its files are in the layer; what the
+    script sets up may be missing: e.g. a user, since the sandbox's
+    ``/etc/shadow`` is masked)."""
+    archives = _ARCHIVE_FAILED.findall(output)
+    said = _dpkg_says(output)
+    if archives:
+        which = ", ".join(os.path.basename(a) for a in archives)
+        raise AptError(
+            f"apt_install({', '.join(names)}): dpkg cannot unpack {which} over this "
+            f"machine's packages: {said}"
+        )
+    failed = list(dict.fromkeys(_PACKAGE_FAILED.findall(output)))
+    if failed:
+        log(
+            f"apt: warning: the maintainer scripts of {', '.join(failed)} failed in the build "
+            f"sandbox ({said}); their files are in the image, what the scripts set up may be "
+            "missing and the package may not work as on Modal"
+        )
+    elif code != 0:
+        raise AptError(
+            f"apt_install({', '.join(names)}): dpkg failed with exit code {code} in the build "
+            f"sandbox: {said}"
+        )
+
+
+def _dpkg_says(output: str) -> str:
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower() or ln.startswith("dpkg:")]
+    return " / ".join((errors or lines)[-8:]) or "no output"
 
 
 # ----- apt-get with private state -------------------------------------------------------
@@ -360,8 +494,8 @@ class _PrivateApt:
         if removed:
             self.log(
                 f"apt: warning: Debian would remove {', '.join(removed)} to install these; the "
-                "base is this machine's read-only userland, so those stay (the layer's files "
-                "are shown over theirs)"
+                "base is this machine's read-only userland, so those stay (dpkg may refuse to "
+                "install over them, which fails the build)"
             )
         if not plan:
             raise AptError(
@@ -590,4 +724,13 @@ def _size(n: int) -> str:
     return f"{n / 1000**2:.1f} MB"
 
 
-__all__ = ["AptError", "unpack_packages"]
+__all__ = [
+    "DEBS_AT",
+    "AptError",
+    "check_dpkg",
+    "dpkg_install_argv",
+    "fetch_packages",
+    "finish_layer",
+    "seed_dpkg_state",
+    "unpack_packages",
+]

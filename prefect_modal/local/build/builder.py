@@ -10,8 +10,11 @@ sandbox root (``apt_install``, ``run_commands``, ``workdir``), and its
 
 ``run_commands`` run in a build sandbox (the runtime's container, over the
 layers so far, the environment writable); the root they leave is the next
-layer. Registry images cannot be pulled here: they keep the server's view
-(this machine's userland and the server's Python) and their steps are not run.
+layer. ``apt_install`` packages are fetched by apt-get and installed by dpkg
+in a build sandbox whose ``/usr`` and ``/etc`` are writable overlays, so their
+maintainer scripts run there (`apt`). Registry images cannot be pulled here:
+they keep the server's view (this machine's userland and the server's Python)
+and their steps are not run.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from . import pip, pythons
 from .cache import LayerCache, layer_key
@@ -31,12 +34,25 @@ from .pip import BuildStepError
 from .recipe import Recipe, Step
 
 Log = Callable[[str], None]
-#: Runs a build command in a container: (argv, env, workdir, root dir, layers,
-#: read-only dirs, writable binds, log) -> exit code.
-RunInSandbox = Callable[
-    [list[str], dict[str, str], str, Path, list[Path], list[str], dict[str, Path], Log],
-    Awaitable[int],
-]
+
+
+class RunInSandbox(Protocol):
+    """Runs a build command in a container: (argv, env, workdir, root dir, layers,
+    read-only dirs, writable binds, log, writable overlays' upper dirs) -> exit code."""
+
+    def __call__(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        workdir: str,
+        root: Path,
+        image_layers: list[Path],
+        ro_dirs: list[str],
+        rw: dict[str, Path],
+        log: Log,
+        uppers: dict[str, Path] | None = None,
+    ) -> Awaitable[int]: ...
+
 
 #: PATH in an image with a Python environment: its bin first, as Modal's images
 #: have /usr/local/bin/python first.
@@ -148,8 +164,18 @@ class Builder:
         state = self.base_state(recipe, parent)
         key = state.key or self._base_key(state)
         for step in recipe.steps:
-            key = layer_key(key, step.definition())
+            key = layer_key(key, self._definition(step))
         return key
+
+    def _definition(self, step: Step) -> Any:
+        """What a step's layer is keyed by: its definition, and for ``apt`` how its
+        packages are put in (installed with their maintainer scripts in a build
+        sandbox, or only unpacked), so layers of the two ways never stand in for
+        each other in a shared cache."""
+        if step.kind == "apt":
+            how = "unpacked" if self.run_in_sandbox is None else "dpkg-in-build-sandbox"
+            return [*step.definition(), how]
+        return step.definition()
 
     @staticmethod
     def _base_key(state: ImageState) -> str:
@@ -190,7 +216,7 @@ class Builder:
         return ImageState.from_json(meta["state"])
 
     async def _step(self, state: ImageState, step: Step, log: Log) -> ImageState:
-        key = layer_key(state.key, step.definition())
+        key = layer_key(state.key, self._definition(step))
         kind, data = step.kind, step.data
         if kind in ("env", "entrypoint", "cmd", "ignored", "copy"):
             new = state.copy()
@@ -232,8 +258,7 @@ class Builder:
                 new.layers.append(str(here / "fs"))
                 new.workdir = path
             elif kind == "apt":
-                await self._apt(list(data["packages"]), here / "fs", log)
-                new.layers.append(str(here / "fs"))
+                new.layers = await self._apt(state, list(data["packages"]), here, log)
             elif kind == "run":
                 await self._run(state, data["command"], here, log)
                 new.layers = [str(here / "fs")]
@@ -244,21 +269,93 @@ class Builder:
 
         return await self._layer(key, build, log)
 
-    async def _apt(self, packages: list[str], dest: Path, log: Log) -> None:
+    async def _apt(self, state: ImageState, packages: list[str], here: Path, log: Log) -> list[str]:
+        """An ``apt_install`` layer (``here/fs``); returns the image's layers with it.
+
+        With a build sandbox (an isolated server), dpkg installs the fetched
+        packages in it as apt-get would in Modal's build: over the layers so far,
+        ``/usr`` and ``/etc`` writable overlays whose changes (files, the
+        alternatives' links, whiteouts) become the layer's, so maintainer scripts
+        and triggers run there, never on this machine. Without one they are only
+        unpacked (`apt.unpack_packages`, which says which scripts were not run)."""
         from . import apt
 
-        dest.mkdir(parents=True, exist_ok=True)
+        fs = here / "fs"
         cache_dir = self.cache.root.parent / "apt"  # apt's private lists and archives
 
         def line(text: str) -> None:  # apt's log gives lines without their newline
             log(text if text.endswith("\n") else text + "\n")
 
+        what = f"apt_install({', '.join(packages)})"
         try:
-            await asyncio.to_thread(
-                apt.unpack_packages, packages, dest, cache_dir=cache_dir, log=line
+            if self.run_in_sandbox is None:
+                fs.mkdir(parents=True, exist_ok=True)
+                line(
+                    "apt: this local server has no build sandbox (it cannot isolate sandboxes), "
+                    "so the packages are unpacked and their maintainer scripts are not run"
+                )
+                await asyncio.to_thread(
+                    apt.unpack_packages, packages, fs, cache_dir=cache_dir, log=line
+                )
+                return [*state.layers, str(fs)]
+            t0 = asyncio.get_running_loop().time()
+            fetched = await asyncio.to_thread(
+                apt.fetch_packages, packages, cache_dir=cache_dir, log=line
             )
+            if not fetched:
+                fs.mkdir(parents=True, exist_ok=True)
+                return [*state.layers, str(fs)]
+            scratch = here / "install"
+            debs = scratch / "debs"
+            seed = scratch / "seed"
+
+            def stage() -> list[str]:
+                debs.mkdir(parents=True)
+                names = []
+                for i, (_name, path) in enumerate(fetched):
+                    name = f"{i:04d}_{path.name}"  # apt's plan order
+                    try:
+                        os.link(path, debs / name)
+                    except OSError:
+                        shutil.copy2(path, debs / name)
+                    names.append(f"{apt.DEBS_AT}/{name}")
+                apt.seed_dpkg_state(seed)
+                return names
+
+            in_sandbox = await asyncio.to_thread(stage)
+            uppers = {d: here / "upper" / d.strip("/") for d in ("/usr", "/etc")}
+            env = {
+                **state.env,
+                "PATH": ":".join(STANDARD_PATH),
+                "DEBIAN_FRONTEND": "noninteractive",
+                "DEBCONF_NONINTERACTIVE_SEEN": "true",
+            }
+            line(f"apt: installing {len(fetched)} packages with dpkg in a build sandbox")
+            output: list[str] = []
+
+            def tee(text: str) -> None:
+                output.append(text)
+                log(text)
+
+            code = await self.run_in_sandbox(
+                apt.dpkg_install_argv(in_sandbox),
+                env,
+                "/",
+                fs,
+                [seed, *(Path(p) for p in state.layers)],
+                state.ro_dirs,
+                {apt.DEBS_AT: debs},
+                tee,
+                uppers=uppers,
+            )
+            await asyncio.to_thread(apt.finish_layer, fs, uppers)
+            await asyncio.to_thread(shutil.rmtree, scratch, True)
+            apt.check_dpkg(code, "".join(output), packages, line)
+            elapsed = asyncio.get_running_loop().time() - t0
+            line(f"apt: {' '.join(packages)} installed in {elapsed:.1f} s")
         except apt.AptError as exc:
-            raise ImageBuildError(f"apt_install({', '.join(packages)}) failed: {exc}") from None
+            raise ImageBuildError(f"{what} failed: {exc}") from None
+        return [*state.layers, str(fs)]
 
     async def _run(self, state: ImageState, command: str, here: Path, log: Log) -> None:
         if self.run_in_sandbox is None:

@@ -23,7 +23,9 @@ A sandbox is three processes (host pids in the server's view):
 The root: a bind of the sandbox's own directory (its writable layer), the
 image's directories bound read-only at their paths (recursively read-only,
 with ``mount_setattr``; a read-only overlay instead where the image's layers
-add files there, as ``apt_install`` does under ``/usr``), volumes bound
+add files there, as ``apt_install`` does under ``/usr``; in the build sandbox
+that installs an ``apt_install``'s packages a writable overlay whose upper
+directory is the new layer's), volumes bound
 read-write, files that hold host secrets (``/etc/shadow``...) masked, a
 private ``/proc`` (with ``/proc/sys`` read-only), a small ``/dev`` of its
 own, then ``pivot_root`` and the host's tree detached. Nothing of the host
@@ -164,6 +166,16 @@ def _overlay(lowerdir, target):
     mount("overlay", target, "overlay", MS_RDONLY | MS_NOSUID | MS_NODEV, "lowerdir=" + lowerdir)
 
 
+def _overlay_rw(options, target):
+    """A writable overlay at ``target``, for a build sandbox only (``apt_install``'s
+    package installs): ``options`` name the lower directories (the image layers'
+    and the host's, all left unchanged), the upper directory that receives every
+    change (the new layer's: deletions of lower files become whiteouts there, which
+    overlayfs honours when that layer is later a lower one) and its work directory."""
+    os.makedirs(target, exist_ok=True)
+    mount("overlay", target, "overlay", MS_NOSUID | MS_NODEV, options)
+
+
 def _mask(target):
     """Hide a host file or directory that the image's binds would otherwise show."""
     if os.path.isdir(target):
@@ -246,6 +258,8 @@ def build_root(spec):
             _mask(target)
         elif kind == "overlay":
             _overlay(source, target)
+        elif kind == "overlay_rw":
+            _overlay_rw(source, target)
         else:
             _bind(source, target, readonly=kind == "ro")
     _make_proc(root)

@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .layers import overlay_workdir
+
 log = logging.getLogger("prefect_modal.local")
 
 ENV_SWITCH = "PREFECT_MODAL_LOCAL_ISOLATION"
@@ -235,17 +237,29 @@ def layout(
     network: str,
     binds: dict[str, Path] | None = None,
     overlays: dict[str, list[str]] | None = None,
+    uppers: dict[str, Path] | None = None,
 ) -> dict[str, Any]:
     """The container spec `container.start` builds (JSON-able). Mounts are
     ordered so a parent is bound before what lies inside it. ``binds``: more
     read-only binds, container path -> host file or directory (local files).
     ``overlays``: view directories the image's layers add files to, container
     path -> the layers' directories there, top-most first (`layers.overlays`);
-    such a directory is a read-only overlay of those over the host's."""
+    such a directory is a read-only overlay of those over the host's.
+    ``uppers``: for a build sandbox, view directories made writable, container
+    path -> the upper directory that takes the changes (its overlay work
+    directory is `overlay_workdir`, beside it); the host's files are never changed."""
     mounts: list[tuple[str, str | None, str]] = []
     over = overlays or {}
+    up = uppers or {}
     for d in (*view.dirs, *view.host_dirs):
-        if d in over:
+        if d in up:
+            options = (
+                f"lowerdir={overlay_lowerdir([*over.get(d, []), d])},"
+                f"upperdir={overlay_lowerdir([str(up[d])])},"
+                f"workdir={overlay_lowerdir([str(overlay_workdir(up[d]))])}"
+            )
+            mounts.append(("overlay_rw", options, d))
+        elif d in over:
             mounts.append(("overlay", overlay_lowerdir([*over[d], d]), d))
         else:
             mounts.append(("ro", d, d))
@@ -439,6 +453,7 @@ __all__ = [
     "layout",
     "open_in_root",
     "overlay_lowerdir",
+    "overlay_workdir",
     "pasta",
     "pasta_command",
     "prepare_root",

@@ -11,7 +11,9 @@ What a layer holds under the image's read-only directories (``/usr``,
 over them by a read-only overlay (`overlays`).
 
 Copies keep modes, times and symlinks (never followed); devices, FIFOs and
-sockets are left out (a root has none worth keeping: /dev is made fresh).
+sockets are left out (a root has none worth keeping: /dev is made fresh),
+except overlayfs whiteouts (0/0 character devices an ``apt_install`` layer has
+under ``/usr`` or ``/etc`` for what its install removed), copied as whiteouts.
 """
 
 from __future__ import annotations
@@ -102,12 +104,27 @@ def _copy_dir(src_fd: int, parent_fd: int, name: str, rel: str, skipped: set[str
                 os.symlink(link, entry.name, dir_fd=dfd)
             elif stat.S_ISREG(mode):
                 count += _copy_file(src_fd, dfd, entry.name)
+            elif stat.S_ISCHR(mode) and entry.stat(follow_symlinks=False).st_rdev == 0:
+                _copy_whiteout(dfd, entry.name)
     finally:
         if made:  # a directory already there keeps its mode (/root stays 0700)
             os.chmod(dfd, stat.S_IMODE(st.st_mode))
             os.utime(dfd, ns=(st.st_atime_ns, st.st_mtime_ns))
         os.close(dfd)
     return count
+
+
+def _copy_whiteout(dst_dir: int, name: str) -> None:
+    """An overlayfs whiteout (a 0/0 character device: an ``apt_install``'s
+    install removed the file below it) copied as one, replacing what ``dst`` has
+    there, so the copy, used as an overlay's lower layer, still hides the file."""
+    old = _lstat_at(dst_dir, name)
+    if old is not None:
+        _remove_at(dst_dir, name, old)
+    try:
+        os.mknod(name, stat.S_IFCHR | 0o600, os.makedev(0, 0), dir_fd=dst_dir)
+    except PermissionError:  # not root: what was there is removed, at least
+        pass
 
 
 def _copy_file(src_dir: int, dst_dir: int, name: str) -> int:
@@ -221,6 +238,12 @@ def overlays(trees: Iterable[Path], readonly_dirs: Iterable[str]) -> dict[str, l
     return found
 
 
+def overlay_workdir(upper: Path) -> Path:
+    """The overlay work directory of a writable overlay's ``upper`` directory
+    (beside it: on the same filesystem, not inside it)."""
+    return upper.with_name(upper.name + ".overlay-work")
+
+
 def relative_skips(paths: Iterable[str]) -> list[str]:
     """Container paths (``/usr``, ``/proc``) as `copy_tree` skips."""
     return [p.strip("/") for p in paths if p.strip("/")]
@@ -232,6 +255,7 @@ __all__ = [
     "clear_way",
     "copy_tree",
     "materialize",
+    "overlay_workdir",
     "overlays",
     "relative_skips",
     "under",

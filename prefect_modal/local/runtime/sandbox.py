@@ -118,6 +118,9 @@ class SandboxRequest:
     #: v1 volumes (mount path -> its private view, merged into the volume at the end:
     #: `volume_views`); a mount path not here is bound live (v2)
     volume_views: dict[str, VolumeView] = field(default_factory=dict)
+    #: a build sandbox's writable view directories: container path -> the upper
+    #: directory of its writable overlay (`isolation.layout`), isolated only
+    uppers: dict[str, Path] = field(default_factory=dict)
 
     def volume_dirs(self) -> dict[str, Path]:
         """Mount path -> the host directory bound there: a v1 volume's view, else the volume."""
@@ -409,6 +412,9 @@ class LocalSandbox:
                 layers.clear_way(self.paths.fs, targets)
             for host_dir in self.spec.volume_dirs().values():
                 host_dir.mkdir(parents=True, exist_ok=True)
+            for upper in self.spec.uppers.values():
+                upper.mkdir(parents=True, exist_ok=True)
+                isolation.overlay_workdir(upper).mkdir(parents=True, exist_ok=True)
             return
         self.paths.fs.mkdir(parents=True)  # a fresh id: the directory cannot exist yet
         os.mkdir(self.paths.resolve("/root"))
@@ -547,6 +553,7 @@ class LocalSandbox:
             network=self.spec.network,
             binds=self.spec.binds,
             overlays=self._overlays,
+            uppers=self.spec.uppers,
         )
         go_r = go_w = None
         if self.spec.network == "own" and self.isolation.pasta:
