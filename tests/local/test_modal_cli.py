@@ -26,6 +26,8 @@ import pytest
 
 from prefect_modal.local import make_client
 
+from .serve_process import start_serve
+
 pytestmark = pytest.mark.timeout(300)
 
 MODAL = str(Path(sys.executable).with_name("modal"))
@@ -69,22 +71,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """One `local serve` for the module, stopped by its pid at the end."""
     state = tmp_path_factory.mktemp("serve-state")
     home = tmp_path_factory.mktemp("home")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "prefect_modal.local", "serve", "--state-dir", str(state)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    proc, exports, _ = start_serve(state)
     try:
-        exports: dict[str, str] = {}
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if line.startswith("export "):
-                key, _, value = line[len("export ") :].strip().partition("=")
-                exports[key] = value
-            if line.startswith("READY "):
-                break
         assert set(exports) >= {"MODAL_SERVER_URL", "MODAL_TOKEN_ID", "MODAL_TOKEN_SECRET"}
         client = make_client(
             exports["MODAL_SERVER_URL"], exports["MODAL_TOKEN_ID"], exports["MODAL_TOKEN_SECRET"]

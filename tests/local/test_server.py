@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -23,6 +22,8 @@ from modal_proto.task_command_router_grpc import TaskCommandRouterStub
 
 from prefect_modal.local import VERIFIED_CLIENT_VERSIONS, LocalModal, make_client, read_listing
 from prefect_modal.local.runtime.processes import pid_alive
+
+from .serve_process import start_serve
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -204,33 +205,10 @@ def test_cli_serve_prints_ready_and_cleans_up(tmp_path: Path) -> None:
     secrets_file = tmp_path / "secrets.json"
     secrets_file.write_text(json.dumps({"cli-secret": {"CLI_KEY": "cli-value"}}))
     state = tmp_path / "state"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "prefect_modal.local",
-            "serve",
-            "--state-dir",
-            str(state),
-            "--secrets-file",
-            str(secrets_file),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
+    proc, exports, url = start_serve(
+        state, "--secrets-file", str(secrets_file), stderr=subprocess.PIPE
     )
     try:
-        exports: dict[str, str] = {}
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if line.startswith("export "):
-                key, _, value = line[len("export ") :].strip().partition("=")
-                exports[key] = value
-            if line.startswith("READY "):
-                url = line.split()[1]
-                break
         assert exports["MODAL_SERVER_URL"] == url
         client = make_client(url, exports["MODAL_TOKEN_ID"], exports["MODAL_TOKEN_SECRET"])
         app = modal.App.lookup("cli-app", create_if_missing=True, client=client)

@@ -34,6 +34,7 @@ from prefect_modal.local import LocalModal, make_client
 from prefect_modal.local.runtime import tls
 from prefect_modal.local.runtime.tunnel_hosts import bind_tunnel_host
 
+from .serve_process import start_serve
 from .test_tunnels_probes import echo_sandbox, free_port
 
 pytestmark = pytest.mark.timeout(120)
@@ -164,22 +165,8 @@ def test_local_serve_prints_the_trust_variables(tmp_path: Path) -> None:
     """Another process, with only what `local serve` printed, reaches a tunnel."""
     state, home = tmp_path / "state", tmp_path / "home"
     home.mkdir()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "prefect_modal.local", "serve", "--state-dir", str(state)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    proc, exports, _ = start_serve(state)
     try:
-        exports: dict[str, str] = {}
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if line.startswith("export "):
-                key, _, value = line[len("export ") :].strip().partition("=")
-                exports[key] = value
-            if line.startswith("READY "):
-                break
         bundle = state / "tls" / "trust-bundle.pem"
         assert exports["SSL_CERT_FILE"] == exports["REQUESTS_CA_BUNDLE"] == str(bundle)
         assert _certs(state / "tls" / "ca.pem") <= _certs(bundle)
