@@ -115,7 +115,12 @@ class SandboxProcess:
             for thread in self._threads:
                 thread.join(timeout=30)
             seconds = time.monotonic() - self._started
-            timed_out = self._timeout is not None and code != 0 and seconds >= self._timeout
+            # -1 is the client's own word for "its timeout fired" (modal/container_process.py:
+            # ExecTimeoutError -> -1; docs/modal-rules.md); our clock starts after the exec's
+            # start returned, so it may read less than the timeout under load.
+            timed_out = self._timeout is not None and (
+                code == -1 or (code != 0 and seconds >= self._timeout)
+            )
             if timed_out:
                 self._logger.warning(
                     "[session %s] %s timed out after %s s (exit code %s)",
