@@ -117,8 +117,12 @@ class Snapshots(Room):
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:
             root = await sb.fs_root()
-        except OSError:
-            fail(Status.FAILED_PRECONDITION, f"snapshot_directory: Sandbox {sb.id} has finished")
+        except OSError as exc:  # what ended it goes along: exit code and why the root is gone
+            fail(
+                Status.FAILED_PRECONDITION,
+                f"snapshot_directory: Sandbox {sb.id} has finished "
+                f"(exit code {sb.returncode}; {exc.strerror or exc})",
+            )
 
         def copy() -> None:
             try:
