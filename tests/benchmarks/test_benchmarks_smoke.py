@@ -109,6 +109,14 @@ def _check_worker(data: dict[str, Any]) -> None:
     assert _number(data["ratio_modal_over_process"])
 
 
+def _check_isolation(data: dict[str, Any]) -> None:
+    measures = {"run true", "run python3 -S -c pass", "exec true"}
+    assert set(data["median_s"]) == set(data["ratio_after_over_before"]) == measures
+    for per_server in data["median_s"].values():
+        assert len(per_server) == 2 and all(map(_number, per_server.values()))
+    assert all(map(_number, data["ratio_after_over_before"].values()))
+
+
 #: script -> (arguments besides --smoke and --out, the check of its JSON)
 SCRIPTS: dict[str, tuple[list[str], Callable[[dict[str, Any]], None]]] = {
     "bench_local_server.py": ([], _check_local_server),
@@ -117,6 +125,7 @@ SCRIPTS: dict[str, tuple[list[str], Callable[[dict[str, Any]], None]]] = {
     # both servers: the smoke run reaches every runner the script can measure
     "bench_task_runner.py": (["--server", "both"], _check_task_runner),
     "bench_worker.py": ([], _check_worker),
+    "bench_isolation.py": ([], _check_isolation),
 }
 
 

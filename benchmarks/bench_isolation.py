@@ -1,0 +1,199 @@
+"""Sandbox create and exec latency, before and after a change to the local server's isolation.
+
+Why: issue 22 made every local sandbox a user namespace with a seccomp filter,
+cgroup limits and a network of its own, and asked that create and exec stay
+within 1.5x of what they cost before. Figures from two separate runs on a
+shared 2-core machine differ by more than that bound, so both servers run
+side by side in one run: ``--before REV`` is extracted with ``git archive``
+(nothing in the repository changes) and served by ``python -m
+prefect_modal.local serve`` with that tree first on ``PYTHONPATH``; the
+working tree's server is the *after*. Each repeat measures every server in
+turn, through the real modal client, so load swings hit both alike.
+
+Measured (median of ``--repeats``): ``Sandbox.create("true")`` to ``wait()``;
+the same with ``python3 -S -c pass``; ``sb.exec("true")`` to ``wait()`` in a
+running sandbox.
+
+Usage: ``python benchmarks/bench_isolation.py [--before 1a6acf6] [--repeats 20]
+[--out benchmarks/results/isolation.json] [--smoke]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+from bench_common import RESULTS, isolate_modal_config, scratch_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+#: the last commit before issue 22's isolation work
+BASELINE = "1a6acf6"
+TARGET_RATIO = 1.5
+
+
+def _tree_of(rev: str) -> Path:
+    """``prefect_modal/`` as it was at ``rev``, in a scratch directory (``git archive``)."""
+    try:
+        data = subprocess.run(
+            ["git", "-C", str(ROOT), "archive", "--format=tar", rev, "prefect_modal"],
+            capture_output=True,
+            check=True,
+        ).stdout
+    except subprocess.CalledProcessError as exc:
+        sys.exit(
+            f"cannot read revision {rev!r} of {ROOT}: {exc.stderr.decode().strip()}\n"
+            "(a shallow clone lacks it: fetch the history, or pass --before HEAD)"
+        )
+    tree = scratch_dir("bench-isolation-before-")
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        tar.extractall(tree, filter="data")
+    return tree
+
+
+@contextmanager
+def served(tree: Path | None, state: Path) -> Iterator[Any]:
+    """A `local serve` process of ``tree`` (None: this checkout), and a client of it."""
+    from prefect_modal.local import make_client
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if tree is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect_modal.local", "serve", "--state-dir", str(state)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    try:
+        exports: dict[str, str] = {}
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("export "):
+                key, _, value = line[len("export ") :].strip().partition("=")
+                exports[key] = value
+            if line.startswith("READY "):
+                break
+        else:
+            raise RuntimeError(f"the server of {tree or ROOT} ended before READY")
+        client = make_client(
+            exports["MODAL_SERVER_URL"], exports["MODAL_TOKEN_ID"], exports["MODAL_TOKEN_SECRET"]
+        )
+        yield client
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _timed(fn: Callable[[], None]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _run(client: Any, app: Any, *argv: str) -> Callable[[], None]:
+    import modal
+
+    def run() -> None:
+        sb = modal.Sandbox.create(*argv, app=app, client=client)
+        code = sb.wait(raise_on_termination=False)
+        assert sb.returncode == 0, (argv, code, sb.stderr.read())
+
+    return run
+
+
+def _exec(sb: Any) -> Callable[[], None]:
+    def run() -> None:
+        proc = sb.exec("true")
+        assert proc.wait() == 0
+
+    return run
+
+
+MEASURES = ("run true", "run python3 -S -c pass", "exec true")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--before", default=BASELINE, help="the revision measured as 'before'")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--out", type=Path, default=RESULTS / "isolation.json")
+    parser.add_argument("--smoke", action="store_true", help="2 repeats: shows that it runs")
+    args = parser.parse_args()
+    repeats = 2 if args.smoke else args.repeats
+    isolate_modal_config()
+    import modal
+
+    before_tree = _tree_of(args.before)
+    trees: dict[str, Path | None] = {f"before ({args.before})": before_tree, "after": None}
+    times: dict[str, dict[str, list[float]]] = {m: {name: [] for name in trees} for m in MEASURES}
+    with ExitStack() as stack:
+        targets = {}
+        for name, tree in trees.items():
+            client = stack.enter_context(served(tree, scratch_dir("bench-isolation-state-")))
+            app = modal.App.lookup("bench-isolation", create_if_missing=True, client=client)
+            sleeper = modal.Sandbox.create("sleep", "infinity", app=app, client=client)
+            stack.callback(sleeper.terminate)
+            targets[name] = {
+                "run true": _run(client, app, "true"),
+                "run python3 -S -c pass": _run(client, app, "python3", "-S", "-c", "pass"),
+                "exec true": _exec(sleeper),
+            }
+        for fn in (f for per in targets.values() for f in per.values()):
+            fn()  # warm-up: first imports, first fork-server start
+        for i in range(repeats):
+            for measure in MEASURES:
+                for name in trees:
+                    times[measure][name].append(_timed(targets[name][measure]))
+            print(f"\r{i + 1}/{repeats} repeats", end="", file=sys.stderr, flush=True)
+        print(file=sys.stderr)
+
+    before, after = trees
+    medians = {m: {n: statistics.median(t) for n, t in per.items()} for m, per in times.items()}
+    ratios = {m: medians[m][after] / medians[m][before] for m in MEASURES}
+    data = {
+        "smoke": args.smoke,
+        "before": args.before,
+        "repeats": repeats,
+        "median_s": medians,
+        "ratio_after_over_before": ratios,
+        "target_ratio": TARGET_RATIO,
+        "load_average": os.getloadavg(),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(data, indent=2))
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"local sandbox latency, median of {repeats} (modal {modal.__version__})")
+    for column in ("measure", before, after, "after / before"):
+        table.add_column(column)
+    for m in MEASURES:
+        table.add_row(
+            m,
+            f"{medians[m][before] * 1e3:.1f} ms",
+            f"{medians[m][after] * 1e3:.1f} ms",
+            f"{ratios[m]:.2f}x",
+        )
+    Console().print(table)
+    print(f"JSON: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
