@@ -188,6 +188,38 @@ def test_apt_install_runs_maintainer_scripts_so_php_is_on_path(
         assert not os.path.exists("/var/lib/dpkg/alternatives/php")
 
 
+def test_php_ruby_and_node_from_apt_install_run_as_on_modal(
+    local_modal: LocalModal, app: Any
+) -> None:
+    """Issue 24: ``apt_install("php", "ruby", "nodejs")`` puts the three on PATH, as in
+    Modal's image build. ``php`` is the metapackage (it pulls a SAPI too). This machine
+    may hold a ``nodejs`` from another vendor that no apt source has: the layer gets
+    Debian's, as Modal's base image (which has none) would, and its ``node`` runs."""
+    _needs_isolation(local_modal)
+    _needs_mirror()
+    image = modal.Image.debian_slim().apt_install("php", "ruby", "nodejs")
+    sb = modal.Sandbox.create(
+        "sh",
+        "-c",
+        "php -r 'echo 1;' && echo && ruby -e 'puts 2' && node -e 'console.log(3)' "
+        "&& node --version",
+        app=app,
+        image=image,
+        client=local_modal.client,
+    )
+    sb.wait(raise_on_termination=False)
+    out, err = sb.stdout.read(), sb.stderr.read()
+    assert sb.returncode == 0, (out, err)
+    lines = out.splitlines()
+    assert lines[:3] == ["1", "2", "3"], (out, err)
+    debian = subprocess.run(
+        ["apt-cache", "madison", "nodejs"], capture_output=True, text=True
+    ).stdout
+    # the node that ran is the version some apt source offers (v18.19.0 <- 18.19.0+dfsg-...)
+    offered = re.findall(r"\|\s*(\d+\.\d+\.\d+)", debian)
+    assert lines[3].lstrip("v") in offered, (lines[3], debian)
+
+
 def test_a_whiteout_in_a_layer_hides_the_host_file(
     local_modal: LocalModal, app: Any, tmp_path: Path
 ) -> None:

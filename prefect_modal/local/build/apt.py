@@ -478,8 +478,13 @@ class _PrivateApt:
         # --reinstall: the named packages are fetched even when this machine has them
         return ["--no-install-recommends", "--reinstall", "--allow-downgrades", "install", *names]
 
-    def plan(self, names: list[str]) -> list[_Deb]:
+    def plan(self, names: list[str]) -> tuple[list[str], list[_Deb]]:
+        """What apt would install for ``names``, and the names as asked (some pinned)."""
         out = self.run("-s", *self._install_args(names))
+        pinned = self._pin_undownloadable(names, out.stdout)
+        if pinned != names:
+            names = pinned
+            out = self.run("-s", *self._install_args(names))
         if out.returncode != 0:
             raise _resolve_error(names, out.stdout)
         plan: list[_Deb] = []
@@ -502,11 +507,54 @@ class _PrivateApt:
                 f"apt_install({', '.join(names)}): apt-get plans nothing to install: "
                 f"{_apt_says(out.stdout)}"
             )
-        return plan
+        return names, plan
+
+    def _pin_undownloadable(self, names: list[str], simulated: str) -> list[str]:
+        """Pin to the sources' version each package whose installed version no source has.
+
+        Why: the image stands on this machine's userland, whose dpkg may hold a package
+        from elsewhere (a newer ``nodejs`` from another vendor, say). ``--reinstall`` then
+        fails ("Reinstallation of nodejs is not possible, it cannot be downloaded"),
+        while on Modal, whose base image lacks it, ``apt_install("nodejs")`` installs
+        Debian's. ``name=version`` asks apt for the sources' own version instead.
+        """
+        stuck = set(re.findall(r"Reinstallation of (\S+) is not possible", simulated))
+        if not stuck:
+            return names
+        pinned = []
+        for name in names:
+            version = self._downloadable_version(name) if name in stuck else None
+            pinned.append(f"{name}={version}" if version else name)
+        self.log(
+            "apt: this machine has "
+            + ", ".join(sorted(stuck))
+            + " from no source apt knows; the layer gets the sources' version, as Modal's "
+            "image would: " + " ".join(p for p in pinned if "=" in p)
+        )
+        return pinned
+
+    def _downloadable_version(self, name: str) -> str | None:
+        """The highest version of ``name`` that a package source offers (apt-cache madison)."""
+        env = {k: v for k, v in os.environ.items() if k != "APT_CONFIG"}
+        env.update(LC_ALL="C", LANG="C")
+        out = subprocess.run(
+            ["apt-cache", "-c", str(self.conf), "madison", name],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=APT_TIMEOUT_S,
+        )
+        for line in out.stdout.splitlines():  # newest first
+            fields = [f.strip() for f in line.split("|")]
+            if len(fields) == 3 and fields[0] == name:
+                return fields[1]
+        return None
 
     def resolve_and_fetch(self, names: list[str]) -> tuple[list[_Deb], list[Path]]:
         t0 = time.monotonic()
-        plan = self.plan(names)
+        names, plan = self.plan(names)
         self.log(
             f"apt: {len(plan)} package{'s' if len(plan) > 1 else ''} for {' '.join(names)}: "
             + ", ".join(f"{d.name} {d.version}" for d in plan)
