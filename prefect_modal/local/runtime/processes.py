@@ -394,8 +394,11 @@ class Sweeper:
         self.started_since = boot_ticks_now() - 1
         self._pending: set[str] = set()
         self._task: asyncio.Task[None] | None = None
+        self._drained = False
 
     def add(self, marker: str) -> None:
+        if self._drained:  # shutdown: the server kills every process it marked, after this
+            return
         self._pending.add(marker)
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run())
@@ -414,9 +417,13 @@ class Sweeper:
             _kill(pid, signal.SIGKILL)
 
     async def drain(self) -> None:
-        """Run what is pending now (server shutdown)."""
+        """Run what is pending now (server shutdown); later exits are left to the server's
+        own sweep of every process it marked, so no task outlives the loop."""
+        self._drained = True
         if self._task is not None and not self._task.done():
             self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
         batch, self._pending = self._pending, set()
         if batch:
             await asyncio.to_thread(self.sweep, batch)
