@@ -389,3 +389,22 @@ def test_the_filter_is_on_for_the_program_its_execs_and_its_init(
         sb.terminate()
     assert [line.split()[-1] for line in out.splitlines()] == ["2", "2", "2"], out
     assert "WITHOUT a seccomp filter" not in sb.stderr.read()
+
+
+def test_a_sandbox_holds_only_its_own_stdio(local_modal: LocalModal, app: Any) -> None:
+    """No descriptor of the server's (sockets, the info pipe, other sandboxes' pipes)
+    reaches a sandbox's processes: a forked python -c, an exec'd program, an exec."""
+    listing = "import os; print(sorted(int(n) for n in os.listdir('/proc/self/fd')))"
+    a = _create(local_modal, app, PY, "-c", listing)
+    a.wait()
+    b = _create(local_modal, app, "sh", "-c", "echo $(ls /proc/self/fd); sleep 600")
+    try:
+        assert _first_line(b) == "0 1 2 3"  # 3: the directory ls opened
+        p = b.exec(PY, "-I", "-c", listing)
+        p.wait()
+        from_exec = p.stdout.read()
+    finally:
+        b.terminate()
+    # 3: the directory os.listdir itself opened
+    assert a.stdout.read() == "[0, 1, 2, 3]\n"
+    assert from_exec == "[0, 1, 2, 3]\n"

@@ -469,7 +469,6 @@ def start(request, info_fd):
     the program exists); both close it then, so no process of the sandbox holds
     it. The sandbox's end reaches the server as the monitor's exit status.
     """
-    _not_dumpable()
     spec = request["isolate"]
     flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
     if spec["network"] != "host":
@@ -501,6 +500,9 @@ def start(request, info_fd):
         os.read(go_fd, 1)
         os.close(go_fd)
     init_pid = os.getpid()
+    # from here on the sandbox's own code runs: the init's memory and fds are closed to it
+    # (not before: a rootless server may still have to write this process's uid_map)
+    _not_dumpable()
     program = os.fork()
     if program == 0:
         os.close(status_w)

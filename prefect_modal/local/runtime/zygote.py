@@ -30,8 +30,9 @@ Life of the zygote:
    environment, so nothing of one sandbox is in the memory that the next
    one's processes are copied from. The child is not dumpable
    (``PR_SET_DUMPABLE`` 0, so its ``/proc/<pid>/mem``, ``fd`` and ``environ``
-   are closed to the sandbox's processes) until it becomes the program, and
-   stays so when it becomes a container's init or monitor (`container`).
+   are closed to the sandbox's processes) until it becomes the program; a
+   new container's init and monitor make themselves so before anything of
+   the sandbox runs, and stay so (`container`).
 4. On SIGCHLD it kills what is left of the exited child's process group
    (while the unreaped child still holds the group id) and reaps it, and
    sends ``{"exit": pid, "code": n}`` (``-N`` for signal N, as Popen does).
@@ -122,7 +123,8 @@ def _child(request, fds, main_attrs, libc, container):
     """
     zygote = os.getppid()
     try:
-        libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # before it holds anything of the sandbox's
+        if request.get("isolate") is None:  # a new container's init decides (`container`)
+            libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # before it holds anything of the sandbox's
         request.update(_read_payload(fds.pop()))
         os.setsid()
         libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
