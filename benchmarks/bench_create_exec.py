@@ -12,7 +12,8 @@ seccomp filter). ``--before DIR`` compares side by side in one run: two
 DIR (e.g. ``git archive <commit> prefect_modal | tar -x -C DIR``), one from
 this checkout, measured in turns so that the machine's load falls on both.
 
-Usage: ``python benchmarks/bench_create_exec.py [--repeats 20] [--before DIR] [--out FILE]``
+Usage: ``python benchmarks/bench_create_exec.py [--repeats 20] [--before DIR] [--out FILE]
+[--smoke]`` (``--smoke``: one repeat, to check that it runs; its figures mean nothing)
 """
 
 from __future__ import annotations
@@ -118,7 +119,10 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--before", help="a checkout's directory that holds prefect_modal/")
     parser.add_argument("--out", type=Path, default=RESULTS / "create_exec.json")
+    parser.add_argument("--smoke", action="store_true", help="one repeat: check that it runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.repeats = 1
     isolate_modal_config()
 
     import modal
@@ -141,6 +145,7 @@ def main() -> int:
         "median_ms": {n: t.medians() for n, t in targets.items()},
         "repeats": args.repeats,
         "cpus": os.cpu_count(),
+        "smoke": args.smoke,
     }
     print(json.dumps(result, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -109,6 +109,13 @@ def _check_worker(data: dict[str, Any]) -> None:
     assert _number(data["ratio_modal_over_process"])
 
 
+def _check_create_exec(data: dict[str, Any]) -> None:
+    assert set(data["median_ms"]) == {"before", "after"}
+    for per_server in data["median_ms"].values():
+        assert set(per_server) == {"create python -c", "create echo", "exec echo"}
+        assert all(map(_number, per_server.values()))
+
+
 #: script -> (arguments besides --smoke and --out, the check of its JSON)
 SCRIPTS: dict[str, tuple[list[str], Callable[[dict[str, Any]], None]]] = {
     "bench_local_server.py": ([], _check_local_server),
@@ -117,6 +124,8 @@ SCRIPTS: dict[str, tuple[list[str], Callable[[dict[str, Any]], None]]] = {
     # both servers: the smoke run reaches every runner the script can measure
     "bench_task_runner.py": (["--server", "both"], _check_task_runner),
     "bench_worker.py": ([], _check_worker),
+    # this checkout as "before" too: the smoke run goes through both servers
+    "bench_create_exec.py": (["--before", str(ROOT)], _check_create_exec),
 }
 
 
