@@ -306,6 +306,31 @@ print(json.dumps(report))
 """
 
 
+def _count_in_memory(pid: int, needle: bytes) -> int:
+    """How often ``needle`` is in the readable memory of host process ``pid``."""
+    hits = 0
+    with open(f"/proc/{pid}/maps") as f:
+        maps = f.read().splitlines()
+    fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
+    try:
+        for line in maps:
+            span, perms = line.split()[:2]
+            if not perms.startswith("r") or "[vvar" in line or "[vsyscall" in line:
+                continue
+            start, end = (int(x, 16) for x in span.split("-"))
+            try:
+                hits += os.pread(fd, end - start, start).count(needle)
+            except OSError:
+                continue
+    finally:
+        os.close(fd)
+    return hits
+
+
+def _zygote_pids(lm: LocalModal) -> list[int]:
+    return [z.popen.pid for z in lm._ctx.forkserver._zygotes.values() if not z.dead]
+
+
 def _warm_zygote_ready(lm: LocalModal) -> bool:
     zygotes = lm._ctx.forkserver._zygotes  # which path a sandbox takes
     return any(key != ("launcher",) and z.ready for key, z in zygotes.items())
@@ -338,6 +363,12 @@ def test_another_sandboxs_secret_is_not_in_any_memory_a_sandbox_can_read(
         p = a2.exec("sh", "-c", 'test -n "$CANARY_SECRET" && echo has-it')
         p.wait()
         assert p.stdout.read() == "has-it\n"
+        # the zygotes that served A (which every later sandbox starts as a copy of)
+        # never held its secret: read from the host, as root
+        in_zygotes = {
+            pid: _count_in_memory(pid, secret_value.encode()) for pid in _zygote_pids(local_modal)
+        }
+        assert len(in_zygotes) >= 2 and not any(in_zygotes.values()), in_zygotes
         # sandbox B, forked from the same zygotes, scans every memory it can open: as a
         # forked python -c, and as an exec in a sandbox (both zygotes served A)
         scan = ("import json\n" + _SCAN, secret_value[::-1])
