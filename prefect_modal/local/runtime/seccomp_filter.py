@@ -18,7 +18,8 @@ out of its allow list, answers ``EPERM`` (Docker's ``defaultErrnoRet`` 1);
 ``clone``, whose namespace flags are refused (Docker's masked ``clone`` rule).
 Docker's profile is an allow list; this one refuses the same calls from a
 default of "allow", so that a call that is new to this kernel and unknown to
-libseccomp keeps working (Docker would refuse it: the one difference).
+libseccomp keeps working (Docker would refuse it), and ``personality`` is not
+narrowed to Docker's five values (it changes only the calling process).
 ``ptrace`` and ``process_vm_readv`` stay allowed, as in Docker on kernels from
 4.8 on: the kernel's own ptrace checks decide, and the processes a sandbox
 must not reach (its init and monitor) are not dumpable (`container`).
