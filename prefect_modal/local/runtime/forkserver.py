@@ -41,6 +41,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -130,6 +131,24 @@ def _seccomp_text() -> str | None:
 @functools.lru_cache(maxsize=2)
 def _base64(data: bytes) -> str:
     return base64.b64encode(data).decode()
+
+
+def _payload_file(payload: bytes) -> int:
+    """A file that holds ``payload``, open for reading by the zygote's child: a memfd
+    (Linux), else an unlinked temporary file."""
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("prefect-modal-request", os.MFD_CLOEXEC)
+    else:
+        with tempfile.TemporaryFile() as f:
+            fd = os.dup(f.fileno())
+    try:
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(fd, view) :]
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _resolve_none(fut: asyncio.Future[None]) -> None:
@@ -384,13 +403,9 @@ class _Zygote:
         payload = json.dumps(private).encode()
         if len(request) + len(payload) > _MAX_REQUEST:
             return f"the command and environment are over {_MAX_REQUEST} bytes"
-        memfd = os.memfd_create("prefect-modal-request", os.MFD_CLOEXEC)
         try:
-            view = memoryview(payload)
-            while view:
-                view = view[os.write(memfd, view) :]
+            memfd = _payload_file(payload)
         except OSError as exc:
-            os.close(memfd)
             return f"cannot hand the command to the fork server ({exc.strerror})"
         try:
             return await self._send_request(request_id, request, [*fds, memfd])
