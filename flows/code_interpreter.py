@@ -70,7 +70,13 @@ print(sum(numbers) / (len(numbers) - len(numbers)))
     "hostile": """
 import glob, os, socket, subprocess
 secret = "__SECRET__"
-found = [p for p in glob.glob("/proc/*/environ") if secret.encode() in open(p, "rb").read()]
+found = []
+for p in glob.glob("/proc/*/environ"):
+    try:
+        if secret.encode() in open(p, "rb").read():
+            found.append(p)
+    except OSError:  # closed to it: the container's init (pid 1) is not dumpable
+        pass
 print("processes seen:", sorted(int(p.split("/")[2]) for p in glob.glob("/proc/[0-9]*")))
 print("secret found in:", found or "no process")
 try:

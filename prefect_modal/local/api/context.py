@@ -27,7 +27,7 @@ from ..build.builder import Builder, ImageState, Log
 from ..build.cache import LayerCache
 from ..limits import CREATE_RATE_ENV, MAX_GPUS_ENV, MAX_SANDBOXES_ENV, Limits, gpu_count
 from ..runtime import isolation as isolation_mod
-from ..runtime import layers, processes
+from ..runtime import layers, processes, seccomp_filter
 from ..runtime.forkserver import ForkServer
 from ..runtime.isolation import ImageView, pasta, why_not_isolated
 from ..runtime.probes import ProbeRunner
@@ -217,6 +217,7 @@ class ServerContext:
                 ImageView.of_this_machine, self.registry.state_dir, self.host_dirs
             )
             self.isolation = Isolation(view=view, pasta=pasta())
+            seccomp_filter.announce()
             if view.host_dirs:
                 log.warning(
                     "sandboxes of this local Modal server see these host directories "

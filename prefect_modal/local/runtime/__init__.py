@@ -3,6 +3,7 @@
 * `sandbox` - one sandbox: its processes, lifetime, stdin/stdout and ``exec``;
 * `isolation` - what its container is made of, and how the server reaches in;
 * `container` - the namespace calls, run in the fork server's child;
+* `seccomp_filter` - the sandboxes' seccomp filter (Docker's default profile, libseccomp);
 * `processes` - starting, watching and killing process trees;
 * `forkserver` / `zygote` - warm interpreters that fork sandbox processes;
 * `streams` - replayable output buffers;

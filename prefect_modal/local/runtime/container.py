@@ -40,7 +40,14 @@ Privileges: the processes stay uid 0 (as on Modal) with a container's
 capability set (`KEPT_CAPS`, the usual Docker default minus ``MKNOD``,
 ``NET_RAW`` and ``SETPCAP``) and ``no_new_privs``: they can chown and write
 their own files, but not mount, load modules, trace other processes, make
-device nodes or change what the kernel does.
+device nodes or change what the kernel does. The program and the init also
+load the server's seccomp filter (`seccomp_filter`, Docker's default profile)
+after ``no_new_privs``, just before the program runs.
+
+Nothing the sandbox writes is trusted: the init and the monitor are not
+dumpable (their memory, descriptors and pipes are closed to the sandbox's
+processes), the info pipe is closed before the program exists, and the
+sandbox's end reaches the server only as the monitor's exit status.
 """
 
 import ctypes
@@ -68,6 +75,9 @@ MS_REC = 0x4000
 MS_PRIVATE = 0x40000
 MNT_DETACH = 0x2
 PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
+PR_SET_SECCOMP = 22
+SECCOMP_MODE_FILTER = 2
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT = 47
@@ -288,6 +298,35 @@ def drop_privileges(keep=KEPT_CAPS):
     _check(_libc.capset(header, data), "capset")
 
 
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def load_seccomp(request):
+    """Load the request's seccomp filter (`seccomp_filter`: a BPF program the server
+    generated with libseccomp, base64) into this process; after ``no_new_privs``,
+    which lets a process without ``CAP_SYS_ADMIN`` install one. It holds for this
+    process and everything it starts, exec or not, and cannot be removed."""
+    import base64
+
+    text = request.get("seccomp")
+    if not text:
+        return  # libseccomp is missing on this machine: the server has said so
+    program = base64.b64decode(text)
+    buf = ctypes.create_string_buffer(program, len(program))
+    fprog = _SockFprog(len(program) // 8, ctypes.addressof(buf))
+    _check(
+        _libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0),
+        "loading the seccomp filter",
+    )
+
+
+def _not_dumpable():
+    """No ``/proc/<pid>/mem``, ``fd``, ``environ`` or ptrace for the sandbox's processes:
+    the init and monitor hold the server's pipes and were copied from a fork server."""
+    _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+
+
 def _die_with_parent(parent, outside=False):
     """SIGKILL when ``parent`` dies (and now, if it already has).
 
@@ -338,9 +377,12 @@ def _write(fd, text):
             pass
 
 
-def _init(child, status_w, info_fd):
-    """pid 1: reap everything; when the entrypoint ends, report its status (to the
-    server on the info pipe, to the monitor on ``status_w``) and end."""
+def _init(child, status_w):
+    """pid 1: reap everything; when the entrypoint ends, report its status to the
+    monitor on ``status_w`` and end. The monitor's own exit, seen by the fork
+    server that started it, is the server's news of the end: nothing a sandbox's
+    process could write (this pipe is out of their reach: the init is not
+    dumpable, so its ``/proc/1/fd`` is closed to them)."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     while True:
         try:
@@ -350,7 +392,6 @@ def _init(child, status_w, info_fd):
         except InterruptedError:
             continue
         if pid == child:
-            _write(info_fd, f"exit {status}\n")
             _write(status_w, str(status))
             os._exit(0)
 
@@ -364,6 +405,7 @@ def _monitor(child, status_r):
     server kills this process group (the init too) when this process ends.
     """
     _quiet_stdio()
+    _not_dumpable()
     data = b""
     try:
         data = os.read(status_r, 64)
@@ -415,14 +457,17 @@ def _become_program(request, parent):
         fcntl.ioctl(0, _TIOCSCTTY, 0)
     drop_privileges()
     _enter_workdir(request["cwd"])
+    load_seccomp(request)
 
 
 def start(request, info_fd):
     """In the fork server's child: become a new sandbox's entrypoint (returns there only).
 
     ``info_fd`` gets ``init <pid>`` (the init's host pid, for ``exec`` and the
-    file API), ``ready`` once the root is built, and ``exit <wait status>``
-    when the entrypoint ends: the server's quickest news of the sandbox's end.
+    file API: written by the monitor, outside the namespaces, before anything of
+    the sandbox runs) and ``ready`` once the root is built (by the init, before
+    the program exists); both close it then, so no process of the sandbox holds
+    it. The sandbox's end reaches the server as the monitor's exit status.
     """
     spec = request["isolate"]
     flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
@@ -449,20 +494,25 @@ def start(request, info_fd):
         _write(status_w, str(126 << 8))  # a wait status: exited 126, as a shell says "cannot run"
         os._exit(126)
     _write(info_fd, "ready\n")
+    os.close(info_fd)  # the server's channel: nothing of the sandbox's code may hold it
     go_fd = spec.get("go_fd")
     if go_fd is not None:  # the server attaches the network first (pasta)
         os.read(go_fd, 1)
         os.close(go_fd)
     init_pid = os.getpid()
+    # from here on the sandbox's own code runs: the init's memory and fds are closed to it
+    # (not before: a rootless server may still have to write this process's uid_map)
+    _not_dumpable()
     program = os.fork()
     if program == 0:
         os.close(status_w)
-        os.close(info_fd)
         _become_program(request, init_pid)
         return
     _quiet_stdio()
     drop_privileges()
-    _init(program, status_w, info_fd)
+    _not_dumpable()  # again: a change of credentials may have reset it
+    load_seccomp(request)
+    _init(program, status_w)
 
 
 def join(request):

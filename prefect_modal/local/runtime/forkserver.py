@@ -28,7 +28,9 @@ seed.  ``PREFECT_MODAL_LOCAL_FORK_SERVER=0`` (or ``LocalModal(fork_server=False)
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import functools
 import importlib.util
 import itertools
 import json
@@ -39,11 +41,12 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from . import container, processes, zygote
+from . import container, processes, seccomp_filter, zygote
 
 log = logging.getLogger("prefect_modal.local")
 
@@ -115,6 +118,37 @@ def _env_preload(interpreter: str) -> str:
     venv = Path(interpreter).parent.parent
     paths = sorted(str(p) for p in venv.glob("lib/python3*/site-packages"))
     return json.dumps({"modules": list(PRELOAD_MODULES), "paths": paths})
+
+
+def _seccomp_text() -> str | None:
+    """The sandboxes' seccomp filter as the requests carry it (base64); None where
+    libseccomp is missing (announced by the server and in the sandbox's log,
+    `seccomp_filter`)."""
+    program = seccomp_filter.program()
+    return None if program is None else _base64(program)
+
+
+@functools.lru_cache(maxsize=2)
+def _base64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _payload_file(payload: bytes) -> int:
+    """A file that holds ``payload``, open for reading by the zygote's child: a memfd
+    (Linux), else an unlinked temporary file."""
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("prefect-modal-request", os.MFD_CLOEXEC)
+    else:
+        with tempfile.TemporaryFile() as f:
+            fd = os.dup(f.fileno())
+    try:
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(fd, view) :]
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _resolve_none(fut: asyncio.Future[None]) -> None:
@@ -353,13 +387,32 @@ class _Zygote:
 
     # -- starting a process ------------------------------------------------------------
 
-    async def spawn(self, fields: dict[str, Any], fds: list[int]) -> int | str:
-        """Ask for a fork with ``fields`` (argv, env, cwd, ...) and the child's ``fds``
-        (0, 1, 2 and, for a container, its info and go pipes): the pid, or why not."""
+    async def spawn(
+        self, fields: dict[str, Any], fds: list[int], private: dict[str, Any]
+    ) -> int | str:
+        """Ask for a fork with ``fields`` (cwd, container spec, ...), the child's ``fds``
+        (0, 1, 2 and, for a container, its info and go pipes) and ``private`` (argv and
+        env): the pid, or why not.
+
+        ``private`` goes in a memfd passed with the fds, read by the forked child
+        only: the zygote never has a sandbox's command, code or secrets in its
+        memory, which every process it forks later starts as a copy of.
+        """
         request_id = next(self._ids)
         request = json.dumps({"id": request_id, **fields}).encode()
-        if len(request) > _MAX_REQUEST:
+        payload = json.dumps(private).encode()
+        if len(request) + len(payload) > _MAX_REQUEST:
             return f"the command and environment are over {_MAX_REQUEST} bytes"
+        try:
+            memfd = _payload_file(payload)
+        except OSError as exc:
+            return f"cannot hand the command to the fork server ({exc.strerror})"
+        try:
+            return await self._send_request(request_id, request, [*fds, memfd])
+        finally:
+            os.close(memfd)
+
+    async def _send_request(self, request_id: int, request: bytes, fds: list[int]) -> int | str:
         future: asyncio.Future[dict[str, Any]] = self._loop.create_future()
         self._pending[request_id] = future
         async with self._send_lock:  # one sender waits for room at a time
@@ -499,14 +552,15 @@ class ForkServer:
         child ends (closed here).
         """
         fields: dict[str, Any] = {
-            "argv": list(args),
-            "env": dict(env),
             "cwd": cwd,
             "isolate": isolate,
             "join": join,
             "rlimit_as": rlimit_as_bytes,
             "pty": pty,
         }
+        if isolate is not None or join is not None:
+            fields["seccomp"] = _seccomp_text()
+        private = {"argv": list(args), "env": dict(env)}
         zygote = None
         found = self.match(args, env) if self.warm and join is None else None
         if found is not None and not rlimit_as_bytes:
@@ -529,7 +583,7 @@ class ForkServer:
             if go is not None:
                 fds.append(go)
         try:
-            pid = await zygote.spawn(fields, fds)
+            pid = await zygote.spawn(fields, fds, private)
         finally:
             stdio.close_child_ends()
             for fd in (info_w, go):

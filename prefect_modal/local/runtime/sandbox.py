@@ -54,7 +54,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,7 +62,7 @@ from typing import Any
 from modal_proto import api_pb2
 
 from ..records import SandboxRecord
-from . import container, isolation, layers, processes
+from . import container, isolation, layers, processes, seccomp_filter
 from .forkserver import ForkedProcess, ForkServer, Stdio
 from .isolation import FsRoot, ImageView
 from .streams import OutputBuffer
@@ -159,6 +159,29 @@ class SandboxPaths:
         """``/a/b`` inside the sandbox -> ``<root>/fs/a/b``; ``..`` cannot climb out."""
         norm = posixpath.normpath("/" + container_path).lstrip("/")
         return self.fs / norm if norm else self.fs
+
+
+async def _info_lines(reader: asyncio.StreamReader) -> AsyncIterator[tuple[str, int | None]]:
+    """A container's info pipe as `container.start` writes it: ``("init", pid)`` once
+    and ``("ready", None)`` once (the monitor's and the init's lines, which may
+    cross), then nothing. A second ``init``, an ``exit`` or any other text is
+    ignored: once the sandbox's code runs, nothing on this pipe is believed (an
+    ``init <host pid>`` from it would point the file API and ``exec`` at the host).
+    """
+    seen: set[str] = set()
+    async for raw in reader:
+        line = raw.decode(errors="replace").strip()
+        kind, _, rest = line.partition(" ")
+        if kind in seen:
+            continue
+        if kind == "init" and rest.isdigit():
+            seen.add(kind)
+            yield kind, int(rest)
+        elif line == "ready":
+            seen.add(kind)
+            yield kind, None
+        if len(seen) == 2:
+            return
 
 
 def _exit_code(raw: int | None) -> int:
@@ -272,7 +295,6 @@ class LocalSandbox:
         self._container_up = asyncio.Event()  # init known and root built, or never will be
         #: the entrypoint's wait status as its container's init reports it (before the
         #: monitor process, which waits for it, has ended: see `container`)
-        self._reported_exit: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._pasta: asyncio.subprocess.Process | None = None
         #: read-only view directories its image's layers add files to (`layers.overlays`)
         self._overlays: dict[str, list[str]] = {}
@@ -474,6 +496,8 @@ class LocalSandbox:
             self.stderr.append(
                 isolation.NOT_ISOLATED_NOTICE.format(why=self._not_isolated_because).encode()
             )
+        if self.isolation is not None:
+            self._announce_no_seccomp()
         if self.spec.gpu:
             self.stderr.append(
                 f"[prefect-modal local] GPU {self.spec.gpu!r} requested: this local sandbox "
@@ -543,6 +567,12 @@ class LocalSandbox:
         self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
         self._supervisor.add_done_callback(self._background_done)
 
+    def _announce_no_seccomp(self) -> None:
+        """In the sandbox's log, as at the server's start: no seccomp filter here, and why."""
+        why = seccomp_filter.why_unavailable()
+        if why is not None:
+            self.stderr.append(seccomp_filter.NOTICE.format(why=why).encode())
+
     async def _start_container(self, args: list[str]) -> tuple[ForkedProcess, int | None]:
         assert self.isolation is not None and self._forkserver is not None
         spec = isolation.layout(
@@ -580,28 +610,36 @@ class LocalSandbox:
         return popen, go_w
 
     async def _watch_container(self, info_fd: int, go_w: int | None) -> None:
-        """Learn the container's init pid; give it its network; note when its root is up."""
+        """Learn the container's init pid; give it its network; note when its root is up.
+
+        The info pipe is read as `container.start` writes it: one ``init <pid>``
+        line (the monitor's, before anything of the sandbox runs), then one
+        ``ready`` (the init's, before the program exists), in that order; both
+        close their ends then. Anything else is not believed (`_info_lines`):
+        the sandbox's end is the monitor's exit status, never a line.
+        """
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader()
         transport, _ = await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(reader), open(info_fd, "rb", buffering=0)
         )
         try:
-            async for raw in reader:
-                line = raw.decode().strip()
-                if line.startswith("init "):
-                    self.init_pid = int(line.split()[1])
+            ready = False
+            async for kind, value in _info_lines(reader):
+                if kind == "init" and value is not None:
+                    self.init_pid = value
                     self._on_change()
                     if go_w is not None:
-                        await self._attach_network(self.init_pid)
+                        await self._attach_network(value)
                         with contextlib.suppress(BrokenPipeError):  # it ended meanwhile
                             os.write(go_w, b"1")
                         os.close(go_w)
                         go_w = None
-                elif line == "ready":
+                else:
+                    ready = True
+                if ready and self.init_pid is not None:
                     self._container_up.set()
-                elif line.startswith("exit ") and not self._reported_exit.done():
-                    self._reported_exit.set_result(int(line.split()[1]))
+                    break  # nothing more is believed from this pipe
         finally:
             transport.close()
             if go_w is not None:
@@ -743,19 +781,13 @@ class LocalSandbox:
                     break
                 # with an idle timeout, look again every second (activity moves the deadline)
                 cap = 1.0 if self.spec.idle_timeout_s else 3600.0
-                waiting: set[asyncio.Future[Any]] = {exited, kill_wait, self._reported_exit}
+                waiting: set[asyncio.Future[Any]] = {exited, kill_wait}
                 await asyncio.wait(
                     waiting,
                     timeout=min(delay, cap),
                     return_when="FIRST_COMPLETED",
                 )
                 if exited.done():
-                    break
-                if self._reported_exit.done() and not kill_wait.done():
-                    # the entrypoint has ended: that is the sandbox's end, reported now;
-                    # its monitor ends next and is reaped below as usual
-                    status = self._reported_exit.result()
-                    self._finish("exited", _exit_code(os.waitstatus_to_exitcode(status)))
                     break
                 if kill_wait.done():
                     reason = self._kill_reason or "terminated"

@@ -13,15 +13,26 @@ Life of the zygote:
    ``sys.path`` again, so a ``-S`` program still has the path it would have).
 2. It says ``ready`` on fd 0, a SOCK_SEQPACKET socket to the server, and
    serves requests there: one JSON message plus the fds of the new
-   process's stdin, stdout and stderr (SCM_RIGHTS) and, for a new container,
-   its info and go pipes (see `container`).
+   process's stdin, stdout and stderr (SCM_RIGHTS), for a new container its
+   info and go pipes (see `container`), and last the *payload*: a memfd that
+   holds the command and its environment.
 3. For each request it forks.  The parent answers ``{"id", "pid"}``; the child
-   makes or joins a container when asked (`container`) and becomes the
-   program: its own session, ``PR_SET_PDEATHSIG`` (it dies with the zygote,
-   which dies with the server), the given fds on 0-2 and nothing else open,
-   the cwd and environment of the request, then either an ``exec`` of the
-   program or, for ``python -c``, a pristine ``__main__``, ``sys.argv`` as
-   ``python -c`` sets it, and the code.
+   reads the payload, makes or joins a container when asked (`container`) and
+   becomes the program: its own session, ``PR_SET_PDEATHSIG`` (it dies with
+   the zygote, which dies with the server), the given fds on 0-2 and nothing
+   else open, the cwd and environment of the request, then either an ``exec``
+   of the program or, for ``python -c``, a pristine ``__main__``, ``sys.argv``
+   as ``python -c`` sets it, and the code.
+
+   Why the payload is a file only the child reads: every process this zygote
+   forks starts as a copy of its memory, and sandboxes are not to read each
+   other's secrets. The zygote itself never reads a command, code or
+   environment, so nothing of one sandbox is in the memory that the next
+   one's processes are copied from. The child is not dumpable
+   (``PR_SET_DUMPABLE`` 0, so its ``/proc/<pid>/mem``, ``fd`` and ``environ``
+   are closed to the sandbox's processes) until it becomes the program; a
+   new container's init and monitor make themselves so before anything of
+   the sandbox runs, and stay so (`container`).
 4. On SIGCHLD it kills what is left of the exited child's process group
    (while the unreaped child still holds the group id) and reaps it, and
    sends ``{"exit": pid, "code": n}`` (``-N`` for signal N, as Popen does).
@@ -41,8 +52,8 @@ import sys
 FILENAME = "<prefect-modal-zygote>"
 CONTAINER_FILENAME = "<prefect-modal-container>"
 MAX_REQUEST = 1 << 20
-MAX_FDS = 5  # stdin, stdout, stderr, the container's info pipe, its go pipe
-_CODE_CACHE_SIZE = 16
+MAX_FDS = 6  # stdin, stdout, stderr, the container's info pipe, its go pipe, the payload
+PR_SET_DUMPABLE = 4
 
 
 def _preload(spec):
@@ -70,18 +81,20 @@ def _send(sock, message):
         os._exit(0)  # the server is gone
 
 
-def _compiled(cache, source):
-    """Compile once per distinct source (a sandbox's ``-c`` code is usually the same)."""
-    code = cache.get(source)
-    if code is None:
-        try:
-            code = compile(source, "<string>", "exec")
-        except (SyntaxError, ValueError):
-            return None  # the child compiles again and reports it as python -c does
-        if len(cache) >= _CODE_CACHE_SIZE:
-            cache.pop(next(iter(cache)))
-        cache[source] = code
-    return code
+def _read_payload(fd):
+    """The command and environment the server put in the payload memfd (then closed)."""
+    chunks = []
+    offset = 0
+    try:
+        while True:
+            chunk = os.pread(fd, 1 << 16, offset)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            offset += len(chunk)
+    finally:
+        os.close(fd)
+    return json.loads(b"".join(chunks))
 
 
 def _reap(sock):
@@ -101,7 +114,7 @@ def _reap(sock):
         _send(sock, {"exit": pid, "code": os.waitstatus_to_exitcode(status)})
 
 
-def _child(request, fds, main_attrs, code, libc, container):
+def _child(request, fds, main_attrs, libc, container):
     """In the forked child: become the requested program; returns what to run.
 
     For an isolated sandbox (``isolate``) or an ``exec`` in one (``join``),
@@ -110,6 +123,9 @@ def _child(request, fds, main_attrs, code, libc, container):
     """
     zygote = os.getppid()
     try:
+        if request.get("isolate") is None:  # a new container's init decides (`container`)
+            libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # before it holds anything of the sandbox's
+        request.update(_read_payload(fds.pop()))
         os.setsid()
         libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
         if os.getppid() != zygote:
@@ -139,6 +155,8 @@ def _child(request, fds, main_attrs, code, libc, container):
         finally:
             os._exit(126)
     argv = request["argv"]
+    # the program's own memory from here on (an exec resets this too), as in any container
+    libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
     if request.get("code_index") is None:  # a program, not python -c: exec it
         container.exec_program(argv, request["env"])
     sys.argv = ["-c", *argv[request["code_index"] + 1 :]]
@@ -146,7 +164,7 @@ def _child(request, fds, main_attrs, code, libc, container):
     main = sys.modules["__main__"].__dict__
     main.clear()
     main.update(main_attrs)
-    return code if code is not None else argv[request["code_index"]]
+    return argv[request["code_index"]]
 
 
 def serve(main_attrs, container):
@@ -163,7 +181,6 @@ def serve(main_attrs, container):
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
-    cache: dict[str, object] = {}
     _send(sock, {"ready": os.getpid(), "isolation": container.self_test()})
     while True:
         ready, _, _ = select.select([sock.fileno(), wake_r], [], [])
@@ -183,8 +200,9 @@ def serve(main_attrs, container):
         if not message:
             os._exit(0)  # the server closed its end
         request = json.loads(message)
-        index = request.get("code_index")
-        code = None if index is None else _compiled(cache, request["argv"][index])
+        if not fds:
+            _send(sock, {"id": request["id"], "error": "no payload"})
+            continue
         try:
             pid = os.fork()
         except OSError as exc:
@@ -194,7 +212,7 @@ def serve(main_attrs, container):
             continue
         if pid == 0:
             sock.detach()  # its fd is closed below; the object must not close a reused number
-            return _child(request, fds, main_attrs, code, libc, container)
+            return _child(request, fds, main_attrs, libc, container)
         for fd in fds:
             os.close(fd)
         _send(sock, {"id": request["id"], "pid": pid})
