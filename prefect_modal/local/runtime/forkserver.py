@@ -487,6 +487,7 @@ class ForkServer:
         join: int | None = None,
         go: int | None = None,
         pty: bool = False,
+        cgroup_procs: Sequence[str] = (),
     ) -> ForkedProcess | None:
         """Start ``args`` through a zygote.
 
@@ -496,7 +497,8 @@ class ForkServer:
         starts. Returns None when it should be started the ordinary way (no
         container asked for, no warm zygote ready); raises OSError when a
         container was asked for and cannot be started. Takes over ``stdio``'s
-        child ends (closed here).
+        child ends (closed here). ``cgroup_procs`` (`cgroups.Group.procs`): the
+        child joins these groups before anything else (`container.join_cgroups`).
         """
         fields: dict[str, Any] = {
             "argv": list(args),
@@ -506,6 +508,7 @@ class ForkServer:
             "join": join,
             "rlimit_as": rlimit_as_bytes,
             "pty": pty,
+            "cgroup": list(cgroup_procs),
         }
         zygote = None
         found = self.match(args, env) if self.warm and join is None else None
