@@ -22,7 +22,10 @@ Settings (each also a ``LocalModal`` argument and a ``prefect-modal local serve`
   at once (`runtime.cgroups.DEFAULT_PIDS_LIMIT`; an assumption, see there); 0: none;
 * ``PREFECT_MODAL_LOCAL_CGROUP_ROOT``: where the cgroup file systems that enforce
   a sandbox's memory, cpu and pids limits are mounted (default ``/sys/fs/cgroup``;
-  a directory without any turns limits off, and the server says so).
+  a directory without any turns limits off, and the server says so);
+* ``PREFECT_MODAL_LOCAL_STRICT_REQUESTS``: ``1`` (default): a sandbox's cpu or memory
+  request without a limit is its limit here; ``0``: Modal's looser rule (no memory
+  limit, cpu up to the request plus 4 cores): `runtime.cgroups.SandboxLimits.of`.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ MAX_GPUS_ENV = "PREFECT_MODAL_LOCAL_MAX_GPUS"
 OUTPUT_WINDOW_ENV = "PREFECT_MODAL_LOCAL_OUTPUT_WINDOW"
 PIDS_LIMIT_ENV = "PREFECT_MODAL_LOCAL_PIDS_LIMIT"
 CGROUP_ROOT_ENV = "PREFECT_MODAL_LOCAL_CGROUP_ROOT"
+STRICT_REQUESTS_ENV = "PREFECT_MODAL_LOCAL_STRICT_REQUESTS"
 DEFAULT_PIDS_LIMIT = cgroups.DEFAULT_PIDS_LIMIT
 
 #: Bytes of each output stream kept readable. Modal publishes no size for its
@@ -75,6 +79,8 @@ class Limits:
     pids_limit: int | None = DEFAULT_PIDS_LIMIT
     #: where the cgroup file systems are mounted (`runtime.cgroups`)
     cgroup_root: str = cgroups.DEFAULT_ROOT
+    #: a cpu or memory request without a limit is the limit (`runtime.cgroups`)
+    strict_requests: bool = True
     _tokens: float = field(default=0.0, repr=False)
     _last: float | None = field(default=None, repr=False)
 
@@ -88,6 +94,8 @@ class Limits:
         return cls(
             pids_limit=DEFAULT_PIDS_LIMIT if not raw_pids else _int(pids),
             cgroup_root=os.environ.get(CGROUP_ROOT_ENV, "").strip() or cgroups.DEFAULT_ROOT,
+            strict_requests=os.environ.get(STRICT_REQUESTS_ENV, "1").strip().lower()
+            not in ("0", "false", "no", "off"),
             create_rate=_env_number(CREATE_RATE_ENV),
             max_sandboxes=_int(_env_number(MAX_SANDBOXES_ENV)),
             max_gpus=_int(_env_number(MAX_GPUS_ENV)),

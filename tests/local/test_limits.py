@@ -15,6 +15,9 @@ import json
 import logging
 import os
 import shlex
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,7 @@ import modal
 import pytest
 
 from prefect_modal.local import LocalModal
-from prefect_modal.local.limits import CGROUP_ROOT_ENV, PIDS_LIMIT_ENV
+from prefect_modal.local.limits import CGROUP_ROOT_ENV, PIDS_LIMIT_ENV, STRICT_REQUESTS_ENV
 from prefect_modal.local.runtime import cgroups
 
 pytestmark = pytest.mark.timeout(120)
@@ -164,10 +167,52 @@ print(json.dumps({"started": started, "error": error}), flush=True)
 """
 
 
+def test_what_a_request_and_a_limit_mean() -> None:
+    """modal/_resources.py sends a single number as the request (limit 0: "no limit");
+    here a request alone is the limit unless strict requests are turned off."""
+    of = cgroups.SandboxLimits.of
+    strict = of(cpu=0.25, cpu_max=None, memory_mib=256, memory_max_mib=None, pids=99)
+    assert (strict.memory_mib, strict.cpu, strict.pids) == (256, 0.25, 99)
+    pair = of(cpu=0.5, cpu_max=1.0, memory_mib=128, memory_max_mib=256, pids=None)
+    assert (pair.memory_mib, pair.memory_request_mib, pair.cpu, pair.cpu_request) == (
+        256,
+        128,
+        1.0,
+        0.5,
+    )
+    modal_rule = of(
+        cpu=0.25,
+        cpu_max=None,
+        memory_mib=256,
+        memory_max_mib=None,
+        pids=None,
+        strict_requests=False,
+    )
+    assert (modal_rule.memory_mib, modal_rule.cpu) == (None, 4.25)
+
+
 @needs_cgroups
-def test_a_fork_bomb_meets_the_pids_limit(
+def test_without_strict_requests_a_request_is_modals_reservation(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """PREFECT_MODAL_LOCAL_STRICT_REQUESTS=0: Modal's rule, a request alone is no
+    memory limit (the client sends ``memory_mb_max=0  # no limit``)."""
+    monkeypatch.setenv(STRICT_REQUESTS_ENV, "0")
+    over_request = (
+        "b = bytearray(128 * 1024**2)\n"
+        "for i in range(0, len(b), 4096): b[i] = 1\n"
+        "print('held 128 MiB', flush=True)\n"
+    )
+    with LocalModal(state_dir=tmp_path / "lm") as lm:
+        app = modal.App.lookup("loose", create_if_missing=True, client=lm.client)
+        sb = _create(lm, app, PY, "-c", over_request, memory=64)
+        sb.wait(raise_on_termination=False)
+        assert (sb.returncode, sb.stdout.read()) == (0, "held 128 MiB\n")
+        assert "memory_mib" not in _record(lm, sb.object_id).limits
+
+
+@needs_cgroups
+def test_a_fork_bomb_meets_the_pids_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Attack: 2,000 processes started. Now at most the pids limit do (a smaller one
     than the default here, to keep the machine calm), and the rest are refused."""
     monkeypatch.setenv(PIDS_LIMIT_ENV, "64")
@@ -269,3 +314,45 @@ def test_limits_that_cannot_be_enforced_are_announced(
     said = [r.getMessage() for r in caplog.records if "cannot enforce" in r.getMessage()]
     assert len(said) == 1  # once, at start
     assert "memory=(request, limit) falls back to an address-space limit" in said[0]
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="needs root and setpriv to run the probe as another user",
+)
+def test_a_normal_users_server_says_which_limits_it_cannot_enforce() -> None:
+    """As a normal user (nobody here) the probe makes no group where it may not, and
+    says why; with root's groups it would have succeeded (cgroup v1, not delegated)."""
+    probe = (  # the module alone (standard library only): no package, no Prefect settings
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('cg', {cgroups.__file__!r})\n"
+        "cg = importlib.util.module_from_spec(spec)\n"
+        "sys.modules['cg'] = cg\n"
+        "spec.loader.exec_module(cg)\n"
+        "c = cg.Cgroups.probe('0abc')\n"
+        "print(c.why_not)\n"
+        "c.close()\n"
+    )
+    out = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            probe,
+        ],
+        env={"PATH": "/usr/bin:/bin"},
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    why = out.stdout.strip()
+    if NOT_USABLE is None:  # root can: the user cannot, and says so
+        assert why.startswith("memory, cpu, pids not enforced") or "delegat" in why, why
+        assert "uid 65534" in why or "delegat" in why
+    else:
+        assert why != "None"

@@ -246,6 +246,7 @@ class ServerContext:
             root=self.limits.cgroup_root,
             pids_limit=self.limits.pids_limit,
         )
+        self.cgroups.strict_requests = self.limits.strict_requests
         if self.cgroups.missing:
             log.warning("%s", self.cgroups.announcement())
         else:

@@ -34,8 +34,9 @@ directories of our own are made where we may):
 
 What a limit means here (`SandboxLimits.of`): Modal's hard limits when the
 sandbox asks for them (``memory=(request, limit)``, ``cpu=(request, limit)``),
-else its request, which is stricter than Modal (see `SandboxLimits.of`); and a
-pids limit, which Modal does not publish (`DEFAULT_PIDS_LIMIT`, an assumption).
+else by default its request, which is stricter than Modal (a setting gives
+Modal's looser rule; see `SandboxLimits.of`); and a pids limit, which Modal does
+not publish (`DEFAULT_PIDS_LIMIT`, an assumption).
 
 Not imported by the fork server: `container.join_cgroups` is the only part that
 runs there.
@@ -67,6 +68,9 @@ DEFAULT_ROOT = "/sys/fs/cgroup"
 #: A setting changes it (`limits.PIDS_LIMIT_ENV`).
 DEFAULT_PIDS_LIMIT = 1024
 
+#: Modal's soft cpu limit is the request plus this many cores (its guide, "Resources")
+MODAL_CPU_SOFT_LIMIT_ABOVE = 4.0
+
 CONTROLLERS = ("memory", "cpu", "pids")
 _CFS_PERIOD_US = 100_000
 _MIN_QUOTA_US = 1_000  # the kernel's lower bound for a cfs quota
@@ -93,6 +97,7 @@ class SandboxLimits:
         memory_mib: int | None,
         memory_max_mib: int | None,
         pids: int | None,
+        strict_requests: bool = True,
     ) -> SandboxLimits:
         """The limits of a create request, as the modal client sends them
         (``modal/_resources.py``: ``cpu=(request, limit)`` is ``milli_cpu`` and
@@ -101,15 +106,22 @@ class SandboxLimits:
 
         The hard limit is the one asked for. With a request only, Modal lets a
         container go above it when its worker has room (its guide, "Resources":
-        memory "free to spike above", cpu a soft limit of the request plus 4
-        cores); here the request is the limit, because this machine's room is
-        the user's own machine, and a flow that fits its request here fits it
-        on Modal. Stricter, never looser: what passes here passes there.
+        containers "can exceed this minimum if the worker has available CPU or
+        memory"; cpu has a soft limit of the request plus 4 cores). Here, with
+        ``strict_requests`` (the default), the request is the limit: this
+        machine's room is the user's own machine, and a flow that fits its
+        request here fits it on Modal whatever room its worker has. Without it,
+        Modal's rule: no memory limit, and a cpu limit of the request plus 4 cores.
         """
+        if strict_requests:
+            memory_limit, cpu_limit = memory_max_mib or memory_mib, cpu_max or cpu
+        else:
+            memory_limit = memory_max_mib
+            cpu_limit = cpu_max or ((cpu + MODAL_CPU_SOFT_LIMIT_ABOVE) if cpu else None)
         return cls(
-            memory_mib=memory_max_mib or memory_mib or None,
+            memory_mib=memory_limit or None,
             memory_request_mib=memory_mib or None,
-            cpu=cpu_max or cpu or None,
+            cpu=cpu_limit or None,
             cpu_request=cpu or None,
             pids=pids or None,
         )
@@ -226,9 +238,9 @@ def _keyed(text: str, key: str) -> int:
     return 0
 
 
-def _why(exc: OSError) -> str:
+def _why(exc: OSError, where: str) -> str:
     if exc.errno in (errno.EACCES, errno.EPERM):
-        return f"this user (uid {os.geteuid()}) may not create cgroups there"
+        return f"this user (uid {os.geteuid()}) may not create cgroups in {where}"
     if exc.errno == errno.EROFS:
         return "the cgroup file system is mounted read-only"
     return exc.strerror or str(exc)
@@ -357,6 +369,8 @@ class Cgroups:
         self.version = version  # 0: none usable
         self.parents = parents  # controller -> the server's parent group ("" for v2)
         self.pids_limit = pids_limit
+        #: a request alone is the limit (`SandboxLimits.of`); set by the server
+        self.strict_requests = True
         #: controller -> why it cannot be enforced here
         self.missing = missing
         self.groups: dict[str, Group] = {}
@@ -391,7 +405,7 @@ class Cgroups:
                 if "memory" in self.missing
                 else ""
             )
-            + "see docs/local-server.md, 'Limits'"
+            + "see docs/local-server.md, 'Sandbox limits'"
         )
 
     def sandbox_notice(self) -> str:
@@ -425,11 +439,13 @@ class Cgroups:
         name = f"{_PREFIX}{os.getpid()}-{server_id}"
         v1 = {c: m for m in mounts if m.version == 1 for c in m.controllers}
         if v1:
-            return cls._probe_v1(name, v1, pids_limit)
+            return cls._probe_v1(name, v1, pids_limit, root)
         return cls._probe_v2(name, next(m for m in mounts if m.version == 2), pids_limit)
 
     @classmethod
-    def _probe_v1(cls, name: str, v1: dict[str, _Mount], pids_limit: int | None) -> Cgroups:
+    def _probe_v1(
+        cls, name: str, v1: dict[str, _Mount], pids_limit: int | None, root: str
+    ) -> Cgroups:
         own = _own_paths()
         parents: dict[str, Path] = {}
         missing: dict[str, str] = {}
@@ -444,7 +460,9 @@ class Cgroups:
             try:
                 parent.mkdir(exist_ok=True)
             except OSError as exc:
-                missing[controller] = f"cgroup v1 {controller} at {base}: {_why(exc)}"
+                # one reason for all three, as a rule (their paths go to the debug log)
+                log.debug("cgroup v1 %s at %s: %s", controller, base, exc)
+                missing[controller] = _why(exc, f"the cgroup v1 hierarchies under {root}")
                 continue
             parents[controller] = parent
         return cls(1 if parents else 0, parents, pids_limit=pids_limit, missing=missing)
@@ -468,7 +486,7 @@ class Cgroups:
                     # our parent holds no process, so it may hand them on to each sandbox
                     _write(parent / "cgroup.subtree_control", " ".join(f"+{c}" for c in have))
                 except OSError as exc:
-                    problems.append(f"{candidate}: {_why(exc)}")
+                    problems.append(_why(exc, str(candidate)))
                     with contextlib.suppress(OSError):
                         parent.rmdir()
                 else:

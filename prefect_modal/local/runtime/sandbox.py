@@ -27,11 +27,15 @@ How a Modal sandbox maps onto this machine (the emulation's limits):
   ``LANG``, ``TMPDIR=/tmp``, ``PYTHONUNBUFFERED=1``, ``MODAL_SANDBOX_ID``,
   ``MODAL_TASK_ID``, then the image's ``ENV`` lines, the named secrets, and
   the inline secrets and ``env=`` in the order the client sent them.
-* **Resources.** cpu, memory, gpu, region and cloud are recorded. Memory is
-  enforced only when a hard limit is asked for (``memory=(request, limit)``):
-  ``RLIMIT_AS`` of ``max(2 * limit, limit + 1 GiB)``, because address space is
-  not resident memory and a tight ``RLIMIT_AS`` breaks Python and threads. A
-  GPU request runs on CPU, with a warning as the first line of stderr.
+* **Resources.** cpu, memory, gpu, region and cloud are recorded. cpu, memory
+  and a pids limit are held by the sandbox's cgroup where this machine allows
+  (`cgroups`: its processes join it before they start anything); over its
+  memory it ends with exit 137 and the reason in its result and record. Where
+  cgroups cannot hold memory, a hard limit (``memory=(request, limit)``) falls
+  back to ``RLIMIT_AS`` of ``max(2 * limit, limit + 1 GiB)`` (address space is
+  not resident memory, and a tight ``RLIMIT_AS`` breaks Python and threads), and
+  its log says what is not enforced. A GPU request runs on CPU, with a warning
+  as the first line of stderr.
 * **Lifetime.** ``timeout`` ends the sandbox with status timeout (exit 124);
   ``terminate`` with status terminated (exit 137); ``idle_timeout`` (no exec
   running, no stdin write for that long) ends it as a timeout too.
@@ -484,6 +488,7 @@ class LocalSandbox:
                 memory_mib=s.memory_mib,
                 memory_max_mib=s.memory_max_mib,
                 pids=self._cgroups.pids_limit,
+                strict_requests=self._cgroups.strict_requests,
             ),
         )
         efd = self._group.oom_eventfd() if self._group is not None else None
