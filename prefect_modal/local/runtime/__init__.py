@@ -4,6 +4,7 @@
 * `isolation` - what its container is made of, and how the server reaches in;
 * `container` - the namespace calls, run in the fork server's child;
 * `processes` - starting, watching and killing process trees;
+* `cgroups` - memory, cpu and pids limits, where this machine allows;
 * `forkserver` / `zygote` - warm interpreters that fork sandbox processes;
 * `streams` - replayable output buffers;
 * `tunnels` / `relay` / `connect_proxy` / `tls` - ports reached from the host;

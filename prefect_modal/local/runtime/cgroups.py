@@ -517,7 +517,7 @@ class Cgroups:
         limits = replace(limits, pids=self.pids_limit)
         if self.version == 2:
             d = self.parents[""] / sandbox_id
-            d.mkdir()
+            self._mkdir(d)
             group = Group(2, {"": d}, limits)
             try:
                 _set_v2(d, limits, set(self.enforced))
@@ -530,7 +530,7 @@ class Cgroups:
             try:
                 for controller, parent in self.parents.items():
                     d = parent / sandbox_id
-                    d.mkdir()
+                    self._mkdir(d)
                     dirs[controller] = d
                 _set_v1(dirs, limits)
             except OSError:
@@ -538,6 +538,18 @@ class Cgroups:
                 raise
         self.groups[sandbox_id] = group
         return group
+
+    def _mkdir(self, d: Path) -> None:
+        """Make a sandbox's directory; its parent again if it went (`_sweep` of a
+        server in another PID namespace, which cannot tell that we live)."""
+        try:
+            d.mkdir()
+        except FileNotFoundError:
+            d.parent.mkdir()
+            if self.version == 2:
+                have = " ".join(f"+{c}" for c in self.enforced)
+                _write(d.parent / "cgroup.subtree_control", have)
+            d.mkdir()
 
     def forget(self, sandbox_id: str) -> None:
         """The sandbox's group was removed (`Group.remove`)."""
@@ -596,7 +608,10 @@ _PARENT = re.compile(rf"{re.escape(_PREFIX)}(\d+)-[0-9a-f]+")
 
 
 def _sweep(base: Path) -> None:
-    """Remove the parent groups of local servers whose process is gone (a crash left them)."""
+    """Remove the empty parent groups of local servers whose process is gone (a crash
+    left them). Only empty ones, and nothing is killed: a server in another PID
+    namespace looks gone from here, and its groups are not ours to end (if one of
+    its idle parents goes, it makes it again: `Cgroups.create`)."""
     try:
         entries = list(base.iterdir())
     except OSError:
@@ -605,13 +620,14 @@ def _sweep(base: Path) -> None:
         m = _PARENT.fullmatch(entry.name)
         if m is None or not entry.is_dir() or Path(f"/proc/{m.group(1)}").exists():
             continue
-        _kill_and_remove(entry, deadline_s=0.5)
+        _remove_empty(entry)
 
 
-__all__ = [
-    "DEFAULT_PIDS_LIMIT",
-    "DEFAULT_ROOT",
-    "Cgroups",
-    "Group",
-    "SandboxLimits",
-]
+def _remove_empty(directory: Path) -> None:
+    """rmdir ``directory`` and the groups below it, deepest first; one that still has
+    processes stays (and so does everything above it)."""
+    with contextlib.suppress(OSError):
+        for child in directory.iterdir():
+            if child.is_dir():
+                _remove_empty(child)
+        directory.rmdir()
