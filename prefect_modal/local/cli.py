@@ -142,6 +142,31 @@ def serve(
             "unbounded). Default: PREFECT_MODAL_LOCAL_OUTPUT_WINDOW.",
         ),
     ] = None,
+    pids_limit: Annotated[
+        int | None,
+        typer.Option(
+            help="Processes and threads one sandbox may have at once, held by cgroups where "
+            "this machine allows (1024, an assumption: Modal publishes no number; 0: none). "
+            "Default: PREFECT_MODAL_LOCAL_PIDS_LIMIT.",
+        ),
+    ] = None,
+    cgroup_root: Annotated[
+        str | None,
+        typer.Option(
+            help="Where the cgroup file systems that hold sandboxes to their memory, cpu and "
+            "pids limits are mounted. Default: PREFECT_MODAL_LOCAL_CGROUP_ROOT, else "
+            "/sys/fs/cgroup.",
+        ),
+    ] = None,
+    strict_requests: Annotated[
+        bool | None,
+        typer.Option(
+            help="A sandbox's cpu or memory request without a limit is its limit here "
+            "(stricter than Modal, where a container may go above its request when its "
+            "worker has room); --no-strict-requests applies Modal's looser rule. Default: "
+            "on, unless PREFECT_MODAL_LOCAL_STRICT_REQUESTS=0.",
+        ),
+    ] = None,
 ) -> None:
     """Serve Modal's API on 127.0.0.1 until SIGINT, SIGTERM or SIGHUP."""
     logging.basicConfig(
@@ -163,6 +188,7 @@ def serve(
         ("--max-sandboxes", max_sandboxes),
         ("--max-gpus", max_gpus),
         ("--output-window", output_window),
+        ("--pids-limit", pids_limit),
     ):
         if given is not None and not 0 <= given < float("inf"):
             raise typer.BadParameter(f"{given}: expected a number >= 0", param_hint=f"'{hint}'")
@@ -175,6 +201,12 @@ def serve(
         limits.max_gpus = max_gpus or None
     if output_window is not None:
         limits.output_window = output_window or None
+    if pids_limit is not None:
+        limits.pids_limit = pids_limit or None
+    if cgroup_root:
+        limits.cgroup_root = cgroup_root
+    if strict_requests is not None:
+        limits.strict_requests = strict_requests
     secrets = _load_secrets(secrets_file)
     lm = LocalModal(
         port=port,
@@ -210,6 +242,10 @@ def serve(
             print("# isolation: on (Linux namespaces)")
         else:
             print(f"# isolation: OFF ({lm.not_isolated_because})")
+        if lm.limits_not_enforced_because is None:
+            print("# limits: memory, cpu and pids enforced (cgroups)")
+        else:
+            print(f"# limits: {lm.limits_not_enforced_because}")
         if lm.latency is not None:
             print("# latency: simulated Modal start times and RPC round trips")
         print(f"# CA of tunnels and connect tokens: {lm.tls_cert}")

@@ -159,6 +159,7 @@ class LocalModal:
     async def _main(self) -> None:
         self._stop_requested = asyncio.Event()
         await self._ctx.start_isolation()
+        await self._ctx.start_limits()
         server = Server([ControlPlane(self._ctx), Router(self._ctx)])
         grpclib.events.listen(server, grpclib.events.RecvRequest, self._ctx.on_request)
         await server.start(self._host, self._port)
@@ -193,6 +194,7 @@ class LocalModal:
             *(sb.drain_background() for sb in self.registry.sandboxes.values()),
             return_exceptions=True,
         )
+        await self._ctx.stop_limits()  # groups left (a supervisor cancelled) and our parents
         server.close()
         try:
             await asyncio.wait_for(server.wait_closed(), 5)
@@ -256,6 +258,24 @@ class LocalModal:
     @property
     def not_isolated_because(self) -> str | None:
         return self._ctx.not_isolated_because
+
+    @property
+    def limits_announcement(self) -> str:
+        """What the server said at start about sandbox limits (`runtime.cgroups`)."""
+        cg = self._ctx.cgroups
+        return cg.announcement() if cg is not None else ""
+
+    @property
+    def limits_enforced(self) -> list[str]:
+        """The sandbox limits this server enforces with cgroups: memory, cpu, pids."""
+        cg = self._ctx.cgroups
+        return cg.enforced if cg is not None else []
+
+    @property
+    def limits_not_enforced_because(self) -> str | None:
+        """Why some sandbox limits are not enforced here (None: all are)."""
+        cg = self._ctx.cgroups
+        return cg.why_not if cg is not None else "the server has not started"
 
     @property
     def url(self) -> str:

@@ -17,7 +17,15 @@ Settings (each also a ``LocalModal`` argument and a ``prefect-modal local serve`
 * ``PREFECT_MODAL_LOCAL_MAX_SANDBOXES``: running sandboxes at once; unset or 0: no cap;
 * ``PREFECT_MODAL_LOCAL_MAX_GPUS``: GPUs held by running sandboxes; unset or 0: no cap;
 * ``PREFECT_MODAL_LOCAL_OUTPUT_WINDOW``: bytes of a stdout/stderr stream a reader
-  can still get (`DEFAULT_OUTPUT_WINDOW`; an assumption, see there); 0: unbounded.
+  can still get (`DEFAULT_OUTPUT_WINDOW`; an assumption, see there); 0: unbounded;
+* ``PREFECT_MODAL_LOCAL_PIDS_LIMIT``: processes and threads one sandbox may have
+  at once (`runtime.cgroups.DEFAULT_PIDS_LIMIT`; an assumption, see there); 0: none;
+* ``PREFECT_MODAL_LOCAL_CGROUP_ROOT``: where the cgroup file systems that enforce
+  a sandbox's memory, cpu and pids limits are mounted (default ``/sys/fs/cgroup``;
+  a directory without any turns limits off, and the server says so);
+* ``PREFECT_MODAL_LOCAL_STRICT_REQUESTS``: ``1`` (default): a sandbox's cpu or memory
+  request without a limit is its limit here; ``0``: Modal's looser rule (no memory
+  limit, cpu up to the request plus 4 cores): `runtime.cgroups.SandboxLimits.of`.
 """
 
 from __future__ import annotations
@@ -27,10 +35,16 @@ import os
 import time
 from dataclasses import dataclass, field
 
+from .runtime import cgroups
+
 CREATE_RATE_ENV = "PREFECT_MODAL_LOCAL_CREATE_RATE"
 MAX_SANDBOXES_ENV = "PREFECT_MODAL_LOCAL_MAX_SANDBOXES"
 MAX_GPUS_ENV = "PREFECT_MODAL_LOCAL_MAX_GPUS"
 OUTPUT_WINDOW_ENV = "PREFECT_MODAL_LOCAL_OUTPUT_WINDOW"
+PIDS_LIMIT_ENV = "PREFECT_MODAL_LOCAL_PIDS_LIMIT"
+CGROUP_ROOT_ENV = "PREFECT_MODAL_LOCAL_CGROUP_ROOT"
+STRICT_REQUESTS_ENV = "PREFECT_MODAL_LOCAL_STRICT_REQUESTS"
+DEFAULT_PIDS_LIMIT = cgroups.DEFAULT_PIDS_LIMIT
 
 #: Bytes of each output stream kept readable. Modal publishes no size for its
 #: window (modal/io_streams.py only warns that it "dropped first N bytes"); this
@@ -61,6 +75,12 @@ class Limits:
     max_sandboxes: int | None = None
     max_gpus: int | None = None
     output_window: int | None = DEFAULT_OUTPUT_WINDOW
+    #: processes and threads per sandbox (``pids.max``), where cgroups are usable
+    pids_limit: int | None = DEFAULT_PIDS_LIMIT
+    #: where the cgroup file systems are mounted (`runtime.cgroups`)
+    cgroup_root: str = cgroups.DEFAULT_ROOT
+    #: a cpu or memory request without a limit is the limit (`runtime.cgroups`)
+    strict_requests: bool = True
     _tokens: float = field(default=0.0, repr=False)
     _last: float | None = field(default=None, repr=False)
 
@@ -69,7 +89,13 @@ class Limits:
         """The settings from the environment (for servers started on demand)."""
         window = _env_number(OUTPUT_WINDOW_ENV)
         raw_window = os.environ.get(OUTPUT_WINDOW_ENV, "").strip()
+        pids = _env_number(PIDS_LIMIT_ENV)
+        raw_pids = os.environ.get(PIDS_LIMIT_ENV, "").strip()
         return cls(
+            pids_limit=DEFAULT_PIDS_LIMIT if not raw_pids else _int(pids),
+            cgroup_root=os.environ.get(CGROUP_ROOT_ENV, "").strip() or cgroups.DEFAULT_ROOT,
+            strict_requests=os.environ.get(STRICT_REQUESTS_ENV, "1").strip().lower()
+            not in ("0", "false", "no", "off"),
             create_rate=_env_number(CREATE_RATE_ENV),
             max_sandboxes=_int(_env_number(MAX_SANDBOXES_ENV)),
             max_gpus=_int(_env_number(MAX_GPUS_ENV)),

@@ -47,11 +47,19 @@ class SandboxRecord:
     #: the container's pid 1 as this host sees it (None: not isolated, or not up yet)
     init_pid: int | None = None
     isolated: bool = False
+    #: the limits its cgroup enforced: memory_mib, cpu (cores), pids (`runtime.cgroups`);
+    #: empty when none were enforced
+    limits: dict[str, float] = field(default_factory=dict)
+    #: why it ended, when the exit code does not say it all (out of memory: exit 137)
+    exit_reason: str | None = None
+    #: the most memory its processes held at once (cgroup accounting), MiB
+    memory_peak_mib: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         # not dataclasses.asdict: it deep-copies, and the listing is rewritten on every change
         d = {name: getattr(self, name) for name in _FIELDS}
         d["tags"], d["volumes"] = dict(self.tags), dict(self.volumes)
+        d["limits"] = dict(self.limits)
         d["env_names"], d["secret_names"] = list(self.env_names), list(self.secret_names)
         return d
 

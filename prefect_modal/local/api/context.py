@@ -28,6 +28,7 @@ from ..build.cache import LayerCache
 from ..limits import CREATE_RATE_ENV, MAX_GPUS_ENV, MAX_SANDBOXES_ENV, Limits, gpu_count
 from ..runtime import isolation as isolation_mod
 from ..runtime import layers, processes, seccomp_filter
+from ..runtime.cgroups import Cgroups
 from ..runtime.forkserver import ForkServer
 from ..runtime.isolation import ImageView, pasta, why_not_isolated
 from ..runtime.probes import ProbeRunner
@@ -194,6 +195,8 @@ class ServerContext:
         #: set by `start_isolation`: how sandboxes are isolated, or why they are not
         self.isolation: Isolation | None = None
         self.not_isolated_because: str | None = None
+        #: set by `start_limits`: the cgroups that hold sandboxes to their limits
+        self.cgroups: Cgroups | None = None
         self._warned_versions: set[str] = set()
         self.tunnels = TunnelManager(registry.state_dir, host)
         self.probes = ProbeRunner()
@@ -234,6 +237,30 @@ class ServerContext:
             "are refused",
             why,
         )
+
+    async def start_limits(self) -> None:
+        """Find out once, at server start, which sandbox limits this machine lets us
+        enforce with cgroups (`runtime.cgroups`); say which are not."""
+        self.cgroups = await asyncio.to_thread(
+            Cgroups.probe,
+            self.server_uid,
+            root=self.limits.cgroup_root,
+            pids_limit=self.limits.pids_limit,
+        )
+        self.cgroups.strict_requests = self.limits.strict_requests
+        if self.cgroups.missing:
+            log.warning("%s", self.cgroups.announcement())
+        else:
+            log.info("%s", self.cgroups.announcement())
+
+    async def stop_limits(self) -> None:
+        """Server stop: every sandbox group and this server's parents go."""
+        if self.cgroups is not None:
+            loop = asyncio.get_running_loop()
+            for group in self.cgroups.groups.values():
+                if group.eventfd is not None:
+                    loop.remove_reader(group.eventfd)
+            await asyncio.to_thread(self.cgroups.close)
 
     # ----- auth hook -------------------------------------------------------
 
@@ -491,6 +518,7 @@ class ServerContext:
             timeout_s=float(timeout),
             idle_timeout_s=float(d.idle_timeout_secs) if d.idle_timeout_secs else None,
             cpu=res.milli_cpu / 1000 if res.milli_cpu else None,
+            cpu_max=res.milli_cpu_max / 1000 if res.milli_cpu_max else None,
             memory_mib=res.memory_mb or None,
             memory_max_mib=res.memory_mb_max or None,
             gpu=gpu,
@@ -532,6 +560,7 @@ class ServerContext:
             isolation=self.isolation,
             not_isolated_because=self.not_isolated_because,
             output_window=self.limits.output_window,
+            cgroups=self.cgroups,
         )
         reg.add_sandbox(sb)
         # Modal's create returns once the sandbox is scheduled; its container starts

@@ -5,6 +5,7 @@
 * `container` - the namespace calls, run in the fork server's child;
 * `seccomp_filter` - the sandboxes' seccomp filter (Docker's default profile, libseccomp);
 * `processes` - starting, watching and killing process trees;
+* `cgroups` - memory, cpu and pids limits, where this machine allows;
 * `forkserver` / `zygote` - warm interpreters that fork sandbox processes;
 * `streams` - replayable output buffers;
 * `tunnels` / `relay` / `connect_proxy` / `tls` - ports reached from the host;

@@ -416,6 +416,23 @@ def _monitor(child, status_r):
     _end_like(int(data))
 
 
+def join_cgroups(paths):
+    """Put this process into the sandbox's cgroups (`cgroups.Group.procs`): ``0`` written
+    to each ``cgroup.procs`` moves the writer. Called first in the fork server's child,
+    before it unshares or forks anything, so every process of the sandbox starts inside
+    its limits. A failure ends the child (it never runs without the limits it was given).
+    """
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, b"0")
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise ContainerError(f"joining the sandbox's cgroup {path}: {exc.strerror}") from None
+
+
 def workdir_failure(workdir, exc):
     """Modal's runtime's words for a working directory it cannot create (modal-client
     issue #3322: ``starting sandbox: failed to create process working directory

@@ -540,6 +540,7 @@ class ForkServer:
         join: int | None = None,
         go: int | None = None,
         pty: bool = False,
+        cgroup_procs: Sequence[str] = (),
     ) -> ForkedProcess | None:
         """Start ``args`` through a zygote.
 
@@ -549,7 +550,8 @@ class ForkServer:
         starts. Returns None when it should be started the ordinary way (no
         container asked for, no warm zygote ready); raises OSError when a
         container was asked for and cannot be started. Takes over ``stdio``'s
-        child ends (closed here).
+        child ends (closed here). ``cgroup_procs`` (`cgroups.Group.procs`): the
+        child joins these groups before anything else (`container.join_cgroups`).
         """
         fields: dict[str, Any] = {
             "cwd": cwd,
@@ -557,6 +559,7 @@ class ForkServer:
             "join": join,
             "rlimit_as": rlimit_as_bytes,
             "pty": pty,
+            "cgroup": list(cgroup_procs),
         }
         if isolate is not None or join is not None:
             fields["seccomp"] = _seccomp_text()

@@ -21,8 +21,9 @@ feeds their pipes into `OutputBuffer`s through the event loop and notices the
 exit through a pidfd, then kills what is left of the group *before* reaping
 the entrypoint (while it is a zombie its group id cannot be reused).
 
-Why not cgroups: they need privileges this project cannot assume (CI, laptops).
-This is process hygiene, not isolation: sandboxes run as the server's user.
+Limits (memory, cpu, pids) are cgroups where the machine allows (`cgroups`): a
+process joins its sandbox's groups first thing in ``preexec_fn`` (so ``setpriv``
+is not used then). This module is process hygiene, not isolation.
 """
 
 from __future__ import annotations
@@ -55,12 +56,22 @@ except OSError:  # pragma: no cover - non-glibc systems
     _libc = None
 
 
-def make_preexec(rlimit_as_bytes: int | None) -> Callable[[], None]:
-    """Build the function the child runs between fork and exec."""
+def make_preexec(
+    rlimit_as_bytes: int | None, cgroup_procs: Sequence[str] = ()
+) -> Callable[[], None]:
+    """Build the function the child runs between fork and exec (``cgroup_procs``: the
+    sandbox's groups, joined first, `cgroups.Group.procs`)."""
     parent = os.getpid()
     libc = _libc
+    join = [os.fsencode(p) for p in cgroup_procs]
 
     def preexec() -> None:
+        for path in join:
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, b"0")
+            finally:
+                os.close(fd)
         if libc is not None:
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
             if os.getppid() != parent:  # the server died before prctl took effect
@@ -85,12 +96,15 @@ def _setpriv() -> str | None:
 
 
 def with_pdeathsig(
-    args: Sequence[str], env: Mapping[str, str], rlimit_as_bytes: int | None = None
+    args: Sequence[str],
+    env: Mapping[str, str],
+    rlimit_as_bytes: int | None = None,
+    cgroup_procs: Sequence[str] = (),
 ) -> tuple[list[str], Callable[[], None] | None]:
     """``(argv, preexec_fn)`` that start ``args`` so it dies with this thread (see above)."""
-    setpriv = None if rlimit_as_bytes else _setpriv()
+    setpriv = None if rlimit_as_bytes or cgroup_procs else _setpriv()
     if setpriv is None:
-        return list(args), make_preexec(rlimit_as_bytes)
+        return list(args), make_preexec(rlimit_as_bytes, cgroup_procs)
     # setpriv execs the command by PATH lookup in *its* environment: resolve it here
     exe = args[0] if "/" in args[0] else shutil.which(args[0], path=env.get("PATH", ""))
     if exe is None:
@@ -108,6 +122,7 @@ def spawn(
     stdout: bool = True,
     stderr: bool = True,
     merge_stderr: bool = False,
+    cgroup_procs: Sequence[str] = (),
 ) -> subprocess.Popen[bytes]:
     """Start ``args`` in a new session with pipes for the fds asked for.
 
@@ -118,7 +133,7 @@ def spawn(
     """
     pipe, null = subprocess.PIPE, subprocess.DEVNULL
     err = subprocess.STDOUT if merge_stderr else (pipe if stderr else null)
-    argv, preexec = with_pdeathsig(args, env, rlimit_as_bytes)
+    argv, preexec = with_pdeathsig(args, env, rlimit_as_bytes, cgroup_procs)
     return subprocess.Popen(
         argv,
         stdin=pipe if stdin else null,

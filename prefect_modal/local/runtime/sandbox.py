@@ -27,11 +27,15 @@ How a Modal sandbox maps onto this machine (the emulation's limits):
   ``LANG``, ``TMPDIR=/tmp``, ``PYTHONUNBUFFERED=1``, ``MODAL_SANDBOX_ID``,
   ``MODAL_TASK_ID``, then the image's ``ENV`` lines, the named secrets, and
   the inline secrets and ``env=`` in the order the client sent them.
-* **Resources.** cpu, memory, gpu, region and cloud are recorded. Memory is
-  enforced only when a hard limit is asked for (``memory=(request, limit)``):
-  ``RLIMIT_AS`` of ``max(2 * limit, limit + 1 GiB)``, because address space is
-  not resident memory and a tight ``RLIMIT_AS`` breaks Python and threads. A
-  GPU request runs on CPU, with a warning as the first line of stderr.
+* **Resources.** cpu, memory, gpu, region and cloud are recorded. cpu, memory
+  and a pids limit are held by the sandbox's cgroup where this machine allows
+  (`cgroups`: its processes join it before they start anything); over its
+  memory it ends with exit 137 and the reason in its result and record. Where
+  cgroups cannot hold memory, a hard limit (``memory=(request, limit)``) falls
+  back to ``RLIMIT_AS`` of ``max(2 * limit, limit + 1 GiB)`` (address space is
+  not resident memory, and a tight ``RLIMIT_AS`` breaks Python and threads), and
+  its log says what is not enforced. A GPU request runs on CPU, with a warning
+  as the first line of stderr.
 * **Lifetime.** ``timeout`` ends the sandbox with status timeout (exit 124);
   ``terminate`` with status terminated (exit 137); ``idle_timeout`` (no exec
   running, no stdin write for that long) ends it as a timeout too.
@@ -63,6 +67,7 @@ from modal_proto import api_pb2
 
 from ..records import SandboxRecord
 from . import container, isolation, layers, processes, seccomp_filter
+from .cgroups import Cgroups, Group, SandboxLimits
 from .forkserver import ForkedProcess, ForkServer, Stdio
 from .isolation import FsRoot, ImageView
 from .streams import OutputBuffer
@@ -121,6 +126,8 @@ class SandboxRequest:
     #: a build sandbox's writable view directories: container path -> the upper
     #: directory of its writable overlay (`isolation.layout`), isolated only
     uppers: dict[str, Path] = field(default_factory=dict)
+    #: ``cpu=(request, limit)``'s limit, in cores (`cgroups.SandboxLimits.of`)
+    cpu_max: float | None = None
 
     def volume_dirs(self) -> dict[str, Path]:
         """Mount path -> the host directory bound there: a v1 volume's view, else the volume."""
@@ -280,8 +287,15 @@ class LocalSandbox:
         isolation: Isolation | None = None,
         not_isolated_because: str | None = None,
         output_window: int | None = None,
+        cgroups: Cgroups | None = None,
     ) -> None:
         self.spec = spec
+        #: the server's cgroups (`cgroups`) and this sandbox's group, while it has one
+        self._cgroups = cgroups
+        self._group: Group | None = None
+        #: why it ended, when its exit code does not say it all (out of memory)
+        self.exit_reason: str | None = None
+        self.memory_peak_mib: float | None = None
         self.id = sandbox_id
         self.task_id = task_id
         self.paths = paths
@@ -360,6 +374,9 @@ class LocalSandbox:
             root=str(self.paths.fs),
             init_pid=self.init_pid,
             isolated=self.isolation is not None,
+            limits=self._group.limits.describe() if self._group is not None else {},
+            exit_reason=self.exit_reason,
+            memory_peak_mib=self.memory_peak_mib,
         )
 
     def listing_key(self) -> tuple[object, ...]:
@@ -386,6 +403,8 @@ class LocalSandbox:
             )
         code = self.returncode if self.returncode is not None else -1
         status = g.GENERIC_STATUS_SUCCESS if code == 0 else g.GENERIC_STATUS_FAILURE
+        if self.exit_reason:
+            return g(status=status, exitcode=code, exception=self.exit_reason)
         return g(status=status, exitcode=code)
 
     # ----- start -----------------------------------------------------------
@@ -458,10 +477,69 @@ class LocalSandbox:
         return dict(self._overlays)
 
     def _rlimit_as(self) -> int | None:
+        """The fallback where cgroups cannot hold memory: an address-space limit for an
+        explicit hard limit only (a tight one breaks Python and threads, and a request
+        alone is no limit on Modal). None when the sandbox's cgroup holds its memory."""
         limit = self.spec.memory_max_mib
-        if not limit:
+        if not limit or self._memory_enforced():
             return None
         return max(2 * limit, limit + 1024) * 1024 * 1024
+
+    def _memory_enforced(self) -> bool:
+        return (
+            self._group is not None
+            and self._cgroups is not None
+            and "memory" in self._cgroups.enforced
+        )
+
+    def _cgroup_procs(self) -> list[str]:
+        """The ``cgroup.procs`` files each of its processes joins first (`cgroups`)."""
+        group = self._group
+        return group.procs if group is not None and not group.removed else []
+
+    def _make_cgroup(self) -> None:
+        """Its group, with its limits, before its first process (`cgroups.Cgroups.create`)."""
+        if self._cgroups is None:
+            return
+        s = self.spec
+        self._group = self._cgroups.create(
+            self.id,
+            SandboxLimits.of(
+                cpu=s.cpu,
+                cpu_max=s.cpu_max,
+                memory_mib=s.memory_mib,
+                memory_max_mib=s.memory_max_mib,
+                pids=self._cgroups.pids_limit,
+                strict_requests=self._cgroups.strict_requests,
+            ),
+        )
+        efd = self._group.oom_eventfd() if self._group is not None else None
+        if efd is not None:
+            asyncio.get_running_loop().add_reader(efd, self._on_oom, efd)
+
+    def _on_oom(self, efd: int) -> None:
+        """cgroup v1: the sandbox met its memory limit and the kernel's OOM killer is
+        killing one of its processes; the whole sandbox ends then, as a container does
+        on Modal (its guide, "Resources": a hard memory limit "will OOM kill
+        containers"), and as cgroup v2's ``memory.oom.group`` does by itself."""
+        with contextlib.suppress(OSError):
+            os.read(efd, 8)
+        # the event comes as the group meets its limit, before the kernel's kill is counted
+        if self._group is not None and not self._ending():
+            self._kill_reason = "oom"
+            self._kill_requested.set()
+
+    async def _remove_cgroup(self) -> None:
+        """The sandbox has ended: kill what is left in its group and remove it."""
+        group = self._group
+        if group is None or group.removed:
+            return
+        efd = group.eventfd
+        if efd is not None:
+            asyncio.get_running_loop().remove_reader(efd)
+        await asyncio.to_thread(group.remove)
+        if self._cgroups is not None:
+            self._cgroups.forget(self.id)
 
     async def start(self, delay_s: float = 0.0) -> None:
         """Start the entrypoint and supervise it; never raises for a bad command.
@@ -498,6 +576,8 @@ class LocalSandbox:
             )
         if self.isolation is not None:
             self._announce_no_seccomp()
+        if self._cgroups is not None and self._cgroups.missing:
+            self.stderr.append(self._cgroups.sandbox_notice().encode())
         if self.spec.gpu:
             self.stderr.append(
                 f"[prefect-modal local] GPU {self.spec.gpu!r} requested: this local sandbox "
@@ -517,6 +597,7 @@ class LocalSandbox:
                 await asyncio.to_thread(self._prepare_dirs)
             else:
                 self._prepare_dirs()
+            self._make_cgroup()
             if self.isolation is not None:
                 popen, go_w = await self._start_container(args)
             else:
@@ -528,6 +609,7 @@ class LocalSandbox:
                     self.stderr.close()
                     self._container_up.set()
                     self._finish("exited", container.WORKDIR_FAILED)
+                    await self._remove_cgroup()
                     return
                 if self._forkserver is not None:
                     popen = await self._forkserver.spawn(
@@ -536,10 +618,15 @@ class LocalSandbox:
                         cwd=cwd,
                         stdio=Stdio.pipes(),
                         rlimit_as_bytes=self._rlimit_as(),
+                        cgroup_procs=self._cgroup_procs(),
                     )
                 if popen is None:
                     popen = processes.spawn(
-                        args, env=self._env, cwd=cwd, rlimit_as_bytes=self._rlimit_as()
+                        args,
+                        env=self._env,
+                        cwd=cwd,
+                        rlimit_as_bytes=self._rlimit_as(),
+                        cgroup_procs=self._cgroup_procs(),
                     )
         except OSError as exc:
             self.stderr.append(
@@ -549,6 +636,7 @@ class LocalSandbox:
             self.stderr.close()
             self._container_up.set()
             self._finish("exited", 127 if isinstance(exc, FileNotFoundError) else 126)
+            await self._remove_cgroup()
             return
         self._child = processes.Child(popen)
         await self._child.attach(self.stdout, self.stderr)
@@ -597,6 +685,7 @@ class LocalSandbox:
                 cwd=self.spec.workdir or "/",
                 stdio=stdio,
                 rlimit_as_bytes=self._rlimit_as(),
+                cgroup_procs=self._cgroup_procs(),
                 isolate=spec,
                 go=go_r,
                 pty=self.spec.pty,
@@ -818,6 +907,7 @@ class LocalSandbox:
         if self._sweeper is not None:
             self._sweeper.add(self.marker)
         self._stop_pasta()
+        await self._remove_cgroup()
 
     def _spawn_background(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -843,6 +933,7 @@ class LocalSandbox:
     def _finish(self, status: str, code: int) -> None:
         if self.done.is_set():
             return
+        status, code = self._note_memory(status, code)
         self.status = status
         self.returncode = code
         self.finished_at = time.time()
@@ -854,6 +945,26 @@ class LocalSandbox:
         self._merge_volume_views()
         self.done.set()
         self._on_change()
+
+    def _note_memory(self, status: str, code: int) -> tuple[str, int]:
+        """Its peak memory and, if the kernel killed it for its memory limit, that
+        reason: it ends as on Modal, exit code 137 (SIGKILL), with the reason in its
+        result (``GenericResult.exception``) and its record."""
+        group = self._group
+        if group is None or group.removed:
+            return ("exited" if status == "oom" else status), code
+        peak = group.peak_memory()
+        if peak is not None:
+            self.memory_peak_mib = round(peak / 1048576, 1)
+        if status == "oom" or (group.oom_kills() and status == "exited" and code == 137):
+            limit = group.limits.memory_mib
+            self.exit_reason = (
+                f"Sandbox ran out of memory: OOM killed at its memory limit of {limit} MiB "
+                f"(exit code 137)"
+            )
+            log.warning("sandbox %s: %s", self.id, self.exit_reason)
+            return "exited", 137
+        return ("exited" if status == "oom" else status), code
 
     def _merge_volume_views(self) -> None:
         """v1 volumes receive the sandbox's writes now, at its end, before anyone hears
@@ -986,6 +1097,7 @@ class LocalSandbox:
                         else Stdio.pipes(stdout, stderr, merge_stderr)
                     ),
                     rlimit_as_bytes=self._rlimit_as(),
+                    cgroup_procs=self._cgroup_procs(),
                     join=init,
                     pty=pty_size is not None,
                 )
@@ -1003,6 +1115,7 @@ class LocalSandbox:
                     env=full_env,
                     cwd=str(cwd),
                     rlimit_as_bytes=self._rlimit_as(),
+                    cgroup_procs=self._cgroup_procs(),
                     stdout=stdout,
                     stderr=stderr,
                     merge_stderr=merge_stderr,

@@ -130,6 +130,7 @@ def _child(request, fds, main_attrs, libc, container):
         libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
         if os.getppid() != zygote:
             os._exit(137)
+        container.join_cgroups(request.get("cgroup") or ())  # first: all it starts is inside
         high = [os.dup(fd) for fd in fds]  # out of the way of the numbers they go to
         for target, fd in enumerate(high):
             os.dup2(fd, target)
