@@ -214,3 +214,22 @@ def test_a_build_sandbox_gets_uvs_settings_and_proxies_but_no_other_variable(
     # the requirements file is written to the scratch directory, bound read-only
     req = plan.argv[plan.argv.index("-r") + 1]
     assert Path(req).read_text() == "six\n" and plan.ro[str(scratch)] == scratch
+
+
+def test_without_a_build_sandbox_the_build_log_says_uv_runs_on_this_machine(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No silent fallback: a server that cannot isolate says, in the build log, that
+    a package's build code runs here."""
+    with LocalModal(state_dir=tmp_path / "lm", isolation=False) as lm:
+        app = modal.App.lookup(
+            f"t-{uuid.uuid4().hex[:10]}", create_if_missing=True, client=lm.client
+        )
+        marker = uuid.uuid4().hex[:8]
+        image = modal.Image.debian_slim().env({"PM_MARKER": marker}).pip_install("six")
+        with modal.enable_output():
+            sb = modal.Sandbox.create("true", app=app, client=lm.client, image=image)
+            sb.wait(raise_on_termination=False)
+    assert sb.returncode == 0
+    out = capsys.readouterr().out
+    assert "no build sandbox" in out and "uv runs on this machine as" in out, out

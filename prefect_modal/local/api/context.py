@@ -227,6 +227,7 @@ class ServerContext:
         if self.host_dirs:
             raise ValueError(f"host_dirs needs isolated sandboxes, but {why}")
         self.not_isolated_because = why
+        self.builder.run_in_sandbox = None  # no build sandbox: builds say what runs here
         log.warning(
             "the local Modal server cannot isolate sandboxes (%s): they run as process groups "
             "on this machine with its files, processes and network; block_network and pty "

@@ -61,6 +61,23 @@ class RunInSandbox(Protocol):
     ) -> Awaitable[int]: ...
 
 
+#: The build log's line when uv must run on this machine (no build sandbox).
+NO_BUILD_SANDBOX_PIP = (
+    "[prefect-modal local] this local server has no build sandbox (it cannot isolate "
+    "sandboxes), so uv runs on this machine as {user}: a package built from source (an sdist) "
+    "runs its build code here, with your rights. On Modal it runs in the image's container\n"
+)
+
+
+def _user() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"
+
+
 #: The view directories a build sandbox of ``run_commands`` may change, as on
 #: Modal (a writable overlay each: the host's files are never changed); their
 #: changes are the layer's, shown over the host's in later sandboxes.
@@ -296,6 +313,7 @@ class Builder:
         scratch = here / "context"
         args, files = list(data["args"]), dict(data["files"])
         if self.run_in_sandbox is None:
+            log(NO_BUILD_SANDBOX_PIP.format(user=_user()))
             await asyncio.to_thread(_link_tree, Path(state.venv), venv)
             scratch.mkdir()
             await pip.install(venv, args, files, log, scratch)
