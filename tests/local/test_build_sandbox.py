@@ -211,6 +211,16 @@ def test_a_build_sandbox_gets_uvs_settings_and_proxies_but_no_other_variable(
     assert plan.env["SSL_CERT_FILE"] == pip.CERT_FILE_AT and plan.ro[pip.CERT_FILE_AT] == bundle
     assert plan.argv[0] == pip.UV_AT and plan.ro[pip.UV_AT].name == "uv"
     assert plan.rw[str(venv)] == venv
+    # no uv configuration here: none bound; the user's uv.toml: bound where uv finds it
+    assert pip.UV_USER_CONFIG_AT not in plan.ro
+    (tmp_path / ".config/uv").mkdir(parents=True)
+    (tmp_path / ".config/uv/uv.toml").write_text('index-url = "https://index.example/simple"\n')
+    plan = pip.sandboxed_install(venv, ["six"], {}, scratch, cache, environ)
+    assert plan.ro[pip.UV_USER_CONFIG_AT] == tmp_path / ".config/uv/uv.toml"
+    assert "UV_CONFIG_FILE" not in plan.env  # merged with the system's, as uv does here
+    plan = pip.sandboxed_install(
+        venv, ["-r", "/reqs.txt"], {"/reqs.txt": "six\n"}, scratch, cache, environ
+    )
     # the requirements file is written to the scratch directory, bound read-only
     req = plan.argv[plan.argv.index("-r") + 1]
     assert Path(req).read_text() == "six\n" and plan.ro[str(scratch)] == scratch
@@ -233,3 +243,31 @@ def test_without_a_build_sandbox_the_build_log_says_uv_runs_on_this_machine(
     assert sb.returncode == 0
     out = capsys.readouterr().out
     assert "no build sandbox" in out and "uv runs on this machine as" in out, out
+
+
+def test_a_build_sandboxs_uv_reads_the_users_uv_toml(
+    isolated: LocalModal, app: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The index named only in ``~/.config/uv/uv.toml`` (as uv on this machine reads
+    it) is the one the build sandbox installs from."""
+    from .https_index import build_wheel
+
+    base = modal.Image.debian_slim()
+    project = f"pmcfg{uuid.uuid4().hex[:12]}"
+    marker = uuid.uuid4().hex
+    wheel = build_wheel(tmp_path, project, "0.1.0", f"MARKER = {marker!r}\n")
+    with https_index(tmp_path, project, wheel) as index:
+        for name in TRUST_SETTINGS:
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+        monkeypatch.setenv("PIP_CERT", str(index.ca_file))
+        home = Path(os.environ["HOME"])
+        (home / ".config/uv").mkdir(parents=True)
+        (home / ".config/uv/uv.toml").write_text(f'index-url = "{index.url}"\n')
+        image = base.pip_install(f"{project}==0.1.0")
+        sb = modal.Sandbox.create(
+            "python", "-c", f"import {project}; print({project}.MARKER)",
+            app=app, client=isolated.client, image=image,
+        )  # fmt: skip
+        sb.wait(raise_on_termination=False)
+        assert (sb.returncode, sb.stdout.read().strip()) == (0, marker), sb.stderr.read()

@@ -51,6 +51,8 @@ UV_CACHE_AT = f"{BUILD_DIR_AT}/uv-cache"
 #: the CA bundle / directory uv is told to trust (`trust.uv_trust_env`), read-only
 CERT_FILE_AT = f"{BUILD_DIR_AT}/ca-bundle.pem"
 CERT_DIR_AT = f"{BUILD_DIR_AT}/ca-certs"
+#: where a build sandbox's uv finds its user-level configuration (HOME is /root there)
+UV_USER_CONFIG_AT = "/root/.config/uv/uv.toml"
 #: The directory (beside the layer cache) of the build sandboxes' uv cache.
 BUILD_UV_CACHE = "uv"
 #: The server's variables a build sandbox's uv gets: uv's own settings (its
@@ -201,6 +203,11 @@ def sandboxed_install(
         if (k.startswith(_PASSED_PREFIXES) or k in _PASSED) and k not in _NOT_PASSED
     }
     ro: dict[str, Path] = {UV_AT: Path(uv_binary()), str(scratch): scratch}
+    config = uv_config_file(environ)
+    if config is not None:  # what uv here reads: its indexes, its resolution settings
+        ro[UV_USER_CONFIG_AT] = config
+        if environ.get("UV_CONFIG_FILE"):  # it replaces the other files, as it does here
+            env["UV_CONFIG_FILE"] = UV_USER_CONFIG_AT
     trust = {**{k: environ[k] for k in ("SSL_CERT_FILE", "SSL_CERT_DIR") if environ.get(k)}}
     trust.update(uv_trust_env(environ))
     for name, value in trust.items():
@@ -223,3 +230,20 @@ def sandboxed_install(
     argv = [UV_AT, "pip", "install", "--python", str(venv / "bin" / "python")]
     argv += uv_args(args, files, scratch)
     return SandboxedInstall(argv, env, ro, {str(venv): venv, UV_CACHE_AT: cache_dir})
+
+
+def uv_config_file(environ: Mapping[str, str]) -> Path | None:
+    """The uv configuration file of this server's user, as uv finds it
+    (https://docs.astral.sh/uv/concepts/configuration-files/): ``UV_CONFIG_FILE``,
+    else ``$XDG_CONFIG_HOME/uv/uv.toml`` (``~/.config/uv/uv.toml``); None without
+    one or with ``UV_NO_CONFIG``. The system's (``/etc/uv/uv.toml``) is in the
+    sandbox's /etc view."""
+    if environ.get("UV_NO_CONFIG"):
+        return None
+    named = environ.get("UV_CONFIG_FILE")
+    if named:
+        return Path(named) if os.path.isfile(named) else None
+    home = environ.get("HOME") or os.path.expanduser("~")
+    xdg = environ.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
+    user = Path(xdg) / "uv" / "uv.toml"
+    return user if user.is_file() else None

@@ -112,6 +112,7 @@ ETC_ALLOWED: dict[str, str] = {
     "perl": "Perl's site configuration, first on its @INC (debconf is Perl)",
     "python3": "Debian's Python's sitecustomize",
     "python3.*": "Debian's Python's sitecustomize",
+    "uv": "uv's system configuration (/etc/uv/uv.toml): a build's indexes, as uv here has them",
     "fonts": "fontconfig's configuration (matplotlib, browsers)",
 }
 #: Where the host's /etc is read from (a test points it at a tree of its own).
