@@ -166,13 +166,18 @@ def test_run_commands_change_usr_and_etc_as_on_modal_and_never_the_hosts(
             f"echo {marker} > /etc/pm-run-{marker}",
             f"mkdir -p /usr/local/share/pm-{marker} /opt/pm-{marker}",
             f"echo gone > /opt/pm-{marker}/f",
+            # a host file removed (a whiteout), a host directory replaced (opaque)
+            "rm /usr/bin/tac",
+            "rm -r /usr/share/zoneinfo/Europe && mkdir /usr/share/zoneinfo/Europe "
+            "&& touch /usr/share/zoneinfo/Europe/pm",
         )
         .run_commands(f"rm /opt/pm-{marker}/f")
     )
     sb = modal.Sandbox.create(
         "sh", "-c",
         f"cat /etc/pm-run-{marker} && test -d /usr/local/share/pm-{marker} "
-        f"&& test ! -e /opt/pm-{marker}/f && echo ok",
+        f"&& test ! -e /opt/pm-{marker}/f && test ! -e /usr/bin/tac "
+        '&& test "$(ls /usr/share/zoneinfo/Europe)" = pm && echo ok',
         app=app, client=isolated.client, image=image,
     )  # fmt: skip
     sb.wait(raise_on_termination=False)
@@ -182,6 +187,7 @@ def test_run_commands_change_usr_and_etc_as_on_modal_and_never_the_hosts(
     # the host's /etc and /usr are untouched
     assert not Path(f"/etc/pm-run-{marker}").exists()
     assert not Path(f"/usr/local/share/pm-{marker}").exists()
+    assert Path("/usr/bin/tac").exists() and Path("/usr/share/zoneinfo/Europe/Paris").exists()
 
 
 def test_a_build_sandbox_gets_uvs_settings_and_proxies_but_no_other_variable(

@@ -539,8 +539,9 @@ def _link_view_tree(src: Path, dst: Path) -> None:
                 except OSError:
                     if stat.S_ISREG(st.st_mode):
                         shutil.copy2(s, target / name)
-                    else:  # a whiteout: made anew
-                        os.mknod(target / name, stat.S_IFCHR | 0o600, os.makedev(0, 0))
+                    else:  # a whiteout: made anew (not root: it cannot be, as in `layers`)
+                        with contextlib.suppress(PermissionError):
+                            os.mknod(target / name, stat.S_IFCHR | 0o600, os.makedev(0, 0))
 
 
 def _absolute(path: str, current: str) -> str:
