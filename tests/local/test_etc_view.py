@@ -2,7 +2,7 @@
 
 With a deny list (the host's /etc minus /etc/shadow...), root in a sandbox read
 every root-only file the list missed (``/etc/security/opasswd``,
-``/etc/default/cacerts`` here). Now sandboxes see only `isolation.ETC_ALLOWED`,
+``/etc/default/cacerts`` here). Now sandboxes see only `etc_view.ETC_ALLOWED`,
 and of it only what others may read, plus what the image's layers add.
 """
 
@@ -19,7 +19,7 @@ import modal
 import pytest
 
 from prefect_modal.local import LocalModal
-from prefect_modal.local.runtime import isolation
+from prefect_modal.local.runtime import etc_view, isolation
 
 #: In the sandbox: /etc's names, which of the given paths exist, and what Python
 #: needs of /etc working (users, the CA store for HTTPS).
@@ -51,7 +51,7 @@ def _probe(lm: LocalModal, app: Any, paths: list[str]) -> dict[str, Any]:
 def _host_etc_outside_the_allow_list() -> tuple[list[str], list[str]]:
     """This machine's /etc entries the allow list leaves out (top-level names), and
     its root-only files (not readable by others) that no mask covers."""
-    outside = [n for n in sorted(os.listdir("/etc")) if not isolation._allowed(n)]
+    outside = [n for n in sorted(os.listdir("/etc")) if not etc_view.allowed(n)]
     root_only = []
     for here, dirs, files in os.walk("/etc"):
         dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(here, d))]
@@ -82,7 +82,7 @@ def test_a_sandbox_sees_only_the_allowed_part_of_the_hosts_etc(
     needed = [p for p in needed if os.path.exists(p)]
     seen = _probe(isolated, app, [*(f"/etc/{n}" for n in outside), *root_only, *needed])
     # nothing outside the allow list, no root-only file of the host's
-    assert [n for n in seen["names"] if not isolation._allowed(n)] == []
+    assert [n for n in seen["names"] if not etc_view.allowed(n)] == []
     assert set(seen["present"]) == set(needed), seen["present"]
     # what a Debian userland needs is there: users, name resolution, the CA store
     assert seen["root"] == "root" and seen["hosts"]
@@ -119,7 +119,7 @@ def test_the_allow_list_comes_from_its_source_without_root_only_files(
     (etc / "mtab").symlink_to("../proc/self/mounts")  # into the sandbox's tree: a link
 
     staged = tmp_path / "state" / "etc-view"
-    isolation.stage_etc(etc, staged)
+    etc_view.stage_etc(etc, staged)
     found = sorted(
         os.path.relpath(os.path.join(d, n), staged)
         for d, dirs, names in os.walk(staged)
@@ -143,7 +143,7 @@ def test_the_allow_list_comes_from_its_source_without_root_only_files(
     assert os.readlink(staged / "mtab") == "../proc/self/mounts"
 
     # the view shows /etc from there
-    monkeypatch.setattr(isolation, "ETC_SOURCE", str(etc))
+    monkeypatch.setattr(etc_view, "ETC_SOURCE", str(etc))
     view = isolation.ImageView.of_this_machine(tmp_path / "state")
     assert view.source("/etc") == str(staged) and view.for_image([]).source("/etc") == str(staged)
     mounts = isolation.layout(tmp_path / "root", view, {}, hostname="h", network="none")["mounts"]
@@ -158,7 +158,7 @@ def test_a_canary_root_only_file_of_the_etc_source_never_reaches_a_sandbox(
     list) are not in the sandbox; its allowed files are."""
     marker = uuid.uuid4().hex
     etc = tmp_path / "etc"
-    isolation.stage_etc("/etc", etc)  # what this machine's sandboxes need, to run python
+    etc_view.stage_etc("/etc", etc)  # what this machine's sandboxes need, to run python
     with open(etc / "passwd", "a") as f:
         f.write(f"pm{marker[:8]}:x:4242:4242::/nonexistent:/usr/sbin/nologin\n")
     (etc / "apt/auth.conf.d").mkdir(parents=True, exist_ok=True)
@@ -166,7 +166,7 @@ def test_a_canary_root_only_file_of_the_etc_source_never_reaches_a_sandbox(
     canary.write_text(marker)
     canary.chmod(0o600)
     (etc / "pm-canary-outside").write_text(marker)
-    monkeypatch.setattr(isolation, "ETC_SOURCE", str(etc))
+    monkeypatch.setattr(etc_view, "ETC_SOURCE", str(etc))
     with LocalModal(state_dir=tmp_path / "local-modal") as lm:
         if lm.isolation is None:
             pytest.skip(reason=f"needs isolated sandboxes: {lm.not_isolated_because}")

@@ -23,7 +23,6 @@ and their steps are not run.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
 import stat
@@ -32,8 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..runtime.layers import overlay_workdir
-from . import pip, pythons
+from . import pip, pythons, run_layers
 from .cache import LayerCache, layer_key
 from .pip import BuildStepError
 from .recipe import Recipe, Step
@@ -76,12 +74,6 @@ def _user() -> str:
         return pwd.getpwuid(os.geteuid()).pw_name
     except KeyError:
         return f"uid {os.geteuid()}"
-
-
-#: The view directories a build sandbox of ``run_commands`` may change, as on
-#: Modal (a writable overlay each: the host's files are never changed); their
-#: changes are the layer's, shown over the host's in later sandboxes.
-WRITABLE_VIEW = ("/usr", "/etc")
 
 
 #: PATH in an image with a Python environment: its bin first, as Modal's images
@@ -443,10 +435,10 @@ class Builder:
         Its root, as the command leaves it, is the layer (a full root: it began as a
         copy of the earlier layers' files), so no earlier layer is copied in again
         (a file the command removed stays removed). ``/usr`` and ``/etc``
-        (`WRITABLE_VIEW`) are writable overlays over the earlier layers' files
+        (`run_layers.WRITABLE_VIEW`) are writable overlays over the earlier layers' files
         there and the host's, whose changes land in the layer, as ``apt_install``'s
         do; the earlier layers' files there stay shown below it
-        (`_view_parts`): an ``apt_install``'s ``/usr/bin/jq`` is not lost."""
+        (`run_layers.view_parts`): an ``apt_install``'s ``/usr/bin/jq`` is not lost."""
         if self.run_in_sandbox is None:
             raise ImageBuildError(
                 f"run_commands({command!r}): build commands run in an isolated build sandbox, "
@@ -455,7 +447,7 @@ class Builder:
         venv = here / "venv"
         await asyncio.to_thread(_copy_tree, Path(state.venv), venv)
         env = {**state.env, "PATH": ":".join([f"{venv}/bin", *STANDARD_PATH])}
-        uppers = {d: here / "upper" / d.strip("/") for d in WRITABLE_VIEW}
+        uppers = {d: here / "upper" / d.strip("/") for d in run_layers.WRITABLE_VIEW}
         log(f"$ {command}\n")
         fs = here / "fs"
         code = await self.run_in_sandbox(
@@ -474,74 +466,10 @@ class Builder:
                 f"run_commands: {command!r} failed with exit code {code}; see the build log"
             )
         below = await asyncio.to_thread(
-            _view_parts, [Path(p) for p in state.layers], here / "below"
+            run_layers.view_parts, [Path(p) for p in state.layers], here / "below"
         )
-        await asyncio.to_thread(_take_uppers, fs, uppers)
+        await asyncio.to_thread(run_layers.take_uppers, fs, uppers)
         return [*below, str(fs)]
-
-
-def _take_uppers(fs: Path, uppers: dict[str, Path]) -> None:
-    """Each writable overlay's upper directory (its changes, whiteouts included)
-    takes the place of its empty mount point in the root ``fs``."""
-    for path, upper in uppers.items():
-        target = fs / path.strip("/")
-        if target.is_dir() and not target.is_symlink():
-            os.rmdir(target)
-        os.rename(upper, target)
-        shutil.rmtree(overlay_workdir(upper), ignore_errors=True)
-    with contextlib.suppress(OSError):
-        os.rmdir(fs.parent / "upper")
-
-
-def _view_parts(layers: list[Path], dest: Path) -> list[str]:
-    """The earlier layers' files under `WRITABLE_VIEW` (``usr/``, ``etc/``), one
-    tree each under ``dest``, in order: what later sandboxes show below a
-    ``run_commands`` layer that is a whole root. Hard links (these trees are only
-    ever overlay lower layers, which nothing writes), whiteouts kept as
-    whiteouts and opaque directories as opaque, so overlayfs reads them as the
-    layers they come from."""
-    kept: list[str] = []
-    for i, layer in enumerate(layers):
-        parts = [
-            d.strip("/")
-            for d in WRITABLE_VIEW
-            if (layer / d.strip("/")).is_dir() and not (layer / d.strip("/")).is_symlink()
-        ]
-        if not parts:
-            continue  # its files are in the new root already
-        tree = dest / f"{i:03d}"
-        for part in parts:
-            _link_view_tree(layer / part, tree / part)
-        kept.append(str(tree))
-    return kept
-
-
-_OPAQUE = "trusted.overlay.opaque"
-
-
-def _link_view_tree(src: Path, dst: Path) -> None:
-    for dirpath, dirnames, filenames in os.walk(src):
-        rel = os.path.relpath(dirpath, src)
-        target = dst / rel if rel != "." else dst
-        target.mkdir(parents=True, exist_ok=True)
-        shutil.copystat(dirpath, target)
-        with contextlib.suppress(OSError):
-            os.setxattr(target, _OPAQUE, os.getxattr(dirpath, _OPAQUE))
-        linked = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
-        for name in [*filenames, *linked]:
-            s = os.path.join(dirpath, name)
-            st = os.lstat(s)
-            if stat.S_ISLNK(st.st_mode):
-                os.symlink(os.readlink(s), target / name)
-            elif stat.S_ISREG(st.st_mode) or (stat.S_ISCHR(st.st_mode) and st.st_rdev == 0):
-                try:
-                    os.link(s, target / name, follow_symlinks=False)
-                except OSError:
-                    if stat.S_ISREG(st.st_mode):
-                        shutil.copy2(s, target / name)
-                    else:  # a whiteout: made anew (not root: it cannot be, as in `layers`)
-                        with contextlib.suppress(PermissionError):
-                            os.mknod(target / name, stat.S_IFCHR | 0o600, os.makedev(0, 0))
 
 
 def _absolute(path: str, current: str) -> str:
