@@ -60,7 +60,9 @@ def view_parts(layers: list[Path], dest: Path) -> list[str]:
     return kept
 
 
-_OPAQUE = "trusted.overlay.opaque"
+#: overlayfs's mark of a directory that hides the lower layers' one: ``trusted.``
+#: as root, ``user.`` for an overlay mounted in a user namespace (``userxattr``)
+_OPAQUE = ("trusted.overlay.opaque", "user.overlay.opaque")
 
 
 def _link_view_tree(src: Path, dst: Path) -> None:
@@ -69,8 +71,9 @@ def _link_view_tree(src: Path, dst: Path) -> None:
         target = dst / rel if rel != "." else dst
         target.mkdir(parents=True, exist_ok=True)
         shutil.copystat(dirpath, target)
-        with contextlib.suppress(OSError):
-            os.setxattr(target, _OPAQUE, os.getxattr(dirpath, _OPAQUE))
+        for mark in _OPAQUE:
+            with contextlib.suppress(OSError):
+                os.setxattr(target, mark, os.getxattr(dirpath, mark))
         linked = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
         for name in [*filenames, *linked]:
             s = os.path.join(dirpath, name)
