@@ -26,6 +26,7 @@ import asyncio
 import os
 import shutil
 import stat
+import subprocess
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -141,6 +142,20 @@ def _link_tree(src: Path, dst: Path) -> None:
 
 
 def _copy_tree(src: Path, dst: Path) -> None:
+    """A copy of ``src`` of its own (no file shared with it: a build sandbox writes
+    in it), by coreutils' ``cp -a`` (twice as fast as shutil here; a clone where the
+    file system can, btrfs or XFS), else shutil."""
+    cp = shutil.which("cp")
+    if cp is not None:
+        done = subprocess.run(
+            [cp, "-a", "--reflink=auto", "--", str(src), str(dst)],
+            capture_output=True,
+            text=True,
+            errors="replace",
+        )
+        if done.returncode == 0:
+            return
+        shutil.rmtree(dst, ignore_errors=True)  # not GNU cp? shutil, from the start
     shutil.copytree(src, dst, symlinks=True)
 
 
