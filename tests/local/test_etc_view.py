@@ -150,6 +150,28 @@ def test_the_allow_list_comes_from_its_source_without_root_only_files(
     assert ("ro", str(staged), "/etc") in mounts
 
 
+def test_an_allowed_link_into_a_hidden_part_of_etc_shows_what_it_leads_to(
+    tmp_path: Path,
+) -> None:
+    """Fedora's ``/etc/ssl/certs -> ../pki/tls/certs``: the view holds the certificates
+    (others may read them), not a link that would lead nowhere in the sandbox."""
+    etc = tmp_path / "etc"
+    (etc / "pki/tls/certs").mkdir(parents=True)
+    (etc / "pki/tls/certs/ca-bundle.crt").write_text("a CA\n")
+    (etc / "pki/tls/private").mkdir()
+    (etc / "pki/tls/private/key.pem").write_text("a key\n")
+    (etc / "ssl").mkdir()
+    (etc / "ssl/certs").symlink_to("../pki/tls/certs")
+    (etc / "alternatives").mkdir()
+    (etc / "alternatives/awk").symlink_to("/usr/bin/mawk")  # into the userland: a link
+    staged = tmp_path / "etc-view"
+    etc_view.stage_etc(etc, staged)
+    assert not (staged / "ssl/certs").is_symlink()
+    assert (staged / "ssl/certs/ca-bundle.crt").read_text() == "a CA\n"
+    assert not (staged / "pki").exists()
+    assert os.readlink(staged / "alternatives/awk") == "/usr/bin/mawk"
+
+
 def test_a_canary_root_only_file_of_the_etc_source_never_reaches_a_sandbox(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

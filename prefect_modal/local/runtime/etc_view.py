@@ -81,7 +81,7 @@ ETC_SOURCE = "/etc"
 #: Top-level directories of the host that an /etc link may lead into and stay a
 #: link in the view (the sandbox has them too); a link elsewhere (``resolv.conf ->
 #: /run/systemd/...``) is shown as a copy of the file it leads to.
-_LINKS_KEPT_INTO = ("/usr", "/etc", "/proc", "/bin", "/sbin", "/lib")
+_LINKS_KEPT_INTO = ("/usr", "/proc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 
 
 def _world_readable(st: os.stat_result) -> bool:
@@ -153,26 +153,43 @@ def _stage_entry(source: str, rel: str, dest: Path) -> None:
         link = os.readlink(src)
         # where the link leads in the sandbox, where it is /etc/<rel>
         leads = posixpath.normpath(posixpath.join("/etc", posixpath.dirname(rel), link))
-        if "/" not in rel and not _under(leads, _LINKS_KEPT_INTO):
-            try:
-                real_st = os.stat(src)
-            except OSError:
-                return  # a dangling link out of the tree
-            if stat.S_ISREG(real_st.st_mode) and _world_readable(real_st):
-                shutil.copyfile(src, target)
-                os.chmod(target, stat.S_IMODE(real_st.st_mode))
+        if _shown_in_sandbox(leads):
+            os.symlink(link, target)
             return
-        os.symlink(link, target)
+        try:  # a link out of what the sandbox sees: what it leads to, if others may read it
+            real = os.path.realpath(src)
+            real_st = os.stat(real)
+        except OSError:
+            return  # dangling
+        if stat.S_ISREG(real_st.st_mode) and _world_readable(real_st):
+            shutil.copyfile(real, target)
+            os.chmod(target, stat.S_IMODE(real_st.st_mode))
+        elif stat.S_ISDIR(real_st.st_mode) and _world_readable(real_st):
+            _copy_readable_dir(real, target)
     elif stat.S_ISREG(st.st_mode) and _world_readable(st):
         shutil.copy2(src, target, follow_symlinks=False)
     elif stat.S_ISDIR(st.st_mode) and _world_readable(st):
-        skip = [
-            os.path.relpath(os.path.join(d, n), src)
-            for d, dirnames, filenames in os.walk(src)
-            for n in [*dirnames, *filenames]
-            if not _readable_or_link(os.path.join(d, n))
-        ]
-        copy_tree(src, target, skip)
+        _copy_readable_dir(src, target)
+
+
+def _shown_in_sandbox(path: str) -> bool:
+    """Whether a sandbox sees ``path`` (a link's target): in its userland, its own
+    /proc, or an allowed part of its /etc (Fedora's ``ssl/certs -> /etc/pki/...``
+    is not, so the view holds what such a link leads to)."""
+    if _under(path, ("/etc",)):
+        return path != "/etc" and allowed(path[len("/etc/") :])
+    return _under(path, _LINKS_KEPT_INTO)
+
+
+def _copy_readable_dir(src: str, target: Path) -> None:
+    """``src`` copied to ``target``, links as links, without what others may not read."""
+    skip = [
+        os.path.relpath(os.path.join(d, n), src)
+        for d, dirnames, filenames in os.walk(src)
+        for n in [*dirnames, *filenames]
+        if not _readable_or_link(os.path.join(d, n))
+    ]
+    copy_tree(src, target, skip)
 
 
 def _readable_or_link(path: str) -> bool:
