@@ -3,8 +3,9 @@
 An sdist's build backend is the package's own code: ``pip_install`` of one must
 run it where Modal's build runs it, in the image's container. Here a real index
 on 127.0.0.1 serves an sdist whose in-tree backend tries to write a canary file
-on the host and to read a host file; the real modal client builds an image that
-installs it, and a sandbox of that image imports it.
+on the host, to read a host file and a variable of the server's environment;
+the real modal client builds an image that installs it, and a sandbox of that
+image imports it.
 """
 
 from __future__ import annotations
@@ -44,9 +45,10 @@ def _attack():
         pass
     try:
         with open(SECRET) as f:
-            return f.read()
+            read = f.read()
     except OSError:
-        return "unreadable"
+        read = "unreadable"
+    return read + "|" + os.environ.get("PM_SERVER_SECRET", "no-env")
 
 
 def get_requires_for_build_wheel(config_settings=None):
@@ -118,6 +120,7 @@ def test_an_sdists_build_backend_runs_in_the_build_sandbox_not_on_the_host(
             monkeypatch.delenv(name, raising=False)
         monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
         monkeypatch.setenv("PIP_CERT", str(index.ca_file))  # bound into the build sandbox
+        monkeypatch.setenv("PM_SERVER_SECRET", "a-token-of-the-servers")  # never passed in
         image = base.pip_install(f"{project}==0.1.0", index_url=index.url)
         sb = modal.Sandbox.create(
             "python", "-c", f"import {project}; print({project}.READ)",
@@ -127,8 +130,9 @@ def test_an_sdists_build_backend_runs_in_the_build_sandbox_not_on_the_host(
         out, err = sb.stdout.read().strip(), sb.stderr.read()
     # the package built and installed, and it imports in a sandbox of the image
     assert sb.returncode == 0, err
-    # its backend neither read the host's file nor wrote on the host
-    assert out == "unreadable"
+    # its backend neither read the host's file nor the server's environment, nor wrote
+    # on the host
+    assert out == "unreadable|no-env"
     assert not canary.exists() and not canary.parent.exists()
     assert secret.read_text() == before
 
