@@ -231,6 +231,7 @@ class ServerContext:
         if self.host_dirs:
             raise ValueError(f"host_dirs needs isolated sandboxes, but {why}")
         self.not_isolated_because = why
+        self.builder.run_in_sandbox = None  # no build sandbox: builds say what runs here
         log.warning(
             "the local Modal server cannot isolate sandboxes (%s): they run as process groups "
             "on this machine with its files, processes and network; block_network and pty "
@@ -329,12 +330,14 @@ class ServerContext:
         rw: dict[str, Path],
         log: Log,
         uppers: dict[str, Path] | None = None,
+        ro: dict[str, Path] | None = None,
     ) -> int:
-        """A build command (a ``run_commands`` line, an ``apt_install``'s dpkg) in a
-        build sandbox: the runtime's container over ``image_layers``, ``rw`` bound
-        writable, ``uppers`` (container path -> directory) making those read-only
-        view directories writable overlays whose changes land in that directory;
-        its root, as left, moved to ``root``."""
+        """A build command (a ``run_commands`` line, an ``apt_install``'s dpkg, a
+        ``pip_install``'s uv) in a build sandbox: the runtime's container over
+        ``image_layers``, ``rw`` bound writable, ``ro`` (container path -> host file
+        or directory) bound read-only, ``uppers`` (container path -> directory)
+        making those read-only view directories writable overlays whose changes
+        land in that directory; its root, as left, moved to ``root``."""
         if self.isolation is None:
             raise RuntimeError("build sandboxes need isolation")
         work = root.parent / "build"
@@ -364,6 +367,7 @@ class ServerContext:
             view=self.isolation.view.for_image(ro_dirs),
             path=env["PATH"].split(":"),
             uppers=dict(uppers or {}),
+            binds=dict(ro or {}),
         )
         sb = LocalSandbox(
             spec,

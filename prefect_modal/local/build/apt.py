@@ -35,7 +35,8 @@ run (`_script_effects`).
 
 What cannot work this way (documented in docs/local-server.md, said in the build log):
 
-* **Files under /etc**: the sandbox's ``/etc`` is this machine's, read-only;
+* **Files under /etc**: the sandbox's ``/etc`` is this machine's allow-listed
+  part (`runtime.etc_view.ETC_ALLOWED`), read-only;
   the layer's ``/etc`` files are shown over it (a read-only overlay, see
   `runtime.layers.overlays`), so a package's configuration files are there,
   but a program that writes its own ``/etc`` files at run time cannot. Host

@@ -9,10 +9,13 @@ sandbox root (``apt_install``, ``run_commands``, ``workdir``), and its
 ``ENV`` / ``WORKDIR`` / ``ENTRYPOINT`` / ``CMD``.
 
 ``run_commands`` run in a build sandbox (the runtime's container, over the
-layers so far, the environment writable); the root they leave is the next
-layer. ``apt_install`` packages are fetched by apt-get and installed by dpkg
-in a build sandbox whose ``/usr`` and ``/etc`` are writable overlays, so their
-maintainer scripts run there (`apt`). Registry images cannot be pulled here:
+layers so far, the environment writable, ``/usr`` and ``/etc`` writable
+overlays); the root they leave is the next layer. ``pip_install`` /
+``uv_pip_install`` run uv in a build sandbox too (`Builder._pip`), so a
+package's build backend never runs on this machine. ``apt_install`` packages
+are fetched by apt-get and installed by dpkg in a build sandbox whose ``/usr``
+and ``/etc`` are writable overlays, so their maintainer scripts run there
+(`apt`). Registry images cannot be pulled here:
 they keep the server's view (this machine's userland and the server's Python)
 and their steps are not run.
 """
@@ -23,12 +26,13 @@ import asyncio
 import os
 import shutil
 import stat
+import subprocess
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import pip, pythons
+from . import pip, pythons, run_layers
 from .cache import LayerCache, layer_key
 from .pip import BuildStepError
 from .recipe import Recipe, Step
@@ -38,7 +42,8 @@ Log = Callable[[str], None]
 
 class RunInSandbox(Protocol):
     """Runs a build command in a container: (argv, env, workdir, root dir, layers,
-    read-only dirs, writable binds, log, writable overlays' upper dirs) -> exit code."""
+    read-only dirs, writable binds, log, writable overlays' upper dirs, read-only
+    binds) -> exit code."""
 
     def __call__(
         self,
@@ -51,7 +56,25 @@ class RunInSandbox(Protocol):
         rw: dict[str, Path],
         log: Log,
         uppers: dict[str, Path] | None = None,
+        ro: dict[str, Path] | None = None,
     ) -> Awaitable[int]: ...
+
+
+#: The build log's line when uv must run on this machine (no build sandbox).
+NO_BUILD_SANDBOX_PIP = (
+    "[prefect-modal local] this local server has no build sandbox (it cannot isolate "
+    "sandboxes), so uv runs on this machine as {user}: a package built from source (an sdist) "
+    "runs its build code here, with your rights. On Modal it runs in the image's container\n"
+)
+
+
+def _user() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"
 
 
 #: PATH in an image with a Python environment: its bin first, as Modal's images
@@ -119,6 +142,20 @@ def _link_tree(src: Path, dst: Path) -> None:
 
 
 def _copy_tree(src: Path, dst: Path) -> None:
+    """A copy of ``src`` of its own (no file shared with it: a build sandbox writes
+    in it), by coreutils' ``cp -a`` (twice as fast as shutil here; a clone where the
+    file system can, btrfs or XFS), else shutil."""
+    cp = shutil.which("cp")
+    if cp is not None:
+        done = subprocess.run(
+            [cp, "-a", "--reflink=auto", "--", str(src), str(dst)],
+            capture_output=True,
+            text=True,
+            errors="replace",
+        )
+        if done.returncode == 0:
+            return
+        shutil.rmtree(dst, ignore_errors=True)  # not GNU cp? shutil, from the start
     shutil.copytree(src, dst, symlinks=True)
 
 
@@ -171,10 +208,15 @@ class Builder:
         """What a step's layer is keyed by: its definition, and for ``apt`` how its
         packages are put in (installed with their maintainer scripts in a build
         sandbox, or only unpacked), so layers of the two ways never stand in for
-        each other in a shared cache."""
+        each other in a shared cache; likewise ``pip`` run by uv in a build sandbox,
+        and ``run`` layers that keep their ``/usr`` and ``/etc`` changes."""
         if step.kind == "apt":
             how = "unpacked" if self.run_in_sandbox is None else "dpkg-in-build-sandbox"
             return [*step.definition(), how]
+        if step.kind == "pip" and self.run_in_sandbox is not None:
+            return [*step.definition(), "uv-in-build-sandbox"]
+        if step.kind == "run":
+            return [*step.definition(), "root-with-usr-etc-overlays"]
         return step.definition()
 
     @staticmethod
@@ -245,13 +287,7 @@ class Builder:
             new = state.copy()
             new.key = key
             if kind == "pip":
-                venv = here / "venv"
-                await asyncio.to_thread(_link_tree, Path(state.venv), venv)
-                scratch = here / "context"
-                scratch.mkdir()
-                await pip.install(venv, list(data["args"]), dict(data["files"]), log, scratch)
-                shutil.rmtree(scratch, ignore_errors=True)
-                new.venv = str(venv)
+                new.venv = str(await self._pip(state, data, here, log))
             elif kind == "workdir":
                 path = _absolute(data["path"], state.workdir)
                 (here / "fs" / path.lstrip("/")).mkdir(parents=True, exist_ok=True)
@@ -260,14 +296,63 @@ class Builder:
             elif kind == "apt":
                 new.layers = await self._apt(state, list(data["packages"]), here, log)
             elif kind == "run":
-                await self._run(state, data["command"], here, log)
-                new.layers = [str(here / "fs")]
+                new.layers = await self._run(state, data["command"], here, log)
                 new.venv = str(here / "venv")
             else:
                 raise ImageBuildError(f"unknown build step {kind!r}")
             return {"state": asdict(new)}
 
         return await self._layer(key, build, log)
+
+    async def _pip(self, state: ImageState, data: dict[str, Any], here: Path, log: Log) -> Path:
+        """A ``pip_install`` / ``uv_pip_install`` layer: the image's environment with
+        the packages (``here/venv``); returns it.
+
+        With a build sandbox (an isolated server) uv runs in it, as Modal's build
+        runs pip in the image's container: an sdist's build backend (a package's
+        own ``setup.py``) runs there, never on this machine (`pip.sandboxed_install`).
+        The environment is a copy of the last one (not hard links: the build
+        sandbox could write through a link into that layer); what the install
+        writes elsewhere in the sandbox's root is dropped. Without one uv runs
+        here, on hard links of the last environment (it replaces files, never
+        rewrites them)."""
+        venv = here / "venv"
+        scratch = here / "context"
+        args, files = list(data["args"]), dict(data["files"])
+        if self.run_in_sandbox is None:
+            log(NO_BUILD_SANDBOX_PIP.format(user=_user()))
+            await asyncio.to_thread(_link_tree, Path(state.venv), venv)
+            scratch.mkdir()
+            await pip.install(venv, args, files, log, scratch)
+            shutil.rmtree(scratch, ignore_errors=True)
+            return venv
+        await asyncio.to_thread(_copy_tree, Path(state.venv), venv)
+        scratch.mkdir()
+        plan = pip.sandboxed_install(
+            venv, args, files, scratch, self.cache.root.parent / pip.BUILD_UV_CACHE
+        )
+        log(f"$ uv pip install {' '.join(plan.argv[5:])}  (in a build sandbox)\n")
+        root = here / "build-root"
+        try:
+            code = await self.run_in_sandbox(
+                plan.argv,
+                {**state.env, **plan.env, "PATH": ":".join([f"{venv}/bin", *STANDARD_PATH])},
+                "/",
+                root,
+                [Path(p) for p in state.layers],
+                list(state.prefixes),
+                plan.rw,
+                log,
+                ro=plan.ro,
+            )
+        finally:
+            await asyncio.to_thread(shutil.rmtree, root, True)
+            await asyncio.to_thread(shutil.rmtree, scratch, True)
+        if code != 0:
+            raise BuildStepError(
+                f"pip install failed (uv exit code {code}); see the build log above"
+            )
+        return venv
 
     async def _apt(self, state: ImageState, packages: list[str], here: Path, log: Log) -> list[str]:
         """An ``apt_install`` layer (``here/fs``); returns the image's layers with it.
@@ -344,9 +429,10 @@ class Builder:
                 fs,
                 [seed, *(Path(p) for p in state.layers)],
                 state.ro_dirs,
-                {apt.DEBS_AT: debs},
+                {},
                 tee,
                 uppers=uppers,
+                ro={apt.DEBS_AT: debs},  # read-only: they are hard links into apt's cache
             )
             await asyncio.to_thread(apt.finish_layer, fs, uppers)
             await asyncio.to_thread(shutil.rmtree, scratch, True)
@@ -357,7 +443,17 @@ class Builder:
             raise ImageBuildError(f"{what} failed: {exc}") from None
         return [*state.layers, str(fs)]
 
-    async def _run(self, state: ImageState, command: str, here: Path, log: Log) -> None:
+    async def _run(self, state: ImageState, command: str, here: Path, log: Log) -> list[str]:
+        """A ``run_commands`` line in a build sandbox over the image so far; returns
+        the image's layers with the new one (``here/fs``).
+
+        Its root, as the command leaves it, is the layer (a full root: it began as a
+        copy of the earlier layers' files), so no earlier layer is copied in again
+        (a file the command removed stays removed). ``/usr`` and ``/etc``
+        (`run_layers.WRITABLE_VIEW`) are writable overlays over the earlier layers' files
+        there and the host's, whose changes land in the layer, as ``apt_install``'s
+        do; the earlier layers' files there stay shown below it
+        (`run_layers.view_parts`): an ``apt_install``'s ``/usr/bin/jq`` is not lost."""
         if self.run_in_sandbox is None:
             raise ImageBuildError(
                 f"run_commands({command!r}): build commands run in an isolated build sandbox, "
@@ -366,21 +462,29 @@ class Builder:
         venv = here / "venv"
         await asyncio.to_thread(_copy_tree, Path(state.venv), venv)
         env = {**state.env, "PATH": ":".join([f"{venv}/bin", *STANDARD_PATH])}
+        uppers = {d: here / "upper" / d.strip("/") for d in run_layers.WRITABLE_VIEW}
         log(f"$ {command}\n")
+        fs = here / "fs"
         code = await self.run_in_sandbox(
             ["/bin/sh", "-c", command],
             env,
             state.workdir or "/",
-            here / "fs",
+            fs,
             [Path(p) for p in state.layers],
             list(state.prefixes),
             {str(venv): venv},
             log,
+            uppers=uppers,
         )
         if code != 0:
             raise ImageBuildError(
                 f"run_commands: {command!r} failed with exit code {code}; see the build log"
             )
+        below = await asyncio.to_thread(
+            run_layers.view_parts, [Path(p) for p in state.layers], here / "below"
+        )
+        await asyncio.to_thread(run_layers.take_uppers, fs, uppers)
+        return [*below, str(fs)]
 
 
 def _absolute(path: str, current: str) -> str:

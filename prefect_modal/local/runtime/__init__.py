@@ -2,6 +2,7 @@
 
 * `sandbox` - one sandbox: its processes, lifetime, stdin/stdout and ``exec``;
 * `isolation` - what its container is made of, and how the server reaches in;
+* `etc_view` - the allow-listed part of this machine's /etc that sandboxes see;
 * `container` - the namespace calls, run in the fork server's child;
 * `seccomp_filter` - the sandboxes' seccomp filter (Docker's default profile, libseccomp);
 * `processes` - starting, watching and killing process trees;

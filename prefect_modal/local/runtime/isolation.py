@@ -4,7 +4,8 @@ The server side of `container` (which runs in the fork server's child):
 
 * `ImageView` - the directories of this machine that stand in for the image
   until images are built from their definition: the Debian userland
-  (``/usr``, ``/etc`` with host secrets masked) and this server's Python
+  (``/usr``, ``/bin``, ``/lib*``, ``/sbin``, and of ``/etc`` only what
+  `etc_view.ETC_ALLOWED` names) and this server's Python
   environment (its prefixes, ``sys.path`` and editable installs), all
   read-only at their own paths; plus ``host_dirs``, directories the operator
   chose to show read-only (the local stand-in for an image that holds your
@@ -44,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import etc_view
 from .layers import overlay_workdir
 
 log = logging.getLogger("prefect_modal.local")
@@ -155,23 +157,40 @@ def _under(path: str, roots: Iterable[str]) -> bool:
 
 @dataclass
 class ImageView:
-    """The host directories every sandbox sees read-only at their own paths."""
+    """The host directories every sandbox sees read-only at their own paths.
+
+    ``sources``: a directory shown from elsewhere than its own path (container
+    path -> host directory): ``/etc`` from the allow-listed copy `etc_view.stage_etc` made."""
 
     dirs: list[str]
     symlinks: dict[str, str]
     masked: list[str]
     host_dirs: list[str] = field(default_factory=list)
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def source(self, path: str) -> str:
+        """The host directory bound at ``path``, a directory of the view."""
+        return self.sources.get(path, path)
 
     @classmethod
-    def of_this_machine(cls, state_dir: Path, host_dirs: Sequence[str] = ()) -> ImageView:
+    def of_this_machine(
+        cls, state_dir: Path, host_dirs: Sequence[str] = (), etc_source: str | None = None
+    ) -> ImageView:
+        """This machine's view; its /etc is staged under ``state_dir`` from
+        ``etc_source`` (default `etc_view.ETC_SOURCE`, the host's /etc)."""
         state = os.path.realpath(state_dir)
         dirs: list[str] = []
         symlinks: dict[str, str] = {}
+        sources: dict[str, str] = {}
         for top in SYSTEM_DIRS:
             if os.path.islink(top):
                 symlinks[top] = os.readlink(top)
             elif os.path.isdir(top):
                 dirs.append(top)
+        if "/etc" in dirs:
+            staged = Path(state) / "etc-view"
+            etc_view.stage_etc(etc_source or etc_view.ETC_SOURCE, staged)
+            sources["/etc"] = str(staged)
         env = [p for p in python_environment(sys.executable) if not _under(p, dirs)]
         shown: list[str] = []
         for p in _outermost([*dirs, *env]):
@@ -194,8 +213,23 @@ class ImageView:
                     f"host_dirs: {d!r} contains the local server's state directory {state}"
                 )
             extra.append(real)
-        masked = [m for m in MASKED if os.path.lexists(m) and _under(m, shown)]
-        return cls(dirs=shown, symlinks=symlinks, masked=masked, host_dirs=_outermost(extra))
+        view = cls(
+            dirs=shown, symlinks=symlinks, masked=[], host_dirs=_outermost(extra), sources=sources
+        )
+        view.masked = view._masked(shown)
+        return view
+
+    def _masked(self, dirs: Sequence[str]) -> list[str]:
+        """`MASKED` paths of the host under the view's directories. The staged /etc
+        has none of them; masked all the same, they stay hidden where an image's
+        layer brings its own (an ``/etc/shadow``), as before the allow list."""
+        return [m for m in MASKED if _under(m, dirs) and os.path.lexists(m)]
+
+    def _host_path(self, path: str) -> str:
+        for d, src in self.sources.items():
+            if _under(path, [d]):
+                return src + path[len(d) :]
+        return path
 
     def for_image(self, ro_dirs: Sequence[str]) -> ImageView:
         """The view of a built image: this machine's userland (not the server's
@@ -203,16 +237,21 @@ class ImageView:
         its own environment), and the operator's ``host_dirs``."""
         userland = [d for d in self.dirs if _under(d, SYSTEM_DIRS)]
         dirs = _outermost([*userland, *ro_dirs])
-        masked = [m for m in MASKED if os.path.lexists(m) and _under(m, dirs)]
-        return ImageView(
-            dirs=dirs, symlinks=dict(self.symlinks), masked=masked, host_dirs=list(self.host_dirs)
+        view = ImageView(
+            dirs=dirs,
+            symlinks=dict(self.symlinks),
+            masked=[],
+            host_dirs=list(self.host_dirs),
+            sources={d: s for d, s in self.sources.items() if d in dirs},
         )
+        view.masked = view._masked(dirs)
+        return view
 
     def resolve_readonly(self, path: str) -> str | None:
         """The host path behind a sandbox path inside the view, else None."""
         for d in (*self.dirs, *self.host_dirs):
             if _under(path, [d]):
-                return path
+                return self._host_path(path)
         return None
 
 
@@ -252,17 +291,18 @@ def layout(
     over = overlays or {}
     up = uppers or {}
     for d in (*view.dirs, *view.host_dirs):
+        src = view.source(d)
         if d in up:
             options = (
-                f"lowerdir={overlay_lowerdir([*over.get(d, []), d])},"
+                f"lowerdir={overlay_lowerdir([*over.get(d, []), src])},"
                 f"upperdir={overlay_lowerdir([str(up[d])])},"
                 f"workdir={overlay_lowerdir([str(overlay_workdir(up[d]))])}"
             )
             mounts.append(("overlay_rw", options, d))
         elif d in over:
-            mounts.append(("overlay", overlay_lowerdir([*over[d], d]), d))
+            mounts.append(("overlay", overlay_lowerdir([*over[d], src]), d))
         else:
-            mounts.append(("ro", d, d))
+            mounts.append(("ro", src, d))
     for target, source in (binds or {}).items():
         mounts.append(("ro", str(source), target))
     for m in view.masked:
