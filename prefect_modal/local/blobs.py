@@ -28,7 +28,8 @@ from pathlib import Path
 from aiohttp import web
 
 from . import ids
-from .runtime.isolation import open_in_root
+from .runtime import safe_files
+from .runtime.isolation import FsRoot
 
 log = logging.getLogger("prefect_modal.local")
 
@@ -194,24 +195,38 @@ class BlobStore:
         return web.Response(body=digest.encode(), headers={"ETag": f'"{md5.hexdigest()}"'})
 
     async def _handle_get(self, request: web.Request) -> web.StreamResponse:
+        """A block of a volume's file, streamed a chunk at a time (the server holds no
+        more of it at once); only a regular file is read (`safe_files.open_regular`)."""
         what = self._lookup(request)
         if not isinstance(what, _Get):
             raise web.HTTPForbidden(text="not a download URL")
         try:
-            data = await asyncio.to_thread(
-                _read_range, what.root, what.rel, what.offset, what.length
-            )
+            fd = await asyncio.to_thread(_open_range, what.root, what.rel, what.offset)
         except OSError as exc:
             raise web.HTTPNotFound(text=f"cannot read: {exc.strerror}") from None
-        return web.Response(body=data)
+        try:
+            response = web.StreamResponse()
+            await response.prepare(request)
+            left = what.length
+            while left:
+                want = _CHUNK if left < 0 else min(_CHUNK, left)
+                chunk = await asyncio.to_thread(os.read, fd, want)
+                if not chunk:
+                    break
+                await response.write(chunk)
+                left = left - len(chunk) if left > 0 else left
+            await response.write_eof()
+        finally:
+            os.close(fd)
+        return response
 
 
-def _read_range(root: Path, rel: str, offset: int, length: int) -> bytes:
-    root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+def _open_range(root: Path, rel: str, offset: int) -> int:
+    """``rel`` inside ``root`` (a regular file only), open at ``offset``."""
+    fs_root = FsRoot(os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC), in_root=True)
     try:
-        fd = open_in_root(root_fd, rel, os.O_RDONLY)
+        fd, _st = safe_files.open_regular(fs_root, rel)
     finally:
-        os.close(root_fd)
-    with open(fd, "rb") as f:
-        f.seek(offset)
-        return f.read() if length < 0 else f.read(length)
+        fs_root.close()
+    os.lseek(fd, offset, os.SEEK_SET)
+    return fd

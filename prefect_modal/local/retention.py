@@ -18,12 +18,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import shutil
 import stat
 import time
 from pathlib import Path
 
+from .runtime import safe_files
 from .state import Registry
 
 log = logging.getLogger("prefect_modal.local")
@@ -49,15 +49,10 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
     if not path.exists():
         return
-    # a sandbox may leave directories it made unwritable: open them up, then again
-    for dirpath, dirnames, _files in os.walk(path):
-        for name in dirnames:
-            sub = os.path.join(dirpath, name)
-            if not os.path.islink(sub):  # never change what a link points to
-                with contextlib.suppress(OSError):
-                    os.chmod(sub, stat.S_IRWXU)
+    # a sandbox may leave directories it made unwritable: open them up (by descriptor,
+    # never through a symlink), then again
     with contextlib.suppress(OSError):
-        os.chmod(path, stat.S_IRWXU)
+        safe_files.open_up_tree(path, stat.S_IRWXU)
     shutil.rmtree(path)
 
 

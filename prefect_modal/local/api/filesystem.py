@@ -13,6 +13,15 @@ point the server at a host file.
 Commands (JSON, one key): ``ReadFile``, ``WriteFile`` (data on stdin),
 ``ListFiles``, ``MakeDirectory``, ``Remove``, ``Stat``. ``Watch`` answers
 ``NotSupported``.
+
+Reads and writes touch regular files only, by descriptor (`safe_files`): a
+FIFO, a device or a socket (a symlink to ``/dev/zero`` included) is refused
+before it is opened, so no read blocks or never ends. A read streams the file
+into the exec's stdout a chunk at a time, and a write's stdin is spooled to a
+file of the server's state directory beyond 1 MiB: the server's memory does
+not grow with the file. A read of more than `READ_LIMIT_BYTES` answers
+``FileTooLarge``, which the client raises as Modal's
+``SandboxFilesystemFileTooLargeError``.
 """
 
 from __future__ import annotations
@@ -26,11 +35,18 @@ import shutil
 import stat as stat_mod
 from dataclasses import dataclass
 
+from ..runtime import safe_files
 from ..runtime.isolation import FsRoot
 from ..runtime.sandbox import ExecProcess, LocalSandbox
 
 FS_TOOLS_PATH = "/__modal/.bin/modal-sandbox-fs-tools"
-_READ_CHUNK = 1 << 20
+
+#: The most a file-API read returns. Modal: "These APIs may be used to read files of up
+#: to 5GB and write files of any size" (guide, Sandbox filesystem access); the client
+#: raises ``SandboxFilesystemFileTooLargeError`` (modal/exception.py) for the tool's
+#: ``FileTooLarge`` error kind (modal/_utils/sandbox_fs_utils.py, raise_read_file_error).
+#: "5GB" is read as 5 * 10**9 bytes, the smaller reading: what reads here reads on Modal.
+READ_LIMIT_BYTES = 5 * 10**9
 
 
 @dataclass
@@ -59,8 +75,20 @@ _KINDS = {
 
 
 def _os_error(exc: OSError) -> FsResult:
+    if isinstance(exc, safe_files.NotRegularFile):
+        # not a kind the client maps: it raises SandboxFilesystemError(message), so the
+        # message names the path (modal/_utils/sandbox_fs_utils.py)
+        return _error("InvalidInput", f"{exc.strerror}: {exc.filename}")
     kind, message = _KINDS.get(exc.errno or 0, ("Other", exc.strerror or "I/O error"))
     return _error(kind, message)
+
+
+def too_large(size: int) -> FsResult:
+    """Modal's answer to a read of more than `READ_LIMIT_BYTES` (the client adds the path)."""
+    return _error(
+        "FileTooLarge",
+        f"File too large ({size} bytes; a read returns at most {READ_LIMIT_BYTES} bytes)",
+    )
 
 
 def parse_command(arg: str) -> tuple[str, dict[str, object]]:
@@ -148,35 +176,56 @@ def _makedirs(root: FsRoot, path: str, exist_ok: bool = True) -> None:
         done = target
 
 
-def run(name: str, params: dict[str, object], root: FsRoot, stdin: bytes = b"") -> FsResult:
-    """Run one fs-tools command; blocking file I/O (call it from a thread)."""
+def open_for_read(root: FsRoot, path: str) -> tuple[int, int]:
+    """A regular file to read (`safe_files.open_regular`) and its size."""
+    fd, st = safe_files.open_regular(root, path)
+    return fd, st.st_size
+
+
+def write_file(root: FsRoot, path: str, data: safe_files.Spool) -> None:
+    """``WriteFile``: the spooled stdin into ``path``, a regular file (made if missing).
+
+    An existing file (a symlink is followed inside the root) is truncated and written
+    through `safe_files.open_regular`; a new one is made with ``O_EXCL | O_NOFOLLOW``
+    in its parent's descriptor, so nothing but a regular file is ever written."""
+    _makedirs(root, _split(path)[0])
+    for _ in range(3):  # a name made or removed by the sandbox meanwhile: look again
+        try:
+            fd, _st = safe_files.open_regular(root, path, write=True)
+        except FileNotFoundError:
+            parent, leaf = _split(path)
+            with root.opened(parent, os.O_PATH | os.O_DIRECTORY) as pfd:
+                try:
+                    fd = safe_files.create_regular(pfd, leaf, 0o644)
+                except FileExistsError:
+                    continue  # a dangling symlink, or a file made just now
+        try:
+            os.ftruncate(fd, 0)
+            data.write_into(fd)
+        finally:
+            os.close(fd)
+        return
+    raise FileExistsError(errno.EEXIST, "File exists (a dangling symbolic link?)", path)
+
+
+def run(name: str, params: dict[str, object], root: FsRoot) -> FsResult:
+    """Run one fs-tools command but ``ReadFile`` and ``WriteFile`` (see `answer`);
+    blocking file I/O (call it from a thread)."""
     path = params.get("path")
     if not isinstance(path, str) or not path.startswith("/"):
         return _error("InvalidArgument", "path must be absolute")
     path = posixpath.normpath(path)
     try:
-        if name == "ReadFile":
-            with root.opened(path, os.O_RDONLY) as fd:
-                if stat_mod.S_ISDIR(os.fstat(fd).st_mode):
-                    return _error("IsDirectory", "Is a directory")
-                chunks = []
-                while chunk := os.read(fd, _READ_CHUNK):
-                    chunks.append(chunk)
-            return FsResult(0, b"".join(chunks))
-        if name == "WriteFile":
-            if is_dir(root, path):
-                return _error("IsDirectory", "Is a directory")
-            _makedirs(root, _split(path)[0])
-            with root.opened(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC) as fd:
-                view = memoryview(stdin)
-                while view:
-                    view = view[os.write(fd, view) :]
-            return FsResult(0)
         if name == "ListFiles":
             with root.opened(path, os.O_RDONLY | os.O_DIRECTORY) as fd:
                 names = sorted(os.listdir(fd))
                 base = path.rstrip("/")
-                entries = [_entry(f"{base}/{n}", fd, n) for n in names]
+                entries = []
+                for n in names:
+                    try:
+                        entries.append(_entry(f"{base}/{n}", fd, n))
+                    except FileNotFoundError:  # removed since it was listed
+                        continue
             return FsResult(0, json.dumps(entries).encode())
         if name == "MakeDirectory":
             if params.get("parents", True):
@@ -233,21 +282,74 @@ async def start(sb: LocalSandbox, ex: ExecProcess, args: list[str]) -> None:
 
 
 async def answer(sb: LocalSandbox, ex: ExecProcess) -> None:
-    """Answer an fs-tools exec (after its stdin closed, for writes)."""
+    """Answer an fs-tools exec (after its stdin closed, for writes), once."""
     if ex.done.is_set() or ex.fs_command is None:
         return
-    name, params = ex.fs_command
+    (name, params), ex.fs_command = ex.fs_command, None  # taken: a retried stdin EOF is no 2nd
+    spool, ex.fs_stdin = ex.fs_stdin, safe_files.Spool()
     try:
         root = await sb.fs_root()
     except OSError as exc:
         res = _os_error(exc)
     else:
         try:
-            res = await asyncio.to_thread(run, name, params, root, bytes(ex.fs_stdin))
+            if name == "ReadFile":
+                res = await _read_file(ex, root, params)
+            elif name == "WriteFile":
+                res = await _write_file(root, params, spool)
+            else:
+                res = await asyncio.to_thread(run, name, params, root)
         finally:
             root.close()
+            spool.close()
     ex.stdout.append(res.stdout)
     ex.stderr.append(res.stderr)
     ex.stdout.close()
     ex.stderr.close()
     ex.finish(code=res.returncode)
+
+
+def _path_of(params: dict[str, object]) -> str | None:
+    path = params.get("path")
+    if not isinstance(path, str) or not path.startswith("/"):
+        return None
+    return posixpath.normpath(path)
+
+
+async def _read_file(ex: ExecProcess, root: FsRoot, params: dict[str, object]) -> FsResult:
+    """``ReadFile``: the file streamed into the exec's stdout, `safe_files.CHUNK_BYTES` at
+    a time (the stdout buffer keeps it on disk), never more than `READ_LIMIT_BYTES`."""
+    path = _path_of(params)
+    if path is None:
+        return _error("InvalidArgument", "path must be absolute")
+    try:
+        fd, size = await asyncio.to_thread(open_for_read, root, path)
+    except OSError as exc:
+        return _os_error(exc)
+    try:
+        if size > READ_LIMIT_BYTES:
+            return too_large(size)
+        total = 0
+        while chunk := await asyncio.to_thread(os.read, fd, safe_files.CHUNK_BYTES):
+            total += len(chunk)
+            if total > READ_LIMIT_BYTES:  # it grows while it is read
+                return too_large(total)
+            ex.stdout.append(chunk)
+            if ex.done.is_set():  # the sandbox ended (its execs with it): nobody reads on
+                break
+    except OSError as exc:
+        return _os_error(exc)
+    finally:
+        os.close(fd)
+    return FsResult(0)
+
+
+async def _write_file(root: FsRoot, params: dict[str, object], spool: safe_files.Spool) -> FsResult:
+    path = _path_of(params)
+    if path is None:
+        return _error("InvalidArgument", "path must be absolute")
+    try:
+        await asyncio.to_thread(write_file, root, path, spool)
+    except OSError as exc:
+        return _os_error(exc)
+    return FsResult(0)

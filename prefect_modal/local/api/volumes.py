@@ -10,7 +10,11 @@ which ends at the size). ``read_file`` gets one download URL per
 block. Paths are the volume's (``/a/b`` and ``a/b`` are the same file) and are
 resolved by the kernel inside the volume's directory (`isolation.open_in_root`):
 sandboxes write to volumes, and a symlink one made cannot point the server at a
-host file.
+host file. Files are read and written by descriptor, regular files only
+(`safe_files`): a FIFO or a device is refused, never opened, and an upload is
+written under a temporary name, ``fchmod``-ed and renamed by descriptor, so a
+sandbox that swaps the temporary file for a symlink cannot make the server
+change a host file.
 
 VolumeFS v1 volumes (``version=1``) get the v1 RPCs: each file is sent whole
 (``MountPutFile``), then named (``VolumePutFiles``). ``Volume.ephemeral()`` makes a
@@ -29,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import os
 import posixpath
 import shutil
@@ -44,7 +49,7 @@ from grpclib.server import Stream
 from modal_proto import api_pb2
 
 from ..retention import remove_tree
-from ..runtime import layers
+from ..runtime import layers, safe_files
 from ..runtime.isolation import FsRoot
 from ..state import VolumeInfo
 from .base import CREATED_BY, NAME_RE, Room, fail, page_of
@@ -53,7 +58,6 @@ from .filesystem import _makedirs, is_dir
 #: Modal's volume block size: the client hashes and uploads files in blocks of this size
 BLOCK_SIZE = 8 * 1024 * 1024
 _LIST_BATCH = 100
-_COPY_CHUNK = 1 << 20
 FileType = api_pb2.FileEntry.FileType
 
 
@@ -100,7 +104,10 @@ def _list(vol: VolumeInfo, path: str, recursive: bool) -> list[api_pb2.FileEntry
             here = stack.pop()
             with root.opened(here, os.O_RDONLY | os.O_DIRECTORY) as dfd:
                 for name in sorted(os.listdir(dfd)):
-                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                    try:
+                        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                    except FileNotFoundError:  # a sandbox removed it since: not listed
+                        continue
                     rel = posixpath.join(here, name)
                     out.append(_entry(rel, st))
                     if recursive and stat_mod.S_ISDIR(st.st_mode):
@@ -140,29 +147,28 @@ def _check_blocks(f: api_pb2.VolumePutFiles2Request.File, blocks: list[Path]) ->
 
 
 def _write_file(root: FsRoot, up: _Upload, no_overwrite: bool) -> None:
-    path, blocks, mode = _norm(up.path), up.blocks, up.mode
+    """One uploaded file into the volume, by descriptor (`safe_files.place`): a sandbox
+    that mounts the volume and swaps the temporary file for a symlink to a host file
+    makes the server rename its symlink inside the volume, never chmod or write the
+    host file."""
+    path, blocks = _norm(up.path), up.blocks
     parent, name = posixpath.split(path)
     _makedirs(root, parent)
+
+    def fill(fd: int) -> None:
+        for i, block in enumerate(blocks):
+            if up.size is not None:
+                os.lseek(fd, i * BLOCK_SIZE, os.SEEK_SET)  # the zeros left out of the block before
+            src = os.open(block, os.O_RDONLY | os.O_CLOEXEC)  # the server's own blob store
+            try:
+                safe_files.copy_fd(src, fd)
+            finally:
+                os.close(src)
+        if up.size is not None:
+            os.ftruncate(fd, up.size)  # and those left out of the last block
+
     with root.opened(parent, os.O_PATH | os.O_DIRECTORY) as pfd:
-        if no_overwrite and os.path.lexists(f"/proc/self/fd/{pfd}/{name}"):
-            raise FileExistsError(errno.EEXIST, "File exists", path)
-        tmp = f".{name}.upload-{os.getpid()}-{id(blocks)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=pfd)
-        try:
-            with open(fd, "wb", closefd=True) as out:
-                for i, block in enumerate(blocks):
-                    if up.size is not None:
-                        out.seek(i * BLOCK_SIZE)  # the zeros left out of the block before
-                    with open(block, "rb") as src:
-                        shutil.copyfileobj(src, out, _COPY_CHUNK)
-                if up.size is not None:
-                    out.truncate(up.size)  # and those left out of the last block
-            os.chmod(tmp, (mode & 0o7777) or 0o644, dir_fd=pfd)
-            os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp, dir_fd=pfd)
-            raise
+        safe_files.place(pfd, name, fill, (up.mode & 0o7777) or 0o644, replace=not no_overwrite)
 
 
 def _copy(vol: VolumeInfo, srcs: list[str], dst: str, recursive: bool) -> None:
@@ -188,20 +194,16 @@ def _copy(vol: VolumeInfo, srcs: list[str], dst: str, recursive: bool) -> None:
                             raise ValueError(f"cannot copy {src!r} into itself ({dst!r})")
                         layers.copy_tree(f"/proc/self/fd/{sfd}", f"/proc/self/fd/{pfd}/{name}")
                     else:
-                        with root.opened(src_n, os.O_RDONLY) as rfd:
-                            mode = os.stat(rfd).st_mode
-                            wfd = os.open(
+                        rfd, st = safe_files.open_regular(root, src_n)
+                        try:
+                            safe_files.place(
+                                pfd,
                                 name,
-                                os.O_WRONLY
-                                | os.O_CREAT
-                                | os.O_TRUNC
-                                | os.O_NOFOLLOW
-                                | os.O_CLOEXEC,
-                                stat_mod.S_IMODE(mode),
-                                dir_fd=pfd,
+                                functools.partial(safe_files.copy_fd, rfd),
+                                stat_mod.S_IMODE(st.st_mode),
                             )
-                            with open(rfd, "rb", closefd=False) as r, open(wfd, "wb") as w:
-                                shutil.copyfileobj(r, w, _COPY_CHUNK)
+                        finally:
+                            os.close(rfd)
 
 
 def _remove(vol: VolumeInfo, path: str, recursive: bool) -> None:
@@ -222,10 +224,11 @@ def _remove(vol: VolumeInfo, path: str, recursive: bool) -> None:
 
 
 def _file_size(vol: VolumeInfo, path: str) -> int:
-    with _root(vol) as root, root.opened(_norm(path), os.O_RDONLY) as fd:
-        st = os.fstat(fd)
-        if stat_mod.S_ISDIR(st.st_mode):
-            raise IsADirectoryError(errno.EISDIR, "Is a directory", path)
+    """The size of a regular file of the volume (a FIFO or a device is refused, never
+    opened: `safe_files.open_regular`)."""
+    with _root(vol) as root:
+        fd, st = safe_files.open_regular(root, _norm(path))
+        os.close(fd)
         return st.st_size
 
 
@@ -238,6 +241,8 @@ def _os_fail(exc: OSError, vol: VolumeInfo, path: str) -> None:
             Status.ALREADY_EXISTS,
             f"{where} already exists; use batch_upload(force=True) to overwrite it",
         )
+    if isinstance(exc, safe_files.NotRegularFile):
+        fail(Status.INVALID_ARGUMENT, f"{where} is not a regular file ({exc.kind})")
     if isinstance(exc, (IsADirectoryError, NotADirectoryError, PermissionError)):
         fail(Status.INVALID_ARGUMENT, f"{where}: {exc.strerror or exc}")
     fail(Status.FAILED_PRECONDITION, f"{where}: {exc.strerror or exc}")

@@ -9,6 +9,9 @@
 * `cgroups` - memory, cpu and pids limits, where this machine allows;
 * `forkserver` / `zygote` - warm interpreters that fork sandbox processes;
 * `streams` - replayable output buffers;
+* `safe_files` - files read and written inside a sandbox's tree or a volume: regular
+  files only, by descriptor, in bounded pieces;
+* `volume_views` - a v1 volume's private copy for one sandbox, merged back at its end;
 * `tunnels` / `relay` / `connect_proxy` / `tls` - ports reached from the host;
 * `probes` - readiness probes.
 """

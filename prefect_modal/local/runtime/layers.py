@@ -25,6 +25,8 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
+from . import safe_files
+
 
 def abs_path(path: str) -> str:
     """``path`` as a normal absolute path (``a/../b`` -> ``/b``, ``//x`` -> ``/x``)."""
@@ -128,14 +130,11 @@ def _copy_whiteout(dst_dir: int, name: str) -> None:
 
 
 def _copy_file(src_dir: int, dst_dir: int, name: str) -> int:
-    try:
-        rfd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir)
-    except OSError:  # gone, or swapped for a symlink, since it was listed
+    try:  # a regular file only, never opened if it is not (a FIFO swapped in would block)
+        rfd, st = safe_files.open_regular_at(src_dir, name, name)
+    except OSError:  # gone, or swapped for a symlink, a FIFO or a device, since it was listed
         return 0
     try:
-        st = os.fstat(rfd)
-        if not stat.S_ISREG(st.st_mode):
-            return 0
         old = _lstat_at(dst_dir, name)
         if old is not None:
             _remove_at(dst_dir, name, old)
@@ -143,8 +142,8 @@ def _copy_file(src_dir: int, dst_dir: int, name: str) -> int:
         wfd = os.open(name, flags, 0o600, dir_fd=dst_dir)
         try:
             offset = 0
-            while True:
-                sent = os.sendfile(wfd, rfd, offset, _SENDFILE_CHUNK)
+            while offset < st.st_size:  # what it held when opened: it may still grow
+                sent = os.sendfile(wfd, rfd, offset, min(_SENDFILE_CHUNK, st.st_size - offset))
                 if sent == 0:
                     break
                 offset += sent

@@ -66,7 +66,7 @@ from typing import Any
 from modal_proto import api_pb2
 
 from ..records import SandboxRecord
-from . import container, isolation, layers, processes, seccomp_filter
+from . import container, isolation, layers, processes, safe_files, seccomp_filter
 from .cgroups import Cgroups, Group, SandboxLimits
 from .forkserver import ForkedProcess, ForkServer, Stdio
 from .isolation import FsRoot, ImageView
@@ -215,7 +215,8 @@ class ExecProcess:
         self.stdin_offset = 0
         self.stdin_closed = False
         self.fs_command: tuple[str, dict[str, object]] | None = None
-        self.fs_stdin = bytearray()
+        #: a file-API write's stdin: on disk beyond 1 MiB (the server's memory stays flat)
+        self.fs_stdin = safe_files.Spool(paths.output if paths else None)
         self._stdin_lock = asyncio.Lock()
 
     def finish(self, code: int | None = None, sig: int | None = None) -> None:

@@ -13,18 +13,32 @@ out) what it changed there is applied to the volume (`merge_view`): files it
 added or changed are written, files it removed are removed, last writer wins
 per file, as with Modal's commits. The copy costs time and disk in proportion
 to the volume, so a large volume read by many sandboxes is better made v2.
+
+The view is the sandbox's: what it leaves there is hostile. Both copies go by
+descriptor (`layers.copy_tree` and `safe_files`): directories are opened with
+``O_NOFOLLOW`` one component at a time, symlinks are copied as symlinks and
+never followed, regular files are written under a temporary name and renamed
+into place relative to their directory's descriptor, and FIFOs, devices and
+sockets are left out (a device node read would never end).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import posixpath
 import shutil
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import layers, safe_files
+
 #: relative path -> (mode, size, mtime_ns) of each entry of the view at create
 Manifest = dict[str, tuple[int, int, int]]
+
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 @dataclass
@@ -38,7 +52,7 @@ class VolumeView:
 
 def _scan(root: Path) -> Manifest:
     found: Manifest = {}
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root):  # never into a symlinked directory
         for name in [*dirnames, *filenames]:
             full = os.path.join(dirpath, name)
             st = os.lstat(full)
@@ -48,18 +62,71 @@ def _scan(root: Path) -> Manifest:
 
 
 def make_view(volume: Path, view: Path) -> VolumeView:
-    """Copy ``volume`` to ``view`` (symlinks as links) and note what the copy holds."""
+    """Copy ``volume`` to ``view`` (symlinks as links; no FIFO or device) and note what
+    the copy holds."""
     volume.mkdir(parents=True, exist_ok=True)
     view.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(volume, view, symlinks=True)
+    if view.exists():
+        raise FileExistsError(f"{view} exists")
+    layers.copy_tree(volume, view)
     return VolumeView(volume=volume, view=view, manifest=_scan(view))
 
 
-def _inside(volume_real: str, target: Path) -> bool:
-    """Whether ``target``'s parent resolves inside the volume (a symlink a sandbox put
-    there must not make the server write outside it)."""
-    parent = os.path.realpath(target.parent)
-    return parent == volume_real or parent.startswith(volume_real + os.sep)
+@contextlib.contextmanager
+def _dir_at(top_fd: int, rel: str) -> Iterator[int | None]:
+    """The directory ``rel`` below ``top_fd``, each component opened with ``O_NOFOLLOW``
+    (None if one is missing, a symlink or not a directory)."""
+    fd = os.dup(top_fd)
+    try:
+        for part in [p for p in rel.split("/") if p and p != "."]:
+            try:
+                sub = os.open(part, _DIR, dir_fd=fd)
+            except OSError:
+                yield None
+                return
+            os.close(fd)
+            fd = sub
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _lstat(dir_fd: int, name: str) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def _remove(dir_fd: int, name: str) -> None:
+    st = _lstat(dir_fd, name)
+    if st is None:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(name, dir_fd=dir_fd)
+    else:
+        os.unlink(name, dir_fd=dir_fd)
+
+
+def _copy_file(src_dir: int, dst_dir: int, name: str, rel: str) -> None:
+    """A regular file of the view into the volume (`safe_files.place`); anything else
+    there now (a FIFO, a device) is left out."""
+    try:
+        src, st = safe_files.open_regular_at(src_dir, name, rel)
+    except OSError:
+        return
+
+    def fill(fd: int) -> None:
+        safe_files.copy_fd(src, fd)
+        os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    try:
+        old = _lstat(dst_dir, name)
+        if old is not None and stat.S_ISDIR(old.st_mode):
+            shutil.rmtree(name, dir_fd=dst_dir)
+        safe_files.place(dst_dir, name, fill, stat.S_IMODE(st.st_mode))
+    finally:
+        os.close(src)
 
 
 def merge_view(v: VolumeView) -> None:
@@ -67,30 +134,36 @@ def merge_view(v: VolumeView) -> None:
     if not v.view.is_dir():
         return
     now = _scan(v.view)
-    volume_real = os.path.realpath(v.volume)
-    for rel in sorted(set(v.manifest) - set(now), key=len, reverse=True):  # removed
-        target = v.volume / rel
-        if not _inside(volume_real, target) or not os.path.lexists(target):
-            continue
-        if os.path.isdir(target) and not os.path.islink(target):
-            shutil.rmtree(target, ignore_errors=True)
-        else:
-            os.unlink(target)
-    for rel in sorted(now, key=len):  # added or changed, parents first
-        mode, size, mtime = now[rel]
-        before = v.manifest.get(rel)
-        if before == (mode, size, mtime) and not stat.S_ISDIR(mode):
-            continue
-        src, target = v.view / rel, v.volume / rel
-        if not _inside(volume_real, target):
-            continue
-        if stat.S_ISDIR(mode):
-            if os.path.islink(target) or (os.path.lexists(target) and not target.is_dir()):
-                os.unlink(target)
-            target.mkdir(exist_ok=True)
-            continue
-        if os.path.isdir(target) and not os.path.islink(target):
-            shutil.rmtree(target)
-        elif os.path.lexists(target):
-            os.unlink(target)
-        shutil.copy2(src, target, follow_symlinks=False)
+    vol_fd = os.open(v.volume, _DIR)
+    view_fd = os.open(v.view, _DIR)
+    try:
+        for rel in sorted(set(v.manifest) - set(now), key=len, reverse=True):  # removed
+            parent, name = posixpath.split(rel)
+            with _dir_at(vol_fd, parent) as pfd:
+                if pfd is not None:
+                    _remove(pfd, name)
+        for rel in sorted(now, key=len):  # added or changed, parents first
+            mode, _size, _mtime = now[rel]
+            if v.manifest.get(rel) == now[rel] and not stat.S_ISDIR(mode):
+                continue
+            parent, name = posixpath.split(rel)
+            with _dir_at(vol_fd, parent) as pfd, _dir_at(view_fd, parent) as sfd:
+                if pfd is None or sfd is None:
+                    continue
+                if stat.S_ISDIR(mode):
+                    there = _lstat(pfd, name)
+                    if there is not None and not stat.S_ISDIR(there.st_mode):
+                        os.unlink(name, dir_fd=pfd)
+                        there = None
+                    if there is None:
+                        os.mkdir(name, 0o777, dir_fd=pfd)  # as before: umask's mode
+                elif stat.S_ISLNK(mode):
+                    target = os.readlink(name, dir_fd=sfd)
+                    _remove(pfd, name)
+                    os.symlink(target, name, dir_fd=pfd)
+                elif stat.S_ISREG(mode):
+                    _copy_file(sfd, pfd, name, rel)
+                # FIFOs, devices and sockets: not content a volume keeps
+    finally:
+        os.close(vol_fd)
+        os.close(view_fd)
