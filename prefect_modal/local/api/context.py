@@ -30,6 +30,8 @@ from ..runtime import isolation as isolation_mod
 from ..runtime import layers, processes
 from ..runtime.forkserver import ForkServer
 from ..runtime.isolation import ImageView, pasta, why_not_isolated
+from ..runtime.network import NO_PASTA_WARNING, Forward
+from ..runtime.network import plan as plan_forwards
 from ..runtime.probes import ProbeRunner
 from ..runtime.relay import Network
 from ..runtime.sandbox import (
@@ -217,6 +219,8 @@ class ServerContext:
                 ImageView.of_this_machine, self.registry.state_dir, self.host_dirs
             )
             self.isolation = Isolation(view=view, pasta=pasta())
+            if self.isolation.pasta is None:
+                log.warning(NO_PASTA_WARNING)
             if view.host_dirs:
                 log.warning(
                     "sandboxes of this local Modal server see these host directories "
@@ -477,6 +481,9 @@ class ServerContext:
             if d.cloud_provider
             else None
         )
+        forwards: list[Forward] = []
+        if network == "own":  # the host's loopback ports it is meant to reach
+            env, forwards = await plan_forwards(env, self.url, self.blobs.started_url)
         spec = SandboxRequest(
             version=version,
             app_id=app_id,
@@ -499,6 +506,7 @@ class ServerContext:
             volumes=volumes,
             tags={t.tag_name: t.tag_value for t in tags},
             network=network,
+            forwards=forwards,
             pty=pty,
             pty_size=(d.pty_info.winsz_rows, d.pty_info.winsz_cols) if pty else (0, 0),
             layers=trees,
@@ -693,9 +701,8 @@ class ServerContext:
                     Status.INVALID_ARGUMENT, "a sandbox with block_network=True cannot serve ports"
                 )
             return "none"
-        if self.isolation is not None and d.HasField("open_ports") and d.open_ports.ports:
-            return "own"
-        return "host"
+        # every isolated sandbox: a network of its own (`runtime.network`)
+        return "own" if self.isolation is not None else "host"
 
     def handle_metadata(self, sb: LocalSandbox) -> api_pb2.SandboxHandleMetadata:
         res = sb.result()
