@@ -30,6 +30,7 @@ from ..runtime import isolation as isolation_mod
 from ..runtime import layers, processes
 from ..runtime.forkserver import ForkServer
 from ..runtime.isolation import ImageView, pasta, why_not_isolated
+from ..runtime.netns_pool import NetnsPool
 from ..runtime.network import NO_PASTA_WARNING, Forward
 from ..runtime.network import plan as plan_forwards
 from ..runtime.probes import ProbeRunner
@@ -221,6 +222,9 @@ class ServerContext:
             self.isolation = Isolation(view=view, pasta=pasta())
             if self.isolation.pasta is None:
                 log.warning(NO_PASTA_WARNING)
+            elif os.geteuid() == 0:  # making a namespace needs root (`netns_pool`)
+                self.isolation.netns = NetnsPool(self.registry.state_dir / "pasta-pool.log")
+                self.isolation.netns.start()
             if view.host_dirs:
                 log.warning(
                     "sandboxes of this local Modal server see these host directories "

@@ -65,6 +65,7 @@ from ..records import SandboxRecord
 from . import container, isolation, layers, processes
 from .forkserver import ForkedProcess, ForkServer, Stdio
 from .isolation import FsRoot, ImageView
+from .netns_pool import NetnsPool
 from .network import NO_PASTA_NOTICE, Forward, Forwards
 from .streams import OutputBuffer
 from .volume_views import VolumeView, merge_view
@@ -139,6 +140,8 @@ class Isolation:
 
     view: ImageView
     pasta: str | None = None
+    #: network namespaces made ahead with pasta attached (root only), else None
+    netns: NetnsPool | None = None
 
 
 class SandboxFinishedError(Exception):
@@ -556,9 +559,19 @@ class LocalSandbox:
             uppers=self.spec.uppers,
         )
         go_r = go_w = None
-        if self.spec.network == "own" and (self.isolation.pasta or self.spec.forwards):
+        made = None  # a namespace made ahead, its pasta ours from now on (`netns_pool`)
+        if self.spec.network == "own" and self.isolation.netns is not None:
+            made = self.isolation.netns.take()
+            if made is not None:
+                self._pasta = made.pasta
+        # the program waits for what the server attaches first: pasta, forwards
+        if self.spec.network == "own" and (
+            (self.isolation.pasta and made is None) or self.spec.forwards
+        ):
             go_r, go_w = os.pipe()
             spec["go_fd"] = 4
+        if made is not None:
+            spec["netns_fd"] = 4 if go_r is None else 5
         stdio = Stdio.pty(*self.spec.pty_size) if self.spec.pty else Stdio.pipes()
         try:
             popen = await self._forkserver.spawn(
@@ -569,12 +582,14 @@ class LocalSandbox:
                 rlimit_as_bytes=self._rlimit_as(),
                 isolate=spec,
                 go=go_r,
+                netns=made.fd if made is not None else None,
                 pty=self.spec.pty,
             )
         except BaseException:
             if go_w is not None:
                 os.close(go_w)
             stdio.close()
+            self._stop_pasta()
             raise
         assert popen is not None
         return popen, go_w
@@ -622,8 +637,8 @@ class LocalSandbox:
         keeps its own reference and never reads the attribute back.
         """
         assert self.isolation is not None
-        if not self.isolation.pasta or self._ending():
-            return
+        if not self.isolation.pasta or self._pasta is not None or self._ending():
+            return  # no pasta here, or it came with a namespace made ahead
         try:
             ns_fd = os.open(f"/proc/{init_pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         except (FileNotFoundError, ProcessLookupError):

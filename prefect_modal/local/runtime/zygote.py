@@ -41,7 +41,7 @@ import sys
 FILENAME = "<prefect-modal-zygote>"
 CONTAINER_FILENAME = "<prefect-modal-container>"
 MAX_REQUEST = 1 << 20
-MAX_FDS = 5  # stdin, stdout, stderr, the container's info pipe, its go pipe
+MAX_FDS = 6  # stdin, stdout, stderr, the container's info pipe, its go pipe, its netns
 _CODE_CACHE_SIZE = 16
 
 
