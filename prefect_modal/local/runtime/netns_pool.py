@@ -114,9 +114,15 @@ class NetnsPool:
         self._refill: asyncio.Task[None] | None = None
         self._closed = False
         self._failures = 0
+        self._making: int | None = None  # the pid of the pasta being made ready
 
     def start(self) -> None:
         self._kick()
+
+    def pids(self) -> set[int]:
+        """The pasta processes the pool holds (ready or being made): no sandbox's."""
+        held = {p.pasta.pid for p in self._ready}
+        return held | ({self._making} if self._making is not None else set())
 
     def take(self) -> Prepared | None:
         """A ready namespace, or None (then the sandbox makes its own)."""
@@ -175,13 +181,17 @@ class NetnsPool:
             log.debug("pasta did not start for a namespace made ahead: %s", exc)
             return None
         prepared = Prepared(fd, pasta)
+        self._making = pasta.pid
         with contextlib.suppress(OSError):  # made ahead: after any sandbox's own work
             os.setpriority(os.PRIO_PROCESS, pasta.pid, _NICE)
         deadline = time.monotonic() + _READY_S
-        if not await asyncio.to_thread(_wait_route, fd, pasta, deadline):
-            _stop(prepared)
-            return None
-        return prepared
+        try:
+            if not await asyncio.to_thread(_wait_route, fd, pasta, deadline):
+                _stop(prepared)
+                return None
+            return prepared
+        finally:
+            self._making = None
 
     async def close(self) -> None:
         self._closed = True
