@@ -245,3 +245,23 @@ def test_without_pasta_sandboxes_have_loopback_and_say_so(
         assert other.requests == []
     finally:
         lm.stop()
+
+
+def test_a_sandbox_given_this_servers_url_reaches_it_with_the_modal_client(
+    local_modal: LocalModal, app: Any
+) -> None:
+    """A per-step flow run's sandbox starts its tasks' sandboxes: its MODAL_SERVER_URL
+    (this server's) is forwarded, as the blob endpoint its uploads go to."""
+    code = (
+        "import modal\n"
+        "client = modal.Client.from_env()\n"
+        "inner_app = modal.App.lookup('network', client=client)\n"
+        "sb = modal.Sandbox.create('echo', 'from inside', app=inner_app, client=client)\n"
+        "sb.wait()\n"
+        "print(sb.stdout.read().strip())\n"
+    )
+    outer = modal.Sandbox.create(
+        PY, "-c", code, app=app, client=local_modal.client, env=dict(local_modal.env)
+    )
+    outer.wait()
+    assert outer.stdout.read().strip() == "from inside", outer.stderr.read()

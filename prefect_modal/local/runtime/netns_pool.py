@@ -29,8 +29,10 @@ import struct
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from . import isolation, processes
 
@@ -41,6 +43,7 @@ _CLONE_NEWNET = 0x40000000
 _SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP = 0x8913, 0x8914, 0x1
 _READY_S = 5.0
 DEFAULT_SIZE = 2
+T = TypeVar("T")
 _NICE = 10  # a namespace made ahead is made with what CPU is left over
 
 
@@ -52,22 +55,23 @@ class Prepared:
     pasta: subprocess.Popen[bytes]
 
 
-def _in_new_thread(fn: object) -> object:
+def _in_new_thread(fn: Callable[[], T]) -> T:
     """Run ``fn`` in a thread of its own (namespace calls switch only the calling
-    thread) and return its result or raise its error."""
-    result: list[object] = []
+    thread, which then ends) and return its result or raise its error."""
+    result: list[T] = []
+    error: list[BaseException] = []
 
     def run() -> None:
         try:
-            result.append(fn())  # type: ignore[operator]
+            result.append(fn())
         except BaseException as exc:
-            result.append(exc)
+            error.append(exc)
 
     t = threading.Thread(target=run, name="prefect-modal-netns-pool")
     t.start()
     t.join()
-    if isinstance(result[0], BaseException):
-        raise result[0]
+    if error:
+        raise error[0]
     return result[0]
 
 
@@ -84,9 +88,7 @@ def _new_netns() -> int:
             fcntl.ioctl(s.fileno(), _SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | _IFF_UP))
         return os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
 
-    fd = _in_new_thread(make)
-    assert isinstance(fd, int)
-    return fd
+    return _in_new_thread(make)
 
 
 def _wait_route(fd: int, pasta: subprocess.Popen[bytes], deadline: float) -> bool:
@@ -101,7 +103,7 @@ def _wait_route(fd: int, pasta: subprocess.Popen[bytes], deadline: float) -> boo
             time.sleep(0.002)
         return False
 
-    return bool(_in_new_thread(wait))
+    return _in_new_thread(wait)
 
 
 class NetnsPool:
