@@ -126,6 +126,12 @@ class BlobStore:
         token = self._token(_Get(root, rel, offset, length, time.monotonic() + TOKEN_TTL_S))
         return f"{self._base}/get/{token}"
 
+    async def started_url(self) -> str:
+        """``http://host:port`` of the endpoint, started if it was not (a sandbox
+        whose modal client will use it needs its port forwarded: `runtime.network`)."""
+        await self._start()
+        return self._base
+
     # ----- the HTTP endpoint -------------------------------------------------
 
     async def _start(self) -> None:

@@ -186,6 +186,8 @@ class LocalModal:
         await self._ctx.probes.close_all()
         await self._ctx.tunnels.close_all()
         await self._ctx.blobs.close()
+        if self._ctx.isolation is not None and self._ctx.isolation.netns is not None:
+            await self._ctx.isolation.netns.close()  # its namespaces made ahead, their pasta
         await self._ctx.sweeper.drain()
         if self._ctx.forkserver is not None:
             await self._ctx.forkserver.close()

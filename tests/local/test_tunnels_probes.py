@@ -257,8 +257,10 @@ def test_tcp_probe_delays_wait_until_ready(local_modal: LocalModal, app: Any, ba
     port = free_port()
     sb = echo_sandbox(local_modal, app, port, delay=1.5)
     sb.wait_until_ready(timeout=30)
-    # ready means the port accepts: a connection right now succeeds
-    socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    # ready means the port accepts: a connection right now succeeds (inside the
+    # sandbox: its loopback is its own, not this machine's)
+    code = f"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=2).close()"
+    assert sb.exec("python", "-c", code).wait() == 0
     assert sb.poll() is None
     sb.terminate()
 

@@ -31,6 +31,9 @@ from ..runtime import layers, processes, seccomp_filter
 from ..runtime.cgroups import Cgroups
 from ..runtime.forkserver import ForkServer
 from ..runtime.isolation import ImageView, pasta, why_not_isolated
+from ..runtime.netns_pool import NetnsPool
+from ..runtime.network import NO_PASTA_WARNING, Forward
+from ..runtime.network import plan as plan_forwards
 from ..runtime.probes import ProbeRunner
 from ..runtime.relay import Network
 from ..runtime.sandbox import (
@@ -221,6 +224,11 @@ class ServerContext:
             )
             self.isolation = Isolation(view=view, pasta=pasta())
             seccomp_filter.announce()
+            if self.isolation.pasta is None:
+                log.warning(NO_PASTA_WARNING)
+            elif os.geteuid() == 0:  # making a namespace needs root (`netns_pool`)
+                self.isolation.netns = NetnsPool(self.registry.state_dir / "pasta-pool.log")
+                self.isolation.netns.start()
             if view.host_dirs:
                 log.warning(
                     "sandboxes of this local Modal server see these host directories "
@@ -509,6 +517,9 @@ class ServerContext:
             if d.cloud_provider
             else None
         )
+        forwards: list[Forward] = []
+        if network == "own":  # the host's loopback ports it is meant to reach
+            env, forwards = await plan_forwards(env, self.url, self.blobs.started_url)
         spec = SandboxRequest(
             version=version,
             app_id=app_id,
@@ -532,6 +543,7 @@ class ServerContext:
             volumes=volumes,
             tags={t.tag_name: t.tag_value for t in tags},
             network=network,
+            forwards=forwards,
             pty=pty,
             pty_size=(d.pty_info.winsz_rows, d.pty_info.winsz_cols) if pty else (0, 0),
             layers=trees,
@@ -727,9 +739,8 @@ class ServerContext:
                     Status.INVALID_ARGUMENT, "a sandbox with block_network=True cannot serve ports"
                 )
             return "none"
-        if self.isolation is not None and d.HasField("open_ports") and d.open_ports.ports:
-            return "own"
-        return "host"
+        # every isolated sandbox: a network of its own (`runtime.network`)
+        return "own" if self.isolation is not None else "host"
 
     def handle_metadata(self, sb: LocalSandbox) -> api_pb2.SandboxHandleMetadata:
         res = sb.result()

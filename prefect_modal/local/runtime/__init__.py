@@ -5,6 +5,8 @@
 * `etc_view` - the allow-listed part of this machine's /etc that sandboxes see;
 * `container` - the namespace calls, run in the fork server's child;
 * `seccomp_filter` - the sandboxes' seccomp filter (Docker's default profile, libseccomp);
+* `network` / `netns_pool` - a sandbox's network of its own: the host ports
+  forwarded into it on purpose, namespaces made ahead with pasta attached;
 * `processes` - starting, watching and killing process trees;
 * `cgroups` - memory, cpu and pids limits, where this machine allows;
 * `forkserver` / `zygote` - warm interpreters that fork sandbox processes;

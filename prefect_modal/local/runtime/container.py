@@ -488,7 +488,11 @@ def start(request, info_fd):
     """
     spec = request["isolate"]
     flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
-    if spec["network"] != "host":
+    netns_fd = spec.get("netns_fd")
+    if netns_fd is not None:  # made ahead by the server, pasta attached (`netns_pool`)
+        _check(_libc.setns(netns_fd, CLONE_NEWNET), "setns")
+        os.close(netns_fd)
+    elif spec["network"] != "host":
         flags |= CLONE_NEWNET
     _check(_libc.unshare(flags), "unshare")
     status_r, status_w = os.pipe()

@@ -539,6 +539,7 @@ class ForkServer:
         isolate: dict[str, Any] | None = None,
         join: int | None = None,
         go: int | None = None,
+        netns: int | None = None,
         pty: bool = False,
         cgroup_procs: Sequence[str] = (),
     ) -> ForkedProcess | None:
@@ -547,8 +548,9 @@ class ForkServer:
         ``isolate`` (a container spec, `isolation.Layout.spec`) starts a new
         container; ``join`` (an init's pid) runs it in a running one; ``go`` is
         the read end of the pipe the new container waits on before its program
-        starts. Returns None when it should be started the ordinary way (no
-        container asked for, no warm zygote ready); raises OSError when a
+        starts; ``netns`` a network namespace it joins (the fd after ``go``'s;
+        both are closed here). Returns None when it should be started the ordinary
+        way (no container asked for, no warm zygote ready); raises OSError when a
         container was asked for and cannot be started. Takes over ``stdio``'s
         child ends (closed here). ``cgroup_procs`` (`cgroups.Group.procs`): the
         child joins these groups before anything else (`container.join_cgroups`).
@@ -577,6 +579,9 @@ class ForkServer:
             zygote = self._zygotes.get(_LAUNCHER_KEY)
             if zygote is None or zygote.dead or not await self.start_launcher():
                 stdio.close_child_ends()
+                for fd in (go, netns):  # ours to close, as when they are sent
+                    if fd is not None:
+                        os.close(fd)
                 raise OSError(11, "the local server's launcher is not running (see forkserver.log)")
         fds = list(stdio.child)
         info_r = info_w = None
@@ -585,11 +590,13 @@ class ForkServer:
             fds.append(info_w)
             if go is not None:
                 fds.append(go)
+            if netns is not None:  # a namespace made ahead (`netns_pool`): after go
+                fds.append(netns)
         try:
             pid = await zygote.spawn(fields, fds, private)
         finally:
             stdio.close_child_ends()
-            for fd in (info_w, go):
+            for fd in (info_w, go, netns):
                 if fd is not None:
                     os.close(fd)
         if isinstance(pid, str):

@@ -14,11 +14,11 @@ How a Modal sandbox maps onto this machine (the emulation's limits):
   environment (so ``python`` has cloudpickle and the project's packages).
   Without namespaces (not root, not Linux, or turned off) a sandbox is a
   process group on the host, and says so in its first log line.
-* **Network.** ``block_network``: a namespace with only a loopback. A sandbox
-  that serves ports (``encrypted_ports`` ...) gets a namespace of its own, so
-  two can serve the same port, with outbound access through ``pasta`` where
-  installed. Any other sandbox shares this machine's network, as the Prefect
-  API a pipeline sandbox reports to is on this machine's loopback.
+* **Network** (`network`). Every isolated sandbox has a namespace of its own,
+  so two can serve the same port and none reaches this machine's loopback,
+  with outbound access through ``pasta`` where installed; ``block_network``:
+  loopback only. The host ports it is meant to reach (the Prefect API of a
+  flow run's sandbox) are forwarded into it by the server.
 * **Processes.** The entrypoint runs in its own session; when it exits, the
   container goes (everything else in it is killed). ``exec`` joins the
   container. Every process is forked by the fork server (`forkserver`),
@@ -70,6 +70,8 @@ from . import container, isolation, layers, processes, safe_files, seccomp_filte
 from .cgroups import Cgroups, Group, SandboxLimits
 from .forkserver import ForkedProcess, ForkServer, Stdio
 from .isolation import FsRoot, ImageView
+from .netns_pool import NetnsPool
+from .network import NO_PASTA_NOTICE, Forward, Forwards
 from .streams import OutputBuffer
 from .volume_views import VolumeView, merge_view
 
@@ -106,7 +108,9 @@ class SandboxRequest:
     image: str
     volumes: dict[str, tuple[str, Path]]
     tags: dict[str, str]
-    network: str = "host"  # "host", "none" (block_network) or "own" (serves ports)
+    network: str = "host"  # "host" (not isolated), "none" (block_network) or "own"
+    #: host loopback ports reachable on the sandbox's own loopback (`network.plan`)
+    forwards: list[Forward] = field(default_factory=list)
     pty: bool = False
     pty_size: tuple[int, int] = (0, 0)  # rows, columns (0: the terminal's default)
     #: file trees copied, in order, into the new root (see `layers`)
@@ -143,6 +147,8 @@ class Isolation:
 
     view: ImageView
     pasta: str | None = None
+    #: network namespaces made ahead with pasta attached (root only), else None
+    netns: NetnsPool | None = None
 
 
 class SandboxFinishedError(Exception):
@@ -308,9 +314,8 @@ class LocalSandbox:
         self._not_isolated_because = not_isolated_because
         self.init_pid: int | None = None  # the container's pid 1, as this host sees it
         self._container_up = asyncio.Event()  # init known and root built, or never will be
-        #: the entrypoint's wait status as its container's init reports it (before the
-        #: monitor process, which waits for it, has ended: see `container`)
-        self._pasta: asyncio.subprocess.Process | None = None
+        self._pasta: subprocess.Popen[bytes] | None = None
+        self._forwards = Forwards()
         #: read-only view directories its image's layers add files to (`layers.overlays`)
         self._overlays: dict[str, list[str]] = {}
         self.tags = dict(spec.tags)
@@ -585,11 +590,7 @@ class LocalSandbox:
                 "runs on CPU, there is no GPU emulation.\n".encode()
             )
         if self.spec.network == "own" and self.isolation and not self.isolation.pasta:
-            self.stderr.append(
-                b"[prefect-modal local] this sandbox serves ports, so it has a network "
-                b"namespace of its own; without pasta (Debian package passt) it has no "
-                b"outbound network access here.\n"
-            )
+            self.stderr.append(NO_PASTA_NOTICE.encode())
         args = self.spec.args or [shutil.which("sleep") or "sleep", "infinity"]
         popen: subprocess.Popen[bytes] | ForkedProcess | None = None
         go_w: int | None = None
@@ -675,9 +676,19 @@ class LocalSandbox:
             uppers=self.spec.uppers,
         )
         go_r = go_w = None
-        if self.spec.network == "own" and self.isolation.pasta:
+        made = None  # a namespace made ahead, its pasta ours from now on (`netns_pool`)
+        if self.spec.network == "own" and self.isolation.netns is not None:
+            made = self.isolation.netns.take()
+            if made is not None:
+                self._pasta = made.pasta
+        # the program waits for what the server attaches first: pasta, forwards
+        if self.spec.network == "own" and (
+            (self.isolation.pasta and made is None) or self.spec.forwards
+        ):
             go_r, go_w = os.pipe()
             spec["go_fd"] = 4
+        if made is not None:
+            spec["netns_fd"] = 4 if go_r is None else 5
         stdio = Stdio.pty(*self.spec.pty_size) if self.spec.pty else Stdio.pipes()
         try:
             popen = await self._forkserver.spawn(
@@ -689,12 +700,14 @@ class LocalSandbox:
                 cgroup_procs=self._cgroup_procs(),
                 isolate=spec,
                 go=go_r,
+                netns=made.fd if made is not None else None,
                 pty=self.spec.pty,
             )
         except BaseException:
             if go_w is not None:
                 os.close(go_w)
             stdio.close()
+            self._stop_pasta()
             raise
         assert popen is not None
         return popen, go_w
@@ -720,7 +733,10 @@ class LocalSandbox:
                     self.init_pid = value
                     self._on_change()
                     if go_w is not None:
-                        await self._attach_network(value)
+                        await asyncio.gather(
+                            self._attach_network(value),
+                            self._open_forwards(value),
+                        )
                         with contextlib.suppress(BrokenPipeError):  # it ended meanwhile
                             os.write(go_w, b"1")
                         os.close(go_w)
@@ -746,9 +762,9 @@ class LocalSandbox:
         sandbox's own end clears ``self._pasta`` (`_supervise`), so this method
         keeps its own reference and never reads the attribute back.
         """
-        assert self.isolation is not None and self.isolation.pasta
-        if self._ending():
-            return
+        assert self.isolation is not None
+        if not self.isolation.pasta or self._pasta is not None or self._ending():
+            return  # no pasta here, or it came with a namespace made ahead
         try:
             ns_fd = os.open(f"/proc/{init_pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         except (FileNotFoundError, ProcessLookupError):
@@ -757,9 +773,11 @@ class LocalSandbox:
             argv, preexec = processes.with_pdeathsig(
                 isolation.pasta_command(ns_fd), {"PATH": "/usr/bin:/bin"}
             )
+            # a plain Popen (vfork + exec), not asyncio's: pasta is on the way to
+            # every sandbox's start, and that machinery costs milliseconds
             with open(self.paths.root / "pasta.log", "ab") as log_file:
-                proc = await asyncio.create_subprocess_exec(
-                    *argv,
+                proc = subprocess.Popen(
+                    argv,
                     stdin=subprocess.DEVNULL,
                     stdout=log_file,
                     stderr=log_file,
@@ -774,12 +792,11 @@ class LocalSandbox:
             self._stop_pasta()
             return
         deadline = time.monotonic() + _PASTA_READY_S
-        delay = 0.001
-        while not isolation.has_outbound_route(init_pid):
+        while not isolation.has_outbound_route(init_pid):  # a few ms: looked at each ms
             if self._pasta is not proc or self._ending():
                 self._stop_pasta()
                 return  # the sandbox ended meanwhile
-            if proc.returncode is not None or time.monotonic() > deadline:
+            if proc.poll() is not None or time.monotonic() > deadline:
                 log_text = (self.paths.root / "pasta.log").read_bytes()[-300:]
                 self.stderr.append(
                     b"[prefect-modal local] pasta could not give this sandbox outbound "
@@ -787,8 +804,19 @@ class LocalSandbox:
                 )
                 self._stop_pasta()
                 return
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.02)
+            await asyncio.sleep(0.001)
+
+    async def _open_forwards(self, init_pid: int) -> None:
+        """The host ports this sandbox is meant to reach, on its own loopback
+        (`network`); closed with it (`_supervise`)."""
+        if not self.spec.forwards or self._ending():
+            return
+        failed = await self._forwards.open(init_pid, self.spec.forwards)
+        if failed:
+            what = ", ".join(failed)
+            self.stderr.append(f"[prefect-modal local] cannot forward to it: {what}\n".encode())
+        if self._ending():  # it ended meanwhile: its end may have closed them already
+            await self._forwards.close()
 
     def _ending(self) -> bool:
         """Whether the sandbox has ended or is being ended (terminate, timeout, stop)."""
@@ -796,10 +824,10 @@ class LocalSandbox:
 
     def _stop_pasta(self) -> None:
         proc, self._pasta = self._pasta, None
-        if proc is not None and proc.returncode is None:
+        if proc is not None and proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
-            self._spawn_background(proc.wait())
+            self._spawn_background(asyncio.to_thread(proc.wait))
 
     async def wait_init(self) -> int:
         """The container's init pid once its root is built; raises if it has finished."""
@@ -909,6 +937,7 @@ class LocalSandbox:
             self._sweeper.add(self.marker)
         self._stop_pasta()
         await self._remove_cgroup()
+        await self._forwards.close()
 
     def _spawn_background(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)

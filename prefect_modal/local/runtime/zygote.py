@@ -52,7 +52,8 @@ import sys
 FILENAME = "<prefect-modal-zygote>"
 CONTAINER_FILENAME = "<prefect-modal-container>"
 MAX_REQUEST = 1 << 20
-MAX_FDS = 6  # stdin, stdout, stderr, the container's info pipe, its go pipe, the payload
+# stdin, stdout, stderr, the container's info pipe, its go pipe, its netns, the payload
+MAX_FDS = 7
 PR_SET_DUMPABLE = 4
 
 
