@@ -27,7 +27,7 @@ from ..build.builder import Builder, ImageState, Log
 from ..build.cache import LayerCache
 from ..limits import CREATE_RATE_ENV, MAX_GPUS_ENV, MAX_SANDBOXES_ENV, Limits, gpu_count
 from ..runtime import isolation as isolation_mod
-from ..runtime import layers, processes
+from ..runtime import layers, processes, userns
 from ..runtime.forkserver import ForkServer
 from ..runtime.isolation import ImageView, pasta, why_not_isolated
 from ..runtime.probes import ProbeRunner
@@ -211,12 +211,27 @@ class ServerContext:
         """Find out once, at server start, whether sandboxes can be isolated; say so if not."""
         why = why_not_isolated(self.isolation_requested)
         if why is None and not await self.forkserver.start_launcher():
-            why = "this machine refused the namespace calls (a container without privileges?)"
+            why = isolation_mod.refused_because()
         if why is None:
             view = await asyncio.to_thread(
                 ImageView.of_this_machine, self.registry.state_dir, self.host_dirs
             )
-            self.isolation = Isolation(view=view, pasta=pasta())
+            idmap = userns.for_this_process() if self.forkserver.launcher_userns else None
+            self.isolation = Isolation(view=view, pasta=pasta(), idmap=idmap)
+            if idmap is not None:
+                log.info("sandboxes get a user namespace each: %s", idmap.describe())
+                if not idmap.full:
+                    log.warning(
+                        "sandboxes of this local Modal server cannot give files to users "
+                        "other than root (apt_install needs that): %s",
+                        userns.missing_range_help(),
+                    )
+            else:
+                log.warning(
+                    "the local Modal server cannot make user namespaces (%s): root inside "
+                    "a sandbox is root on this machine, with a container's capabilities",
+                    isolation_mod.why_no_userns() or isolation_mod.refused_because(),
+                )
             if view.host_dirs:
                 log.warning(
                     "sandboxes of this local Modal server see these host directories "
@@ -224,8 +239,6 @@ class ServerContext:
                     ", ".join(view.host_dirs),
                 )
             return
-        if self.host_dirs:
-            raise ValueError(f"host_dirs needs isolated sandboxes, but {why}")
         self.not_isolated_because = why
         log.warning(
             "the local Modal server cannot isolate sandboxes (%s): they run as process groups "
@@ -233,6 +246,12 @@ class ServerContext:
             "are refused",
             why,
         )
+        if self.host_dirs:
+            log.warning(
+                "host_dirs (%s) has no effect: sandboxes that are not isolated see all of "
+                "this machine's files",
+                ", ".join(self.host_dirs),
+            )
 
     # ----- auth hook -------------------------------------------------------
 

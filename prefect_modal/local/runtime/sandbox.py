@@ -62,10 +62,11 @@ from typing import Any
 from modal_proto import api_pb2
 
 from ..records import SandboxRecord
-from . import container, isolation, layers, processes
+from . import container, isolation, layers, processes, userns
 from .forkserver import ForkedProcess, ForkServer, Stdio
 from .isolation import FsRoot, ImageView
 from .streams import OutputBuffer
+from .userns import IdMap
 from .volume_views import VolumeView, merge_view
 
 log = logging.getLogger("prefect_modal.local")
@@ -136,6 +137,9 @@ class Isolation:
 
     view: ImageView
     pasta: str | None = None
+    #: the user namespace each sandbox gets (`userns`); None: none (root inside is
+    #: root outside, said at start and in each sandbox's log)
+    idmap: IdMap | None = None
 
 
 class SandboxFinishedError(Exception):
@@ -415,6 +419,7 @@ class LocalSandbox:
             for upper in self.spec.uppers.values():
                 upper.mkdir(parents=True, exist_ok=True)
                 isolation.overlay_workdir(upper).mkdir(parents=True, exist_ok=True)
+            self._own_writable_dirs()
             return
         self.paths.fs.mkdir(parents=True)  # a fresh id: the directory cannot exist yet
         os.mkdir(self.paths.resolve("/root"))
@@ -428,6 +433,20 @@ class LocalSandbox:
             if link.is_symlink() or link.exists():
                 continue
             link.symlink_to(host_dir, target_is_directory=True)
+
+    def own(self, path: Path) -> None:
+        """Give what the server made at ``path`` for this sandbox to write to its root
+        (`userns.own_tree`: as root; a normal user's files already are root's inside)."""
+        if self.isolation is not None and self.isolation.idmap is not None:
+            userns.own_tree(path, self.isolation.idmap)
+
+    def _own_writable_dirs(self) -> None:
+        self.own(self.paths.fs)
+        for host_dir in self.spec.volume_dirs().values():
+            self.own(host_dir)
+        for upper in self.spec.uppers.values():
+            self.own(upper)
+            self.own(isolation.overlay_workdir(upper))
 
     @property
     def overlays(self) -> dict[str, list[str]]:
@@ -474,6 +493,8 @@ class LocalSandbox:
             self.stderr.append(
                 isolation.NOT_ISOLATED_NOTICE.format(why=self._not_isolated_because).encode()
             )
+        elif self.isolation is not None and self.isolation.idmap is None:
+            self.stderr.append(userns.NO_USERNS_NOTICE.encode())
         if self.spec.gpu:
             self.stderr.append(
                 f"[prefect-modal local] GPU {self.spec.gpu!r} requested: this local sandbox "
@@ -559,6 +580,8 @@ class LocalSandbox:
         if self.spec.network == "own" and self.isolation.pasta:
             go_r, go_w = os.pipe()
             spec["go_fd"] = 4
+        if self.isolation.idmap is not None:
+            spec["userns"] = self.isolation.idmap.spec()
         stdio = Stdio.pty(*self.spec.pty_size) if self.spec.pty else Stdio.pipes()
         try:
             popen = await self._forkserver.spawn(
@@ -621,13 +644,16 @@ class LocalSandbox:
         assert self.isolation is not None and self.isolation.pasta
         if self._ending():
             return
+        user_fd = None
         try:
             ns_fd = os.open(f"/proc/{init_pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            if self.isolation.idmap is not None and os.geteuid() != 0:
+                user_fd = os.open(f"/proc/{init_pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
         except (FileNotFoundError, ProcessLookupError):
             return  # the container is already gone
         try:
             argv, preexec = processes.with_pdeathsig(
-                isolation.pasta_command(ns_fd), {"PATH": "/usr/bin:/bin"}
+                isolation.pasta_command(ns_fd, user_fd), {"PATH": "/usr/bin:/bin"}
             )
             with open(self.paths.root / "pasta.log", "ab") as log_file:
                 proc = await asyncio.create_subprocess_exec(
@@ -635,12 +661,14 @@ class LocalSandbox:
                     stdin=subprocess.DEVNULL,
                     stdout=log_file,
                     stderr=log_file,
-                    pass_fds=(ns_fd,),
+                    pass_fds=(ns_fd,) if user_fd is None else (ns_fd, user_fd),
                     preexec_fn=preexec,
                     start_new_session=True,
                 )
         finally:
             os.close(ns_fd)
+            if user_fd is not None:
+                os.close(user_fd)
         self._pasta = proc
         if self._ending():  # it ended while pasta started: its end may have run already
             self._stop_pasta()
@@ -685,7 +713,9 @@ class LocalSandbox:
         if self.isolation is None:
             return FsRoot.of_directory(self.paths.fs)
         try:
-            return FsRoot.of_container(await self.wait_init())
+            idmap = self.isolation.idmap
+            owner = idmap.root if idmap is not None and os.geteuid() == 0 else None
+            return FsRoot.of_container(await self.wait_init(), owner)
         except (SandboxFinishedError, FileNotFoundError, ProcessLookupError) as exc:
             raise OSError(2, f"Sandbox {self.id} has finished") from exc
 

@@ -164,7 +164,9 @@ def serve(main_attrs, container):
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     cache: dict[str, object] = {}
-    _send(sock, {"ready": os.getpid(), "isolation": container.self_test()})
+    isolation = container.self_test()
+    userns = isolation if os.geteuid() != 0 else container.userns_test()
+    _send(sock, {"ready": os.getpid(), "isolation": isolation, "userns": userns})
     while True:
         ready, _, _ = select.select([sock.fileno(), wake_r], [], [])
         if wake_r in ready:
