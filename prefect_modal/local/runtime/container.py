@@ -45,10 +45,13 @@ device nodes or change what the kernel does.
 
 import ctypes
 import errno
+import fcntl
 import os
 import platform
 import signal
+import socket
 import struct
+import warnings  # noqa: F401  (os.execvpe imports it: after pivot_root our stdlib may be gone)
 
 #: the exit code of a process whose working directory could not be made (as for
 #: a command that cannot be run: Modal publishes no code for it)
@@ -82,6 +85,7 @@ _MOUNT_ATTR_NODEV = 0x4
 _SYSCALLS = {  # the generic table (aarch64...) and x86_64
     "pivot_root": {"x86_64": 155, "aarch64": 41},
     "mount_setattr": {"x86_64": 442, "aarch64": 442},
+    "keyctl": {"x86_64": 250, "aarch64": 219},
     "open_tree": {"x86_64": 428, "aarch64": 428},
     "move_mount": {"x86_64": 429, "aarch64": 429},
 }
@@ -249,9 +253,6 @@ def _pivot(root):
 
 
 def _loopback_up():
-    import fcntl
-    import socket
-
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         req = struct.pack("16sH14x", b"lo", 0)
         flags = struct.unpack("16sH14x", fcntl.ioctl(s.fileno(), _SIOCGIFFLAGS, req))[1]
@@ -425,8 +426,6 @@ def _become_program(request, parent):
     _die_with_parent(parent)
     os.setsid()
     if request.get("pty"):
-        import fcntl
-
         fcntl.ioctl(0, _TIOCSCTTY, 0)
     drop_privileges()
     _enter_workdir(request["cwd"])
@@ -596,6 +595,15 @@ def _become_root_inside():
         os._exit(137)
 
 
+def _own_session_keyring():
+    """A new, empty session keyring: the server's (inherited through fork) holds what
+    its own session holds. ``KEYCTL_JOIN_SESSION_KEYRING`` with no name; a kernel
+    without keys support just says no."""
+    number = _syscall_no("keyctl")
+    if number is not None:
+        _libc.syscall(number, 1, None)
+
+
 def _enter_userns(userns):
     """The handshake that puts this process in a new user namespace with the given maps.
 
@@ -626,6 +634,7 @@ def _enter_userns(userns):
     if status != 0:
         raise ContainerError("the user namespace's id maps could not be written")
     _become_root_inside()
+    _own_session_keyring()
 
 
 def _other_ns(pid, name):
@@ -706,6 +715,7 @@ def join(request):
         os.close(fd)
     if "user" in names:
         _become_root_inside()
+        _own_session_keyring()
     pid = os.fork()
     if pid:
         _quiet_stdio()

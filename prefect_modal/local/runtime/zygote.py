@@ -33,6 +33,7 @@ child shares the zygote's str hash seed (``random`` reseeds itself at fork).
 
 import json
 import os
+import resource  # used after the container is made, when this stdlib may be out of view
 import select
 import signal
 import socket
@@ -127,8 +128,6 @@ def _child(request, fds, main_attrs, code, libc, container):
         else:
             os.chdir(request["cwd"])
         if request.get("rlimit_as"):
-            import resource
-
             limit = request["rlimit_as"]
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         os.environ.clear()
