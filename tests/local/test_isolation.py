@@ -153,6 +153,15 @@ def test_root_inside_is_not_root_outside(local_modal: LocalModal, app: Any) -> N
         assert outside != 0 and not any(line.split()[1] == "0" for line in lines), lines
     else:
         assert outside == os.geteuid()
+    # other ids exist inside only with a full range (what dpkg needs); else a chown says no
+    give = _create(
+        local_modal, app, "sh", "-c", "touch /tmp/f && chown 5:7 /tmp/f && stat -c %u:%g /tmp/f"
+    )
+    give.wait()
+    if local_modal.isolation.idmap.full:
+        assert give.stdout.read() == "5:7\n", give.stderr.read()
+    else:
+        assert give.returncode != 0 and "Invalid argument" in give.stderr.read()
 
 
 @pytest.mark.skipif(

@@ -184,10 +184,47 @@ def test_the_demo_runs_as_a_normal_user_with_isolated_sandboxes(normal_user: Nor
     assert "# isolation: on" in text and "root inside is this user" in text, text[-2000:]
 
 
-def test_the_isolation_tests_pass_as_a_normal_user(normal_user: NormalUser) -> None:
-    """tests/local/test_isolation.py (its attack tests included) as a normal user: every
-    test passes but those that only root can run, which say so."""
+def _subordinate_ranges(path: str, name: str) -> list[str]:
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    ranges = []
+    for line in lines:
+        owner, start, count = [*line.split(":"), "", "", ""][:3]
+        if owner == name and start.isdigit() and count.isdigit():
+            ranges.append(f"{start}-{int(start) + int(count) - 1}")
+    return ranges
+
+
+def _give_range(user: NormalUser, wanted: bool) -> None:
+    """Give the user a subordinate id range in /etc/subuid and /etc/subgid, or take
+    theirs away (``useradd`` gives one where ``uidmap`` made those files)."""
+    if wanted:
+        if not (shutil.which("newuidmap") and shutil.which("newgidmap")):
+            pytest.skip(reason="a subordinate id range needs newuidmap (Debian package uidmap)")
+        if _subordinate_ranges("/etc/subuid", user.name) and _subordinate_ranges(
+            "/etc/subgid", user.name
+        ):
+            return
+        start = 300_000_000 + (user.uid % 10_000) * 65536
+        ids = f"{start}-{start + 65535}"
+        subprocess.run(
+            ["usermod", "--add-subuids", ids, "--add-subgids", ids, user.name], check=True
+        )
+        return
+    for flag, path in (("--del-subuids", "/etc/subuid"), ("--del-subgids", "/etc/subgid")):
+        for ids in _subordinate_ranges(path, user.name):
+            subprocess.run(["usermod", flag, ids, user.name], check=True)
+
+
+@pytest.mark.parametrize("id_range", ["subordinate range", "one id"])
+def test_the_isolation_tests_pass_as_a_normal_user(normal_user: NormalUser, id_range: str) -> None:
+    """tests/local/test_isolation.py (its attack tests included) as a normal user, with a
+    subordinate id range (newuidmap) and with none (a one-id map): every test passes but
+    those that only root can run, which say so."""
     _checkout_readable(normal_user)
+    _give_range(normal_user, id_range == "subordinate range")
     result = _as_user(
         normal_user,
         [str(VENV_BIN / "pytest"), "-q", "-p", "no:cacheprovider", "-rs", ISOLATION_TESTS],

@@ -381,6 +381,10 @@ class ServerContext:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(sb.done.wait(), 0.2)
         code = sb.returncode if sb.returncode is not None else -1
+        idmap = self.isolation.idmap
+        if code != 0 and uppers and idmap is not None and not idmap.full:
+            # dpkg gives files to other users (man, _apt...): a one-id map cannot
+            log(f"[prefect-modal local] if it failed to chown: {userns.missing_range_help()}\n")
         await asyncio.to_thread(os.rename, sb.paths.fs, root)
         await asyncio.to_thread(shutil.rmtree, work, True)
         return code
