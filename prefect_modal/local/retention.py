@@ -24,6 +24,7 @@ import stat
 import time
 from pathlib import Path
 
+from .runtime import userns
 from .state import Registry
 
 log = logging.getLogger("prefect_modal.local")
@@ -58,6 +59,8 @@ def remove_tree(path: Path) -> None:
                     os.chmod(sub, stat.S_IRWXU)
     with contextlib.suppress(OSError):
         os.chmod(path, stat.S_IRWXU)
+    if userns.remove_inside(path):  # a normal user's sandbox gave files to subordinate ids
+        return
     shutil.rmtree(path)
 
 

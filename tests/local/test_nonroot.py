@@ -225,6 +225,9 @@ def test_the_isolation_tests_pass_as_a_normal_user(normal_user: NormalUser, id_r
     those that only root can run, which say so."""
     _checkout_readable(normal_user)
     _give_range(normal_user, id_range == "subordinate range")
+    probe = "from prefect_modal.local.runtime import userns; print(userns.for_this_process().full)"
+    full = _as_user(normal_user, [str(VENV_BIN / "python"), "-c", probe], timeout=120)
+    assert full.stdout.split() == [str(id_range == "subordinate range")], _tail(full)
     result = _as_user(
         normal_user,
         [str(VENV_BIN / "pytest"), "-q", "-p", "no:cacheprovider", "-rs", ISOLATION_TESTS],

@@ -33,9 +33,12 @@ server reads and writes them all. What the server makes for a sandbox to write
 from __future__ import annotations
 
 import functools
+import json
 import os
 import pwd
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -198,6 +201,36 @@ def own_tree(path: Path, idmap: IdMap) -> None:
                 continue
 
 
+_REMOVE_INSIDE = (
+    "import json, shutil, sys, types\n"
+    "c = types.ModuleType('container')\n"
+    "exec(compile(open(sys.argv[1]).read(), '<prefect-modal-container>', 'exec'), c.__dict__)\n"
+    "c._enter_userns(json.loads(sys.argv[2]))\n"
+    "shutil.rmtree(sys.argv[3], ignore_errors=True)\n"
+)
+
+
+def remove_inside(path: Path) -> bool:
+    """Remove ``path`` as root of a user namespace with this server's maps; True if gone.
+
+    A normal user's sandboxes give files to the user's subordinate ids (dpkg does), which
+    the user may not remove; root of a namespace that maps those ids may (``podman
+    unshare``'s way). As root, or without a subordinate range, there is nothing to do."""
+    idmap = for_this_process()
+    if os.geteuid() == 0 or not idmap.helpers or not os.path.lexists(path):
+        return not os.path.lexists(path)
+    from . import container  # its text, run by a fresh interpreter (it forks)
+
+    spec = json.dumps(idmap.spec())
+    subprocess.run(
+        [sys.executable, "-I", "-S", "-c", _REMOVE_INSIDE, container.__file__, spec, str(path)],
+        capture_output=True,
+        timeout=600,
+        check=False,
+    )
+    return not os.path.lexists(path)
+
+
 __all__ = [
     "FALLBACK_BASE",
     "FULL_RANGE_FIX",
@@ -207,4 +240,5 @@ __all__ = [
     "for_this_process",
     "missing_range_help",
     "own_tree",
+    "remove_inside",
 ]
