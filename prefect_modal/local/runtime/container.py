@@ -50,6 +50,7 @@ import os
 import platform
 import signal
 import socket
+import stat
 import struct
 import warnings  # noqa: F401  (os.execvpe imports it: after pivot_root our stdlib may be gone)
 
@@ -533,7 +534,10 @@ def _attach_pinned():
     mount("tmpfs", STAGE, "tmpfs", MS_NOSUID | MS_NODEV, "size=4k,mode=755")
     number = _syscall_no("move_mount")
     for fd, staged in _PINNED:
-        os.mkdir(staged)
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            os.mkdir(staged)
+        else:  # a single file (a local file of the image): a file to mount it on
+            os.close(os.open(staged, os.O_CREAT | os.O_WRONLY, 0o644))
         _check(
             _libc.syscall(number, fd, b"", _AT_FDCWD, _b(staged), _MOVE_MOUNT_F_EMPTY_PATH),
             f"attaching {staged}",

@@ -442,6 +442,8 @@ class LocalSandbox:
 
     def _own_writable_dirs(self) -> None:
         self.own(self.paths.fs)
+        for source in self.spec.binds.values():  # local files: root's, read-only (EROFS)
+            self.own(source)
         for host_dir in self.spec.volume_dirs().values():
             self.own(host_dir)
         for upper in self.spec.uppers.values():
