@@ -382,9 +382,23 @@ class ServerContext:
                 await asyncio.wait_for(sb.done.wait(), 0.2)
         code = sb.returncode if sb.returncode is not None else -1
         idmap = self.isolation.idmap
-        if code != 0 and uppers and idmap is not None and not idmap.full:
-            # dpkg gives files to other users (man, _apt...): a one-id map cannot
-            log(f"[prefect-modal local] if it failed to chown: {userns.missing_range_help()}\n")
+        if idmap is not None:
+            for path, upper in (uppers or {}).items():
+                await asyncio.to_thread(userns.prune_mirrored, path, upper)
+                # overlayfs leaves its work directory mode 000: its owner (root inside,
+                # which a normal user's server is) must open it to remove it
+                with contextlib.suppress(OSError):
+                    os.chmod(layers.overlay_workdir(upper) / "work", 0o700)
+        if code != 0 and uppers and idmap is not None and os.geteuid() != 0:
+            # dpkg gives files to other users (man, _apt...): a one-id map cannot; and it
+            # cannot replace this machine's own files (their owner is no one inside)
+            log(
+                "[prefect-modal local] a normal user's build sandbox cannot replace files of "
+                "packages this machine has installed itself (upgrade them on the host, or run "
+                "the local server as root)"
+                + ("" if idmap.full else f"; nor chown: {userns.missing_range_help()}")
+                + "\n"
+            )
         await asyncio.to_thread(os.rename, sb.paths.fs, root)
         await asyncio.to_thread(shutil.rmtree, work, True)
         return code

@@ -90,6 +90,8 @@ _SYSCALLS = {  # the generic table (aarch64...) and x86_64
     "open_tree": {"x86_64": 428, "aarch64": 428},
     "move_mount": {"x86_64": 429, "aarch64": 429},
 }
+_MOUNT_ATTR_IDMAP = 0x00100000
+_AT_EMPTY_PATH = 0x1000
 _OPEN_TREE_CLONE = 0x1
 _OPEN_TREE_CLOEXEC = 0o2000000
 _MOVE_MOUNT_F_EMPTY_PATH = 0x4
@@ -189,6 +191,8 @@ def _overlay_rw(options, target):
     change (the new layer's: deletions of lower files become whiteouts there, which
     overlayfs honours when that layer is later a lower one) and its work directory."""
     os.makedirs(target, exist_ok=True)
+    if _IN_USERNS:  # overlayfs's own xattrs there are user.overlay.* (Linux 5.11)
+        options += ",userxattr"
     mount("overlay", target, "overlay", MS_NOSUID | MS_NODEV, options)
 
 
@@ -434,6 +438,11 @@ def _become_program(request, parent):
 
 #: detached copies of the mount sources (`_pin_sources`): (descriptor, path under `STAGE`)
 _PINNED: list = []
+#: whether this process made and entered a user namespace of its own (`_enter_userns`)
+_IN_USERNS = False
+#: pinned copies of the host's directories under a build's writable overlay: idmapped
+#: (`_idmap_pinned`) so that the host's root is root inside there
+_IDMAPPED: list = []
 
 
 def _pin(path):
@@ -499,6 +508,8 @@ def _pin_overlay(options):
     if "lowerdir" in fields:
         lowers = [_pin(_unescape(d)) for d in _split_escaped(fields["lowerdir"], ":")]
         fields["lowerdir"] = ":".join(_escape(d) for d in lowers)
+        if "upperdir" in fields and _PINNED and lowers[-1] == _PINNED[-1][1]:
+            _IDMAPPED.append(_PINNED[-1][0])  # the host's directory a build writes over
     if "upperdir" in fields and "workdir" in fields:
         upper, work = _unescape(fields["upperdir"]), _unescape(fields["workdir"])
         parent = os.path.commonpath([upper, work])
@@ -599,6 +610,24 @@ def _become_root_inside():
         os._exit(137)
 
 
+def _idmap_pinned(pid):
+    """Make the pinned host directories under a build's writable overlay idmapped
+    mounts with ``pid``'s user namespace (``mount_setattr(MOUNT_ATTR_IDMAP)``, Linux 5.12;
+    as host root, on the still detached copies): the host's root-owned files there are
+    root's inside, so dpkg may replace them (it hard-links the old file first, which
+    needs to own it). Where the filesystem cannot be idmapped, nothing changes (dpkg then
+    cannot replace a file of this machine's own packages, and says so)."""
+    if not _IDMAPPED:
+        return
+    number = _syscall_no("mount_setattr")
+    userns_fd = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    attr = struct.pack("QQQQ", _MOUNT_ATTR_IDMAP, 0, 0, userns_fd)
+    buf = ctypes.create_string_buffer(attr, len(attr))
+    for fd in _IDMAPPED:
+        _libc.syscall(number, fd, b"", _AT_EMPTY_PATH | _AT_RECURSIVE, buf, len(attr))
+    os.close(userns_fd)
+
+
 def _own_session_keyring():
     """A new, empty session keyring: the server's (inherited through fork) holds what
     its own session holds. ``KEYCTL_JOIN_SESSION_KEYRING`` with no name; a kernel
@@ -622,8 +651,10 @@ def _enter_userns(userns):
         code = 1
         try:
             if os.read(go_r, 1) == b"1":
-                os.closerange(3, 256)  # nothing of the sandbox's goes to newuidmap
+                if userns.get("helpers"):
+                    os.closerange(3, 256)  # nothing of the sandbox's goes to newuidmap
                 _write_id_maps(me, userns)
+                _idmap_pinned(me)
                 code = 0
         except BaseException as exc:
             os.write(2, f"[prefect-modal local] cannot map the sandbox's ids: {exc}\n".encode())
@@ -639,6 +670,8 @@ def _enter_userns(userns):
         raise ContainerError("the user namespace's id maps could not be written")
     _become_root_inside()
     _own_session_keyring()
+    global _IN_USERNS
+    _IN_USERNS = True
 
 
 def _other_ns(pid, name):

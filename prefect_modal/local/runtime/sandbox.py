@@ -446,7 +446,10 @@ class LocalSandbox:
             self.own(source)
         for host_dir in self.spec.volume_dirs().values():
             self.own(host_dir)
-        for upper in self.spec.uppers.values():
+        idmap = self.isolation.idmap if self.isolation is not None else None
+        for path, upper in self.spec.uppers.items():
+            if idmap is not None and os.geteuid() != 0:  # root: the host's dir is idmapped
+                userns.mirror_dirs(path, upper, idmap)
             self.own(upper)
             self.own(isolation.overlay_workdir(upper))
 

@@ -32,11 +32,13 @@ server reads and writes them all. What the server makes for a sandbox to write
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import pwd
 import shutil
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -201,6 +203,40 @@ def own_tree(path: Path, idmap: IdMap) -> None:
                 continue
 
 
+def mirror_dirs(host_dir: str, upper: Path, idmap: IdMap) -> None:
+    """The directories of ``host_dir`` made in ``upper`` (a build sandbox's writable
+    overlay over it), with their modes, owned by root inside.
+
+    The host's own directories belong to host ids that are no ids inside, and the kernel
+    lets no one inside a user namespace write into a directory whose owner it cannot map
+    (not even its root). A merged directory takes its owner from the upper one, so with
+    these dpkg may add and replace files anywhere there; the host's files are unchanged.
+    `prune_mirrored` takes away what stayed empty."""
+    root = idmap.root if os.geteuid() == 0 else None
+    for dirpath, _dirnames, _files in os.walk(host_dir):  # links are not followed
+        rel = os.path.relpath(dirpath, host_dir)
+        target = upper if rel == "." else upper / rel
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(target)
+        os.chmod(target, stat.S_IMODE(os.lstat(dirpath).st_mode), follow_symlinks=False)
+        if root is not None:
+            os.lchown(target, *root)
+
+
+def prune_mirrored(host_dir: str, upper: Path) -> None:
+    """Remove the directories of ``upper`` that are empty and stand for one of
+    ``host_dir`` (what `mirror_dirs` made and the build left alone); an opaque one (a
+    directory the build replaced) stays."""
+    for dirpath, _dirnames, _files in os.walk(upper, topdown=False):
+        path = Path(dirpath)
+        if path == upper or not os.path.isdir(os.path.join(host_dir, path.relative_to(upper))):
+            continue
+        with contextlib.suppress(OSError):
+            if any("overlay.opaque" in a for a in os.listxattr(path, follow_symlinks=False)):
+                continue
+            os.rmdir(path)  # only if empty
+
+
 _REMOVE_INSIDE = (
     "import json, shutil, sys, types\n"
     "c = types.ModuleType('container')\n"
@@ -238,7 +274,9 @@ __all__ = [
     "RANGE",
     "IdMap",
     "for_this_process",
+    "mirror_dirs",
     "missing_range_help",
     "own_tree",
+    "prune_mirrored",
     "remove_inside",
 ]
