@@ -238,8 +238,10 @@ def serve(
         for key, value in lm.trust_env.items():
             print(f"export {key}={shlex.quote(value)}")
         print(f"# state: {lm.state_dir}")
-        if lm.isolation is not None:
-            print("# isolation: on (Linux namespaces)")
+        if lm.isolation is not None and lm.isolation.idmap is not None:
+            print(f"# isolation: on (Linux namespaces; {lm.isolation.idmap.describe()})")
+        elif lm.isolation is not None:
+            print("# isolation: on (Linux namespaces; no user namespace: root inside is root)")
         else:
             print(f"# isolation: OFF ({lm.not_isolated_because})")
         if lm.limits_not_enforced_because is None:

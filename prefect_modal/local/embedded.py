@@ -30,7 +30,7 @@ from .latency import resolve as resolve_latency
 from .limits import Limits
 from .records import SandboxRecord
 from .retention import Pruner, check_retention
-from .runtime import forkserver, processes, tls
+from .runtime import forkserver, processes, tls, userns
 from .runtime import isolation as isolation_mod
 from .runtime.sandbox import Isolation
 from .server import ControlPlane, Router, ServerContext
@@ -226,6 +226,7 @@ class LocalModal:
         processes.kill_tree(None, f"{self._server_uid}:")
         if self._own_state_dir:
             shutil.rmtree(self.state_dir, ignore_errors=True)
+            userns.remove_inside(self.state_dir)  # what a normal user's sandboxes gave away
 
     def __enter__(self) -> LocalModal:
         return self.start()

@@ -23,7 +23,7 @@ import stat
 import time
 from pathlib import Path
 
-from .runtime import safe_files
+from .runtime import safe_files, userns
 from .state import Registry
 
 log = logging.getLogger("prefect_modal.local")
@@ -53,6 +53,8 @@ def remove_tree(path: Path) -> None:
     # never through a symlink), then again
     with contextlib.suppress(OSError):
         safe_files.open_up_tree(path, stat.S_IRWXU)
+    if userns.remove_inside(path):  # a normal user's sandbox gave files to subordinate ids
+        return
     shutil.rmtree(path)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 import shutil
 import socket
 import threading
@@ -22,11 +23,16 @@ import pytest
 from waiting import wait_for
 
 from prefect_modal.local import LocalModal
+from prefect_modal.local.runtime.isolation import why_not_isolated
 
+_WHY_NOT = why_not_isolated(True) if os.path.exists("/proc/self/ns/pid") else "no namespaces"
 pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not os.path.exists("/proc/self/ns/pid"),
-    reason="isolated sandboxes need Linux namespaces, which the local server makes as root",
+    _WHY_NOT is not None,
+    reason=f"isolated sandboxes need Linux namespaces (as root, or user namespaces): {_WHY_NOT}",
 )
+#: the start of the reason of tests that only root can run (`tests/local/test_nonroot.py`
+#: runs this file as a normal user and accepts these skips, and no other)
+ROOT_ONLY = "only as root"
 
 PY = "python"
 
@@ -105,7 +111,10 @@ echo done
     assert not Path("/usr/hostile-was-here").exists()
     assert not Path("/etc/hostile-was-here").exists()
     assert "Read-only file system" in err  # what it tried was refused, not pretended
-    host_home = {p.name for p in home.iterdir()} if home.is_dir() else set()
+    try:
+        host_home = {p.name for p in home.iterdir()} if home.is_dir() else set()
+    except PermissionError:  # a normal user's test: root's home is closed to it anyway
+        host_home = set()
     shown_home = set(out.split())
     assert not (host_home - {".pyenv"}) & shown_home  # only the Python it runs on
 
@@ -127,6 +136,100 @@ def test_rm_rf_root_in_a_sandbox_leaves_the_host_alone(
     after = _create(local_modal, app, "sh", "-c", "echo still-works")  # the server goes on
     after.wait()
     assert after.stdout.read() == "still-works\n"
+
+
+def test_root_inside_is_not_root_outside(local_modal: LocalModal, app: Any) -> None:
+    """A user namespace per sandbox: its root is another id on the host (as root), or
+    the user who runs the server (as a normal user)."""
+    assert local_modal.isolation is not None and local_modal.isolation.idmap is not None
+    sb = _create(local_modal, app, "sh", "-c", "id -u; cat /proc/self/uid_map")
+    sb.wait()
+    inside, *lines = sb.stdout.read().splitlines()
+    first = lines[0].split()
+    assert inside == "0" and first[0] == "0", lines
+    outside = int(first[1])
+    assert outside == local_modal.isolation.idmap.root[0]
+    if os.geteuid() == 0:
+        assert outside != 0 and not any(line.split()[1] == "0" for line in lines), lines
+    else:
+        assert outside == os.geteuid()
+    # other ids exist inside only with a full range (what dpkg needs); else a chown says no
+    give = _create(
+        local_modal, app, "sh", "-c", "touch /tmp/f && chown 5:7 /tmp/f && stat -c %u:%g /tmp/f"
+    )
+    give.wait()
+    if local_modal.isolation.idmap.full:
+        assert give.stdout.read() == "5:7\n", give.stderr.read()
+    else:
+        assert give.returncode != 0 and "Invalid argument" in give.stderr.read()
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0,
+    reason=f"{ROOT_ONLY}: a normal user's sandbox is that user, who may read their own files",
+)
+def test_root_inside_cannot_read_host_roots_private_files(tmp_path: Path) -> None:
+    """Attack: container root was host root (with CAP_DAC_OVERRIDE), so a root-only file
+    in what a sandbox sees (here a ``host_dirs`` directory) was readable."""
+    shown = tmp_path / "shown"
+    shown.mkdir()
+    canary = shown / "root-only.txt"
+    canary.write_text("root-only-canary-8841")
+    canary.chmod(0o600)
+    lm = LocalModal(state_dir=tmp_path / "state", host_dirs=[shown]).start()
+    try:
+        app = modal.App.lookup("private", create_if_missing=True, client=lm.client)
+        sb = modal.Sandbox.create("sh", "-c", f"cat {canary}; echo done", app=app, client=lm.client)
+        sb.wait()
+        out, err = sb.stdout.read(), sb.stderr.read()
+        assert out.strip().endswith("done"), (out, err)
+        assert "root-only-canary-8841" not in out + err
+        assert "Permission denied" in err
+    finally:
+        lm.stop()
+    assert canary.read_text() == "root-only-canary-8841"
+
+
+_KEYCTL = {"x86_64": 250, "aarch64": 219}
+_ADD_KEY = {"x86_64": 248, "aarch64": 217}
+_KEY_SPEC_USER_KEYRING = -4
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or platform.machine() not in _KEYCTL,
+    reason=f"{ROOT_ONLY} (x86_64, aarch64): a normal user's sandbox is that user, whose keyring "
+    "the seccomp filter guards",
+)
+def test_a_sandbox_cannot_read_host_roots_keyring(local_modal: LocalModal, app: Any) -> None:
+    """Attack: container root was host root, so root's user keyring (``@u``) was its own:
+    ``keyctl`` found and read a key there. In a user namespace root inside is another
+    user, with a keyring of its own."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    machine = platform.machine()
+    name = f"prefect-modal-canary-{os.getpid()}".encode()
+    value = b"keyring-canary-6502"
+    key = libc.syscall(_ADD_KEY[machine], b"user", name, value, len(value), _KEY_SPEC_USER_KEYRING)
+    if key < 0:
+        pytest.skip(reason=f"{ROOT_ONLY}: this kernel has no keyrings ({ctypes.get_errno()})")
+    try:
+        libc.syscall(_KEYCTL[machine], 5, key, 0x3F3F0000)  # KEYCTL_SETPERM: user may read
+        code = f"""
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+key = libc.syscall({_KEYCTL[machine]}, 10, {_KEY_SPEC_USER_KEYRING}, b"user", {name!r}, 0)
+buf = ctypes.create_string_buffer(256)
+n = libc.syscall({_KEYCTL[machine]}, 11, key, buf, 256) if key > 0 else -1
+print("found" if key > 0 else "absent", buf.raw[: max(n, 0)])
+"""
+        sb = _create(local_modal, app, PY, "-c", code)
+        sb.wait()
+        out = sb.stdout.read()
+        assert out.startswith("absent"), out
+        assert value.decode() not in out
+    finally:
+        libc.syscall(_KEYCTL[machine], 21, key)  # KEYCTL_INVALIDATE: the canary goes
 
 
 def _listener() -> tuple[socket.socket, int, list[bytes]]:

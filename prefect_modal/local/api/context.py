@@ -27,7 +27,7 @@ from ..build.builder import Builder, ImageState, Log
 from ..build.cache import LayerCache
 from ..limits import CREATE_RATE_ENV, MAX_GPUS_ENV, MAX_SANDBOXES_ENV, Limits, gpu_count
 from ..runtime import isolation as isolation_mod
-from ..runtime import layers, processes, seccomp_filter
+from ..runtime import layers, processes, seccomp_filter, userns
 from ..runtime.cgroups import Cgroups
 from ..runtime.forkserver import ForkServer
 from ..runtime.isolation import ImageView, pasta, why_not_isolated
@@ -217,12 +217,27 @@ class ServerContext:
         """Find out once, at server start, whether sandboxes can be isolated; say so if not."""
         why = why_not_isolated(self.isolation_requested)
         if why is None and not await self.forkserver.start_launcher():
-            why = "this machine refused the namespace calls (a container without privileges?)"
+            why = isolation_mod.refused_because()
         if why is None:
             view = await asyncio.to_thread(
                 ImageView.of_this_machine, self.registry.state_dir, self.host_dirs
             )
-            self.isolation = Isolation(view=view, pasta=pasta())
+            idmap = userns.for_this_process() if self.forkserver.launcher_userns else None
+            self.isolation = Isolation(view=view, pasta=pasta(), idmap=idmap)
+            if idmap is not None:
+                log.info("sandboxes get a user namespace each: %s", idmap.describe())
+                if not idmap.full:
+                    log.warning(
+                        "sandboxes of this local Modal server cannot give files to users "
+                        "other than root (apt_install needs that): %s",
+                        userns.missing_range_help(),
+                    )
+            else:
+                log.warning(
+                    "the local Modal server cannot make user namespaces (%s): root inside "
+                    "a sandbox is root on this machine, with a container's capabilities",
+                    isolation_mod.why_no_userns() or isolation_mod.refused_because(),
+                )
             seccomp_filter.announce()
             if self.isolation.pasta is None:
                 log.warning(NO_PASTA_WARNING)
@@ -236,8 +251,6 @@ class ServerContext:
                     ", ".join(view.host_dirs),
                 )
             return
-        if self.host_dirs:
-            raise ValueError(f"host_dirs needs isolated sandboxes, but {why}")
         self.not_isolated_because = why
         self.builder.run_in_sandbox = None  # no build sandbox: builds say what runs here
         log.warning(
@@ -246,6 +259,12 @@ class ServerContext:
             "are refused",
             why,
         )
+        if self.host_dirs:
+            log.warning(
+                "host_dirs (%s) has no effect: sandboxes that are not isolated see all of "
+                "this machine's files",
+                ", ".join(self.host_dirs),
+            )
 
     async def start_limits(self) -> None:
         """Find out once, at server start, which sandbox limits this machine lets us
@@ -402,6 +421,24 @@ class ServerContext:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(sb.done.wait(), 0.2)
         code = sb.returncode if sb.returncode is not None else -1
+        idmap = self.isolation.idmap
+        if idmap is not None:
+            for path, upper in (uppers or {}).items():
+                await asyncio.to_thread(userns.prune_mirrored, path, upper)
+                # overlayfs leaves its work directory mode 000: its owner (root inside,
+                # which a normal user's server is) must open it to remove it
+                with contextlib.suppress(OSError):
+                    os.chmod(layers.overlay_workdir(upper) / "work", 0o700)
+        if code != 0 and uppers and idmap is not None and os.geteuid() != 0:
+            # dpkg gives files to other users (man, _apt...): a one-id map cannot; and it
+            # cannot replace this machine's own files (their owner is no one inside)
+            log(
+                "[prefect-modal local] a normal user's build sandbox cannot replace files of "
+                "packages this machine has installed itself (upgrade them on the host, or run "
+                "the local server as root)"
+                + ("" if idmap.full else f"; nor chown: {userns.missing_range_help()}")
+                + "\n"
+            )
         await asyncio.to_thread(os.rename, sb.paths.fs, root)
         await asyncio.to_thread(shutil.rmtree, work, True)
         return code

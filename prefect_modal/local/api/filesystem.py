@@ -173,6 +173,7 @@ def _makedirs(root: FsRoot, path: str, exist_ok: bool = True) -> None:
         else:
             with root.opened(done, os.O_PATH | os.O_DIRECTORY) as parent:
                 os.mkdir(part, 0o755, dir_fd=parent)
+                root.give_at(parent, part)
         done = target
 
 
@@ -234,6 +235,7 @@ def run(name: str, params: dict[str, object], root: FsRoot) -> FsResult:
                 parent, leaf = _split(path)
                 with root.opened(parent, os.O_PATH | os.O_DIRECTORY) as fd:
                     os.mkdir(leaf, 0o755, dir_fd=fd)
+                    root.give_at(fd, leaf)
             return FsResult(0)
         if name == "Remove":
             if path == "/":

@@ -170,6 +170,7 @@ class ImageMounts(Room):
         copy = sb.paths.root / "mounted" / ids.new_id("im")
         try:
             await asyncio.to_thread(_merge, sources, copy)
+            await asyncio.to_thread(sb.own, copy)  # writable by the sandbox's root
             root = await sb.fs_root()
             try:
                 await asyncio.to_thread(_makedirs, root, path)

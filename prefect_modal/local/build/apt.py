@@ -395,6 +395,10 @@ class _PrivateApt:
             'Acquire::http::Timeout "30";',
             'Acquire::Retries "2";',
         ]
+        if os.geteuid() != 0:
+            # a normal user's server: apt-get would take this machine's dpkg lock, which only
+            # root may; our lists and archives are private and `locked` serialises their use
+            lines.append('Debug::NoLocking "true";')
         return "\n".join(lines) + "\n"
 
     @contextlib.contextmanager

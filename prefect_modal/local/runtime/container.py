@@ -52,10 +52,14 @@ sandbox's end reaches the server only as the monitor's exit status.
 
 import ctypes
 import errno
+import fcntl
 import os
 import platform
 import signal
+import socket
+import stat
 import struct
+import warnings  # noqa: F401  (os.execvpe imports it: after pivot_root our stdlib may be gone)
 
 #: the exit code of a process whose working directory could not be made (as for
 #: a command that cannot be run: Modal publishes no code for it)
@@ -65,6 +69,7 @@ CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
+CLONE_NEWUSER = 0x10000000
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
@@ -91,7 +96,15 @@ _MOUNT_ATTR_NODEV = 0x4
 _SYSCALLS = {  # the generic table (aarch64...) and x86_64
     "pivot_root": {"x86_64": 155, "aarch64": 41},
     "mount_setattr": {"x86_64": 442, "aarch64": 442},
+    "keyctl": {"x86_64": 250, "aarch64": 219},
+    "open_tree": {"x86_64": 428, "aarch64": 428},
+    "move_mount": {"x86_64": 429, "aarch64": 429},
 }
+_MOUNT_ATTR_IDMAP = 0x00100000
+_AT_EMPTY_PATH = 0x1000
+_OPEN_TREE_CLONE = 0x1
+_OPEN_TREE_CLOEXEC = 0o2000000
+_MOVE_MOUNT_F_EMPTY_PATH = 0x4
 _SIOCGIFFLAGS = 0x8913
 _SIOCSIFFLAGS = 0x8914
 _IFF_UP = 0x1
@@ -100,6 +113,11 @@ _TIOCSCTTY = 0x540E
 #: CHOWN, DAC_OVERRIDE, FOWNER, FSETID, KILL, SETGID, SETUID, NET_BIND_SERVICE,
 #: SYS_CHROOT, AUDIT_WRITE, SETFCAP
 KEPT_CAPS = (0, 1, 3, 4, 5, 6, 7, 10, 18, 29, 31)
+
+#: Where a container's root is bound in its mount namespace when the host's path to it is
+#: not one root inside may walk (a user namespace's root, `_pin_sources`); detached with
+#: the host's tree at `_pivot`.
+STAGE = "/tmp"
 
 #: Device files a container's /dev has, bound from the host's.
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
@@ -183,6 +201,8 @@ def _overlay_rw(options, target):
     change (the new layer's: deletions of lower files become whiteouts there, which
     overlayfs honours when that layer is later a lower one) and its work directory."""
     os.makedirs(target, exist_ok=True)
+    if _IN_USERNS:  # overlayfs's own xattrs there are user.overlay.* (Linux 5.11)
+        options += ",userxattr"
     mount("overlay", target, "overlay", MS_NOSUID | MS_NODEV, options)
 
 
@@ -248,9 +268,6 @@ def _pivot(root):
 
 
 def _loopback_up():
-    import fcntl
-    import socket
-
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         req = struct.pack("16sH14x", b"lo", 0)
         flags = struct.unpack("16sH14x", fcntl.ioctl(s.fileno(), _SIOCGIFFLAGS, req))[1]
@@ -261,7 +278,11 @@ def build_root(spec):
     """In the init, in its new mount namespace: lay out the root and enter it."""
     root = spec["root"]
     mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we do here reaches the host
-    mount(root, root, None, MS_BIND | MS_REC)
+    if spec.get("root_source"):  # `_pin_sources`: the pinned copy is a mount of its own
+        _attach_pinned()
+        root = spec["root_source"]
+    else:
+        mount(root, root, None, MS_BIND | MS_REC)
     for kind, source, path in spec["mounts"]:
         target = root + path
         if kind == "mask":
@@ -469,12 +490,254 @@ def _become_program(request, parent):
     _die_with_parent(parent)
     os.setsid()
     if request.get("pty"):
-        import fcntl
-
         fcntl.ioctl(0, _TIOCSCTTY, 0)
     drop_privileges()
     _enter_workdir(request["cwd"])
     load_seccomp(request)
+
+
+#: detached copies of the mount sources (`_pin_sources`): (descriptor, path under `STAGE`)
+_PINNED: list = []
+#: whether this process made and entered a user namespace of its own (`_enter_userns`)
+_IN_USERNS = False
+#: pinned copies of the host's directories under a build's writable overlay: idmapped
+#: (`_idmap_pinned`) so that the host's root is root inside there
+_IDMAPPED: list = []
+
+
+def _pin(path):
+    """A detached copy of the mounts at ``path`` (``open_tree``), attached at a path
+    under `STAGE` by `_attach_pinned`; that path is returned (``path`` itself if it
+    cannot be opened: mounting it then fails with the usual message)."""
+    number = _syscall_no("open_tree")
+    if number is None:
+        return path
+    fd = _libc.syscall(
+        number, _AT_FDCWD, _b(path), _OPEN_TREE_CLONE | _OPEN_TREE_CLOEXEC | _AT_RECURSIVE
+    )
+    if fd < 0:
+        return path
+    staged = f"{STAGE}/{len(_PINNED)}"
+    _PINNED.append((fd, staged))
+    return staged
+
+
+def _split_escaped(text, sep):
+    """Split overlayfs's option text at unescaped ``sep``; escapes are kept."""
+    parts, current, escaped = [], "", False
+    for ch in text:
+        if escaped:
+            current += ch
+            escaped = False
+        elif ch == "\\":
+            current += ch
+            escaped = True
+        elif ch == sep:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    parts.append(current)
+    return parts
+
+
+def _unescape(path):
+    out, escaped = "", False
+    for ch in path:
+        if ch == "\\" and not escaped:
+            escaped = True
+            continue
+        out += ch
+        escaped = False
+    return out
+
+
+def _escape(path):
+    for ch in "\\:,":
+        path = path.replace(ch, "\\" + ch)
+    return path
+
+
+def _pin_overlay(options):
+    """An overlay's options with each directory pinned (`_pin`); the upper and work
+    directories through their common parent (overlayfs wants them on one mount)."""
+    fields = {}
+    for option in _split_escaped(options, ","):
+        key, _, value = option.partition("=")
+        fields[key] = value
+    if "lowerdir" in fields:
+        lowers = [_pin(_unescape(d)) for d in _split_escaped(fields["lowerdir"], ":")]
+        fields["lowerdir"] = ":".join(_escape(d) for d in lowers)
+        if "upperdir" in fields and _PINNED and lowers[-1] == _PINNED[-1][1]:
+            _IDMAPPED.append(_PINNED[-1][0])  # the host's directory a build writes over
+    if "upperdir" in fields and "workdir" in fields:
+        upper, work = _unescape(fields["upperdir"]), _unescape(fields["workdir"])
+        parent = os.path.commonpath([upper, work])
+        staged = _pin(parent)
+        fields["upperdir"] = _escape(staged + upper[len(parent) :])
+        fields["workdir"] = _escape(staged + work[len(parent) :])
+    return ",".join(f"{k}={v}" for k, v in fields.items())
+
+
+def _pin_sources(spec):
+    """Take hold of every mount source while this process is still host root.
+
+    Root inside a user namespace is not host root: it may not walk a host root's
+    0700 directories (``/root``, the server's state directory) to reach a
+    sandbox's root, a volume or a layer. Detached copies of those mounts taken
+    now (``open_tree``) are attached in the container's own mount namespace
+    (`_attach_pinned`) without a walk; the spec names them there."""
+    spec["root_source"] = _pin(spec["root"])
+    mounts = []
+    for kind, source, path in spec["mounts"]:
+        if kind in ("ro", "rw"):
+            source = _pin(source)
+        elif kind == "overlay":
+            source = _pin_overlay("lowerdir=" + source)[len("lowerdir=") :]
+        elif kind == "overlay_rw":
+            source = _pin_overlay(source)
+        mounts.append((kind, source, path))
+    spec["mounts"] = mounts
+
+
+def _attach_pinned():
+    """In the container's mount namespace: a tmpfs at `STAGE`, the pinned copies on it."""
+    mount("tmpfs", STAGE, "tmpfs", MS_NOSUID | MS_NODEV, "size=4k,mode=755")
+    number = _syscall_no("move_mount")
+    for fd, staged in _PINNED:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            os.mkdir(staged)
+        else:  # a single file (a local file of the image): a file to mount it on
+            os.close(os.open(staged, os.O_CREAT | os.O_WRONLY, 0o644))
+        _check(
+            _libc.syscall(number, fd, b"", _AT_FDCWD, _b(staged), _MOVE_MOUNT_F_EMPTY_PATH),
+            f"attaching {staged}",
+        )
+    close_pinned()
+
+
+def close_pinned():
+    """Close the descriptors `_pin_sources` opened."""
+    while _PINNED:
+        os.close(_PINNED.pop()[0])
+
+
+def _write_file(path, text):
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def _write_id_maps(pid, userns):
+    """From outside (this machine's user namespace): ``pid``'s uid and gid maps.
+
+    With ``helpers`` (a normal user's subordinate range) the setuid
+    ``newuidmap``/``newgidmap`` write them; else this process does (as root any
+    map; as a normal user only its own id, after ``setgroups`` is denied, the
+    kernel's rule for an unprivileged map)."""
+    helpers = userns.get("helpers")
+    if helpers:
+        for exe, lines in zip(helpers, (userns["uid_map"], userns["gid_map"]), strict=True):
+            argv = [exe, str(pid), *(str(n) for line in lines for n in line)]
+            child = os.posix_spawn(exe, argv, {"PATH": "/usr/bin:/bin"})
+            _, status = os.waitpid(child, 0)
+            if status != 0:
+                raise ContainerError(f"{os.path.basename(exe)} failed (status {status})")
+        return
+    if not userns.get("setgroups", True):
+        _write_file(f"/proc/{pid}/setgroups", "deny")
+    for kind in ("uid", "gid"):
+        lines = "".join(f"{a} {b} {n}\n" for a, b, n in userns[kind + "_map"])
+        _write_file(f"/proc/{pid}/{kind}_map", lines)
+
+
+def _become_root_inside():
+    """Root of the user namespace just entered: no groups of the host (where the map
+    allows ``setgroups``), uid and gid 0 inside (``userns.IdMap``: never root outside)."""
+    parent = os.getppid()
+    try:
+        os.setgroups([])
+    except PermissionError:
+        pass  # a single-id map: setgroups is denied (the groups held are the user's own)
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)
+    # a change of ids clears the parent-death signal: set it again (and mind a parent
+    # that died meanwhile)
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(137)
+
+
+def _idmap_pinned(pid):
+    """Make the pinned host directories under a build's writable overlay idmapped
+    mounts with ``pid``'s user namespace (``mount_setattr(MOUNT_ATTR_IDMAP)``, Linux 5.12;
+    as host root, on the still detached copies): the host's root-owned files there are
+    root's inside, so dpkg may replace them (it hard-links the old file first, which
+    needs to own it). Where the filesystem cannot be idmapped, nothing changes (dpkg then
+    cannot replace a file of this machine's own packages, and says so)."""
+    if not _IDMAPPED:
+        return
+    number = _syscall_no("mount_setattr")
+    userns_fd = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    attr = struct.pack("QQQQ", _MOUNT_ATTR_IDMAP, 0, 0, userns_fd)
+    buf = ctypes.create_string_buffer(attr, len(attr))
+    for fd in _IDMAPPED:
+        _libc.syscall(number, fd, b"", _AT_EMPTY_PATH | _AT_RECURSIVE, buf, len(attr))
+    os.close(userns_fd)
+
+
+def _own_session_keyring():
+    """A new, empty session keyring: the server's (inherited through fork) holds what
+    its own session holds. ``KEYCTL_JOIN_SESSION_KEYRING`` with no name; a kernel
+    without keys support just says no."""
+    number = _syscall_no("keyctl")
+    if number is not None:
+        _libc.syscall(number, 1, None)
+
+
+def _enter_userns(userns):
+    """The handshake that puts this process in a new user namespace with the given maps.
+
+    A map is written from the parent namespace, so a forked helper (still
+    outside) waits until this process has unshared, writes its maps, and exits;
+    its exit status is the answer. Then this process becomes root inside."""
+    me = os.getpid()
+    go_r, go_w = os.pipe()
+    helper = os.fork()
+    if helper == 0:
+        os.close(go_w)
+        code = 1
+        try:
+            if os.read(go_r, 1) == b"1":
+                if userns.get("helpers"):
+                    os.closerange(3, 256)  # nothing of the sandbox's goes to newuidmap
+                _write_id_maps(me, userns)
+                _idmap_pinned(me)
+                code = 0
+        except BaseException as exc:
+            os.write(2, f"[prefect-modal local] cannot map the sandbox's ids: {exc}\n".encode())
+        os._exit(code)
+    os.close(go_r)
+    try:
+        _check(_libc.unshare(CLONE_NEWUSER), "unshare (user namespace)")
+        os.write(go_w, b"1")
+    finally:
+        os.close(go_w)
+        _, status = os.waitpid(helper, 0)
+    if status != 0:
+        raise ContainerError("the user namespace's id maps could not be written")
+    _become_root_inside()
+    _own_session_keyring()
+    global _IN_USERNS
+    _IN_USERNS = True
+
+
+def _other_ns(pid, name):
+    """Whether ``pid``'s namespace ``name`` is another than this process's."""
+    mine, theirs = os.stat(f"/proc/self/ns/{name}"), os.stat(f"/proc/{pid}/ns/{name}")
+    return (mine.st_dev, mine.st_ino) != (theirs.st_dev, theirs.st_ino)
 
 
 def start(request, info_fd):
@@ -494,6 +757,10 @@ def start(request, info_fd):
         os.close(netns_fd)
     elif spec["network"] != "host":
         flags |= CLONE_NEWNET
+    if spec.get("userns") is not None:
+        if os.geteuid() == 0:
+            _pin_sources(spec)
+        _enter_userns(spec["userns"])  # first: the namespaces below are then owned by it
     _check(_libc.unshare(flags), "unshare")
     status_r, status_w = os.pipe()
     monitor = os.getpid()
@@ -502,6 +769,8 @@ def start(request, info_fd):
         os.close(status_w)
         _write(info_fd, f"init {init}\n")
         os.close(info_fd)
+        if spec.get("root_source"):
+            close_pinned()
         _monitor(init, status_r)
     os.close(status_r)
     _die_with_parent(monitor, outside=True)
@@ -541,7 +810,10 @@ def join(request):
     init = request["join"]
     fds = []
     try:
-        for name in ("ipc", "uts", "net", "pid", "mnt"):
+        # the user namespace first (the others are its own); none this process is in already
+        # (a sandbox on the host's network shares its namespace: not the sandbox's to enter)
+        names = [n for n in ("user", "ipc", "uts", "net", "pid", "mnt") if _other_ns(init, n)]
+        for name in names:
             fds.append(os.open(f"/proc/{init}/ns/{name}", os.O_RDONLY))
     except OSError:
         os.write(2, b"[prefect-modal local] the sandbox has finished\n")
@@ -549,6 +821,9 @@ def join(request):
     for fd in fds:
         _check(_libc.setns(fd, 0), "setns")
         os.close(fd)
+    if "user" in names:
+        _become_root_inside()
+        _own_session_keyring()
     pid = os.fork()
     if pid:
         _quiet_stdio()
@@ -564,7 +839,12 @@ def join(request):
 
 
 def self_test():
-    """True if this process can make containers (namespaces, mounts); run in a child."""
+    """True if this process can make containers (namespaces, mounts); run in a child.
+
+    As a normal user that needs a user namespace, so a normal user's answer is
+    `userns_test`'s."""
+    if os.geteuid() != 0:
+        return userns_test()
     pid = os.fork()
     if pid == 0:
         try:
@@ -572,6 +852,36 @@ def self_test():
             mount(None, "/", None, MS_REC | MS_PRIVATE)
             mount("tmpfs", "/tmp", "tmpfs", 0, "size=4k")
             os._exit(0)
+        except BaseException:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    return status == 0
+
+
+def userns_test():
+    """True if this process can make a container in a user namespace of its own: the
+    id-map handshake (with a map of this process's own ids: a test only), then in it
+    a mount and PID namespace, a tmpfs, and a ``/proc`` of that PID namespace
+    (refused where the host's ``/proc`` is partly hidden, as in some containers)."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.closerange(3, 256)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+            ids = {"uid_map": [[0, os.geteuid(), 1]], "gid_map": [[0, os.getegid(), 1]]}
+            _enter_userns({**ids, "helpers": None, "setgroups": False})
+            _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET), "unshare")
+            inner = os.fork()
+            if inner == 0:
+                try:
+                    mount(None, "/", None, MS_REC | MS_PRIVATE)
+                    mount("tmpfs", "/tmp", "tmpfs", 0, "size=4k")
+                    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+                    os._exit(0)
+                except BaseException:
+                    os._exit(1)
+            _, status = os.waitpid(inner, 0)
+            os._exit(0 if status == 0 else 1)
         except BaseException:
             os._exit(1)
     _, status = os.waitpid(pid, 0)

@@ -296,6 +296,7 @@ class _Zygote:
     ) -> None:
         self.ready = False
         self.isolation: bool | None = None
+        self.userns = False  # whether it can make user namespaces (`container.userns_test`)
         self.ready_event = asyncio.Event()
         self.dead = False
         self._closing = False
@@ -351,6 +352,7 @@ class _Zygote:
             if "ready" in message:
                 self.ready = True
                 self.isolation = bool(message.get("isolation"))
+                self.userns = bool(message.get("userns"))
                 self.ready_event.set()
             elif "id" in message:
                 future = self._pending.pop(message["id"], None)
@@ -509,6 +511,12 @@ class ForkServer:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(z.ready_event.wait(), timeout)
         return bool(z.ready and z.isolation)
+
+    @property
+    def launcher_userns(self) -> bool:
+        """Whether the launcher can put sandboxes in user namespaces of their own."""
+        z = self._zygotes.get(_LAUNCHER_KEY)
+        return bool(z is not None and z.ready and z.userns)
 
     def _warm(
         self, flags: tuple[str, ...], env: Mapping[str, str], interpreter: str

@@ -18,9 +18,10 @@ The server side of `container` (which runs in the fork server's child):
   cannot point the server at a host file), sockets are made in its network
   namespace.
 
-Isolation needs the namespace calls, so root (this server runs as root in CI
-and in containers); `probe` tells. Without it the server says so once, every
-sandbox says so in its first log line, and what cannot be had is refused
+Isolation needs the namespace calls: as root, or as a normal user through a
+user namespace per sandbox (`userns`); `why_not_isolated` and the fork
+server's self-test tell. Without them the server says so once, every sandbox
+says so in its first log line, and what cannot be had is refused
 (`NETWORK_NEEDS_ISOLATION`).
 """
 
@@ -98,14 +99,61 @@ def host_dirs_from_env() -> list[str]:
 
 
 def why_not_isolated(requested: bool) -> str | None:
-    """None if this machine can isolate sandboxes, else the reason in a few words."""
+    """None if this machine can isolate sandboxes, else the reason in a few words.
+
+    As root the namespace calls need nothing more; as a normal user they need a
+    user namespace (`why_no_userns`). The fork server's self-test has the last word."""
     if not requested:
         return "turned off (isolation=False, --no-isolation or PREFECT_MODAL_LOCAL_ISOLATION=0)"
     if not sys.platform.startswith("linux"):
         return f"{sys.platform} has no Linux namespaces"
     if os.geteuid() != 0:
-        return "the server does not run as root, and rootless namespaces are not supported yet"
+        return why_no_userns()
     return None
+
+
+def _sysctl(name: str) -> int | None:
+    try:
+        return int(Path("/proc/sys", name).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def why_no_userns() -> str | None:
+    """None if this kernel lets this process make user namespaces, else why not and
+    the setting that changes it (read from ``/proc/sys``; a setting we cannot read
+    is no reason)."""
+    if not os.path.exists("/proc/self/ns/user"):
+        return "this kernel has no user namespaces (CONFIG_USER_NS)"
+    if _sysctl("user/max_user_namespaces") == 0:
+        return (
+            "user namespaces are turned off (/proc/sys/user/max_user_namespaces is 0; "
+            "`sudo sysctl user.max_user_namespaces=15000` turns them on)"
+        )
+    if os.geteuid() == 0:
+        return None
+    if _sysctl("kernel/unprivileged_userns_clone") == 0:
+        return (
+            "this kernel refuses user namespaces to normal users "
+            "(`sudo sysctl kernel.unprivileged_userns_clone=1` allows them)"
+        )
+    if _sysctl("kernel/apparmor_restrict_unprivileged_userns") == 1:
+        return (
+            "AppArmor restricts user namespaces of normal users "
+            "(`sudo sysctl kernel.apparmor_restrict_unprivileged_userns=0`, or an AppArmor "
+            "profile that allows `userns` for this Python)"
+        )
+    return None
+
+
+def refused_because() -> str:
+    """What the fork server's self-test failing means, for this user."""
+    if os.geteuid() == 0:
+        return "this machine refused the namespace calls (a container without privileges?)"
+    return (
+        "this machine refused a user namespace with its own mounts and /proc (a container "
+        "whose /proc is partly hidden, or a seccomp profile that refuses unshare?)"
+    )
 
 
 # ----- the image view ---------------------------------------------------------------
@@ -365,14 +413,30 @@ class FsRoot:
     under it (``..`` normalised away; its volume symlinks are followed).
     """
 
-    def __init__(self, fd: int, in_root: bool) -> None:
+    def __init__(self, fd: int, in_root: bool, owner: tuple[int, int] | None = None) -> None:
         self.fd = fd
         self.in_root = in_root
+        #: host uid and gid of the container's root, when that is not this server
+        #: (`userns`): what the server creates there is given to it (`give`)
+        self.owner = owner
 
     @classmethod
-    def of_container(cls, init_pid: int) -> FsRoot:
+    def of_container(cls, init_pid: int, owner: tuple[int, int] | None = None) -> FsRoot:
         fd = os.open(f"/proc/{init_pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        return cls(fd, in_root=True)
+        return cls(fd, in_root=True, owner=owner)
+
+    def give(self, fd: int) -> None:
+        """A file this server just created (it is still ours) becomes the container's root's,
+        as a file Modal's file API writes is root's inside the sandbox."""
+        if self.owner is not None and os.fstat(fd).st_uid == os.geteuid():
+            os.fchown(fd, *self.owner)
+
+    def give_at(self, dir_fd: int, name: str) -> None:
+        """`give` for ``name`` in ``dir_fd`` (a directory just made); never follows a link."""
+        if self.owner is not None:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if st.st_uid == os.geteuid():
+                os.chown(name, *self.owner, dir_fd=dir_fd, follow_symlinks=False)
 
     @classmethod
     def of_directory(cls, path: Path) -> FsRoot:
@@ -380,7 +444,10 @@ class FsRoot:
 
     def open(self, path: str, flags: int, mode: int = 0o644) -> int:
         if self.in_root:
-            return open_in_root(self.fd, path, flags, mode)
+            fd = open_in_root(self.fd, path, flags, mode)
+            if flags & os.O_CREAT:
+                self.give(fd)
+            return fd
         rel = posixpath.normpath("/" + path).lstrip("/") or "."
         return os.open(rel, flags | os.O_CLOEXEC, mode, dir_fd=self.fd)
 
@@ -451,7 +518,7 @@ def pasta() -> str | None:
     return avx2 if has_avx2 and os.access(avx2, os.X_OK) else exe
 
 
-def pasta_command(netns_fd: int) -> list[str]:
+def pasta_command(netns_fd: int, userns_fd: int | None = None) -> list[str]:
     """pasta, in the foreground, giving the network namespace open as ``netns_fd``
     (inherited) outbound access as the machine has it. Nothing of the host's
     loopback is forwarded in (that is the point of a namespace of its own) and
@@ -459,17 +526,20 @@ def pasta_command(netns_fd: int) -> list[str]:
 
     The namespace goes by an fd of ours, not ``/proc/<pid>/ns/net``: opening
     that would need ptrace rights over the container's init, which pasta,
-    having dropped its capabilities, lacks while the init still has them."""
+    having dropped its capabilities, lacks while the init still has them.
+
+    ``userns_fd``: the sandbox's user namespace, which pasta joins first; a
+    normal user's pasta has no capability here and may enter the network
+    namespace only from inside the user namespace that owns it. As root,
+    pasta runs as uid 0 without capabilities (``--runas 0``)."""
     exe = pasta()
     assert exe is not None
-    return [
+    command = [
         exe,
         "--foreground",
         "--config-net",
         "--no-map-gw",
         "--quiet",
-        "--runas",
-        "0",
         "-t",
         "none",
         "-u",
@@ -478,9 +548,12 @@ def pasta_command(netns_fd: int) -> list[str]:
         "none",
         "-U",
         "none",
-        "--netns",
-        f"/proc/self/fd/{netns_fd}",
     ]
+    if os.geteuid() == 0:
+        command += ["--runas", "0"]
+    if userns_fd is not None:
+        command += ["--userns", f"/proc/self/fd/{userns_fd}"]
+    return [*command, "--netns", f"/proc/self/fd/{netns_fd}"]
 
 
 def _is_v6_default_off_lo(fields: list[str]) -> bool:
@@ -520,6 +593,8 @@ __all__ = [
     "pasta",
     "pasta_command",
     "prepare_root",
+    "refused_because",
     "socket_in_netns",
+    "why_no_userns",
     "why_not_isolated",
 ]

@@ -7,7 +7,8 @@ mount while still in the host's namespace (``open_tree``), enters the
 container's mount namespace (which also makes the container's root its ``/``,
 so the target path means what it means to the sandbox), and attaches the clone
 there (``move_mount``); or detaches the mount at the target (``umount2``).
-Kernel 5.2 or later.
+A normal user's helper does it from inside the sandbox's user namespace (which
+owns the container's mount namespace). Kernel 5.2 or later.
 """
 
 from __future__ import annotations
@@ -24,6 +25,13 @@ def check(r, what):
         sys.stderr.write(f"{what}: {os.strerror(e)}")
         sys.exit(1)
 op, pid, target = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+if os.geteuid() != 0:
+    # a normal user acts from inside the sandbox's user namespace, which owns its mount
+    # namespace; a mount namespace of our own there (a copy of this machine's) lets us
+    # clone the source
+    check(libc.setns(os.open(f"/proc/{pid}/ns/user", os.O_RDONLY), 0x10000000), "setns user")
+    if op == "mount":
+        check(libc.unshare(0x00020000), "unshare")
 if op == "mount":
     # open_tree(AT_FDCWD, src, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE)
     tree = libc.syscall(428, -100, sys.argv[4].encode(), 1 | 0o2000000 | 0x8000)

@@ -66,13 +66,14 @@ from typing import Any
 from modal_proto import api_pb2
 
 from ..records import SandboxRecord
-from . import container, isolation, layers, processes, safe_files, seccomp_filter
+from . import container, isolation, layers, processes, safe_files, seccomp_filter, userns
 from .cgroups import Cgroups, Group, SandboxLimits
 from .forkserver import ForkedProcess, ForkServer, Stdio
 from .isolation import FsRoot, ImageView
 from .netns_pool import NetnsPool
 from .network import NO_PASTA_NOTICE, Forward, Forwards
 from .streams import OutputBuffer
+from .userns import IdMap
 from .volume_views import VolumeView, merge_view
 
 log = logging.getLogger("prefect_modal.local")
@@ -149,6 +150,9 @@ class Isolation:
     pasta: str | None = None
     #: network namespaces made ahead with pasta attached (root only), else None
     netns: NetnsPool | None = None
+    #: the user namespace each sandbox gets (`userns`); None: none (root inside is
+    #: root outside, said at start and in each sandbox's log)
+    idmap: IdMap | None = None
 
 
 class SandboxFinishedError(Exception):
@@ -462,6 +466,7 @@ class LocalSandbox:
             for upper in self.spec.uppers.values():
                 upper.mkdir(parents=True, exist_ok=True)
                 isolation.overlay_workdir(upper).mkdir(parents=True, exist_ok=True)
+            self._own_writable_dirs()
             return
         self.paths.fs.mkdir(parents=True)  # a fresh id: the directory cannot exist yet
         os.mkdir(self.paths.resolve("/root"))
@@ -475,6 +480,25 @@ class LocalSandbox:
             if link.is_symlink() or link.exists():
                 continue
             link.symlink_to(host_dir, target_is_directory=True)
+
+    def own(self, path: Path) -> None:
+        """Give what the server made at ``path`` for this sandbox to write to its root
+        (`userns.own_tree`: as root; a normal user's files already are root's inside)."""
+        if self.isolation is not None and self.isolation.idmap is not None:
+            userns.own_tree(path, self.isolation.idmap)
+
+    def _own_writable_dirs(self) -> None:
+        self.own(self.paths.fs)
+        for source in self.spec.binds.values():  # local files: root's, read-only (EROFS)
+            self.own(source)
+        for host_dir in self.spec.volume_dirs().values():
+            self.own(host_dir)
+        idmap = self.isolation.idmap if self.isolation is not None else None
+        for path, upper in self.spec.uppers.items():
+            if idmap is not None and os.geteuid() != 0:  # root: the host's dir is idmapped
+                userns.mirror_dirs(path, upper, idmap)
+            self.own(upper)
+            self.own(isolation.overlay_workdir(upper))
 
     @property
     def overlays(self) -> dict[str, list[str]]:
@@ -580,6 +604,8 @@ class LocalSandbox:
             self.stderr.append(
                 isolation.NOT_ISOLATED_NOTICE.format(why=self._not_isolated_because).encode()
             )
+        elif self.isolation is not None and self.isolation.idmap is None:
+            self.stderr.append(userns.NO_USERNS_NOTICE.encode())
         if self.isolation is not None:
             self._announce_no_seccomp()
         if self._cgroups is not None and self._cgroups.missing:
@@ -689,6 +715,8 @@ class LocalSandbox:
             spec["go_fd"] = 4
         if made is not None:
             spec["netns_fd"] = 4 if go_r is None else 5
+        if self.isolation.idmap is not None:
+            spec["userns"] = self.isolation.idmap.spec()
         stdio = Stdio.pty(*self.spec.pty_size) if self.spec.pty else Stdio.pipes()
         try:
             popen = await self._forkserver.spawn(
@@ -765,13 +793,16 @@ class LocalSandbox:
         assert self.isolation is not None
         if not self.isolation.pasta or self._pasta is not None or self._ending():
             return  # no pasta here, or it came with a namespace made ahead
+        user_fd = None
         try:
             ns_fd = os.open(f"/proc/{init_pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            if self.isolation.idmap is not None and os.geteuid() != 0:
+                user_fd = os.open(f"/proc/{init_pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
         except (FileNotFoundError, ProcessLookupError):
             return  # the container is already gone
         try:
             argv, preexec = processes.with_pdeathsig(
-                isolation.pasta_command(ns_fd), {"PATH": "/usr/bin:/bin"}
+                isolation.pasta_command(ns_fd, user_fd), {"PATH": "/usr/bin:/bin"}
             )
             # a plain Popen (vfork + exec), not asyncio's: pasta is on the way to
             # every sandbox's start, and that machinery costs milliseconds
@@ -781,12 +812,14 @@ class LocalSandbox:
                     stdin=subprocess.DEVNULL,
                     stdout=log_file,
                     stderr=log_file,
-                    pass_fds=(ns_fd,),
+                    pass_fds=(ns_fd,) if user_fd is None else (ns_fd, user_fd),
                     preexec_fn=preexec,
                     start_new_session=True,
                 )
         finally:
             os.close(ns_fd)
+            if user_fd is not None:
+                os.close(user_fd)
         self._pasta = proc
         if self._ending():  # it ended while pasta started: its end may have run already
             self._stop_pasta()
@@ -841,7 +874,9 @@ class LocalSandbox:
         if self.isolation is None:
             return FsRoot.of_directory(self.paths.fs)
         try:
-            return FsRoot.of_container(await self.wait_init())
+            idmap = self.isolation.idmap
+            owner = idmap.root if idmap is not None and os.geteuid() == 0 else None
+            return FsRoot.of_container(await self.wait_init(), owner)
         except (SandboxFinishedError, FileNotFoundError, ProcessLookupError) as exc:
             raise OSError(2, f"Sandbox {self.id} has finished") from exc
 

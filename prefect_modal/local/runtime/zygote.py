@@ -44,6 +44,7 @@ child shares the zygote's str hash seed (``random`` reseeds itself at fork).
 
 import json
 import os
+import resource  # used after the container is made, when this stdlib may be out of view
 import select
 import signal
 import socket
@@ -145,8 +146,6 @@ def _child(request, fds, main_attrs, libc, container):
         else:
             os.chdir(request["cwd"])
         if request.get("rlimit_as"):
-            import resource
-
             limit = request["rlimit_as"]
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         os.environ.clear()
@@ -183,7 +182,9 @@ def serve(main_attrs, container):
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
-    _send(sock, {"ready": os.getpid(), "isolation": container.self_test()})
+    isolation = container.self_test()
+    userns = isolation if os.geteuid() != 0 else container.userns_test()
+    _send(sock, {"ready": os.getpid(), "isolation": isolation, "userns": userns})
     while True:
         ready, _, _ = select.select([sock.fileno(), wake_r], [], [])
         if wake_r in ready:
