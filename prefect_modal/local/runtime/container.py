@@ -271,6 +271,8 @@ def _loopback_up():
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         req = struct.pack("16sH14x", b"lo", 0)
         flags = struct.unpack("16sH14x", fcntl.ioctl(s.fileno(), _SIOCGIFFLAGS, req))[1]
+        if flags & _IFF_UP:  # a namespace made ahead (`netns_pool`): up, and not ours to set
+            return
         fcntl.ioctl(s.fileno(), _SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | _IFF_UP))
 
 
@@ -344,7 +346,8 @@ def load_seccomp(request):
 
 def _not_dumpable():
     """No ``/proc/<pid>/mem``, ``fd``, ``environ`` or ptrace for the sandbox's processes:
-    the init and monitor hold the server's pipes and were copied from a fork server."""
+    the init holds the server's pipes and was copied from a fork server. (The monitor,
+    which no process of the sandbox can name, stays dumpable: see `start`.)"""
     _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
 
 
@@ -426,7 +429,6 @@ def _monitor(child, status_r):
     server kills this process group (the init too) when this process ends.
     """
     _quiet_stdio()
-    _not_dumpable()
     data = b""
     try:
         data = os.read(status_r, 64)
@@ -743,8 +745,8 @@ def _other_ns(pid, name):
 def start(request, info_fd):
     """In the fork server's child: become a new sandbox's entrypoint (returns there only).
 
-    ``info_fd`` gets ``init <pid>`` (the init's host pid, for ``exec`` and the
-    file API: written by the monitor, outside the namespaces, before anything of
+    ``info_fd`` gets ``init <pid>`` (the monitor's host pid, through which ``exec``
+    and the file API reach the container: written by the monitor, before anything of
     the sandbox runs) and ``ready`` once the root is built (by the init, before
     the program exists); both close it then, so no process of the sandbox holds
     it. The sandbox's end reaches the server as the monitor's exit status.
@@ -767,7 +769,12 @@ def start(request, info_fd):
     init = os.fork()
     if init:
         os.close(status_w)
-        _write(info_fd, f"init {init}\n")
+        # the pid the server reaches the container through: this monitor's, not the init's.
+        # It shares every namespace of the init's (its root too, after pivot_root) but the
+        # PID one, whose pid_for_children it has; no process of the sandbox can name it; and
+        # it stays dumpable, so a server that is not root may open its /proc entries, which
+        # the init's (not dumpable, `_not_dumpable`) refuse to all but root
+        _write(info_fd, f"init {monitor}\n")
         os.close(info_fd)
         if spec.get("root_source"):
             close_pinned()
@@ -811,8 +818,13 @@ def join(request):
     fds = []
     try:
         # the user namespace first (the others are its own); none this process is in already
-        # (a sandbox on the host's network shares its namespace: not the sandbox's to enter)
-        names = [n for n in ("user", "ipc", "uts", "net", "pid", "mnt") if _other_ns(init, n)]
+        # (a sandbox on the host's network shares its namespace: not the sandbox's to enter).
+        # As root, the network before it: a namespace made ahead (`netns_pool`) belongs to
+        # the host's user namespace, and root inside a sandbox's holds no capability there
+        order = ("user", "ipc", "uts", "net", "pid_for_children", "mnt")
+        if os.geteuid() == 0:
+            order = ("net", "user", "ipc", "uts", "pid_for_children", "mnt")
+        names = [n for n in order if _other_ns(init, n)]
         for name in names:
             fds.append(os.open(f"/proc/{init}/ns/{name}", os.O_RDONLY))
     except OSError:

@@ -75,6 +75,24 @@ def _in_new_thread(fn: Callable[[], T]) -> T:
     return result[0]
 
 
+#: per-namespace settings (written in the new namespace, ``/proc/sys/net`` is the
+#: writer's): a namespace made here belongs to this server's user namespace, not to a
+#: sandbox's, so root inside a sandbox holds no capability over it (it cannot change
+#: its routes or addresses, which is what we want) and would lack the one it needs to
+#: bind ports below 1024. As rootless Docker and Podman do, every port is open to
+#: every user, and ICMP echo sockets too (``ping`` without raw sockets).
+_NETNS_SYSCTLS = {
+    "net/ipv4/ip_unprivileged_port_start": "0",
+    "net/ipv4/ping_group_range": "0 2147483647",
+}
+
+
+def _as_a_containers_own() -> None:
+    for name, value in _NETNS_SYSCTLS.items():
+        with open(f"/proc/sys/{name}", "w") as f:
+            f.write(value)
+
+
 def _new_netns() -> int:
     """An fd of a new network namespace with its loopback up."""
 
@@ -86,6 +104,7 @@ def _new_netns() -> int:
             req = struct.pack("16sH14x", b"lo", 0)
             flags = struct.unpack("16sH14x", fcntl.ioctl(s.fileno(), _SIOCGIFFLAGS, req))[1]
             fcntl.ioctl(s.fileno(), _SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | _IFF_UP))
+        _as_a_containers_own()
         return os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
 
     return _in_new_thread(make)
