@@ -50,6 +50,7 @@ processes), the info pipe is closed before the program exists, and the
 sandbox's end reaches the server only as the monitor's exit status.
 """
 
+import base64
 import ctypes
 import errno
 import fcntl
@@ -330,7 +331,6 @@ def load_seccomp(request):
     generated with libseccomp, base64) into this process; after ``no_new_privs``,
     which lets a process without ``CAP_SYS_ADMIN`` install one. It holds for this
     process and everything it starts, exec or not, and cannot be removed."""
-    import base64
 
     text = request.get("seccomp")
     if not text:
