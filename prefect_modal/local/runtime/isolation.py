@@ -48,6 +48,7 @@ from typing import Any
 
 from . import etc_view
 from .layers import overlay_workdir
+from .netns_sockets import NetnsSockets
 
 log = logging.getLogger("prefect_modal.local")
 
@@ -467,13 +468,33 @@ class FsRoot:
 _netns_lock = threading.Lock()
 
 
+#: a normal user's server: the socket broker of each sandbox reached so far (by the pid
+#: the server reaches it through), ended by `forget_netns` when the sandbox ends
+_brokers: dict[int, NetnsSockets] = {}
+
+
+def forget_netns(init_pid: int) -> None:
+    """End what `socket_in_netns` keeps for this sandbox (its end)."""
+    with _netns_lock:
+        broker = _brokers.pop(init_pid, None)
+    if broker is not None:
+        broker.close()
+
+
 def socket_in_netns(init_pid: int, family: int = socket.AF_INET) -> socket.socket:
     """A TCP socket made inside a sandbox's network namespace (it stays there).
 
-    ``setns`` switches only the calling thread; this runs in a short-lived
-    thread of its own, so no other code of the server ever runs in the
-    sandbox's namespace.
+    As root, ``setns`` switches only the calling thread; this runs in a
+    short-lived thread of its own, so no other code of the server ever runs in
+    the sandbox's namespace. A normal user's server asks the sandbox's socket
+    broker (`netns_sockets`), started on the first call.
     """
+    if os.geteuid() != 0:
+        with _netns_lock:
+            broker = _brokers.get(init_pid)
+            if broker is None:
+                broker = _brokers[init_pid] = NetnsSockets(init_pid)
+        return broker.socket(family)
     result: list[Any] = []
 
     def make() -> None:

@@ -973,6 +973,8 @@ class LocalSandbox:
         self._stop_pasta()
         await self._remove_cgroup()
         await self._forwards.close()
+        if self.init_pid is not None:
+            await asyncio.to_thread(isolation.forget_netns, self.init_pid)
 
     def _spawn_background(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
