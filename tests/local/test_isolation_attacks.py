@@ -24,11 +24,13 @@ from waiting import wait_for
 
 from prefect_modal.local import LocalModal
 from prefect_modal.local.runtime import seccomp_filter
+from prefect_modal.local.runtime.isolation import why_not_isolated
 
+_WHY_NOT = why_not_isolated(True) if os.path.exists("/proc/self/ns/pid") else "no namespaces"
 pytestmark = [
     pytest.mark.skipif(
-        os.geteuid() != 0 or not os.path.exists("/proc/self/ns/pid"),
-        reason="isolated sandboxes need Linux namespaces, which the local server makes as root",
+        _WHY_NOT is not None,
+        reason=f"isolated sandboxes need Linux namespaces (root, or user namespaces): {_WHY_NOT}",
     ),
 ]
 

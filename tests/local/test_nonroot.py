@@ -34,7 +34,12 @@ from waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = REPO / ".venv" / "bin"
-ISOLATION_TESTS = "tests/local/test_isolation.py"
+#: run as the normal user too: the isolation, attack and network tests
+ISOLATION_TESTS = (
+    "tests/local/test_isolation.py",
+    "tests/local/test_isolation_attacks.py",
+    "tests/local/test_network_isolation.py",
+)
 
 pytestmark = [
     pytest.mark.slow,
@@ -220,7 +225,7 @@ def _give_range(user: NormalUser, wanted: bool) -> None:
 
 @pytest.mark.parametrize("id_range", ["subordinate range", "one id"])
 def test_the_isolation_tests_pass_as_a_normal_user(normal_user: NormalUser, id_range: str) -> None:
-    """tests/local/test_isolation.py (its attack tests included) as a normal user, with a
+    """The isolation, attack and network tests (`ISOLATION_TESTS`) as a normal user, with a
     subordinate id range (newuidmap) and with none (a one-id map): every test passes but
     those that only root can run, which say so."""
     _checkout_readable(normal_user)
@@ -230,7 +235,7 @@ def test_the_isolation_tests_pass_as_a_normal_user(normal_user: NormalUser, id_r
     assert full.stdout.split() == [str(id_range == "subordinate range")], _tail(full)
     result = _as_user(
         normal_user,
-        [str(VENV_BIN / "pytest"), "-q", "-p", "no:cacheprovider", "-rs", ISOLATION_TESTS],
+        [str(VENV_BIN / "pytest"), "-q", "-p", "no:cacheprovider", "-rs", *ISOLATION_TESTS],
         timeout=1200,
     )
     assert result.returncode == 0, _tail(result)
