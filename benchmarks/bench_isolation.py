@@ -12,7 +12,8 @@ turn, through the real modal client, so load swings hit both alike.
 
 Measured (median of ``--repeats``): ``Sandbox.create("true")`` to ``wait()``;
 the same with ``python3 -S -c pass``; ``sb.exec("true")`` to ``wait()`` in a
-running sandbox.
+running sandbox. Besides before and after, *after* with one feature off at a
+time where a switch exists (`VARIANTS`): where the time goes.
 
 Usage: ``python benchmarks/bench_isolation.py [--before 1a6acf6] [--repeats 20]
 [--out benchmarks/results/isolation.json] [--smoke]``
@@ -61,12 +62,19 @@ def _tree_of(rev: str) -> Path:
     return tree
 
 
+#: "after" with one feature off at a time (where a switch exists): where the time goes
+VARIANTS: dict[str, dict[str, str]] = {
+    "after, no seccomp filter": {"PREFECT_MODAL_LOCAL_SECCOMP": "0"},
+    "after, no cgroups": {"PREFECT_MODAL_LOCAL_CGROUP_ROOT": "/nonexistent-cgroup-root"},
+}
+
+
 @contextmanager
-def served(tree: Path | None, state: Path) -> Iterator[Any]:
+def served(tree: Path | None, state: Path, extra: dict[str, str] | None = None) -> Iterator[Any]:
     """A `local serve` process of ``tree`` (None: this checkout), and a client of it."""
     from prefect_modal.local import make_client
 
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(extra or {}))
     if tree is not None:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))
     proc = subprocess.Popen(
@@ -141,11 +149,13 @@ def main() -> int:
 
     before_tree = _tree_of(args.before)
     trees: dict[str, Path | None] = {f"before ({args.before})": before_tree, "after": None}
+    trees.update(dict.fromkeys(VARIANTS))
     times: dict[str, dict[str, list[float]]] = {m: {name: [] for name in trees} for m in MEASURES}
     with ExitStack() as stack:
         targets = {}
         for name, tree in trees.items():
-            client = stack.enter_context(served(tree, scratch_dir("bench-isolation-state-")))
+            state = scratch_dir("bench-isolation-state-")
+            client = stack.enter_context(served(tree, state, VARIANTS.get(name)))
             app = modal.App.lookup("bench-isolation", create_if_missing=True, client=client)
             sleeper = modal.Sandbox.create("sleep", "infinity", app=app, client=client)
             stack.callback(sleeper.terminate)
@@ -156,22 +166,30 @@ def main() -> int:
             }
         for fn in (f for per in targets.values() for f in per.values()):
             fn()  # warm-up: first imports, first fork-server start
+        names = list(trees)
         for i in range(repeats):
+            # a sandbox's end leaves the kernel work (namespace teardown) that slows the
+            # next one: each repeat starts with another server, so none always comes second
+            order = names[i % len(names) :] + names[: i % len(names)]
             for measure in MEASURES:
-                for name in trees:
+                for name in order:
                     times[measure][name].append(_timed(targets[name][measure]))
             print(f"\r{i + 1}/{repeats} repeats", end="", file=sys.stderr, flush=True)
         print(file=sys.stderr)
 
-    before, after = trees
+    before, after, *variants = trees
     medians = {m: {n: statistics.median(t) for n, t in per.items()} for m, per in times.items()}
     ratios = {m: medians[m][after] / medians[m][before] for m in MEASURES}
+    variant_ratios = {
+        v: {m: medians[m][v] / medians[m][before] for m in MEASURES} for v in variants
+    }
     data = {
         "smoke": args.smoke,
         "before": args.before,
         "repeats": repeats,
         "median_s": medians,
         "ratio_after_over_before": ratios,
+        "variant_ratios_over_before": variant_ratios,
         "target_ratio": TARGET_RATIO,
         "load_average": os.getloadavg(),
     }
@@ -181,14 +199,16 @@ def main() -> int:
     from rich.table import Table
 
     table = Table(title=f"local sandbox latency, median of {repeats} (modal {modal.__version__})")
-    for column in ("measure", before, after, "after / before"):
+    for column in ("measure", *trees):
         table.add_column(column)
     for m in MEASURES:
         table.add_row(
             m,
             f"{medians[m][before] * 1e3:.1f} ms",
-            f"{medians[m][after] * 1e3:.1f} ms",
-            f"{ratios[m]:.2f}x",
+            *(
+                f"{medians[m][n] * 1e3:.1f} ms ({medians[m][n] / medians[m][before]:.2f}x)"
+                for n in (after, *variants)
+            ),
         )
     Console().print(table)
     print(f"JSON: {args.out}")
