@@ -11,7 +11,7 @@ import posixpath
 import re
 import shutil
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from ..runtime.cgroups import Cgroups
 from ..runtime.forkserver import ForkServer
 from ..runtime.isolation import ImageView, pasta, why_not_isolated
 from ..runtime.netns_pool import NetnsPool
-from ..runtime.network import NO_PASTA_WARNING, Forward
+from ..runtime.network import NO_PASTA_WARNING, Forward, build_forwards
 from ..runtime.network import plan as plan_forwards
 from ..runtime.probes import ProbeRunner
 from ..runtime.relay import Network
@@ -162,6 +162,19 @@ def _top(path: str, view: ImageView) -> str:
         if path == d or path.startswith(d.rstrip("/") + "/"):
             return d
     return path
+
+
+def _small_text_files(paths: Iterable[Path], limit: int = 1 << 16) -> list[str]:
+    """The text of the small regular files among ``paths`` (a build step's configuration:
+    uv.toml, a requirements file), where an index URL may be written."""
+    texts = []
+    for path in paths:
+        try:
+            if path.is_file() and path.stat().st_size <= limit:
+                texts.append(path.read_text(errors="replace"))
+        except OSError:
+            continue
+    return texts
 
 
 class ServerContext:
@@ -367,6 +380,7 @@ class ServerContext:
         land in that directory; its root, as left, moved to ``root``."""
         if self.isolation is None:
             raise RuntimeError("build sandboxes need isolation")
+        named = [*argv, *env.values(), *_small_text_files((ro or {}).values())]
         work = root.parent / "build"
         build_id = "sb-build-" + root.parent.name[:16]
         spec = SandboxRequest(
@@ -395,6 +409,10 @@ class ServerContext:
             path=env["PATH"].split(":"),
             uppers=dict(uppers or {}),
             binds=dict(ro or {}),
+            # a network of its own, as every sandbox's: outbound (pasta), and of this
+            # machine's loopback only the index ports the step names (`build_forwards`)
+            network="own",
+            forwards=build_forwards(named),
         )
         sb = LocalSandbox(
             spec,

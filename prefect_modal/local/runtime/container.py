@@ -192,7 +192,10 @@ def _overlay(lowerdir, target):
     lower layers only, overlayfs itself is read-only: the sandbox can change
     neither the layers nor the host's files."""
     os.makedirs(target, exist_ok=True)
-    mount("overlay", target, "overlay", MS_RDONLY | MS_NOSUID | MS_NODEV, "lowerdir=" + lowerdir)
+    options = "lowerdir=" + lowerdir
+    if _IN_USERNS:  # the layers' opaque marks are user.overlay.* there (`_overlay_rw`)
+        options += ",userxattr"
+    mount("overlay", target, "overlay", MS_RDONLY | MS_NOSUID | MS_NODEV, options)
 
 
 def _overlay_rw(options, target):

@@ -31,8 +31,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
@@ -120,6 +121,31 @@ async def plan(
                 fw = _forward(*where)
                 forwards.setdefault((fw.inside, fw.port), fw)
     return env, list(forwards.values())
+
+
+#: a URL on this machine's loopback, wherever it is written (an argument, a variable, a
+#: line of a requirements file or of uv.toml)
+_LOOPBACK_URL = re.compile(r"https?://(?:[^\s/@'\"]*@)?(?:127\.0\.0\.1|localhost|\[::1\])(?::\d+)?")
+
+
+def build_forwards(texts: Iterable[str]) -> list[Forward]:
+    """The loopback ports an image build step names: its package indexes.
+
+    Why: a build step runs in a build sandbox with a network of its own, so an
+    sdist's build code cannot reach this machine's loopback (a Prefect server's
+    Secret blocks), while the step still reaches its index, as Modal's build
+    reaches PyPI. An index on this machine's loopback (a private mirror, the
+    tests' index) is reached only through the ports its URL names in the step's
+    own arguments, environment or configuration files.
+    """
+    forwards: dict[tuple[str, int], Forward] = {}
+    for text in texts:
+        for match in _LOOPBACK_URL.finditer(text):
+            where = _loopback(match.group(0))
+            if where is not None:
+                fw = _forward(*where)
+                forwards.setdefault((fw.inside, fw.port), fw)
+    return list(forwards.values())
 
 
 class _Forwarder(Listener):
