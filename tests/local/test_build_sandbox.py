@@ -281,3 +281,57 @@ def test_a_build_sandboxs_uv_reads_the_users_uv_toml(
         )  # fmt: skip
         sb.wait(raise_on_termination=False)
         assert (sb.returncode, sb.stdout.read().strip()) == (0, marker), sb.stderr.read()
+
+
+def test_a_build_step_cannot_reach_this_machines_loopback(isolated: LocalModal, app: Any) -> None:
+    """A build step runs on a network of its own (issue 22): a canary HTTP server on this
+    machine's 127.0.0.1 (a Prefect server's Secret blocks, say) gets no request from a
+    ``run_commands`` step; the step still builds, and says what it met."""
+    import http.server
+    import threading
+
+    hits: list[str] = []
+
+    class Canary(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            hits.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"canary")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Canary)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = server.server_address[1]
+        probe = (
+            "import urllib.request\n"
+            "try:\n"
+            f"    urllib.request.urlopen('http://127.0.0.1:{port}/secret', timeout=5)\n"
+            "    what = 'reached'\n"
+            "except OSError as exc:\n"
+            "    what = 'unreachable ' + type(exc).__name__\n"
+            "open('/probe-result', 'w').write(what)\n"
+        )
+        image = modal.Image.debian_slim().run_commands(f"python3 -c {_quote(probe)}")
+        sb = modal.Sandbox.create(
+            "cat", "/probe-result", app=app, client=isolated.client, image=image
+        )
+        sb.wait(raise_on_termination=False)
+        out, err = sb.stdout.read(), sb.stderr.read()
+        assert sb.returncode == 0, (out, err)
+        assert out.startswith("unreachable"), out
+        assert hits == []
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def _quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)

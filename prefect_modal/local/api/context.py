@@ -23,6 +23,7 @@ from modal_proto import api_pb2
 from .. import ids
 from ..auth import Credentials
 from ..blobs import BlobStore
+from ..build import pip as pip_build
 from ..build.builder import Builder, ImageState, Log
 from ..build.cache import LayerCache
 from ..limits import CREATE_RATE_ENV, MAX_GPUS_ENV, MAX_SANDBOXES_ENV, Limits, gpu_count
@@ -380,7 +381,11 @@ class ServerContext:
         land in that directory; its root, as left, moved to ``root``."""
         if self.isolation is None:
             raise RuntimeError("build sandboxes need isolation")
-        named = [*argv, *env.values(), *_small_text_files((ro or {}).values())]
+        # the index ports a pip step names (uv's arguments, environment and configuration
+        # files); a run_commands line opens none, as Modal's builder reaches none of yours
+        named = []
+        if argv[:1] == [pip_build.UV_AT]:
+            named = [*argv, *env.values(), *_small_text_files((ro or {}).values())]
         work = root.parent / "build"
         build_id = "sb-build-" + root.parent.name[:16]
         spec = SandboxRequest(
