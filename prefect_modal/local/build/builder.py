@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import stat
 import subprocess
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
@@ -118,27 +117,6 @@ class ImageState:
     @property
     def path(self) -> list[str]:
         return [f"{self.venv}/bin", *STANDARD_PATH] if self.venv else []
-
-
-def _link_tree(src: Path, dst: Path) -> None:
-    """A copy of ``src`` whose files are hard links (a cached layer is never
-    changed in place: installs replace files, they do not rewrite them)."""
-    for dirpath, dirnames, filenames in os.walk(src):
-        rel = os.path.relpath(dirpath, src)
-        target = dst / rel if rel != "." else dst
-        target.mkdir(exist_ok=True)
-        shutil.copystat(dirpath, target)
-        linked_dirs = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
-        for name in [*filenames, *linked_dirs]:
-            s = os.path.join(dirpath, name)
-            st = os.lstat(s)
-            if stat.S_ISLNK(st.st_mode):
-                os.symlink(os.readlink(s), target / name)
-            elif stat.S_ISREG(st.st_mode):
-                try:
-                    os.link(s, target / name)
-                except OSError:
-                    shutil.copy2(s, target / name)
 
 
 def _copy_tree(src: Path, dst: Path) -> None:
@@ -321,7 +299,7 @@ class Builder:
         args, files = list(data["args"]), dict(data["files"])
         if self.run_in_sandbox is None:
             log(NO_BUILD_SANDBOX_PIP.format(user=_user()))
-            await asyncio.to_thread(_link_tree, Path(state.venv), venv)
+            await asyncio.to_thread(run_layers.link_tree, Path(state.venv), venv)
             scratch.mkdir()
             await pip.install(venv, args, files, log, scratch)
             shutil.rmtree(scratch, ignore_errors=True)

@@ -55,7 +55,7 @@ def view_parts(layers: list[Path], dest: Path) -> list[str]:
             continue  # its files are in the new root already
         tree = dest / f"{i:03d}"
         for part in parts:
-            _link_view_tree(layer / part, tree / part)
+            link_tree(layer / part, tree / part)
         kept.append(str(tree))
     return kept
 
@@ -65,7 +65,10 @@ def view_parts(layers: list[Path], dest: Path) -> list[str]:
 _OPAQUE = ("trusted.overlay.opaque", "user.overlay.opaque")
 
 
-def _link_view_tree(src: Path, dst: Path) -> None:
+def link_tree(src: Path, dst: Path) -> None:
+    """A copy of ``src`` whose files are hard links (a cached layer is never changed in
+    place: installs replace files, they do not rewrite them), keeping overlayfs's marks:
+    whiteouts and opaque directories."""
     for dirpath, dirnames, filenames in os.walk(src):
         rel = os.path.relpath(dirpath, src)
         target = dst / rel if rel != "." else dst
@@ -91,4 +94,4 @@ def _link_view_tree(src: Path, dst: Path) -> None:
                             os.mknod(target / name, stat.S_IFCHR | 0o600, os.makedev(0, 0))
 
 
-__all__ = ["WRITABLE_VIEW", "take_uppers", "view_parts"]
+__all__ = ["WRITABLE_VIEW", "link_tree", "take_uppers", "view_parts"]
