@@ -3,8 +3,10 @@
 A sandbox has its own PID namespace, so ``echo $$`` inside it prints a pid of
 that namespace (2, 3, ...), which on the host names some unrelated process.
 Tests that check "this process is gone" translate first: the host process in
-the same PID namespace as the sandbox's init whose innermost pid is the one
-printed (``NSpid`` in /proc/<pid>/status).
+the sandbox's PID namespace whose innermost pid is the one printed (``NSpid``
+in /proc/<pid>/status). The server's record names the process it reaches the
+sandbox through (`SandboxRecord.init_pid`: its monitor, outside the sandbox's
+PID namespace), whose ``pid_for_children`` is the sandbox's.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ from __future__ import annotations
 import os
 
 
-def _pid_ns(pid: int) -> str | None:
+def _pid_ns(pid: int, which: str = "pid") -> str | None:
     try:
-        return os.readlink(f"/proc/{pid}/ns/pid")
+        return os.readlink(f"/proc/{pid}/ns/{which}")
     except OSError:
         return None
 
@@ -31,8 +33,9 @@ def _innermost(pid: int) -> int | None:
 
 
 def host_pids(init_pid: int, ns_pids: list[int]) -> list[int]:
-    """The host pids of ``ns_pids`` (pids inside the sandbox whose init is ``init_pid``)."""
-    ns = _pid_ns(init_pid)
+    """The host pids of ``ns_pids`` (pids inside the sandbox the server reaches through
+    ``init_pid``)."""
+    ns = _pid_ns(init_pid, "pid_for_children")
     assert ns is not None, f"the sandbox's init {init_pid} is gone"
     wanted = set(ns_pids)
     found: dict[int, int] = {}

@@ -44,7 +44,8 @@ class SandboxRecord:
     version: int = 2
     task_id: str = ""
     root: str = ""
-    #: the container's pid 1 as this host sees it (None: not isolated, or not up yet)
+    #: the host pid the server reaches the container through, its monitor (None: not
+    #: isolated, or not up yet); its pid_for_children is the sandbox's PID namespace
     init_pid: int | None = None
     isolated: bool = False
     #: the limits its cgroup enforced: memory_mib, cpu (cores), pids (`runtime.cgroups`);

@@ -213,12 +213,13 @@ def test_terminate_kills_a_forked_sandbox_and_what_it_started(
     _forked_report(app, client)
     sb, (program, child) = _sleeper(local_modal, app, with_child=True)
     rec = _record(local_modal, sb.object_id)
+    (init,) = host_pids(rec.init_pid, [1])  # the container's pid 1 (the record names its monitor)
     assert rec.pid and _ppid(rec.pid) in _zygote_pids()
-    assert pid_alive(rec.pid) and pid_alive(program) and pid_alive(child)
+    assert pid_alive(rec.pid) and pid_alive(init) and pid_alive(program) and pid_alive(child)
     sb.terminate()
     sb.wait(raise_on_termination=False)
     assert sb.returncode == 137
-    gone = [rec.pid, rec.init_pid, program, child]
+    gone = [rec.pid, rec.init_pid, init, program, child]
     wait_for(lambda: not any(pid_alive(p) for p in gone), 5, "no process left")
 
 

@@ -105,7 +105,8 @@ def test_50_sandboxes_at_once(local_modal: LocalModal, app: Any) -> None:
 
 
 def _init_pid(lm: LocalModal, sandbox_id: str) -> int:
-    """The sandbox's init (its PID namespace) as the host sees it, once it is up."""
+    """The pid the server reaches the sandbox through (`host_pids` reads its PID
+    namespace from it), once it is up."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         rec = next(r for r in lm.sandboxes() if r.id == sandbox_id)

@@ -316,7 +316,9 @@ class LocalSandbox:
         self._forkserver = forkserver
         self.isolation = isolation
         self._not_isolated_because = not_isolated_because
-        self.init_pid: int | None = None  # the container's pid 1, as this host sees it
+        #: the host pid the server reaches the container through: its monitor, which has all
+        #: its namespaces but the PID one (whose pid_for_children it has): `container.start`
+        self.init_pid: int | None = None
         self._container_up = asyncio.Event()  # init known and root built, or never will be
         self._pasta: subprocess.Popen[bytes] | None = None
         self._forwards = Forwards()
@@ -863,7 +865,8 @@ class LocalSandbox:
             self._spawn_background(asyncio.to_thread(proc.wait))
 
     async def wait_init(self) -> int:
-        """The container's init pid once its root is built; raises if it has finished."""
+        """The pid the container is reached through (`init_pid`) once its root is built;
+        raises if it has finished."""
         await self._container_up.wait()
         if self.init_pid is None or self.done.is_set():
             raise SandboxFinishedError(f"Sandbox {self.id} has finished")
