@@ -6,7 +6,15 @@ from typing import Any
 
 import pytest
 from prefect.states import Cancelled
-from worker_helpers import ModalServer, create_pool, deploy, start_run, wait_final, wait_for
+from worker_helpers import (
+    ModalServer,
+    create_pool,
+    deploy,
+    flow_run_logs,
+    start_run,
+    wait_final,
+    wait_for,
+)
 
 from prefect_modal.core import modal_api
 from prefect_modal.core.artifacts import read_sandbox_artifacts
@@ -27,6 +35,13 @@ def test_worker_restart_adopts_crashes_and_cleans_up(
     orphan = start_run(api, dep, seconds=120)  # cancelled while the worker is down
     for run_id in (survivor, victim, orphan):
         wait_for(lambda r=run_id: api.read_flow_run(r).state.is_running(), 60, f"{run_id} to run")
+    # Running is set before the flow's body runs: the victim's crash message must carry its
+    # last output, so it is killed only once it has printed (a race CI met on 2 cores)
+    wait_for(
+        lambda: any("SLEEPY-START" in m for m in flow_run_logs(api, victim)),
+        60,
+        "the victim to print SLEEPY-START",
+    )
 
     worker.kill()  # SIGKILL: no cleanup, no goodbye
     [survivor_box] = modal_server.for_run(survivor)
