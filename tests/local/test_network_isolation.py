@@ -213,10 +213,10 @@ def test_a_default_sandbox_still_has_outbound_access(local_modal: LocalModal, ap
     resolv = Path("/etc/resolv.conf").read_text()
     ns = next((ln.split()[1] for ln in resolv.splitlines() if ln.startswith("nameserver")), "")
     if ipaddress.ip_address(ns or "127.0.0.1").is_loopback:
-        pytest.skip(f"this machine's DNS resolver ({ns or 'none'}) is on its loopback: no outbound")
+        pytest.skip(reason=f"this machine's DNS resolver ({ns or 'none'}) is on its loopback")
     here = _run_here(DNS_QUERY)
     if here != "answered":
-        pytest.skip(f"this machine's own DNS resolver does not answer it ({here}): no outbound")
+        pytest.skip(reason=f"this machine's own DNS resolver does not answer it ({here})")
     sb = modal.Sandbox.create(PY, "-c", DNS_QUERY, app=app, client=local_modal.client)
     sb.wait()
     assert sb.stdout.read().strip() == "answered"
