@@ -124,12 +124,13 @@ def _checkout_readable(user: NormalUser) -> None:
     )
     if probe.returncode != 0 or not VENV_BIN.is_dir():
         blocked = _others_cannot_enter(REPO)
-        pytest.skip(
-            reason=f"the checkout {REPO} is not readable by other users"
+        why = (
+            f"the checkout {REPO} is not readable by other users"
             + (f" ({blocked} is mode {oct(os.stat(blocked).st_mode & 0o777)})" if blocked else "")
             + f" or has no .venv: `chmod o+rx` the directories on the way and `chmod -R o+rX "
             f"{REPO}`, or clone it where others can read it"
         )
+        pytest.skip(reason=why)
 
 
 def _as_user(user: NormalUser, argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
@@ -149,10 +150,8 @@ def _as_user(user: NormalUser, argv: list[str], timeout: float) -> subprocess.Co
     else:
         inner = blocked / interpreter.relative_to(blocked).parts[0]
         if _others_cannot_enter(inner) not in (None, blocked) and inner != interpreter:
-            pytest.skip(
-                reason=f"the venv's interpreter {interpreter} is under two directories "
-                "others cannot enter"
-            )
+            why = f"the venv's interpreter {interpreter} is under two directories closed to others"
+            pytest.skip(reason=why)
         stage = user.base / "stage"
         stage.mkdir(exist_ok=True)
         script = "\n".join(
