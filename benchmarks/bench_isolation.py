@@ -15,8 +15,16 @@ the same with ``python3 -S -c pass``; ``sb.exec("true")`` to ``wait()`` in a
 running sandbox. Besides before and after, *after* with one feature off at a
 time where a switch exists (`VARIANTS`): where the time goes.
 
+Each measure is taken under every load of ``--loads`` (`LOADS`), one after the
+other in the same run: an idle machine, every core busy, and another local
+server starting and ending sandboxes meanwhile. The last is what a flow with
+parallel tasks does to its own machine; it loads the kernel paths that
+isolation adds (namespaces made and torn down, cgroup moves, which wait for
+RCU grace periods), not only the CPU, so a cost that only shows under load
+shows there.
+
 Usage: ``python benchmarks/bench_isolation.py [--before 1a6acf6] [--repeats 20]
-[--out benchmarks/results/isolation.json] [--smoke]``
+[--loads idle,cpu,sandboxes] [--out benchmarks/results/isolation.json] [--smoke]``
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import argparse
 import io
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -46,8 +55,11 @@ TARGET_RATIO = 1.5
 def _tree_of(rev: str) -> Path:
     """``prefect_modal/`` as it was at ``rev``, in a scratch directory (``git archive``)."""
     try:
+        # safe.directory: a user who is not the checkout's owner reads it too (git refuses
+        # others' repositories by default; `archive` runs none of the checkout's hooks)
+        git = ["git", "-c", f"safe.directory={ROOT}", "-C", str(ROOT)]
         data = subprocess.run(
-            ["git", "-C", str(ROOT), "archive", "--format=tar", rev, "prefect_modal"],
+            [*git, "archive", "--format=tar", rev, "prefect_modal"],
             capture_output=True,
             check=True,
         ).stdout
@@ -135,14 +147,101 @@ def _exec(sb: Any) -> Callable[[], None]:
 
 MEASURES = ("run true", "run python3 -S -c pass", "exec true")
 
+#: what else the machine does while a measure is taken (`loaded`)
+LOADS = {
+    "idle": "nothing else runs",
+    "cpu": "one busy loop per core",
+    "sandboxes": "another local server (this checkout's) starts and ends sandboxes in a loop",
+}
+
+
+def _churn() -> None:
+    """The ``sandboxes`` load: this checkout's server, one ``true`` sandbox after another,
+    until SIGTERM (which ends the server too: `served`'s clean-up runs)."""
+    import modal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    isolate_modal_config()
+    with served(None, scratch_dir("bench-isolation-churn-")) as client:
+        app = modal.App.lookup("bench-isolation-churn", create_if_missing=True, client=client)
+        print("churning", flush=True)
+        while True:
+            modal.Sandbox.create("true", app=app, client=client).wait(raise_on_termination=False)
+
+
+@contextmanager
+def loaded(load: str) -> Iterator[None]:
+    """``load`` (a key of `LOADS`) runs while the block does; its processes are stopped
+    by pid when it ends."""
+    if load == "idle":
+        yield
+        return
+    if load == "cpu":
+        code = "while True: pass"
+        argvs = [[sys.executable, "-c", code] for _ in range(os.cpu_count() or 1)]
+    elif load == "sandboxes":
+        argvs = [[sys.executable, __file__, "--churn"]]
+    else:
+        raise SystemExit(f"--loads: unknown load {load!r} (accepted: {', '.join(LOADS)})")
+    procs = [
+        subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        for argv in argvs
+    ]
+    try:
+        if load == "sandboxes":
+            assert procs[0].stdout is not None
+            if procs[0].stdout.readline().strip() != "churning":
+                raise RuntimeError("the sandboxes load's server did not start")
+        yield
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _measure(
+    targets: dict[str, dict[str, Callable[[], None]]], repeats: int, load: str
+) -> dict[str, dict[str, list[float]]]:
+    """Every measure of every server, ``repeats`` times, each repeat starting with another
+    server: a sandbox's end leaves the kernel work (namespace teardown) that slows the
+    next one, so none always comes second."""
+    names = list(targets)
+    times: dict[str, dict[str, list[float]]] = {m: {n: [] for n in names} for m in MEASURES}
+    for i in range(repeats):
+        order = names[i % len(names) :] + names[: i % len(names)]
+        for measure in MEASURES:
+            for name in order:
+                times[measure][name].append(_timed(targets[name][measure]))
+        print(f"\r{load}: {i + 1}/{repeats} repeats", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    return times
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", default=BASELINE, help="the revision measured as 'before'")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument(
+        "--loads",
+        default=",".join(LOADS),
+        help=f"what else runs meanwhile, in turn (comma-separated: {', '.join(LOADS)})",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "isolation.json")
     parser.add_argument("--smoke", action="store_true", help="2 repeats: shows that it runs")
+    parser.add_argument("--churn", action="store_true", help=argparse.SUPPRESS)  # `loaded`
     args = parser.parse_args()
+    if args.churn:
+        _churn()
+        return 0
+    loads = [name.strip() for name in args.loads.split(",") if name.strip()]
+    unknown = [name for name in loads if name not in LOADS]
+    if unknown or not loads:
+        parser.error(f"--loads {args.loads!r}: accepted are {', '.join(LOADS)}")
     repeats = 2 if args.smoke else args.repeats
     isolate_modal_config()
     import modal
@@ -150,7 +249,7 @@ def main() -> int:
     before_tree = _tree_of(args.before)
     trees: dict[str, Path | None] = {f"before ({args.before})": before_tree, "after": None}
     trees.update(dict.fromkeys(VARIANTS))
-    times: dict[str, dict[str, list[float]]] = {m: {name: [] for name in trees} for m in MEASURES}
+    per_load: dict[str, dict[str, dict[str, list[float]]]] = {}
     with ExitStack() as stack:
         targets = {}
         for name, tree in trees.items():
@@ -166,32 +265,30 @@ def main() -> int:
             }
         for fn in (f for per in targets.values() for f in per.values()):
             fn()  # warm-up: first imports, first fork-server start
-        names = list(trees)
-        for i in range(repeats):
-            # a sandbox's end leaves the kernel work (namespace teardown) that slows the
-            # next one: each repeat starts with another server, so none always comes second
-            order = names[i % len(names) :] + names[: i % len(names)]
-            for measure in MEASURES:
-                for name in order:
-                    times[measure][name].append(_timed(targets[name][measure]))
-            print(f"\r{i + 1}/{repeats} repeats", end="", file=sys.stderr, flush=True)
-        print(file=sys.stderr)
+        for load in loads:
+            with loaded(load):
+                per_load[load] = _measure(targets, repeats, load)
 
     before, after, *variants = trees
-    medians = {m: {n: statistics.median(t) for n, t in per.items()} for m, per in times.items()}
-    ratios = {m: medians[m][after] / medians[m][before] for m in MEASURES}
-    variant_ratios = {
-        v: {m: medians[m][v] / medians[m][before] for m in MEASURES} for v in variants
+    medians = {
+        load: {m: {n: statistics.median(t) for n, t in per.items()} for m, per in times.items()}
+        for load, times in per_load.items()
     }
     data = {
         "smoke": args.smoke,
         "before": args.before,
         "repeats": repeats,
+        "loads": {load: LOADS[load] for load in loads},
         "median_s": medians,
-        "ratio_after_over_before": ratios,
-        "variant_ratios_over_before": variant_ratios,
+        "ratio_over_before": {
+            load: {n: {m: per[m][n] / per[m][before] for m in MEASURES} for n in (after, *variants)}
+            for load, per in medians.items()
+        },
+        "worst_ratio_after_over_before": max(
+            per[m][after] / per[m][before] for per in medians.values() for m in MEASURES
+        ),
         "target_ratio": TARGET_RATIO,
-        "load_average": os.getloadavg(),
+        "load_average_at_end": os.getloadavg(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(data, indent=2))
@@ -199,18 +296,22 @@ def main() -> int:
     from rich.table import Table
 
     table = Table(title=f"local sandbox latency, median of {repeats} (modal {modal.__version__})")
-    for column in ("measure", *trees):
+    for column in ("load", "measure", *trees):
         table.add_column(column)
-    for m in MEASURES:
-        table.add_row(
-            m,
-            f"{medians[m][before] * 1e3:.1f} ms",
-            *(
-                f"{medians[m][n] * 1e3:.1f} ms ({medians[m][n] / medians[m][before]:.2f}x)"
-                for n in (after, *variants)
-            ),
-        )
+    for load, per in medians.items():
+        for m in MEASURES:
+            table.add_row(
+                load,
+                m,
+                f"{per[m][before] * 1e3:.1f} ms",
+                *(
+                    f"{per[m][n] * 1e3:.1f} ms ({per[m][n] / per[m][before]:.2f}x)"
+                    for n in (after, *variants)
+                ),
+            )
     Console().print(table)
+    worst = data["worst_ratio_after_over_before"]
+    print(f"worst after/before: {worst:.2f}x (target {TARGET_RATIO}x)")
     print(f"JSON: {args.out}")
     return 0
 

@@ -111,10 +111,16 @@ def _check_worker(data: dict[str, Any]) -> None:
 
 def _check_isolation(data: dict[str, Any]) -> None:
     measures = {"run true", "run python3 -S -c pass", "exec true"}
-    assert set(data["median_s"]) == set(data["ratio_after_over_before"]) == measures
-    for per_server in data["median_s"].values():
-        assert len(per_server) == 4 and all(map(_number, per_server.values()))
-    assert all(map(_number, data["ratio_after_over_before"].values()))
+    loads = {"idle", "cpu", "sandboxes"}  # every load by default
+    assert set(data["loads"]) == set(data["median_s"]) == set(data["ratio_over_before"]) == loads
+    for load in loads:
+        assert set(data["median_s"][load]) == measures
+        for per_server in data["median_s"][load].values():
+            assert len(per_server) == 4 and all(map(_number, per_server.values()))
+        ratios = data["ratio_over_before"][load]
+        assert len(ratios) == 3  # after and its two variants
+        assert all(set(r) == measures and all(map(_number, r.values())) for r in ratios.values())
+    assert _number(data["worst_ratio_after_over_before"])
 
 
 #: script -> (arguments besides --smoke and --out, the check of its JSON)

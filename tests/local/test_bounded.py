@@ -11,6 +11,7 @@ from typing import Any
 import modal
 import modal.exception
 import pytest
+from notices import program_stderr
 
 from prefect_modal.local import LocalModal
 from prefect_modal.local.runtime.streams import SMALL_BYTES, TAIL_BYTES
@@ -63,14 +64,14 @@ def test_output_beyond_the_tail_replays_from_zero(
     # output is in files under the sandbox's directory, whole; memory holds nothing of it
     out_dir = local_modal.state_dir / "sandboxes" / sb.object_id / "output"
     assert (out_dir / "stdout").read_bytes() == expected.encode()
-    assert (out_dir / "stderr").read_bytes() == b"E" * 200000
+    assert program_stderr((out_dir / "stderr").read_bytes()) == b"E" * 200000
     server_sb = local_modal.registry.sandboxes[sb.object_id]
     assert server_sb.stdout.memory_bytes() == 0 and server_sb.stdout.closed
     # a late handle re-reads from offset 0, twice, and stderr too
     for _ in range(2):
         late = modal.Sandbox.from_id(sb.object_id, client=local_modal.client)
         assert late.stdout.read() == expected
-        assert late.stderr.read() == "E" * 200000
+        assert program_stderr(late.stderr.read()) == "E" * 200000
 
 
 def test_output_read_while_it_is_written(local_modal: LocalModal, app: Any, backend: str) -> None:

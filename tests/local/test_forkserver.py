@@ -16,6 +16,7 @@ from typing import Any
 
 import modal
 import pytest
+from notices import program_stderr
 from sandbox_pids import host_pids
 from waiting import wait_for
 
@@ -148,7 +149,7 @@ def test_exit_codes_and_tracebacks_are_those_of_python_c(local_modal: LocalModal
     for code, expected in cases.items():
         source = code if code.startswith("def") else warm + code
         sb = _run(app, client, "python", "-c", source)
-        err = sb.stderr.read()
+        err = program_stderr(sb.stderr.read())
         assert sb.returncode == expected, (code, err)
         assert zygote.FILENAME not in err  # our frames never show
         if code.startswith("def"):
@@ -156,7 +157,7 @@ def test_exit_codes_and_tracebacks_are_those_of_python_c(local_modal: LocalModal
         else:
             assert sb.stdout.read().strip() == "True", code  # it was forked
     sb = _run(app, client, "python", "-c", "x = 1 / 0")
-    err = sb.stderr.read()
+    err = program_stderr(sb.stderr.read())
     assert err.splitlines()[:2] == [
         "Traceback (most recent call last):",
         '  File "<string>", line 1, in <module>',

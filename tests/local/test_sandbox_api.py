@@ -13,6 +13,7 @@ from typing import Any
 import modal
 import modal.exception
 import pytest
+from notices import program_stderr
 
 from prefect_modal.local import LocalModal
 
@@ -71,7 +72,7 @@ def test_create_wait_returncode_and_output(local_modal: LocalModal, app: Any, ba
     sb.wait()
     assert sb.returncode == 3
     assert sb.stdout.read() == "out\n"
-    assert sb.stderr.read() == "err\n"
+    assert program_stderr(sb.stderr.read()) == "err\n"
     rec = _record(local_modal, sb.object_id)
     assert (rec.status, rec.returncode, rec.version) == ("exited", 3, 1 if backend == "v1" else 2)
 
@@ -287,7 +288,7 @@ def test_stdout_iterate_late_and_replay(local_modal: LocalModal, app: Any, backe
     sb.wait()
     late = modal.Sandbox.from_id(sb.object_id, client=local_modal.client)
     assert late.stdout.read() == "".join(lines)  # a new handle replays from offset 0
-    assert late.stderr.read() == ""
+    assert program_stderr(late.stderr.read()) == ""
 
 
 def test_workdir_is_the_sandboxs_own(local_modal: LocalModal, app: Any, backend: str) -> None:
@@ -428,7 +429,7 @@ def test_gpu_runs_on_cpu_with_warning(local_modal: LocalModal, app: Any) -> None
     assert_backend(sb.object_id, "v1")  # gpu= always selects the V1 back end
     sb.wait()
     assert sb.returncode == 0 and sb.stdout.read() == "computed\n"
-    first = sb.stderr.read().splitlines()[0]
+    first = program_stderr(sb.stderr.read()).splitlines()[0]
     assert "GPU 'A100:2' requested" in first and "CPU" in first
     assert _record(local_modal, sb.object_id).gpu == "A100:2"
 

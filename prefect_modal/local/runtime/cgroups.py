@@ -71,6 +71,10 @@ DEFAULT_PIDS_LIMIT = 1024
 #: Modal's soft cpu limit is the request plus this many cores (its guide, "Resources")
 MODAL_CPU_SOFT_LIMIT_ABOVE = 4.0
 
+#: How the line a sandbox's log starts with where its limits are not all enforced begins
+#: (`Cgroups.sandbox_notice`); the reason follows
+LIMITS_NOTICE = "[prefect-modal local] this sandbox's limits are not all enforced here: "
+
 CONTROLLERS = ("memory", "cpu", "pids")
 _CFS_PERIOD_US = 100_000
 _MIN_QUOTA_US = 1_000  # the kernel's lower bound for a cfs quota
@@ -412,10 +416,7 @@ class Cgroups:
         """The line each sandbox's log starts with when some limits are not enforced."""
         if not self.missing:
             return ""
-        return (
-            "[prefect-modal local] this sandbox's limits are not all enforced here: "
-            f"{self.why_not}\n"
-        )
+        return f"{LIMITS_NOTICE}{self.why_not}\n"
 
     # ----- probe -------------------------------------------------------------
 
