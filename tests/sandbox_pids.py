@@ -7,6 +7,14 @@ the sandbox's PID namespace whose innermost pid is the one printed (``NSpid``
 in /proc/<pid>/status). The server's record names the process it reaches the
 sandbox through (`SandboxRecord.init_pid`: its monitor, outside the sandbox's
 PID namespace), whose ``pid_for_children`` is the sandbox's.
+
+The container's init is not dumpable (`container._not_dumpable`), and it never
+exec'd after entering the sandbox's user namespace, so its memory belongs to the
+host's: its ``/proc/<pid>/ns`` links refuse everyone but root (ptrace's access
+check). A normal user tells its namespace from its parent instead: a process is
+born in its parent's ``pid_for_children``, and the monitor that forks the init
+never changes its own afterwards. ``/proc/<pid>/status`` (``NSpid``, ``PPid``)
+is readable by all.
 """
 
 from __future__ import annotations
@@ -21,15 +29,35 @@ def _pid_ns(pid: int, which: str = "pid") -> str | None:
         return None
 
 
-def _innermost(pid: int) -> int | None:
+def _status(pid: int, field: str) -> list[int] | None:
+    """The numbers of ``field`` (``NSpid``, ``PPid``) in /proc/<pid>/status."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("NSpid:"):
-                    return int(line.split()[-1])
+                if line.startswith(f"{field}:"):
+                    return [int(v) for v in line.split()[1:]]
     except (OSError, ValueError):
         return None
     return None
+
+
+def _innermost(pid: int) -> int | None:
+    nspid = _status(pid, "NSpid")
+    return nspid[-1] if nspid else None
+
+
+def _in_pid_ns(pid: int, ns: str) -> bool:
+    """True if ``pid`` is in the PID namespace ``ns`` (a link's text, ``pid:[...]``)."""
+    mine = _pid_ns(pid)
+    if mine is not None:
+        return mine == ns
+    if not os.path.exists(f"/proc/{pid}"):
+        return False
+    # its ns links refuse us (not dumpable, see above): the namespace it was born in
+    ppid = _status(pid, "PPid")
+    if not ppid:
+        return False
+    return _pid_ns(ppid[0], "pid_for_children") == ns
 
 
 def host_pids(init_pid: int, ns_pids: list[int]) -> list[int]:
@@ -43,7 +71,7 @@ def host_pids(init_pid: int, ns_pids: list[int]) -> list[int]:
         if not name.isdigit():
             continue
         pid = int(name)
-        if _pid_ns(pid) != ns:
+        if not _in_pid_ns(pid, ns):
             continue
         inner = _innermost(pid)
         if inner in wanted:

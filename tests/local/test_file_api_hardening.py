@@ -172,7 +172,9 @@ def _warm_up(sb: Any) -> None:
 # ----- /dev/zero --------------------------------------------------------------------
 
 
-def test_dev_zero_symlink_read_is_refused_and_the_server_does_not_grow(served: Served) -> None:
+def test_dev_zero_symlink_read_is_refused_and_the_server_does_not_grow(
+    served: Served, tmp_path: Path
+) -> None:
     sb = served.sleeper()
     _sh(sb, "ln -s /dev/zero /tmp/zero")
     _warm_up(sb)
@@ -182,10 +184,17 @@ def test_dev_zero_symlink_read_is_refused_and_the_server_does_not_grow(served: S
     assert isinstance(outcome, modal.exception.SandboxFilesystemError), outcome
     assert "Not a regular file" in str(outcome) and "character device" in str(outcome)
     assert dog.growth < GROWTH_ALLOWED_BYTES, dog.growth
-    # the same for a copy to a local file, which streams
-    dog, outcome = _watched(served, lambda: sb.filesystem.copy_to_local("/tmp/zero", "/dev/null"))
+    # the same for a copy to a local file, which streams. The local target is a file of the
+    # test's own: Modal's client writes a temporary file beside the target and renames it
+    # over it, so a target in /dev would need a writable /dev (only root has one) and,
+    # had the copy succeeded, would have replaced the device
+    local = tmp_path / "out" / "zero"
+    dog, outcome = _watched(served, lambda: sb.filesystem.copy_to_local("/tmp/zero", local))
     assert not dog.killed
     assert isinstance(outcome, modal.exception.SandboxFilesystemError), outcome
+    assert "Not a regular file" in str(outcome) and "character device" in str(outcome)
+    assert list(local.parent.iterdir()) == []  # neither the target nor the client's temporary
+    assert dog.growth < GROWTH_ALLOWED_BYTES, dog.growth
     sb.terminate()
 
 
