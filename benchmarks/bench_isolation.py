@@ -16,15 +16,16 @@ running sandbox. Besides before and after, *after* with one feature off at a
 time where a switch exists (`VARIANTS`): where the time goes.
 
 Each measure is taken under every load of ``--loads`` (`LOADS`), one after the
-other in the same run: an idle machine, every core busy, and another local
-server starting and ending sandboxes meanwhile. The last is what a flow with
+other in the same run: none added (whatever else the machine runs), every
+core busy, and another local server starting and ending sandboxes
+meanwhile. The last is what a flow with
 parallel tasks does to its own machine; it loads the kernel paths that
 isolation adds (namespaces made and torn down, cgroup moves, which wait for
 RCU grace periods), not only the CPU, so a cost that only shows under load
 shows there.
 
 Usage: ``python benchmarks/bench_isolation.py [--before 1a6acf6] [--repeats 20]
-[--loads idle,cpu,sandboxes] [--out benchmarks/results/isolation.json] [--smoke]``
+[--loads none,cpu,sandboxes] [--out benchmarks/results/isolation.json] [--smoke]``
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ MEASURES = ("run true", "run python3 -S -c pass", "exec true")
 
 #: what else the machine does while a measure is taken (`loaded`)
 LOADS = {
-    "idle": "nothing else runs",
+    "none": "the benchmark adds no load (the machine may run other things)",
     "cpu": "one busy loop per core",
     "sandboxes": "another local server (this checkout's) starts and ends sandboxes in a loop",
 }
@@ -173,7 +174,7 @@ def _churn() -> None:
 def loaded(load: str) -> Iterator[None]:
     """``load`` (a key of `LOADS`) runs while the block does; its processes are stopped
     by pid when it ends."""
-    if load == "idle":
+    if load == "none":
         yield
         return
     if load == "cpu":

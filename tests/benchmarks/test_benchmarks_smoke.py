@@ -111,7 +111,7 @@ def _check_worker(data: dict[str, Any]) -> None:
 
 def _check_isolation(data: dict[str, Any]) -> None:
     measures = {"run true", "run python3 -S -c pass", "exec true"}
-    loads = {"idle", "cpu", "sandboxes"}  # every load by default
+    loads = {"none", "cpu", "sandboxes"}  # every load by default
     assert set(data["loads"]) == set(data["median_s"]) == set(data["ratio_over_before"]) == loads
     for load in loads:
         assert set(data["median_s"][load]) == measures
