@@ -32,10 +32,10 @@ import websockets.sync.client
 
 from prefect_modal.local import LocalModal, make_client
 from prefect_modal.local.runtime import tls
-from prefect_modal.local.runtime.tunnel_hosts import bind_tunnel_host
+from prefect_modal.local.runtime.tunnel_hosts import TUNNEL_PORT, bind_tunnel_host
 
 from .serve_process import start_serve
-from .test_tunnels_probes import echo_sandbox, free_port
+from .test_tunnels_probes import echo_sandbox, free_port, may_bind_443, tunnel_authority
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -104,12 +104,15 @@ def test_plain_clients_reach_a_tunnel_without_flags(local_modal: LocalModal, app
     sb = echo_sandbox(local_modal, app, port, encrypted_ports=[port])
     sb.wait_until_ready(timeout=30)
     t = sb.tunnels()[port]
-    assert t.port == 443 and t.url == f"https://{t.host}"
+    # port 443 and a URL without it, as on Modal, where this user may bind 443; else the
+    # announced high port (docs/local-server.md)
+    authority = tunnel_authority(t)
     # urllib's default context, as Modal's sandbox-pool example uses it
     with urllib.request.urlopen(t.url + "/u", timeout=10) as resp:
         assert json.loads(resp.read())["sandbox"] == sb.object_id
-    # https://{tunnel.host}/ as smolagents' ModalExecutor builds it
-    r = requests.get(f"https://{t.host}/r", timeout=10)
+    # https://{tunnel.host}/ as smolagents' ModalExecutor builds it (with the port where
+    # the tunnel is on a high one)
+    r = requests.get(f"https://{authority}/r", timeout=10)
     assert r.status_code == 200 and r.json()["path"] == "/r"
     assert httpx.get(f"{t.url}/h", timeout=10).json()["path"] == "/h"
     sb.terminate()
@@ -129,7 +132,8 @@ def test_a_websocket_through_a_tunnel(local_modal: LocalModal, app: Any) -> None
     )
     sb.wait_until_ready(timeout=30)
     t = sb.tunnels()[port]
-    with websockets.sync.client.connect(f"wss://{t.host}/ws", open_timeout=10) as ws:
+    authority = tunnel_authority(t)  # host (port 443), or host:port where 443 may not be bound
+    with websockets.sync.client.connect(f"wss://{authority}/ws", open_timeout=10) as ws:
         ws.send("hello")
         assert ws.recv(timeout=10) == "echo:hello"
         ws.send("again")
@@ -189,11 +193,14 @@ def test_local_serve_prints_the_trust_variables(tmp_path: Path) -> None:
         )
         sb.wait_until_ready(timeout=30)
         t = sb.tunnels()[port]
+        # `local serve` runs as this user: host (port 443), or host:port where 443 may not be
+        # bound
+        authority = tunnel_authority(t)
         code = textwrap.dedent(
             f"""
             import urllib.request, requests
             print(urllib.request.urlopen({t.url!r}, timeout=10).status)
-            print(requests.get("https://{t.host}/", timeout=10).status_code)
+            print(requests.get("https://{authority}/", timeout=10).status_code)
             """
         )
         env = {"PATH": os.environ["PATH"], "HOME": str(home), **exports}
@@ -223,6 +230,7 @@ def _unprivileged_port_start() -> int:
 
 NOT_ROOT = "needs root to start a server as an unprivileged user (setpriv)"
 LOW_PORTS_OPEN = "every user may bind port 443 on this machine, so there is no fallback to see"
+LOW_PORT_ALLOWED = "this user may bind port 443 (as root does), so there is no fallback to see"
 
 AS_NOBODY = r"""
 import os, sys, urllib.request
@@ -288,17 +296,35 @@ def _run_as_nobody(home: Path) -> None:
 
 
 def test_bind_tunnel_host_skips_an_address_in_use() -> None:
-    first = bind_tunnel_host("127.0.0.1")
+    # where this user may not bind 443, no address's 443 can be seen taken (the kernel
+    # refuses the port first, and the server falls back to a free high port of the same
+    # address): the same skip is shown on a port this user may bind
+    port = TUNNEL_PORT if may_bind_443() else free_port()
+    first = bind_tunnel_host("127.0.0.1", port=port)
     try:
         first.sock.listen()
-        again = bind_tunnel_host("127.0.0.1", known=[first.host])
+        assert first.port == port and first.fallback is None
+        again = bind_tunnel_host("127.0.0.1", known=[first.host], port=port)
         try:
-            assert again.host != first.host  # its 443 is taken: another address
-            assert again.fallback is None or "may not bind" in again.fallback
+            assert again.host != first.host  # its port is taken: another address
+            assert again.port == port and again.fallback is None
         finally:
             again.sock.close()
     finally:
         first.sock.close()
+
+
+def test_bind_tunnel_host_falls_back_to_a_high_port_and_says_why() -> None:
+    if may_bind_443():
+        pytest.skip(reason=LOW_PORT_ALLOWED)
+    bound = bind_tunnel_host("127.0.0.1")
+    try:
+        assert bound.host != "127.0.0.1" and bound.port not in (0, TUNNEL_PORT)
+        assert bound.sock.getsockname() == (bound.host, bound.port)
+        assert bound.fallback is not None and "may not bind port 443" in bound.fallback
+        assert "CAP_NET_BIND_SERVICE" in bound.fallback
+    finally:
+        bound.sock.close()
 
 
 def test_a_copied_trust_variable_still_names_a_bundle_after_the_stop(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import socket
@@ -42,6 +43,40 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def may_bind_443() -> bool:
+    """Whether this user may bind port 443 (root, ``CAP_NET_BIND_SERVICE``, or
+    ``net.ipv4.ip_unprivileged_port_start`` at 443 or less), asked of the kernel, not of
+    the server. A server this user starts puts its tunnels there then, as Modal does;
+    else each tunnel listens on a free high port of its own address, the URL carries it,
+    and the sandbox's log says so (docs/local-server.md, 'Port 443 needs privileges')."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", 443))
+        except PermissionError:
+            return False
+        except OSError as exc:
+            # the kernel checks the privilege before whether the port is taken
+            if exc.errno != errno.EADDRINUSE:
+                raise
+    return True
+
+
+def tunnel_authority(t: Any) -> str:
+    """``host[:port]`` of a tunnel as the server promises it to this user: its own
+    address on port 443, so the URL has no port (as on Modal), where this user may bind
+    443; else the high port the server announced, which the URL then carries."""
+    if may_bind_443():
+        assert t.port == 443 and t.url == f"https://{t.host}"
+        return str(t.host)
+    assert t.port != 443 and t.url == f"https://{t.host}:{t.port}"
+    return f"{t.host}:{t.port}"
+
+
+def fallback_note(port: int, url: str) -> str:
+    """What the sandbox's log says of a tunnel on a high port (this user may not bind 443)."""
+    return f"the tunnel of port {port} is {url}, not port 443 as on Modal"
 
 
 def tls_context(lm: LocalModal) -> ssl.SSLContext:
@@ -86,10 +121,11 @@ def test_tunnel_url_serves_the_sandboxes_http_server(
     tunnels = sb.tunnels()
     assert list(tunnels) == [port]
     t = tunnels[port]
-    # as on Modal: a host of its own, port 443, so the URL has no port
+    # as on Modal: a host of its own, port 443, so the URL has no port (where this user
+    # may bind 443; else a high port, which the URL carries)
     assert ipaddress.ip_address(t.host) in ipaddress.ip_network("127.0.0.0/8")
-    assert t.host != "127.0.0.1" and t.port == 443
-    assert t.url == f"https://{t.host}"
+    assert t.host != "127.0.0.1"
+    tunnel_authority(t)
     with pytest.raises(modal.exception.InvalidError):
         _ = t.tcp_socket  # encrypted only, as on Modal
     with urllib.request.urlopen(
@@ -102,6 +138,9 @@ def test_tunnel_url_serves_the_sandboxes_http_server(
     with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
         urllib.request.urlopen(t.url + "/index.html", context=public_only, timeout=10)
     sb.terminate()
+    if not may_bind_443():  # never silently: the sandbox's log says why, and how to get 443
+        log = sb.stderr.read()
+        assert fallback_note(port, t.url) in log and "CAP_NET_BIND_SERVICE" in log
 
 
 def test_unencrypted_and_h2_ports(local_modal: LocalModal, app: Any, backend: str) -> None:
@@ -124,7 +163,7 @@ def test_unencrypted_and_h2_ports(local_modal: LocalModal, app: Any, backend: st
     assert body["sandbox"] == sb.object_id and body["path"] == "/plain"
     # an unencrypted port has the TLS endpoint too, as on Modal
     tls_host, tls_port = tunnels[plain_port].tls_socket
-    assert tls_port == 443
+    assert tls_host == host and (tls_port == 443) == may_bind_443() and tls_port != tcp_port
     assert get(f"https://{tls_host}:{tls_port}/tls", local_modal)["path"] == "/tls"
     # an h2 port negotiates HTTP/2 by ALPN
     ctx = tls_context(local_modal)
@@ -133,7 +172,12 @@ def test_unencrypted_and_h2_ports(local_modal: LocalModal, app: Any, backend: st
     with socket.create_connection((h2_host, h2_tls_port), timeout=10) as raw_sock:
         with ctx.wrap_socket(raw_sock, server_hostname=h2_host) as tls_sock:
             assert tls_sock.selected_alpn_protocol() == "h2"
+    assert (h2_tls_port == 443) == may_bind_443()
     sb.terminate()
+    if not may_bind_443():
+        log = sb.stderr.read()
+        assert fallback_note(plain_port, f"https://{tls_host}:{tls_port}") in log
+        assert fallback_note(h2_port, f"https://{h2_host}:{h2_tls_port}") in log
 
 
 def test_two_sandboxes_each_reach_their_own_port(local_modal: LocalModal, app: Any) -> None:
@@ -200,7 +244,11 @@ def test_connect_token(local_modal: LocalModal, app: Any, backend: str) -> None:
     sb = echo_sandbox(local_modal, app, port)
     sb.wait_until_ready(timeout=30)
     creds = sb.create_connect_token(user_metadata={"user_id": "u-42"}, port=port)
-    assert creds.url.startswith("https://127.") and creds.url.count(":") == 1  # port 443
+    if may_bind_443():
+        assert creds.url.startswith("https://127.") and creds.url.count(":") == 1  # port 443
+    else:  # a host of its own on a high port, which the URL carries
+        proxy_host, _, proxy_port = creds.url.removeprefix("https://").partition(":")
+        assert proxy_host.startswith("127.") and int(proxy_port) != 443
     body = get(
         creds.url + "/x?a=1",
         local_modal,
