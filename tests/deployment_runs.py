@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun
@@ -30,4 +32,22 @@ def execute_in_a_process(run: FlowRun, env: dict[str, str], cwd: Path) -> subpro
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+    )
+
+
+def failure_report(proc: subprocess.Popen[str], sandboxes: Iterable[Any]) -> str:
+    """For a failure message: the flow run's sandboxes as the server lists them, and the
+    flow process's exit code and last output (the process is killed first if it still runs:
+    its pipe is read to the end here)."""
+    if proc.poll() is None:
+        proc.kill()
+    output = proc.communicate()[0] if proc.stdout and not proc.stdout.closed else ""
+    listed = [f"  {s.id} {s.status} rc={s.returncode}" for s in sandboxes] or ["  (none)"]
+    return "\n".join(
+        [
+            "the flow run's sandboxes:",
+            *listed,
+            f"the flow process (exit code {proc.returncode}), its last output:",
+            output[-5000:],
+        ]
     )

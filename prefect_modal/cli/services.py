@@ -357,6 +357,12 @@ def start_prefect_server(
     # not from `--port`, and would default to :4200 (someone else's server).
     env["PREFECT_SERVER_API_PORT"] = str(port)
     env["PREFECT_UI_API_URL"] = f"http://127.0.0.1:{port}/api"
+    # The UI's files: a copy of this server's own. By default Prefect copies them into
+    # its installation (site-packages/prefect/server/ui_build) and makes every copied
+    # file mode 0700 (prefect/server/api/server.py, copy_directory), so a server of
+    # another user of the same installation (a normal user after root) finds a copy it
+    # may not read and answers every page with an empty body, or may not write one.
+    env.setdefault("PREFECT_UI_STATIC_DIRECTORY", str(home / "ui-static"))
     cmd = [tool("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     service = spawn("prefect-server", cmd, env, home / "logs")
     service.url = f"http://127.0.0.1:{port}/api"

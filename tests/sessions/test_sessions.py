@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from deployment_runs import execute_in_a_process, run_of_entrypoint
+from deployment_runs import execute_in_a_process, failure_report, run_of_entrypoint
 from prefect import flow, task
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
@@ -393,12 +393,12 @@ def test_cancelling_a_flow_run_ends_its_three_sessions(prefect_api, modal_server
     }
     proc = execute_in_a_process(run, env, REPO)
 
+    def ours() -> list[Any]:
+        tag = str(run.id)
+        return [s for s in modal_server.sandboxes() if s.tags.get("prefect.flow-run-id") == tag]
+
     def mine() -> list[str]:
-        return [
-            s.id
-            for s in modal_server.sandboxes()
-            if s.tags.get("prefect.flow-run-id") == str(run.id) and s.status == "running"
-        ]
+        return [s.id for s in ours() if s.status == "running"]
 
     try:
         wait_for(lambda: len(mine()) == 3, timeout=90, what="three live sessions")
@@ -408,10 +408,12 @@ def test_cancelling_a_flow_run_ends_its_three_sessions(prefect_api, modal_server
         wait_for(lambda: not mine(), timeout=30, interval=0.05, what="the sessions to end")
         gone_after = time.monotonic() - requested
         proc.wait(60)
+    except AssertionError as exc:  # what the flow process said, and its sandboxes
+        raise AssertionError(f"{exc}\n{failure_report(proc, ours())}") from None
     finally:
         if proc.poll() is None:
             proc.kill()
-        output = proc.communicate()[0] if proc.stdout else ""
+        output = proc.communicate()[0] if proc.stdout and not proc.stdout.closed else ""
     assert gone_after < 5, f"sessions still running {gone_after:.1f} s after the cancel\n{output}"
     assert not running_sessions(modal_server)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import cloudpickle
 import pytest
-from deployment_runs import execute_in_a_process, run_of_entrypoint
+from deployment_runs import execute_in_a_process, failure_report, run_of_entrypoint
 from prefect import flow, task
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
@@ -125,10 +125,13 @@ def test_flow_cancellation_terminates_all_in_flight_sandboxes(prefect_api, modal
             final = wait_until(
                 lambda: (s := client.read_flow_run(run.id).state) and s.is_final() and s, timeout=30
             )
+    except AssertionError as exc:  # what the flow process said, and its sandboxes
+        report = failure_report(proc, sandboxes_of(modal_server, run.id))
+        raise AssertionError(f"{exc}\n{report}") from None
     finally:
         if proc.poll() is None:
             proc.kill()
-        output = proc.communicate()[0] if proc.stdout else ""
+        output = proc.communicate()[0] if proc.stdout and not proc.stdout.closed else ""
     records = sandboxes_of(modal_server, run.id)
     assert len(records) == 8 and {r.status for r in records} == {"terminated"}, output[-3000:]
     assert gone_after < 5, f"sandboxes still running {gone_after:.1f} s after the cancel request"

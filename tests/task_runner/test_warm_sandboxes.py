@@ -199,7 +199,7 @@ def test_logs_of_interleaved_tasks_land_on_their_own_task_runs(make_runner, moda
 
 
 def test_cancel_with_warm_sandboxes_busy_and_idle_leaves_none(prefect_api, modal_server, tmp_path):
-    from deployment_runs import execute_in_a_process, run_of_entrypoint
+    from deployment_runs import execute_in_a_process, failure_report, run_of_entrypoint
     from prefect.client.orchestration import get_client
     from prefect.states import Cancelling
     from test_runner_lifecycle import HERE, REPO, _flow_process_env
@@ -241,10 +241,13 @@ def test_cancel_with_warm_sandboxes_busy_and_idle_leaves_none(prefect_api, modal
         wait_until(lambda: not running(), timeout=30, interval=0.05)
         gone_after = time.monotonic() - requested
         proc.wait(60)
+    except AssertionError as exc:  # what the flow process said, and its sandboxes
+        report = failure_report(proc, sandboxes_of(modal_server, run.id))
+        raise AssertionError(f"{exc}\n{report}") from None
     finally:
         if proc.poll() is None:
             proc.kill()
-        output = proc.communicate()[0] if proc.stdout else ""
+        output = proc.communicate()[0] if proc.stdout and not proc.stdout.closed else ""
     records = sandboxes_of(modal_server, run.id)
     assert len(records) == 8, output[-3000:]
     assert {r.status for r in records} == {"terminated"}, output[-3000:]
